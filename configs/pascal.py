@@ -1,0 +1,50 @@
+r"""DSSN on PASCAL VOC 2012 (+SBD for the blended splits): the published recipe.
+
+    python main.py --config configs/pascal.py:split=92,backbone=resnet101 \
+        --workdir runs/voc_92_r101 \
+        --config.data.root=/data/VOC2012 --config.data.splits_dir=/data/splits/pascal \
+        --config.model.pretrained=pretrained/resnet101.pth
+
+ARG (`k=v,...`; a bare value sets `split`):
+  split     92 | 183 | 366 | 732 | 1464 (classic) | 1_16 | 1_8 | 1_4 | 1_2 (blended)
+  backbone  resnet101 (published) | resnet50
+  method    dssn | unimatch | fixmatch | supervised
+
+Reference recipe (spec "Hyperparameters (VOC)"): crop 513, 100 epochs,
+global batch 8 labeled + 8 unlabeled (4 GPUs x 2), SGD lr 0.002 with the
+head at 10x, CE, EMA 0.996, CPLG 0.92/0.96, up to three random strong ops,
+whole-image ("original") evaluation. `pretrained` is the deep-stem
+ImageNet ResNet of UniMatch/DSSN (`resnet101.pth`; convert it or point at it
+directly, see README "Pretrained weights").
+"""
+
+from dssn_jax import config_lib
+
+SPLITS = ('92', '183', '366', '732', '1464', '1_16', '1_8', '1_4', '1_2')
+
+
+def get_config(arg=None):
+  args = config_lib.parse_arg(arg, split='92', backbone='resnet101', method='dssn')
+  if args['split'] not in SPLITS:
+    raise ValueError(f'pascal split {args["split"]!r} is not one of {", ".join(SPLITS)}')
+  c = config_lib.base_config()
+  c.method = args['method']
+  c.model.backbone = args['backbone']
+  c.model.pretrained = f'pretrained/{args["backbone"]}.pth'
+  c.data.name = 'pascal'
+  c.data.root = 'data/VOC2012'
+  c.data.splits_dir = 'splits/pascal'
+  c.data.split = args['split']
+  c.data.num_classes = 21
+  c.data.crop_size = 513
+  c.data.batch_size = 8
+  c.data.workers = 4
+  c.data.strong_ops = 3
+  c.data.eval_mode = 'original'
+  c.train.epochs = 100.0
+  c.train.lr = 0.002
+  c.train.lr_multi = 10.0
+  c.train.warmup_steps = 1
+  c.train.log_every = 50
+  c.train.checkpoint_every = 1000
+  return c

@@ -1,0 +1,192 @@
+"""Orbax checkpoints of the whole run: train state, rng and data iterators.
+
+Layout of a workdir:
+
+    DIR/config.json          the experiment config (written once, process 0)
+    DIR/checkpoints/<step>/  one orbax checkpoint per saved step, items:
+        state                {'train_state': TrainState, 'rng': key data}
+        data_<name>          one grain iterator state per stream (per process)
+
+Saves are atomic (orbax writes to a temporary directory and renames it when
+the write is complete), so a crash mid-save leaves the previous checkpoint
+intact and the run resumes from it. The last `keep` checkpoints are kept,
+and so is the one with the best teacher mIoU (`miou_teacher` in the metrics
+given to `save`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocm
+
+STATE = 'state'
+BEST_METRIC = 'miou_teacher'
+
+
+def _grain_checkpoint():
+  import grain  # pylint: disable=g-import-not-at-top
+  return grain.checkpoint
+
+
+class Checkpointer:
+  """Saves and restores `(train_state, rng, data iterators)` under `directory`.
+
+  Args:
+    directory: where the step folders go (`DIR/checkpoints`).
+    keep: how many of the most recent checkpoints to keep (the best by
+      teacher mIoU is kept in addition).
+    data_items: name -> grain `DatasetIterator`, saved and restored in place.
+  """
+
+  def __init__(self, directory: str, *, keep: int = 2,
+               data_items: dict[str, Any] | None = None):
+    self.directory = os.path.abspath(directory) if '://' not in directory else directory
+    self.data_items = dict(data_items or {})
+    handlers = {STATE: ocp.StandardCheckpointHandler()}
+    if self.data_items:
+      gc = _grain_checkpoint()
+      for name in self.data_items:
+        handlers[f'data_{name}'] = gc.CheckpointHandler()
+    policy = ocm.AnyPreservationPolicy([
+        ocm.LatestN(n=keep),
+        ocm.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
+                  keep_checkpoints_without_metrics=False),
+    ])
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            preservation_policy=policy, create=True,
+            enable_async_checkpointing=True),
+        item_names=tuple(handlers),
+        item_handlers=handlers,
+    )
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def best_step(self) -> int | None:
+    """The step with the highest teacher mIoU among saved checkpoints."""
+    best, best_value = None, None
+    for step in self.manager.all_steps():
+      metrics = self.manager.metrics(step)
+      if metrics and BEST_METRIC in metrics:
+        value = float(metrics[BEST_METRIC])
+        if best_value is None or value > best_value:
+          best, best_value = step, value
+    return best
+
+  def save(self, step: int, state: Any, rng: jax.Array,
+           metrics: dict[str, float] | None = None) -> None:
+    """Writes a checkpoint of `state`, `rng` and every data iterator."""
+    items = {STATE: ocp.args.StandardSave(
+        {'train_state': state, 'rng': jax.random.key_data(rng)})}
+    if self.data_items:
+      gc = _grain_checkpoint()
+      for name, it in self.data_items.items():
+        items[f'data_{name}'] = gc.CheckpointSave(it)
+    self.manager.save(step, args=ocp.args.Composite(**items),
+                      metrics=metrics, force=True)
+
+  def restore(self, step: int, abstract_state: Any,
+              restore_data: bool = True) -> tuple[Any, jax.Array]:
+    """Restores the state onto the shardings of `abstract_state`.
+
+    Args:
+      step: which checkpoint.
+      abstract_state: a pytree of `jax.ShapeDtypeStruct` with `sharding`
+        set, shaped like the saved train state (e.g. from `jax.eval_shape`).
+      restore_data: also restore the data iterators in place.
+    Returns:
+      `(train_state, rng)`.
+    """
+    target = {'train_state': abstract_state,
+              'rng': jax.ShapeDtypeStruct((2,), jax.numpy.uint32)}
+    items = {STATE: ocp.args.StandardRestore(target)}
+    if restore_data and self.data_items:
+      gc = _grain_checkpoint()
+      for name, it in self.data_items.items():
+        items[f'data_{name}'] = gc.CheckpointRestore(it)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    tree = restored[STATE]
+    return tree['train_state'], jax.random.wrap_key_data(tree['rng'])
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes `DIR/config.json` (process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, 'config.json')
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(tmp, path)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """Reads `DIR/config.json` back into a ConfigDict (tuples become lists)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist: is {workdir!r} a dssn_jax workdir?')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def resolve_step(checkpointer: Checkpointer, which: str | int) -> int:
+  """Maps `best | latest | <step>` to a saved step, with a clear error."""
+  steps = list(checkpointer.manager.all_steps())
+  if not steps:
+    raise FileNotFoundError(f'no checkpoint in {checkpointer.directory}')
+  if which == 'latest':
+    return checkpointer.latest_step()
+  if which == 'best':
+    best = checkpointer.best_step()
+    return best if best is not None else checkpointer.latest_step()
+  try:
+    step = int(which)
+  except ValueError:
+    raise ValueError(f'checkpoint {which!r} must be best, latest or a step number') from None
+  if step not in steps:
+    raise ValueError(f'no checkpoint at step {step} in {checkpointer.directory}; saved: {steps}')
+  return step
+
+
+def restore_for_eval(workdir: str, which: str | int = 'best'):
+  """Loads student and teacher variables of a workdir for evaluation.
+
+  Returns:
+    `(config, {'student': {'params', 'batch_stats'}, 'teacher': {...}}, step)`
+    with arrays on the default device.
+  """
+  config = load_config(workdir)
+  manager = ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), 'checkpoints'),
+      options=ocp.CheckpointManagerOptions(read_only=True),
+      item_names=(STATE,),
+      item_handlers={STATE: ocp.StandardCheckpointHandler()})
+  ckpt = Checkpointer.__new__(Checkpointer)
+  ckpt.manager, ckpt.directory, ckpt.data_items = manager, manager.directory, {}
+  step = resolve_step(ckpt, which)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      **{STATE: ocp.args.StandardRestore()}))
+  ts = restored[STATE]['train_state']
+  variables = {
+      'student': {'params': ts['params'], 'batch_stats': ts['batch_stats']},
+      'teacher': {'params': ts['teacher_params'],
+                  'batch_stats': ts['teacher_batch_stats']},
+  }
+  manager.close()
+  return config, variables, step

@@ -1,0 +1,282 @@
+"""The training loop: data, train step, evaluation, checkpoints and logs.
+
+`train_and_evaluate(config, workdir)` is what `main.py` runs. It resumes by
+itself from the newest checkpoint in `workdir`, saves on SIGTERM (what a
+Cloud TPU preemption sends) and exits cleanly, evaluates student and teacher
+every `eval_every` steps, and writes
+
+    DIR/metrics.jsonl   one JSON object per line (train and eval lines)
+    DIR/events.*        TensorBoard scalars (tensorboardX, no TensorFlow)
+    DIR/config.json     the config
+    DIR/checkpoints/    orbax checkpoints
+
+Only process 0 prints and writes logs; every process takes part in the
+train step, evaluation and checkpointing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.experimental.multihost_utils
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dssn_jax import checkpoint as ckpt_lib
+from dssn_jax import config_lib
+from dssn_jax import evaluate
+from dssn_jax import models
+from dssn_jax import optim
+from dssn_jax import parallel
+from dssn_jax import train_step as ts_lib
+from dssn_jax.data import pipeline
+from dssn_jax.data import sources
+
+
+class MetricWriter:
+  """metrics.jsonl + TensorBoard, written by process 0 only."""
+
+  def __init__(self, workdir: str):
+    self.enabled = jax.process_index() == 0
+    self._tb = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        self._tb = SummaryWriter(workdir)
+      except ImportError:
+        self._tb = None
+
+  def write(self, record: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps(record) + '\n')
+    self._jsonl.flush()
+    if self._tb is not None:
+      split, step = record['split'], record['step']
+      for key, value in record.items():
+        if isinstance(value, (int, float)) and key != 'step':
+          self._tb.add_scalar(f'{split}/{key}', value, step)
+        elif isinstance(value, dict):
+          for k, v in value.items():
+            self._tb.add_scalar(f'{split}/{key}/{k}', v, step)
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      if self._tb is not None:
+        self._tb.close()
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def initial_variables(config: ml_collections.ConfigDict, model, rng: jax.Array,
+                      image_size: int):
+  """Random init, with the backbone from `config.model.pretrained` if set."""
+  dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  variables = jax.jit(lambda r: model.init(r, dummy, train=False))(rng)
+  variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+  if config.model.pretrained:
+    from dssn_jax import convert  # pylint: disable=g-import-not-at-top
+    variables = convert.load_pretrained(
+        variables, config.model.pretrained, layout=config.model.pretrained_layout,
+        backbone=config.model.backbone)
+    _log(f'loaded pretrained backbone from {config.model.pretrained}')
+  return variables
+
+
+def _format_percent(x: float | None) -> str:
+  return 'nan' if x is None else f'{x:.2f}'
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming if it holds a checkpoint).
+
+  Returns:
+    A summary dict: last and best mIoU of student and teacher (percent),
+    the final step, and whether the run stopped early on SIGTERM.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  ckpt_lib.save_config(workdir, config)
+  mesh = parallel.make_mesh()
+  settings = config_lib.resolve_method(config)
+  parallel.check_batch_divisible(config.data.batch_size, mesh, 'config.data.batch_size')
+
+  data = pipeline.TrainData(config, mesh, seed=config.seed)
+  epoch_size = data.num_labeled if settings.method == 'supervised' else data.num_unlabeled
+  schedule = config_lib.resolve_steps(config, epoch_size)
+  _log(f'{settings.method}: {data.num_labeled} labeled, {data.num_unlabeled} unlabeled; '
+       f'{schedule.total_steps} steps ({schedule.steps_per_epoch}/epoch), '
+       f'lr {schedule.lr:g} (head {schedule.head_lr:g}), {jax.device_count()} devices, '
+       f'{jax.process_count()} processes')
+
+  model = models.model_from_config(config)
+  rng = jax.random.key(config.seed)
+  init_rng, train_rng = jax.random.split(rng)
+  variables = initial_variables(config, model, init_rng, config.data.crop_size)
+  tx = optim.make_optimizer(schedule, config)
+  state = ts_lib.create_train_state(model, tx, init_rng, config.data.crop_size,
+                                    variables=variables)
+  state = parallel.replicate(state, mesh)
+  del variables
+
+  checkpointer = ckpt_lib.Checkpointer(
+      os.path.join(workdir, 'checkpoints'), keep=config.train.keep_checkpoints,
+      data_items=data.checkpoint_items())
+  start = checkpointer.latest_step()
+  if start is not None:
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    state, train_rng = checkpointer.restore(start, abstract)
+    _log(f'resumed from {checkpointer.directory} at step {start}')
+  start = int(jax.device_get(state.step))
+
+  step_fn = ts_lib.make_train_step(model, tx, settings, schedule, mesh,
+                                   ema_decay=config.train.ema_decay)
+  evaluator = evaluate.Evaluator(model, config, mesh)
+  names = sources.class_names(config)
+  history = _rewind_metrics(workdir, start)
+  writer = MetricWriter(workdir)
+
+  def run_eval(step: int) -> dict[str, Any]:
+    models_to_eval = {'teacher': {'params': state.teacher_params,
+                                  'batch_stats': state.teacher_batch_stats}}
+    if config.train.eval_student:
+      models_to_eval['student'] = {'params': state.params,
+                                   'batch_stats': state.batch_stats}
+    result = evaluator.evaluate(models_to_eval)
+    record = {'step': step, 'split': 'eval',
+              'miou': result.get('miou'), 'miou_teacher': result.get('miou_teacher'),
+              'iou_per_class': result.get('iou_per_class', result.get('iou_per_class_teacher')),
+              'iou_per_class_teacher': result.get('iou_per_class_teacher')}
+    writer.write(record)
+    history.append(record)
+    _log(f'step {step}: mIoU student {_format_percent(record["miou"])} '
+         f'teacher {_format_percent(record["miou_teacher"])}')
+    return record
+
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  bar = tqdm(total=schedule.total_steps, initial=start, dynamic_ncols=True,
+             disable=jax.process_index() != 0, desc='train')
+  pending: list[dict[str, jax.Array]] = []
+  t_log, n_log = time.perf_counter(), 0
+  images_per_step = config.data.batch_size * (1 if settings.method == 'supervised' else 2)
+  preempted = False
+  step = start
+  with _Preemption() as preemption:
+    while step < schedule.total_steps:
+      batch = next(data)
+      state, metrics = step_fn(state, batch, jax.random.fold_in(train_rng, step))
+      step += 1
+      n_log += 1
+      pending.append(metrics)
+      bar.update(1)
+      if step % config.train.log_every == 0 or step == schedule.total_steps:
+        fetched = jax.device_get(pending)  # the only host sync of the loop
+        mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        mean['lr'] = float(fetched[-1]['lr'])
+        elapsed = time.perf_counter() - t_log
+        record = {'step': step, 'split': 'train', **mean,
+                  'images_per_sec': n_log * images_per_step / max(elapsed, 1e-9)}
+        writer.write(record)
+        bar.set_postfix({k: f'{v:.3f}' for k, v in mean.items()
+                         if k in ('loss', 'loss_x', 'mask_ratio')})
+        pending, t_log, n_log = [], time.perf_counter(), 0
+      eval_now = step % schedule.eval_every == 0 or step == schedule.total_steps
+      eval_record = run_eval(step) if eval_now else None
+      if eval_now or step % config.train.checkpoint_every == 0 or preemption.requested:
+        metrics_for_ckpt = None
+        if eval_record is not None and eval_record['miou_teacher'] is not None:
+          metrics_for_ckpt = {ckpt_lib.BEST_METRIC: float(eval_record['miou_teacher'])}
+        checkpointer.save(step, state, train_rng, metrics=metrics_for_ckpt)
+      if preemption.requested:
+        preempted = True
+        _log(f'SIGTERM: saved step {step}, exiting')
+        break
+  bar.close()
+  checkpointer.close()
+  data.close()
+  writer.close()
+
+  summary = summarize(history)
+  summary.update(step=step, preempted=preempted)
+  if not preempted:
+    _log('final: ' + ' '.join(
+        f'{k}={_format_percent(summary[k])}'
+        for k in ('miou', 'best', 'miou_teacher', 'best_teacher')))
+  return summary
+
+
+def _rewind_metrics(workdir: str, upto: int) -> list[dict[str, Any]]:
+  """Drops metrics.jsonl lines after step `upto`; returns the eval lines kept.
+
+  A run resumed from the checkpoint at `upto` will write the later steps
+  again, so lines a killed run wrote after its last checkpoint must go.
+  """
+  path = os.path.join(workdir, 'metrics.jsonl')
+  kept, evals = [], []
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        line = line.strip()
+        if not line:
+          continue
+        rec = json.loads(line)
+        if rec['step'] <= upto:
+          kept.append(line)
+          if rec.get('split') == 'eval':
+            evals.append(rec)
+  jax.experimental.multihost_utils.sync_global_devices('rewind_metrics_read')
+  if jax.process_index() == 0 and os.path.exists(path):
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(line + '\n' for line in kept)
+    os.replace(tmp, path)
+  return evals
+
+
+def summarize(history: list[dict[str, Any]]) -> dict[str, float | None]:
+  """Last and best mIoU of student and teacher over the eval records."""
+  def series(key):
+    return [r[key] for r in history if r.get(key) is not None]
+  student, teacher = series('miou'), series('miou_teacher')
+  return {
+      'miou': student[-1] if student else None,
+      'best': max(student) if student else None,
+      'miou_teacher': teacher[-1] if teacher else None,
+      'best_teacher': max(teacher) if teacher else None,
+  }

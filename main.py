@@ -1,0 +1,42 @@
+"""Trains a semi-supervised segmentation model.
+
+    python main.py --config configs/digits.py --workdir runs/digits
+    python main.py --config configs/pascal.py:split=92 --workdir runs/voc92 \
+        --config.data.root=/data/VOC2012 --config.data.splits_dir=/data/splits/pascal
+
+Multi-host (Cloud TPU pods, SLURM, Open MPI) is detected by
+`jax.distributed.initialize()`; elsewhere pass --coordinator_address,
+--num_processes and --process_id on every process (see launch/README.md).
+"""
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file (configs/NAME.py[:ARG]).', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and logs go.')
+flags.DEFINE_string('coordinator_address', None,
+                    'host:port of process 0, for multi-process runs outside '
+                    'Cloud TPU / SLURM / Open MPI.')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process runs).')
+flags.DEFINE_integer('process_id', None, 'Index of this process (multi-process runs).')
+flags.DEFINE_bool('distributed', None,
+                  'Force jax.distributed.initialize() with auto-detection '
+                  '(default: only when the flags above or a cluster environment say so).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from dssn_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                         FLAGS.process_id, force=FLAGS.distributed)
+  from dssn_jax import train  # pylint: disable=g-import-not-at-top
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)
