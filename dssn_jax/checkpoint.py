@@ -34,6 +34,11 @@ def _grain_checkpoint():
   return grain.checkpoint
 
 
+def _best_metric(metrics) -> float:
+  """Ranks checkpoints; those saved without an evaluation rank last."""
+  return float(metrics.get(BEST_METRIC, float('-inf')))
+
+
 class Checkpointer:
   """Saves and restores `(train_state, rng, data iterators)` under `directory`.
 
@@ -55,13 +60,14 @@ class Checkpointer:
         handlers[f'data_{name}'] = gc.CheckpointHandler()
     policy = ocm.AnyPreservationPolicy([
         ocm.LatestN(n=keep),
-        ocm.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
+        ocm.BestN(get_metric_fn=_best_metric, n=1,
                   keep_checkpoints_without_metrics=False),
     ])
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            preservation_policy=policy, create=True,
+            preservation_policy=policy, best_fn=_best_metric, best_mode='max',
+            create=True,
             enable_async_checkpointing=True),
         item_names=tuple(handlers),
         item_handlers=handlers,
@@ -90,8 +96,9 @@ class Checkpointer:
       gc = _grain_checkpoint()
       for name, it in self.data_items.items():
         items[f'data_{name}'] = gc.CheckpointSave(it)
+    # Every save carries metrics (maybe empty) so orbax persists them.
     self.manager.save(step, args=ocp.args.Composite(**items),
-                      metrics=metrics, force=True)
+                      metrics=dict(metrics or {}), force=True)
 
   def restore(self, step: int, abstract_state: Any,
               restore_data: bool = True) -> tuple[Any, jax.Array]:
@@ -174,7 +181,8 @@ def restore_for_eval(workdir: str, which: str | int = 'best'):
   config = load_config(workdir)
   manager = ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), 'checkpoints'),
-      options=ocp.CheckpointManagerOptions(read_only=True),
+      options=ocp.CheckpointManagerOptions(
+          read_only=True, save_interval_steps=0, create=False),
       item_names=(STATE,),
       item_handlers={STATE: ocp.StandardCheckpointHandler()})
   ckpt = Checkpointer.__new__(Checkpointer)
