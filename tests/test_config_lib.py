@@ -1,0 +1,94 @@
+"""Config contract: method presets, ablation flags, steps/epochs, arguments."""
+
+import pytest
+
+from dssn_jax import config_lib
+
+
+def test_dssn_preset_matches_reference_total():
+  s = config_lib.resolve_method(config_lib.base_config())
+  # 0.5 * (L_x + 0.25*(L_s1+L_s2+L_fp1+L_fp2) + 0.01*(L_img+L_feat))
+  assert (s.sup, s.strong, s.fp) == (0.5, 0.125, 0.125)
+  assert (s.align_image, s.align_feature) == (0.005, 0.005)
+  assert s.fp_branches == 2 and s.strong_views == 2
+  assert s.pseudo_label == 'class_aware' and s.teacher == 'ema'
+
+
+@pytest.mark.parametrize('method,expected', [
+    ('unimatch', dict(sup=0.5, strong=0.125, fp=0.25, align_image=0.0,
+                      fp_branches=1, pseudo_label='fixed', threshold=0.95)),
+    ('fixmatch', dict(sup=0.5, strong=0.5, fp=0.0, strong_views=1, fp_branches=0)),
+    ('supervised', dict(sup=1.0, strong=0.0, fp=0.0, align_feature=0.0)),
+])
+def test_method_presets(method, expected):
+  c = config_lib.base_config()
+  c.method = method
+  s = config_lib.resolve_method(c)
+  for key, value in expected.items():
+    assert getattr(s, key) == value, key
+
+
+def test_explicit_values_override_the_preset():
+  c = config_lib.base_config()
+  c.loss.align_image = 0.0
+  c.loss.pseudo_label = 'fixed'
+  c.loss.threshold = 0.9
+  s = config_lib.resolve_method(c)
+  assert s.align_image == 0.0 and s.align_feature == 0.005
+  assert s.pseudo_label == 'fixed' and s.threshold == 0.9
+
+
+def test_one_fp_branch_has_no_feature_alignment():
+  c = config_lib.base_config()
+  c.model.fp_branches = 1
+  assert config_lib.resolve_method(c).align_feature == 0.0
+
+
+@pytest.mark.parametrize('key,value,message', [
+    ('method', 'meanteacher', 'config.method'),
+    ('loss.pseudo_label', 'soft', 'config.loss.pseudo_label'),
+    ('train.teacher_bn', 'eval', 'config.train.teacher_bn'),
+])
+def test_bad_values_are_named(key, value, message):
+  c = config_lib.base_config()
+  section, _, name = key.rpartition('.')
+  (c[section] if section else c)[name] = value
+  with pytest.raises(ValueError, match=message):
+    config_lib.resolve_method(c)
+
+
+def test_epochs_resolve_to_steps_and_warmup():
+  c = config_lib.base_config()
+  c.train.epochs = 2.5
+  c.train.warmup_epochs = 1.0
+  s = config_lib.resolve_steps(c, num_unlabeled=100)  # batch 8 -> 12 steps/epoch
+  assert s.steps_per_epoch == 12 and s.total_steps == 30 and s.warmup_steps == 12
+  assert s.eval_every == 12 and s.lr == 0.002 and s.head_lr == pytest.approx(0.02)
+
+
+def test_steps_and_epochs_are_exclusive():
+  c = config_lib.base_config()
+  with pytest.raises(ValueError, match='steps or config.train.epochs'):
+    config_lib.resolve_steps(c, 100)
+  c.train.steps, c.train.epochs = 10, 1.0
+  with pytest.raises(ValueError, match='both set'):
+    config_lib.resolve_steps(c, 100)
+
+
+def test_lr_scales_with_global_batch_only_when_asked():
+  c = config_lib.base_config()
+  c.train.steps = 10
+  c.data.batch_size = 4
+  assert config_lib.resolve_steps(c, 100).lr == 0.002
+  c.train.scale_lr_with_batch = True
+  s = config_lib.resolve_steps(c, 100)
+  assert s.lr == pytest.approx(0.001) and s.head_lr == pytest.approx(0.01)
+
+
+def test_parse_arg():
+  assert config_lib.parse_arg('183', split='92', backbone='r')['split'] == '183'
+  out = config_lib.parse_arg('split=1_8,backbone=resnet50', split='92', backbone='r')
+  assert out == {'split': '1_8', 'backbone': 'resnet50'}
+  assert config_lib.parse_arg('labeled=40', method='dssn', labeled=20)['labeled'] == 40
+  with pytest.raises(ValueError, match="unknown config argument 'splt'"):
+    config_lib.parse_arg('splt=92', split='92')
