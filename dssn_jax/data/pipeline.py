@@ -1,0 +1,333 @@
+"""grain pipelines: the training streams and the evaluation records.
+
+Training (`TrainData`) zips three record streams, each an infinite, per-epoch
+reshuffled grain `MapDataset`:
+
+- labeled: the labeled list repeated (and cut) to the length of the
+  unlabeled list, so one epoch is one pass over the unlabeled list, as in
+  the reference; views `x`, `y`.
+- unlabeled: views `u_w`, `u_s1`, `u_s2`, `u_ignore`, `box1`, `box2`.
+- mix partner: the unlabeled list in an independent order, views `m_w`,
+  `m_s1`, `m_s2`, `m_ignore`. (`config.data.mix_partner='same'`, if set,
+  reproduces the reference exactly: its loader iterates the unlabeled
+  sampler twice, so the partner is the same image with other random views.)
+
+Each stream is sharded over processes after the shuffle
+(`ds[process_index::process_count]`), so hosts read disjoint records of the
+same global order; augmentations use grain's per-record `random_map` rng, so
+a seed fixes every batch whatever the number of workers. The zipped stream is
+batched to this host's share of the global batch, read with
+`config.data.workers` worker processes (`mp_prefetch`; 0 = in-process), and
+assembled into global `jax.Array`s with `parallel.shard_batch`. For
+`config.method == 'supervised'` only the labeled stream exists and an epoch
+is a pass over the labeled list.
+
+Batches (design.md "Train batch"): uint8 images, int32 `y`/`*_ignore`, bool
+boxes, leading axis sharded on `data`. `TrainData.local_batch()` gives the
+host-local numpy batch with the record ids (`x_id`, `u_id`, `m_id`) too.
+
+Evaluation (`eval_records`) gives this host's share of the validation set in
+one of the evaluation modes, padded with all-ignore records so every host
+has as many.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+
+from dssn_jax.data import sources
+from dssn_jax.data import transforms
+
+EVAL_MODES = ('original', 'center_crop', 'sliding_window')
+MIX_PARTNER = ('shuffled', 'same')
+
+# Seed derivation tags: one independent seed per (stream, purpose).
+_ORDER, _AUGMENT = 0, 1
+_STREAMS = {'labeled': 1, 'unlabeled': 2, 'mix': 3}
+
+
+def derive_seed(seed: int, stream: str, purpose: int) -> int:
+  """A uint32 seed for one stream's order or augmentations."""
+  state = np.random.SeedSequence([int(seed) % 2**63, _STREAMS[stream], purpose])
+  return int(state.generate_state(1)[0])
+
+
+class LabeledViews:
+  """grain `random_map`: labeled record -> `x`, `y`, `x_id`."""
+
+  def __init__(self, crop_size: int, scale_range):
+    self.crop_size, self.scale_range = int(crop_size), tuple(scale_range)
+
+  def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    views = transforms.labeled_views(record, rng, crop_size=self.crop_size,
+                                     scale_range=self.scale_range)
+    views['x_id'] = record['id']
+    return views
+
+
+class UnlabeledViews:
+  """grain `random_map`: unlabeled record -> `<p>_w`, `<p>_s1`, `<p>_s2`, ...
+
+  `prefix` 'u' also gives the cutmix boxes `box1`, `box2`; the mix partner
+  ('m') needs none.
+  """
+
+  def __init__(self, prefix: str, crop_size: int, scale_range, max_ops: int,
+               cutmix_p: float):
+    self.prefix = prefix
+    self.crop_size, self.scale_range = int(crop_size), tuple(scale_range)
+    self.max_ops, self.cutmix_p = int(max_ops), float(cutmix_p)
+
+  def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    views = transforms.unlabeled_views(
+        record, rng, crop_size=self.crop_size, scale_range=self.scale_range,
+        max_ops=self.max_ops, cutmix_p=self.cutmix_p, boxes=self.prefix == 'u')
+    p = self.prefix
+    out = {f'{p}_w': views['w'], f'{p}_s1': views['s1'], f'{p}_s2': views['s2'],
+           f'{p}_ignore': views['ignore'], f'{p}_id': record['id']}
+    if 'box1' in views:
+      out['box1'], out['box2'] = views['box1'], views['box2']
+    return out
+
+
+def _merge(elements: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+  out = {}
+  for element in elements:
+    out.update(element)
+  return out
+
+
+def _worker_init(worker_index: int, worker_count: int) -> None:
+  """Each worker process is one core: no OpenCV thread pool inside it."""
+  del worker_index, worker_count
+  import cv2  # pylint: disable=g-import-not-at-top
+  cv2.setNumThreads(1)
+
+
+def _stream(source, *, length: int, order_seed: int, augment_seed: int, transform,
+            process_index: int, process_count: int) -> grain.MapDataset:
+  """An infinite, per-epoch shuffled, host-sharded, augmented record stream.
+
+  `length` is the epoch length; a shorter source is repeated (and cut) to it.
+  """
+  ds = grain.MapDataset.source(source)
+  n = len(ds)
+  if length != n:
+    ds = ds.repeat(math.ceil(length / n))[:length]
+  ds = ds.shuffle(seed=order_seed).repeat(None)
+  ds = ds[process_index::process_count]
+  return ds.random_map(transform, seed=augment_seed)
+
+
+def _batch_sizes(config: ml_collections.ConfigDict, process_count: int) -> int:
+  global_batch = int(config.data.batch_size)
+  if global_batch <= 0 or global_batch % process_count:
+    raise ValueError(
+        f'config.data.batch_size={global_batch} must be a positive multiple of the '
+        f'number of processes ({process_count})')
+  return global_batch // process_count
+
+
+def _check_train_config(config: ml_collections.ConfigDict) -> None:
+  data = config.data
+  if int(data.crop_size) <= 0:
+    raise ValueError(f'config.data.crop_size={data.crop_size} must be positive')
+  lo, hi = tuple(data.scale_range)
+  if not 0 < lo <= hi:
+    raise ValueError(f'config.data.scale_range={tuple(data.scale_range)} must be 0 < lo <= hi')
+  if not 0 <= float(data.cutmix_p) <= 1:
+    raise ValueError(f'config.data.cutmix_p={data.cutmix_p} must be in [0, 1]')
+  if int(data.strong_ops) < 0:
+    raise ValueError(f'config.data.strong_ops={data.strong_ops} must be >= 0')
+  if int(data.workers) < 0:
+    raise ValueError(f'config.data.workers={data.workers} must be >= 0')
+
+
+def _ensure_absl_flags_parsed() -> None:
+  """grain's worker processes read absl flags; parse defaults if no app did."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+class TrainData:
+  """The training batches of one host, resumable.
+
+  Args:
+    config: the experiment config (`config.data.*`, `config.method`).
+    mesh: the data mesh; needed by `next()` (global arrays), not by
+      `local_batch()`.
+    seed: fixes record order and every augmentation.
+    process_index, process_count: this host's shard (default: jax's).
+    num_threads: threads reading batches in each process (grain
+      `ReadOptions`); default 1 with worker processes, 2 without.
+
+  Attributes:
+    num_labeled, num_unlabeled: sizes of the lists (num_unlabeled is 0 for
+      `supervised`, which never reads the unlabeled split).
+    local_batch_size: samples per stream this host produces per step.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh=None, *, seed: int,
+               process_index: int | None = None, process_count: int | None = None,
+               num_threads: int | None = None):
+    if process_index is None or process_count is None:
+      import jax  # pylint: disable=g-import-not-at-top
+      process_index = jax.process_index() if process_index is None else process_index
+      process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+      raise ValueError(f'process_index={process_index} not in [0, {process_count})')
+    _check_train_config(config)
+    data = config.data
+    self.mesh = mesh
+    self.supervised = config.method == 'supervised'
+    self.local_batch_size = _batch_sizes(config, process_count)
+    mix_partner = data.get('mix_partner', 'shuffled')
+    if mix_partner not in MIX_PARTNER:
+      raise ValueError(
+          f'config.data.mix_partner={mix_partner!r} is not one of {", ".join(MIX_PARTNER)}')
+
+    labeled = sources.get_source(config, 'labeled')
+    self.num_labeled = len(labeled)
+    if self.num_labeled == 0:
+      raise ValueError(f'the labeled split of {labeled!r} is empty')
+    shard = dict(process_index=process_index, process_count=process_count)
+    geometry = dict(crop_size=data.crop_size, scale_range=tuple(data.scale_range))
+    if self.supervised:
+      self.num_unlabeled = 0
+      epoch = self.num_labeled
+    else:
+      unlabeled = sources.get_source(config, 'unlabeled')
+      self.num_unlabeled = epoch = len(unlabeled)
+      if epoch == 0:
+        raise ValueError(f'the unlabeled split of {unlabeled!r} is empty')
+    if epoch < self.local_batch_size * process_count:
+      raise ValueError(
+          f'an epoch has {epoch} records, fewer than one global batch '
+          f'(config.data.batch_size={data.batch_size})')
+    streams = [_stream(
+        labeled, length=epoch, order_seed=derive_seed(seed, 'labeled', _ORDER),
+        augment_seed=derive_seed(seed, 'labeled', _AUGMENT),
+        transform=LabeledViews(**geometry), **shard)]
+    if not self.supervised:
+      strong = dict(max_ops=data.strong_ops, cutmix_p=data.cutmix_p)
+      streams.append(_stream(
+          unlabeled, length=epoch, order_seed=derive_seed(seed, 'unlabeled', _ORDER),
+          augment_seed=derive_seed(seed, 'unlabeled', _AUGMENT),
+          transform=UnlabeledViews('u', **geometry, **strong), **shard))
+      mix_order = 'unlabeled' if mix_partner == 'same' else 'mix'
+      streams.append(_stream(
+          unlabeled, length=epoch, order_seed=derive_seed(seed, mix_order, _ORDER),
+          augment_seed=derive_seed(seed, 'mix', _AUGMENT),
+          transform=UnlabeledViews('m', **geometry, **strong), **shard))
+    ds = grain.experimental.ZipMapDataset(streams).map(_merge)
+    ds = ds.batch(self.local_batch_size, drop_remainder=True)
+    workers = int(data.workers)
+    threads = num_threads if num_threads is not None else (1 if workers else 2)
+    prefetch = max(1, int(data.prefetch))
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=threads, prefetch_buffer_size=max(prefetch, threads)))
+    if workers:
+      _ensure_absl_flags_parsed()
+      it_ds = it_ds.mp_prefetch(
+          grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch),
+          worker_init_fn=_worker_init)
+    self._dataset = it_ds
+    self._iterator = iter(it_ds)
+
+  def __iter__(self) -> 'TrainData':
+    return self
+
+  def local_batch(self) -> dict[str, np.ndarray]:
+    """This host's next batch as numpy arrays, with the record ids."""
+    batch = next(self._iterator)
+    for key in ('y', 'u_ignore', 'm_ignore'):
+      if key in batch:
+        batch[key] = batch[key].astype(np.int32)
+    return batch
+
+  def __next__(self):
+    """The next global batch: `jax.Array`s sharded on the mesh's `data` axis."""
+    if self.mesh is None:
+      raise ValueError('TrainData was built without a mesh; use local_batch()')
+    from dssn_jax import parallel  # pylint: disable=g-import-not-at-top
+    batch = self.local_batch()
+    return parallel.shard_batch(
+        {k: v for k, v in batch.items() if not k.endswith('_id')}, self.mesh)
+
+  def checkpoint_items(self) -> dict[str, grain.DatasetIterator]:
+    """Iterators for orbax (`grain.checkpoint.CheckpointSave/Restore`)."""
+    return {'train': self._iterator}
+
+  def get_state(self) -> dict[str, Any]:
+    """JSON-able position of the stream (resume with `set_state`)."""
+    return {'train': self._iterator.get_state()}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._iterator.set_state(state['train'])
+
+  def close(self) -> None:
+    """Stops the worker processes."""
+    close = getattr(self._iterator, 'close', None)
+    if close is not None:
+      close()
+
+
+# ----------------------------------------------------------------------------
+# Evaluation.
+
+
+class EvalView:
+  """Index -> eval record `{'image', 'label' int32, 'id'}`; past the end, padding."""
+
+  def __init__(self, source, mode: str, crop_size: int):
+    self.source, self.mode, self.crop_size = source, mode, int(crop_size)
+
+  def __call__(self, index: int) -> dict[str, Any]:
+    if index >= len(self.source):
+      s = self.crop_size
+      return {'image': np.zeros((s, s, 3), np.uint8),
+              'label': np.full((s, s), sources.IGNORE, np.int32), 'id': ''}
+    record = self.source[index]
+    image, mask = record['image'], record['mask']
+    if self.mode == 'center_crop':
+      image, mask = transforms.center_crop(image, mask, self.crop_size)
+    return {'image': image, 'label': mask.astype(np.int32), 'id': record['id']}
+
+
+def eval_records(config: ml_collections.ConfigDict, mode: str | None = None, *,
+                 process_index: int | None = None,
+                 process_count: int | None = None) -> grain.MapDataset:
+  """This host's share of the validation records for `mode`.
+
+  Args:
+    config: the experiment config.
+    mode: `original` and `sliding_window` give whole images (no resize);
+      `center_crop` a center crop of `config.data.eval_crop_size or crop_size`
+      (label 255 where the image is smaller). Default
+      `config.data.eval_mode`.
+    process_index, process_count: this host's shard (default: jax's).
+  Returns:
+    A grain `MapDataset` (len, indexing, iteration; `.to_iter_dataset()` to
+    read ahead in threads) of `{'image': uint8 (H, W, 3), 'label': int32
+    (H, W), 'id': str}`: records `index::count` of the split, then padding
+    records (all-255 labels, id '') so every host has `ceil(n / count)`.
+  """
+  mode = mode or config.data.eval_mode
+  if mode not in EVAL_MODES:
+    raise ValueError(f'eval mode {mode!r} (config.data.eval_mode) is not one of '
+                     f'{", ".join(EVAL_MODES)}')
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  source = sources.get_source(config, 'val')
+  per_host = math.ceil(len(source) / process_count)
+  crop = config.data.eval_crop_size or config.data.crop_size
+  indices = grain.MapDataset.range(per_host * process_count)[process_index::process_count]
+  return indices.map(EvalView(source, mode, crop))
