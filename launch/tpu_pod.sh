@@ -14,7 +14,8 @@ Steps (each printed by --dry-run):
   1. create the slice (--create) or check that it exists and is READY;
   2. pack this checkout (tracked and untracked, not ignored, files) into a
      tarball, copy it to every worker, unpack it into ~/REMOTE_DIR and
-     `pip install -e` it with jax[tpu] and gcsfs into the venv ~/REMOTE_DIR_venv
+     `pip install -e` it with jax[tpu], gcsfs and google-cloud-storage (for
+     gs:// workdirs) into the venv ~/REMOTE_DIR_venv
      (skip with --skip-install);
   3. run `python main.py --distributed MAIN_ARGS` on every worker
      (gcloud compute tpus tpu-vm ssh --worker=all).
@@ -149,7 +150,7 @@ pack_cmd=(tar -czf "$tarball" -C "$root" -T "$filelist")
 copy_cmd=(gcloud compute tpus tpu-vm scp "$tarball" "$tpu:$remote_dir-src.tar.gz"
           --worker=all "${where[@]}")
 py_check="$python -c \"import sys; sys.exit(sys.version_info < (3, 11))\" || { echo \"dssn_jax needs Python >= 3.11 on the workers; $python is older or missing: see --python and --setup\" >&2; exit 1; }"
-install_script="set -e; $py_check; rm -rf $remote_dir && mkdir -p $remote_dir && tar -xzf $remote_dir-src.tar.gz -C $remote_dir && $python -m venv $venv && $venv/bin/pip install -q --upgrade pip && $venv/bin/pip install -q \"jax[tpu]\" gcsfs -e ./$remote_dir"
+install_script="set -e; $py_check; rm -rf $remote_dir && mkdir -p $remote_dir && tar -xzf $remote_dir-src.tar.gz -C $remote_dir && $python -m venv $venv && $venv/bin/pip install -q --upgrade pip && $venv/bin/pip install -q \"jax[tpu]\" gcsfs google-cloud-storage -e ./$remote_dir"
 install_cmd=(gcloud compute tpus tpu-vm ssh "$tpu" --worker=all "${where[@]}" --command "$install_script")
 setup_cmd=()
 [[ -z "$setup" ]] || setup_cmd=(gcloud compute tpus tpu-vm ssh "$tpu" --worker=all "${where[@]}" --command "$setup")

@@ -5,6 +5,7 @@ No cloud, GPU or SLURM is needed."""
 import json
 import os
 import pathlib
+import re
 import shlex
 import subprocess
 import sys
@@ -237,7 +238,7 @@ def test_tpu_dry_run_create_install_train():
     assert cmd[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'dssn']
     assert '--worker=all' in cmd and set(WHERE) <= set(cmd)
   assert 'tar -xzf dssn_jax-src.tar.gz -C dssn_jax' in remote_command(install)
-  assert 'pip install -q "jax[tpu]" gcsfs -e ./dssn_jax' in remote_command(install)
+  assert 'pip install -q "jax[tpu]" gcsfs google-cloud-storage -e ./dssn_jax' in remote_command(install)
   assert shlex.split(remote_command(train)) == [
       'cd', 'dssn_jax', '&&', '../dssn_jax_venv/bin/python', 'main.py', '--distributed',
       *GS_MAIN, '--config.data.root=/mnt/VOC']
@@ -346,3 +347,24 @@ def test_tpu_refuses_a_slice_that_is_not_ready(fake_gcloud, state, message):
   assert result.returncode == 2
   assert message in result.stderr
   assert [json.loads(line)[3] for line in log.read_text().splitlines()] == ['describe']
+
+
+# launch/README.md
+
+def _normalize(text):
+  text = text.replace(str(ROOT), '/work/main')
+  text = re.sub(r'127\.0\.0\.1:\d+', '127.0.0.1:PORT', text)
+  return re.sub(r'dssn_jax-src-\d+', 'dssn_jax-src-PID', text)
+
+
+def test_readme_shows_the_real_dry_run_output():
+  """Every `$ launch/...` block of launch/README.md is what the script prints now."""
+  readme = (LAUNCH / 'README.md').read_text()
+  blocks = re.findall(r'```\n\$ (launch/\S+ --dry-run[^\n]*)\n(.*?)```', readme, re.S)
+  assert {b[0].split()[0] for b in blocks} == {
+      'launch/local_multihost.sh', 'launch/gpu.sh', 'launch/tpu_pod.sh'}
+  for command, shown in blocks:
+    result = subprocess.run(['bash', '-c', command], cwd=ROOT, capture_output=True, text=True,
+                            env=dict(os.environ, PYTHON='python3'), timeout=60)
+    assert result.returncode == 0, (command, result.stderr)
+    assert _normalize(result.stdout) == _normalize(shown), command
