@@ -115,8 +115,11 @@ def check_dataset(config: ml_collections.ConfigDict, *, threads: int = 4,
   """
   data = config.data
   splits = ('labeled', 'val') if config.method == 'supervised' else sources.SPLITS
-  out(f'dataset {data.name} (root {data.root!r}, splits_dir {data.splits_dir!r}, '
-      f'split {data.split!r}), {data.num_classes} classes')
+  where = {'pascal': f'root {data.root!r}, splits {data.splits_dir!r}, split {data.split!r}',
+           'folder': f'root {data.root!r}', 'tfds': f'tfds {data.tfds.name!r}'}
+  where['cityscapes'] = where['coco'] = where['pascal']
+  out(f'dataset {data.name}' + (f' ({where[data.name]})' if data.name in where else '')
+      + f', {data.num_classes} classes')
   reports = [check_split(config, split, threads) for split in splits]
   for r in reports:
     sizes = (f'sizes (HxW) {r.min_hw[0]}x{r.min_hw[1]} .. {r.max_hw[0]}x{r.max_hw[1]}'
