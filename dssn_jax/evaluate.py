@@ -1,0 +1,504 @@
+"""Evaluation: mIoU of student and teacher from a confusion matrix.
+
+The protocol is the reference's (UniMatch/DSSN `evaluate` +
+`intersectionAndUnion`): per-class intersection and union are summed over the
+whole validation set (every host's share), IoU = intersection / (union +
+1e-10), and mIoU is the mean over all classes, in percent. Never the mean of
+per-image or per-batch scores.
+
+Three modes, as the reference runs them:
+
+  original        whole image, no resize (VOC, COCO).
+  center_crop     the central `eval_crop_size` crop (the data pipeline cuts
+                  it; records larger than the crop are cut here the same way).
+  sliding_window  windows of `eval_crop_size` at row/column starts
+                  0, s, 2s, ... < H (or W) with s = int(2/3 * window); a window
+                  running past the border is truncated, not shifted, so an
+                  image smaller than the window still gets a window at every
+                  start below its size. Softmax probabilities are summed over
+                  windows, then argmax (Cityscapes).
+
+The forward is jitted once per input shape (jit's cache). Each host evaluates
+its own records on its local devices, one image per device (images of equal
+shape are grouped so all local devices work); confusion matrices accumulate
+on device and are summed over hosts once at the end.
+
+`python -m dssn_jax.evaluate --workdir DIR [--checkpoint best|latest|STEP]
+[--mode MODE]` prints the eval record as JSON; `--weights FILE --config
+configs/X.py` evaluates converted reference weights (`.pth`) or our `.npz`.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax import lax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dssn_jax.data.normalize import normalize
+
+MODES = ('original', 'center_crop', 'sliding_window')
+MODEL_NAMES = ('student', 'teacher')
+# Result keys per model: the student's are the plain names (also used for a
+# single converted checkpoint), the teacher's carry a suffix.
+_SUFFIX = {'student': '', 'teacher': '_teacher'}
+# Device accumulators are int32; they are moved to host int64 before the
+# pixels counted since the last move could overflow them.
+_INT32_SAFE_PIXELS = 2**31 - 1
+
+
+# ----------------------------------------------------------------------------
+# Confusion matrix and IoU.
+
+
+def confusion_matrix(pred: jax.Array, label: jax.Array, num_classes: int,
+                     ignore_index: int = 255) -> jax.Array:
+  """Counts of (ground truth, prediction) pairs over non-ignored pixels.
+
+  Args:
+    pred: int predictions, any shape.
+    label: int labels, same shape; `ignore_index` (and any value outside
+      [0, num_classes)) is not counted.
+    num_classes: C.
+    ignore_index: the label of pixels that never count.
+  Returns:
+    int32 `(C, C)`: entry [t, p] is the number of pixels labelled t and
+    predicted p (rows: ground truth, columns: prediction).
+  """
+  c = int(num_classes)
+  pred = jnp.asarray(pred).astype(jnp.int32).reshape(-1)
+  label = jnp.asarray(label).astype(jnp.int32).reshape(-1)
+  valid = ((label != ignore_index) & (label >= 0) & (label < c)
+           & (pred >= 0) & (pred < c))
+  index = jnp.where(valid, label * c + pred, c * c)  # c*c: the discard bin
+  counts = jnp.bincount(index, length=c * c + 1)[:c * c]
+  return counts.reshape(c, c).astype(jnp.int32)
+
+
+def iou_from_confusion(cm) -> tuple[float, np.ndarray]:
+  """mIoU and per-class IoU (percent) from a summed confusion matrix.
+
+  Same numbers as the reference: intersection = diagonal, union = predicted
+  + labelled - intersection, IoU = intersection / (union + 1e-10), mIoU = the
+  mean over all C classes (a class absent from labels and predictions counts
+  as 0, as in the reference).
+
+  Args:
+    cm: `(C, C)` counts, rows ground truth, columns prediction.
+  Returns:
+    `(miou, iou_per_class)`: a float and a float64 `(C,)` array, in percent.
+  """
+  cm = np.asarray(cm, dtype=np.int64)
+  if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+    raise ValueError(f'confusion matrix must be square (C, C), got shape {cm.shape}')
+  intersection = np.diag(cm).astype(np.float64)
+  union = cm.sum(axis=0) + cm.sum(axis=1) - np.diag(cm)
+  iou = intersection / (union.astype(np.float64) + 1e-10)
+  return float(np.mean(iou) * 100.0), iou * 100.0
+
+
+# ----------------------------------------------------------------------------
+# Forward passes.
+
+
+def sliding_window_stride(window: int) -> int:
+  """The reference's stride: `int(window * 2 / 3)`."""
+  stride = int(window * 2 / 3)
+  if stride < 1:
+    raise ValueError(f'sliding window size {window} is too small (stride would be {stride})')
+  return stride
+
+
+def window_starts(size: int, stride: int) -> list[int]:
+  """Window starts along one axis: 0, stride, 2*stride, ... below `size`."""
+  return list(range(0, size, stride))
+
+
+def sliding_window_probs(logits_fn: Callable[[jax.Array], jax.Array],
+                         images: jax.Array, window: int,
+                         stride: int | None = None) -> jax.Array:
+  """Softmax probabilities summed over the reference's sliding windows.
+
+  Windows start at every multiple of `stride` below H (rows) and W (columns)
+  and span `window` pixels, truncated at the bottom/right border. All windows
+  of one shape go through `logits_fn` as one batch; the sums are added in
+  row-major window order, as the reference loop does.
+
+  Args:
+    logits_fn: maps `(N, h, w, ...)` images to `(N, h, w, C)` logits.
+    images: `(B, H, W, ...)`, passed to `logits_fn` as sliced.
+    window: window side (the crop size).
+    stride: default `int(window * 2 / 3)`.
+  Returns:
+    float32 `(B, H, W, C)`.
+  """
+  stride = sliding_window_stride(window) if stride is None else int(stride)
+  b, h, w = images.shape[:3]
+  positions = [(r, c) for r in window_starts(h, stride) for c in window_starts(w, stride)]
+  groups: dict[tuple[int, int], list[tuple[int, int]]] = collections.defaultdict(list)
+  for r, c in positions:
+    groups[(min(h, r + window) - r, min(w, c + window) - c)].append((r, c))
+
+  probs = {}
+  for (wh, ww), group in groups.items():
+    crops = jnp.stack([images[:, r:r + wh, c:c + ww] for r, c in group], axis=1)
+    logits = logits_fn(crops.reshape((b * len(group), wh, ww) + images.shape[3:]))
+    p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    p = p.reshape((b, len(group)) + p.shape[1:])
+    for i, pos in enumerate(group):
+      probs[pos] = p[:, i]
+
+  num_classes = next(iter(probs.values())).shape[-1]
+  total = jnp.zeros((b, h, w, num_classes), jnp.float32)
+  for r, c in positions:
+    p = probs[(r, c)]
+    region = lax.dynamic_slice(total, (0, r, c, 0), p.shape)
+    total = lax.dynamic_update_slice(total, region + p, (0, r, c, 0))
+  return total
+
+
+def model_logits_fn(model, variables) -> Callable[[jax.Array], jax.Array]:
+  """uint8 `(N, H, W, 3)` images -> float32 logits of the model in eval mode."""
+  def fn(images):
+    logits, _ = model.apply(variables, normalize(images), train=False)
+    return logits.astype(jnp.float32)
+  return fn
+
+
+def predict_labels(model, variables, images: jax.Array, *, sliding: bool,
+                   window: int | None = None) -> jax.Array:
+  """Argmax labels of uint8 `(B, H, W, 3)` images -> int32 `(B, H, W)`.
+
+  `sliding=False`: one whole-image forward; `sliding=True`: the reference's
+  sliding windows of side `window`. Traceable (use inside `jit`).
+  """
+  logits_fn = model_logits_fn(model, variables)
+  if sliding:
+    if window is None:
+      raise ValueError('sliding-window prediction needs a window size')
+    scores = sliding_window_probs(logits_fn, images, window)
+  else:
+    scores = logits_fn(images)
+  return jnp.argmax(scores, axis=-1).astype(jnp.int32)
+
+
+def center_crop(image: np.ndarray, label: np.ndarray, size: int):
+  """The reference's center crop of every side longer than `size`."""
+  h, w = image.shape[:2]
+  top = (h - size) // 2 if h > size else 0
+  left = (w - size) // 2 if w > size else 0
+  return (image[top:top + min(h, size), left:left + min(w, size)],
+          label[top:top + min(h, size), left:left + min(w, size)])
+
+
+# ----------------------------------------------------------------------------
+# The evaluator.
+
+
+def _eval_step(variables, cms, images, labels, *, model, sliding, window,
+               num_classes, ignore_index):
+  """Adds each model's confusion matrix of one batch to `cms`."""
+  out = {}
+  for name, v in variables.items():
+    pred = predict_labels(model, v, images, sliding=sliding, window=window)
+    out[name] = cms[name] + confusion_matrix(pred, labels, num_classes, ignore_index)
+  return out
+
+
+def _local_devices(mesh: Mesh | None) -> list[jax.Device]:
+  if mesh is None:
+    return list(jax.local_devices())
+  me = jax.process_index()
+  devices = [d for d in mesh.devices.flat if d.process_index == me]
+  if not devices:
+    raise ValueError(f'the mesh {mesh} has no device of process {me}')
+  return devices
+
+
+def _sum_over_hosts(cms: np.ndarray) -> np.ndarray:
+  """Sums int64 counts over processes (int32 halves, since x64 is off)."""
+  cms = np.asarray(cms, np.int64)
+  hi = (cms >> 31).astype(np.int32)
+  lo = (cms & (2**31 - 1)).astype(np.int32)
+  both = np.asarray(multihost_utils.process_allgather(np.stack([hi, lo])), np.int64)
+  return (both[:, 0] << 31).sum(axis=0) + both[:, 1].sum(axis=0)
+
+
+class Evaluator:
+  """Evaluates student and/or teacher in one pass over the validation set.
+
+  Args:
+    model: a flax module; `model.apply(variables, images, train=False)`
+      returns `(logits, aux)` with logits `(N, H, W, C)` at input size.
+    config: the experiment config (`config.data.num_classes`, `ignore_index`,
+      `eval_mode`, `eval_crop_size`, `crop_size`).
+    mesh: the training mesh; this host's devices of it run the evaluation
+      (default: all local devices).
+    mode: overrides `config.data.eval_mode`.
+    records: validation records `{'image': uint8 (H, W, 3), 'label': int
+      (H, W), 'id': str}` of this host: a sequence, or a callable returning
+      a fresh iterable per evaluation. Default:
+      `dssn_jax.data.pipeline.eval_records(config, mode)`.
+    class_names: default `dssn_jax.data.sources.class_names(config)`.
+  """
+
+  def __init__(self, model, config: ml_collections.ConfigDict, mesh: Mesh | None = None,
+               *, mode: str | None = None,
+               records: Sequence[dict[str, Any]] | Callable[[], Iterable[dict[str, Any]]] | None = None,
+               class_names: Sequence[str] | None = None):
+    self.model = model
+    self.config = config
+    self.mode = mode or config.data.eval_mode
+    if self.mode not in MODES:
+      raise ValueError(
+          f'evaluation mode {self.mode!r} (config.data.eval_mode or --mode) is not one of '
+          f'{", ".join(MODES)}')
+    self.num_classes = int(config.data.num_classes)
+    self.ignore_index = int(config.data.get('ignore_index', 255))
+    self.window = int(config.data.get('eval_crop_size') or config.data.crop_size)
+    if self.window < 2:
+      raise ValueError(f'evaluation crop size {self.window} must be at least 2')
+    self._records = records
+    self._class_names = list(class_names) if class_names is not None else None
+
+    devices = _local_devices(mesh)
+    self.batch_size = len(devices)  # one image per local device
+    self._mesh = Mesh(np.asarray(devices), ('data',))
+    self._batch_sharding = NamedSharding(self._mesh, P('data'))
+    self._replicated = NamedSharding(self._mesh, P())
+    self._flush_pixels = _INT32_SAFE_PIXELS
+    step = lambda v, cms, x, y: _eval_step(
+        v, cms, x, y, model=model, sliding=self.mode == 'sliding_window',
+        window=self.window, num_classes=self.num_classes,
+        ignore_index=self.ignore_index)
+    self._step = jax.jit(step, donate_argnums=(1,), out_shardings=self._replicated)
+
+  @property
+  def class_names(self) -> list[str]:
+    if self._class_names is None:
+      from dssn_jax.data import sources  # pylint: disable=g-import-not-at-top
+      self._class_names = list(sources.class_names(self.config))
+    if len(self._class_names) != self.num_classes:
+      raise ValueError(
+          f'{len(self._class_names)} class names for config.data.num_classes='
+          f'{self.num_classes}')
+    return self._class_names
+
+  def _iter_records(self) -> Iterable[dict[str, Any]]:
+    if self._records is None:
+      import grain  # pylint: disable=g-import-not-at-top
+      from dssn_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+      # Decode a few images ahead in threads while the devices compute;
+      # a small buffer, since whole validation images can be large.
+      return pipeline.eval_records(self.config, mode=self.mode).to_iter_dataset(
+          grain.ReadOptions(num_threads=4, prefetch_buffer_size=4 * self.batch_size))
+    if callable(self._records):
+      return self._records()
+    return self._records
+
+  def _prepare(self, record: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    image = np.asarray(record['image'])
+    label = np.asarray(record['label'])
+    rid = record.get('id', '?')
+    if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+      raise ValueError(
+          f'eval record {rid!r}: image must be uint8 (H, W, 3), got {image.dtype} {image.shape}')
+    if label.shape != image.shape[:2]:
+      raise ValueError(
+          f'eval record {rid!r}: label shape {label.shape} != image shape {image.shape[:2]}')
+    label = label.astype(np.int32)
+    if self.mode == 'center_crop':
+      image, label = center_crop(image, label, self.window)
+    return image, label
+
+  def _to_local(self, variables: Any) -> Any:
+    """Places one model's variables replicated on this host's devices."""
+    def leaf(x):
+      if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if not x.is_fully_replicated:
+          raise ValueError(
+              f'cannot evaluate with a variable sharded across hosts ({x.sharding})')
+        x = x.addressable_data(0)
+      return x
+    return jax.device_put(jax.tree.map(leaf, variables), self._replicated)
+
+  def confusion_matrices(self, variables: dict[str, Any]) -> dict[str, np.ndarray]:
+    """One pass over the data: `{name: int64 (C, C)}` summed over all hosts.
+
+    Args:
+      variables: `{'student': {'params', 'batch_stats'}, 'teacher': ...}`
+        (either or both).
+    """
+    unknown = sorted(set(variables) - set(MODEL_NAMES))
+    if unknown or not variables:
+      raise ValueError(
+          f'evaluate expects models named {" and/or ".join(MODEL_NAMES)}, got {sorted(variables)}')
+    names = sorted(variables)
+    local = {k: self._to_local(variables[k]) for k in names}
+    c = self.num_classes
+    zeros = lambda: jax.device_put(
+        {k: np.zeros((c, c), np.int32) for k in names}, self._replicated)
+    cms = zeros()
+    totals = np.zeros((len(names), c, c), np.int64)
+    pending = 0  # pixels accumulated on device since the last move to host
+
+    def to_host(cms):
+      nonlocal totals
+      host = jax.device_get(cms)
+      totals = totals + np.stack([np.asarray(host[k], np.int64) for k in names])
+
+    def run(batch, cms):
+      nonlocal pending
+      while len(batch) < self.batch_size:  # pad: all-ignore labels count nothing
+        image, label = batch[0]
+        batch = batch + [(np.zeros_like(image), np.full_like(label, self.ignore_index))]
+      images = np.stack([b[0] for b in batch])
+      labels = np.stack([b[1] for b in batch])
+      if pending + labels.size > self._flush_pixels:
+        to_host(cms)
+        cms, pending = zeros(), 0
+      pending += labels.size
+      images = jax.device_put(images, self._batch_sharding)
+      labels = jax.device_put(labels, self._batch_sharding)
+      return self._step(local, cms, images, labels)
+
+    buckets: dict[tuple[int, int], list] = collections.defaultdict(list)
+    for record in self._iter_records():
+      image, label = self._prepare(record)
+      bucket = buckets[image.shape[:2]]
+      bucket.append((image, label))
+      if len(bucket) == self.batch_size:
+        cms = run(bucket, cms)
+        del buckets[image.shape[:2]]
+    for bucket in buckets.values():
+      cms = run(bucket, cms)
+    to_host(cms)
+    totals = _sum_over_hosts(totals)
+    return {k: totals[i] for i, k in enumerate(names)}
+
+  def evaluate(self, variables: dict[str, Any]) -> dict[str, Any]:
+    """mIoU and per-class IoU (percent) of each given model.
+
+    Returns:
+      `miou`, `iou_per_class` ({class name: IoU}) for the student and
+      `miou_teacher`, `iou_per_class_teacher` for the teacher, for the
+      models present in `variables`.
+    """
+    result = {}
+    for name, cm in self.confusion_matrices(variables).items():
+      miou, per_class = iou_from_confusion(cm)
+      result['miou' + _SUFFIX[name]] = miou
+      result['iou_per_class' + _SUFFIX[name]] = {
+          n: float(v) for n, v in zip(self.class_names, per_class)}
+    return result
+
+
+def eval_record(step: int | None, result: dict[str, Any], **extra) -> dict[str, Any]:
+  """The metrics.jsonl eval line: step, split, mIoU of both models, per class."""
+  record = {'step': step, 'split': 'eval',
+            'miou': result.get('miou'), 'miou_teacher': result.get('miou_teacher'),
+            'iou_per_class': result.get('iou_per_class',
+                                        result.get('iou_per_class_teacher')),
+            'iou_per_class_teacher': result.get('iou_per_class_teacher')}
+  record.update(extra)
+  return record
+
+
+# ----------------------------------------------------------------------------
+# Loading what to evaluate.
+
+
+def load_weights(path: str, config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """`{'params', 'batch_stats'}` of a whole model from `.npz` or reference `.pth`.
+
+  A `.pth` may be a bare state dict or a reference checkpoint dict holding it
+  under `model` (DSSN's `best.pth` / `t_best.pth`) or `state_dict`; it is
+  converted with `dssn_jax.convert.from_torch(layout='model')`.
+  """
+  from dssn_jax import convert  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'weights file {path} does not exist')
+  ext = os.path.splitext(path)[1].lower()
+  if ext == '.npz':
+    return convert.load_npz(path)
+  if ext not in ('.pth', '.pt'):
+    raise ValueError(f'weights file {path}: expected a .pth/.pt reference checkpoint or an .npz')
+  try:
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    raise ImportError(
+        f'reading {path} needs PyTorch (pip install "dssn-jax[convert]")') from None
+  return convert.from_torch(path, backbone=config.model.backbone,
+                            num_classes=int(config.data.num_classes), layout='model')
+
+
+def load_for_eval(*, workdir: str | None = None, checkpoint: str | int = 'best',
+                  weights: str | None = None,
+                  config: ml_collections.ConfigDict | None = None):
+  """What the command lines evaluate: `(config, {name: variables}, step)`.
+
+  Either a workdir checkpoint (student and teacher; `config`, if given,
+  replaces the workdir's `config.json`, e.g. for another data root), or
+  `weights` with `config` (one model, reported under `student`, step None).
+  """
+  if weights:
+    if config is None:
+      raise ValueError('--weights needs --config (the model and dataset of the weights)')
+    return config, {'student': load_weights(weights, config)}, None
+  if not workdir:
+    raise ValueError('give --workdir DIR, or --weights FILE with --config')
+  from dssn_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  saved_config, variables, step = ckpt_lib.restore_for_eval(workdir, checkpoint)
+  return (config if config is not None else saved_config), variables, step
+
+
+def run(*, workdir: str | None = None, checkpoint: str | int = 'best',
+        mode: str | None = None, weights: str | None = None,
+        config: ml_collections.ConfigDict | None = None, mesh: Mesh | None = None,
+        records=None) -> dict[str, Any]:
+  """Loads a checkpoint (or weights), evaluates it and returns the eval record."""
+  from dssn_jax import models  # pylint: disable=g-import-not-at-top
+  config, variables, step = load_for_eval(
+      workdir=workdir, checkpoint=checkpoint, weights=weights, config=config)
+  evaluator = Evaluator(models.model_from_config(config), config, mesh,
+                        mode=mode, records=records)
+  return eval_record(step, evaluator.evaluate(variables), mode=evaluator.mode)
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file(
+      'config', None, 'Config file (with --weights; with --workdir it replaces config.json).',
+      lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Training workdir to evaluate.')
+  flags.DEFINE_string('checkpoint', 'best', 'best | latest | a step number.')
+  flags.DEFINE_enum('mode', None, list(MODES), 'Evaluation mode (default: the config\'s).')
+  flags.DEFINE_string('weights', None, 'A reference .pth or our .npz (needs --config).')
+
+
+def main(argv):
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from dssn_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize()  # pod slices, SLURM, Open MPI: every process evaluates its share
+  f = flags.FLAGS
+  record = run(workdir=f.workdir, checkpoint=f.checkpoint, mode=f.mode,
+               weights=f.weights, config=f.config)
+  if jax.process_index() == 0:
+    print(json.dumps(record), flush=True)
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,195 @@
+"""Prediction to PNG: a palette mask and a side-by-side overlay per image.
+
+    python -m dssn_jax.predict --workdir DIR --input IMAGE_OR_DIR --output OUT \
+        [--checkpoint best|latest|STEP] [--model teacher|student]
+
+For every input image `NAME.ext` (a file, or the image files directly inside
+a folder) it writes, at the image's own size:
+
+    OUT/NAME.png           the class map as a palette ('P' mode) PNG in the
+                           dataset's colours (pixel value = class id)
+    OUT/NAME_overlay.png   the image | the image blended with the coloured mask
+
+An image no larger than the evaluation crop (`config.data.eval_crop_size` or
+`crop_size`) goes through the model whole; a larger one (taller or wider)
+through the reference's sliding windows (window = crop, stride 2/3 crop,
+summed softmax). The forward is jitted once per image shape.
+`--weights FILE --config configs/X.py` predicts with converted weights instead
+of a workdir.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from PIL import Image
+
+from dssn_jax import evaluate
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.gif')
+
+
+def list_images(path: str) -> list[str]:
+  """The image files to predict: `path` itself, or the images inside it."""
+  if os.path.isdir(path):
+    files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                   if f.lower().endswith(IMAGE_EXTENSIONS)
+                   and os.path.isfile(os.path.join(path, f)))
+    if not files:
+      raise FileNotFoundError(
+          f'no image files ({", ".join(IMAGE_EXTENSIONS)}) in folder {path}')
+    return files
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'input {path} does not exist')
+  return [path]
+
+
+def read_image(path: str) -> np.ndarray:
+  """uint8 `(H, W, 3)` RGB; an unreadable file raises an error naming it."""
+  try:
+    with Image.open(path) as im:
+      return np.asarray(im.convert('RGB'), dtype=np.uint8)
+  except Exception as e:  # PIL raises several kinds for broken files
+    raise ValueError(f'cannot read image {path}: {e}') from e
+
+
+def check_palette(palette: Any, num_classes: int) -> np.ndarray:
+  palette = np.asarray(palette)
+  if num_classes > 256:
+    raise ValueError(f'{num_classes} classes do not fit a palette PNG (at most 256)')
+  if palette.ndim != 2 or palette.shape[1] != 3 or palette.shape[0] < num_classes:
+    raise ValueError(
+        f'palette must be ({num_classes}, 3) colours for {num_classes} classes, '
+        f'got shape {palette.shape}')
+  return palette[:num_classes].astype(np.uint8)
+
+
+def mask_image(mask: np.ndarray, palette: np.ndarray) -> Image.Image:
+  """Class map `(H, W)` -> 'P' mode image whose palette is the dataset's."""
+  mask = np.ascontiguousarray(mask, np.uint8)
+  im = Image.frombytes('P', (mask.shape[1], mask.shape[0]), mask.tobytes())
+  colours = np.zeros((256, 3), np.uint8)
+  colours[:len(palette)] = palette
+  im.putpalette(colours.reshape(-1).tolist())
+  return im
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray,
+            alpha: float = 0.5) -> np.ndarray:
+  """Side by side: the image | `(1 - alpha) * image + alpha * colour(mask)`.
+
+  Returns uint8 `(H, 2W, 3)`.
+  """
+  colour = palette[np.asarray(mask)].astype(np.float32)
+  blend = (1.0 - alpha) * image.astype(np.float32) + alpha * colour
+  blend = np.clip(np.round(blend), 0, 255).astype(np.uint8)
+  return np.concatenate([image, blend], axis=1)
+
+
+class Predictor:
+  """Class maps of single images of any size with one model.
+
+  Args:
+    model: flax module with the `(logits, aux)` eval API.
+    variables: `{'params', 'batch_stats'}`.
+    crop_size: the window; larger images use sliding windows.
+  """
+
+  def __init__(self, model, variables: Any, crop_size: int):
+    self.crop_size = int(crop_size)
+    evaluate.sliding_window_stride(self.crop_size)  # validates the size
+    self._variables = jax.device_put(variables)
+    self._fn = jax.jit(
+        lambda v, x, sliding: evaluate.predict_labels(
+            model, v, x, sliding=sliding, window=self.crop_size),
+        static_argnums=(2,))
+
+  def needs_sliding(self, height: int, width: int) -> bool:
+    return height > self.crop_size or width > self.crop_size
+
+  def __call__(self, image: np.ndarray) -> np.ndarray:
+    """uint8 `(H, W, 3)` -> int32 class map `(H, W)`."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3:
+      raise ValueError(f'image must be (H, W, 3), got shape {image.shape}')
+    sliding = self.needs_sliding(*image.shape[:2])
+    pred = self._fn(self._variables, image[None].astype(np.uint8), sliding)
+    return np.asarray(pred)[0]
+
+
+def predict_files(predictor: Predictor, paths: Sequence[str], output: str,
+                  palette: np.ndarray, alpha: float = 0.5) -> list[str]:
+  """Writes `NAME.png` and `NAME_overlay.png` per input; returns the paths."""
+  names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+  seen: dict[str, str] = {}
+  for name, path in zip(names, paths):
+    if name in seen:
+      raise ValueError(f'inputs {seen[name]} and {path} would both write {name}.png')
+    seen[name] = path
+  os.makedirs(output, exist_ok=True)
+  written = []
+  for name, path in zip(names, paths):
+    image = read_image(path)
+    mask = predictor(image)
+    mask_path = os.path.join(output, f'{name}.png')
+    overlay_path = os.path.join(output, f'{name}_overlay.png')
+    mask_image(mask, palette).save(mask_path)
+    Image.fromarray(overlay(image, mask, palette, alpha)).save(overlay_path)
+    written += [mask_path, overlay_path]
+  return written
+
+
+def run(*, input_path: str, output: str, workdir: str | None = None,
+        checkpoint: str | int = 'best', which_model: str = 'teacher',
+        weights: str | None = None, config=None, alpha: float = 0.5) -> list[str]:
+  """Loads a checkpoint (or weights) and predicts every input image."""
+  from dssn_jax import models  # pylint: disable=g-import-not-at-top
+  from dssn_jax.data import sources  # pylint: disable=g-import-not-at-top
+  if which_model not in evaluate.MODEL_NAMES:
+    raise ValueError(f'--model {which_model!r} must be one of {", ".join(evaluate.MODEL_NAMES)}')
+  paths = list_images(input_path)  # fail on a bad input before loading anything
+  config, variables, _ = evaluate.load_for_eval(
+      workdir=workdir, checkpoint=checkpoint, weights=weights, config=config)
+  chosen = variables.get(which_model)
+  if chosen is None:  # converted weights hold one model
+    chosen = next(iter(variables.values()))
+  crop = int(config.data.get('eval_crop_size') or config.data.crop_size)
+  palette = check_palette(sources.palette(config), int(config.data.num_classes))
+  predictor = Predictor(models.model_from_config(config), chosen, crop)
+  return predict_files(predictor, paths, output, palette, alpha)
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file(
+      'config', None, 'Config file (with --weights; with --workdir it replaces config.json).',
+      lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Training workdir holding the checkpoints.')
+  flags.DEFINE_string('checkpoint', 'best', 'best | latest | a step number.')
+  flags.DEFINE_enum('model', 'teacher', list(evaluate.MODEL_NAMES), 'Which network.')
+  flags.DEFINE_string('weights', None, 'A reference .pth or our .npz (needs --config).')
+  flags.DEFINE_string('input', None, 'An image file or a folder of images.')
+  flags.DEFINE_string('output', None, 'Folder for the PNGs.')
+  flags.DEFINE_float('alpha', 0.5, 'Opacity of the mask in the overlay.')
+  flags.mark_flags_as_required(['input', 'output'])
+
+
+def main(argv):
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  written = run(input_path=f.input, output=f.output, workdir=f.workdir,
+                checkpoint=f.checkpoint, which_model=f.model, weights=f.weights,
+                config=f.config, alpha=f.alpha)
+  print(f'wrote {len(written) // 2} masks and overlays to {f.output}', flush=True)
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(main)

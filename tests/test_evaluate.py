@@ -1,0 +1,436 @@
+"""Evaluation: confusion-matrix mIoU, the three modes, the Evaluator."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from dssn_jax import config_lib
+from dssn_jax import evaluate
+from dssn_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD
+
+NAMES3 = ('bg', 'cat', 'dog')
+
+# A fixed toy prediction set (C = 3, 255 = ignore) with its hand-computed
+# confusion. Image b has no class 2 at all; image c has an ignored pixel
+# predicted as class 1, which must not count.
+TOY = [
+    dict(id='a',
+         label=[[0, 0, 1], [1, 255, 2]],
+         pred=[[0, 1, 1], [1, 2, 2]]),
+    dict(id='b',
+         label=[[0, 0], [0, 1]],
+         pred=[[0, 0], [1, 1]]),
+    dict(id='c',
+         label=[[2], [2], [255]],
+         pred=[[2], [0], [1]]),
+]
+# Summed over the set (rows: label, columns: prediction):
+#   label 0: pred 0 = 1+2, pred 1 = 1+1          -> 3, 2, 0
+#   label 1: pred 1 = 2+1                        -> 0, 3, 0
+#   label 2: pred 2 = 1+1, pred 0 = 1            -> 1, 0, 2
+TOY_CM = np.array([[3, 2, 0], [0, 3, 0], [1, 0, 2]])
+# IoU: class 0: 3 / (4 + 5 - 3) = 1/2; class 1: 3 / (5 + 3 - 3) = 3/5;
+# class 2: 2 / (2 + 3 - 2) = 2/3.  mIoU = (1/2 + 3/5 + 2/3) / 3.
+TOY_IOU = np.array([1 / 2, 3 / 5, 2 / 3]) * 100
+TOY_MIOU = (1 / 2 + 3 / 5 + 2 / 3) / 3 * 100  # 58.89
+# Per-image averaging (wrong) gives: a (1/2, 2/3, 1), b (2/3, 1/2, 0),
+# c (0, 0, 1/2); the mean of the per-image means is 42.59.
+PER_IMAGE_MEAN = np.mean([np.mean([1 / 2, 2 / 3, 1]), np.mean([2 / 3, 1 / 2, 0]),
+                          np.mean([0, 0, 1 / 2])]) * 100
+
+
+def toy_config(mode='original', crop=8, num_classes=3):
+  c = config_lib.base_config()
+  c.data.num_classes = num_classes
+  c.data.crop_size = crop
+  c.data.eval_mode = mode
+  return c
+
+
+class DecodeModel:
+  """A "model" whose prediction is written in the image's red channel.
+
+  It undoes the ImageNet normalization, reads the class id from channel 0
+  and adds `params['shift']` (mod C), so the predictions are known exactly.
+  """
+
+  def __init__(self, num_classes=3):
+    self.num_classes = num_classes
+
+  def apply(self, variables, x, train=False):
+    assert not train
+    red = (x[..., 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]) * 255.0
+    cls = (jnp.round(red).astype(jnp.int32) + variables['params']['shift']) % self.num_classes
+    return jax.nn.one_hot(cls, self.num_classes) * 10.0, {}
+
+
+def toy_records():
+  out = []
+  for t in TOY:
+    pred = np.asarray(t['pred'], np.uint8)
+    image = np.stack([pred, np.full_like(pred, 7), np.full_like(pred, 200)], -1)
+    out.append({'image': image, 'label': np.asarray(t['label'], np.int32), 'id': t['id']})
+  return out
+
+
+def shift_vars(shift):
+  return {'params': {'shift': jnp.int32(shift)}}
+
+
+class TinySeg(nn.Module):
+  """A small fully convolutional net with BatchNorm, `(logits, aux)` API."""
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    y = nn.Conv(8, (3, 3), strides=(2, 2))(x)
+    y = nn.BatchNorm(use_running_average=not train)(y)
+    y = nn.relu(y)
+    y = nn.Conv(8, (3, 3), kernel_dilation=(2, 2))(y)
+    y = nn.relu(y)
+    y = nn.Conv(self.num_classes, (1, 1))(y)
+    y = jax.image.resize(y, x.shape[:3] + (self.num_classes,), 'bilinear')
+    return y, {}
+
+
+def tiny_variables(model, seed):
+  v = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 16, 16, 3)))
+  stats = jax.tree.map(
+      lambda s: s + jax.random.uniform(jax.random.key(seed + 1), s.shape), v['batch_stats'])
+  return {'params': v['params'], 'batch_stats': stats}
+
+
+def random_records(shapes, num_classes=3, seed=0):
+  rng = np.random.default_rng(seed)
+  out = []
+  for i, (h, w) in enumerate(shapes):
+    label = rng.integers(0, num_classes, (h, w)).astype(np.int32)
+    label[rng.random((h, w)) < 0.1] = 255
+    out.append({'image': rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+                'label': label, 'id': f'r{i}'})
+  return out
+
+
+def numpy_confusion(pred, label, c):
+  keep = label != 255
+  return np.bincount(label[keep] * c + pred[keep], minlength=c * c).reshape(c, c)
+
+
+# ----------------------------------------------------------------------------
+
+
+def test_confusion_matrix_inside_jit():
+  cm = jax.jit(evaluate.confusion_matrix, static_argnums=(2,))(
+      jnp.asarray(TOY[0]['pred']), jnp.asarray(TOY[0]['label']), 3)
+  assert cm.dtype == jnp.int32
+  np.testing.assert_array_equal(cm, [[1, 1, 0], [0, 2, 0], [0, 0, 1]])
+
+
+def test_hand_computed_miou_is_over_the_whole_set():
+  cm = sum(np.asarray(evaluate.confusion_matrix(
+      jnp.asarray(t['pred']), jnp.asarray(t['label']), 3)) for t in TOY)
+  np.testing.assert_array_equal(cm, TOY_CM)
+  miou, iou = evaluate.iou_from_confusion(cm)
+  np.testing.assert_allclose(iou, TOY_IOU, rtol=1e-9)
+  assert miou == pytest.approx(TOY_MIOU, rel=1e-9)
+  assert miou == pytest.approx(58.888889, abs=1e-5)
+  # Averaging per image gives another number.
+  per_image = np.mean([evaluate.iou_from_confusion(evaluate.confusion_matrix(
+      jnp.asarray(t['pred']), jnp.asarray(t['label']), 3))[0] for t in TOY])
+  assert per_image == pytest.approx(PER_IMAGE_MEAN, rel=1e-9)
+  assert abs(per_image - miou) > 10
+
+
+def test_absent_class_counts_as_zero_like_the_reference():
+  cm = np.array([[5, 0, 0], [1, 4, 0], [0, 0, 0]])
+  miou, iou = evaluate.iou_from_confusion(cm)
+  np.testing.assert_allclose(iou, [5 / 6 * 100, 80.0, 0.0])
+  assert miou == pytest.approx((5 / 6 + 0.8) / 3 * 100)
+
+
+def test_evaluator_gives_the_hand_computed_miou():
+  ev = evaluate.Evaluator(DecodeModel(), toy_config(), records=toy_records(),
+                          class_names=NAMES3)
+  out = ev.evaluate({'student': shift_vars(0), 'teacher': shift_vars(1)})
+  assert out['miou'] == pytest.approx(TOY_MIOU, rel=1e-9)
+  assert list(out['iou_per_class']) == list(NAMES3)
+  np.testing.assert_allclose(list(out['iou_per_class'].values()), TOY_IOU, rtol=1e-9)
+  # The teacher predicts (class + 1) mod 3 everywhere.
+  cm_t = sum(numpy_confusion((np.asarray(t['pred']) + 1) % 3, np.asarray(t['label']), 3)
+             for t in TOY)
+  assert out['miou_teacher'] == pytest.approx(evaluate.iou_from_confusion(cm_t)[0])
+  assert set(out) == {'miou', 'iou_per_class', 'miou_teacher', 'iou_per_class_teacher'}
+  # One model given: only its keys.
+  only_teacher = ev.evaluate({'teacher': shift_vars(0)})
+  assert set(only_teacher) == {'miou_teacher', 'iou_per_class_teacher'}
+  assert only_teacher['miou_teacher'] == pytest.approx(TOY_MIOU, rel=1e-9)
+
+
+def test_device_counts_move_to_host_before_int32_overflow():
+  ev = evaluate.Evaluator(DecodeModel(), toy_config(), records=toy_records(),
+                          class_names=NAMES3)
+  ev._flush_pixels = 5  # every batch forces a move of the counts to the host
+  cms = ev.confusion_matrices({'student': shift_vars(0)})
+  assert cms['student'].dtype == np.int64
+  np.testing.assert_array_equal(cms['student'], TOY_CM)
+
+
+def test_bad_inputs_are_named():
+  with pytest.raises(ValueError, match='eval_mode'):
+    evaluate.Evaluator(DecodeModel(), toy_config(mode='tiles'), records=[])
+  ev = evaluate.Evaluator(DecodeModel(), toy_config(), class_names=NAMES3, records=[
+      {'image': np.zeros((4, 4, 3), np.uint8), 'label': np.zeros((4, 5), np.int32),
+       'id': 'img_7'}])
+  with pytest.raises(ValueError, match='img_7'):
+    ev.evaluate({'student': shift_vars(0)})
+  with pytest.raises(ValueError, match='student'):
+    ev.evaluate({'ema': shift_vars(0)})
+  ev = evaluate.Evaluator(DecodeModel(), toy_config(), class_names=('a', 'b'), records=[])
+  with pytest.raises(ValueError, match='num_classes=3'):
+    ev.evaluate({'student': shift_vars(0)})
+
+
+# ----------------------------------------------------------------------------
+# Sliding windows.
+
+
+def test_window_starts_follow_the_reference():
+  assert evaluate.sliding_window_stride(801) == 534  # Cityscapes
+  assert evaluate.sliding_window_stride(513) == 342
+  assert evaluate.window_starts(1024, 534) == [0, 534]
+  assert evaluate.window_starts(2048, 534) == [0, 534, 1068, 1602]
+  assert evaluate.window_starts(5, 6) == [0]
+  with pytest.raises(ValueError, match='too small'):
+    evaluate.sliding_window_stride(1)
+
+
+def positional_logits(x):
+  """Logits that depend on the position inside the window and on the pixel."""
+  n, h, w = x.shape[:3]
+  i = jnp.arange(h, dtype=jnp.float32)[:, None, None]
+  j = jnp.arange(w, dtype=jnp.float32)[None, :, None]
+  c = jnp.arange(4, dtype=jnp.float32)[None, None, :]
+  base = jnp.sin(0.7 * i + 1.3 * c) + jnp.cos(0.4 * j * (c + 1)) + 0.1 * h - 0.05 * w * c
+  return base[None] + x[..., :1].astype(jnp.float32) * (c - 1.5) / 50.0
+
+
+def reference_sliding(x, grid):
+  """The reference loop, in numpy: truncated windows, softmax summed."""
+  b, h, w = x.shape[:3]
+  final = np.zeros((b, h, w, 4))
+  row = 0
+  while row < h:
+    col = 0
+    while col < w:
+      crop = x[:, row:min(h, row + grid), col:min(w, col + grid)]
+      logits = np.asarray(positional_logits(jnp.asarray(crop)), np.float64)
+      e = np.exp(logits - logits.max(-1, keepdims=True))
+      final[:, row:min(h, row + grid), col:min(w, col + grid)] += e / e.sum(-1, keepdims=True)
+      col += int(grid * 2 / 3)
+    row += int(grid * 2 / 3)
+  return final
+
+
+@pytest.mark.parametrize('shape,grid', [
+    ((23, 31), 9),   # several windows, truncated at the right and bottom
+    ((5, 7), 9),     # smaller than the window: still two truncated windows
+    ((9, 9), 9),     # exactly the window: a full and a truncated one
+])
+def test_sliding_window_matches_the_reference_loop(shape, grid):
+  x = np.random.default_rng(0).integers(0, 256, (2,) + shape + (3,), dtype=np.uint8)
+  got = jax.jit(lambda im: evaluate.sliding_window_probs(positional_logits, im, grid))(x)
+  want = reference_sliding(x, grid)
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+  np.testing.assert_array_equal(np.argmax(np.asarray(got), -1), np.argmax(want, -1))
+  assert got.shape == (2,) + shape + (4,)
+
+
+# ----------------------------------------------------------------------------
+# End to end with a small random network.
+
+
+def direct_confusion(model, variables, records, mode, window, c=3):
+  """Image by image, outside the Evaluator."""
+  logits_fn = evaluate.model_logits_fn(model, variables)
+  if mode == 'sliding_window':
+    scores_fn = jax.jit(lambda im: evaluate.sliding_window_probs(logits_fn, im, window))
+  else:
+    scores_fn = jax.jit(logits_fn)
+  total = np.zeros((c, c), np.int64)
+  for r in records:
+    image, label = r['image'], r['label']
+    if mode == 'center_crop':
+      image, label = evaluate.center_crop(image, label, window)
+    scores = scores_fn(jnp.asarray(image[None]))
+    total += numpy_confusion(np.asarray(jnp.argmax(scores, -1))[0], label, c)
+  return total
+
+
+@pytest.mark.parametrize('mode', evaluate.MODES)
+def test_evaluator_end_to_end_each_mode(mode):
+  model = TinySeg()
+  student, teacher = tiny_variables(model, 1), tiny_variables(model, 5)
+  records = random_records([(13, 17), (12, 12), (13, 17)], seed=3)
+  ev = evaluate.Evaluator(model, toy_config(mode=mode, crop=10), records=records,
+                          class_names=NAMES3)
+  cms = ev.confusion_matrices({'student': student, 'teacher': teacher})
+  np.testing.assert_array_equal(cms['student'],
+                                direct_confusion(model, student, records, mode, 10))
+  pixels = sum(int((evaluate.center_crop(r['image'], r['label'], 10)[1] != 255).sum())
+               if mode == 'center_crop' else int((r['label'] != 255).sum()) for r in records)
+  assert cms['student'].sum() == pixels == cms['teacher'].sum()
+  out = ev.evaluate({'student': student, 'teacher': teacher})
+  assert 0.0 <= out['miou'] <= 100.0 and 0.0 <= out['miou_teacher'] <= 100.0
+  assert out['miou'] != out['miou_teacher']
+
+
+def test_center_crop_cuts_like_the_reference():
+  image = np.arange(7 * 10 * 3, dtype=np.uint8).reshape(7, 10, 3)
+  label = np.arange(70, dtype=np.int32).reshape(7, 10)
+  im, lb = evaluate.center_crop(image, label, 5)
+  np.testing.assert_array_equal(lb, label[1:6, 2:7])
+  np.testing.assert_array_equal(im, image[1:6, 2:7])
+  im, lb = evaluate.center_crop(image, label, 8)  # rows shorter than the crop stay
+  np.testing.assert_array_equal(lb, label[:, 1:9])
+
+
+def test_evaluator_over_two_devices_pads_and_sums():
+  """Two local devices: images of one shape are paired, leftovers padded."""
+  script = textwrap.dedent(f"""
+      import os
+      os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+      import sys
+      sys.path.insert(0, {os.path.dirname(__file__)!r})
+      import jax, numpy as np
+      import test_evaluate as t
+      from dssn_jax import evaluate, parallel
+      assert jax.device_count() == 2
+      recs = t.toy_records() + t.toy_records()[:2]  # shapes: a, b, c, a, b
+      ev = evaluate.Evaluator(t.DecodeModel(), t.toy_config(), parallel.make_mesh(),
+                              records=recs, class_names=t.NAMES3)
+      assert ev.batch_size == 2
+      cm = ev.confusion_matrices({{'student': t.shift_vars(0)}})['student']
+      extra = sum(t.numpy_confusion(np.asarray(x['pred']), np.asarray(x['label']), 3)
+                  for x in t.TOY[:2])
+      np.testing.assert_array_equal(cm, t.TOY_CM + extra)
+      print('OK')
+      """)
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                        env=env, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'OK' in proc.stdout
+
+
+# ----------------------------------------------------------------------------
+# Workdirs and the command line (the digits config, resnet_tiny).
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def digits_config(num_val=3):
+  spec = importlib.util.spec_from_file_location(
+      'digits_config', os.path.join(ROOT, 'configs', 'digits.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.data.digits.num_val = num_val
+  return config
+
+
+def random_like(shapes, seed):
+  """Random variables of the given shapes without compiling `init`: kernels
+  scaled by fan-in, BN scales and variances near 1, the rest near 0."""
+  rng = np.random.default_rng(seed)
+  def leaf(path, s):
+    name = jax.tree_util.keystr(path)
+    if 'kernel' in name:
+      value = rng.normal(0.0, 1.0, s.shape) / np.sqrt(np.prod(s.shape[:-1]))
+    elif 'var' in name or 'scale' in name:
+      value = rng.uniform(0.5, 1.5, s.shape)
+    else:
+      value = rng.normal(0.0, 0.1, s.shape)
+    return jnp.asarray(value, s.dtype)
+  tree = jax.tree_util.tree_map_with_path(leaf, shapes)
+  return {'params': tree['params'], 'batch_stats': tree['batch_stats']}
+
+
+def make_workdir(path, step=3):
+  """A workdir like training leaves: config.json and one checkpoint."""
+  from dssn_jax import checkpoint as ckpt_lib
+  from dssn_jax import models
+  config = digits_config()
+  model = models.model_from_config(config)
+  dummy = jnp.zeros((1, 32, 32, 3))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, train=False))
+  student, teacher = random_like(shapes, 1), random_like(shapes, 2)
+  state = {'step': jnp.int32(step),
+           'params': student['params'], 'batch_stats': student['batch_stats'],
+           'teacher_params': teacher['params'], 'teacher_batch_stats': teacher['batch_stats']}
+  ckpt_lib.save_config(str(path), config)
+  saver = ckpt_lib.Checkpointer(os.path.join(str(path), 'checkpoints'))
+  saver.save(step, state, jax.random.key(0), metrics={'miou_teacher': 1.0})
+  saver.close()
+  return config, model, {'student': student, 'teacher': teacher}
+
+
+def run_module(module, *args):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, '-m', module, *args], capture_output=True,
+                        text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def test_run_on_a_workdir_matches_the_evaluator(tmp_path):
+  from dssn_jax.data import sources
+  config, model, variables = make_workdir(tmp_path)
+  val = sources.get_source(config, 'val')
+  records = [{'image': val[i]['image'], 'label': val[i]['mask'].astype(np.int32),
+              'id': val[i]['id']} for i in range(len(val))]
+  record = evaluate.run(workdir=str(tmp_path), checkpoint='best', records=records)
+  assert record['step'] == 3 and record['split'] == 'eval' and record['mode'] == 'original'
+  assert list(record['iou_per_class']) == list(sources.class_names(config))
+  want = evaluate.Evaluator(model, config, records=records).evaluate(variables)
+  assert record['miou'] == pytest.approx(want['miou'])
+  assert record['miou_teacher'] == pytest.approx(want['miou_teacher'])
+  json.dumps(record)  # the command line prints it
+  with pytest.raises(ValueError, match='no checkpoint at step 7'):
+    evaluate.load_for_eval(workdir=str(tmp_path), checkpoint='7')
+
+
+def test_run_on_converted_weights(tmp_path):
+  from dssn_jax import convert
+  config, model, variables = make_workdir(tmp_path)
+  path = convert.save_npz(variables['teacher'], str(tmp_path / 'teacher.npz'))
+  records = random_records([(40, 52)], num_classes=11, seed=4)
+  record = evaluate.run(weights=path, config=config, records=records, mode='sliding_window')
+  assert record['step'] is None and record['miou_teacher'] is None
+  want = evaluate.Evaluator(model, config, mode='sliding_window', records=records).evaluate(
+      {'student': variables['teacher']})
+  assert record['miou'] == pytest.approx(want['miou'])
+  with pytest.raises(ValueError, match='needs --config'):
+    evaluate.load_for_eval(weights=path)
+  bad = tmp_path / 'w.ckpt'
+  bad.write_bytes(b'')
+  with pytest.raises(ValueError, match='w.ckpt'):
+    evaluate.load_weights(str(bad), config)
+
+
+def test_command_line_prints_the_eval_record(tmp_path):
+  make_workdir(tmp_path)
+  proc = run_module('dssn_jax.evaluate', f'--workdir={tmp_path}', '--checkpoint=latest',
+                    '--mode=center_crop')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  record = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert record['step'] == 3 and record['mode'] == 'center_crop'
+  assert set(record) >= {'step', 'split', 'miou', 'miou_teacher', 'iou_per_class'}
+  assert len(record['iou_per_class']) == 11
