@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 
+import ml_collections
 import numpy as np
 from PIL import Image
 
@@ -160,7 +161,7 @@ def make_folder(base: str, *, n_labeled=3, n_unlabeled=5, n_val=2, num_classes=4
   return root
 
 
-def config_for(name: str, root: str = '', splits_dir: str = '', **data) -> 'config_lib.ml_collections.ConfigDict':
+def config_for(name: str, root: str = '', splits_dir: str = '', **data) -> ml_collections.ConfigDict:
   """A small-crop config for a generated tree (`data` overrides config.data)."""
   c = config_lib.base_config()
   c.data.name = name
