@@ -82,6 +82,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.scale_range = (0.5, 2.0)  # long-side rescale range
   c.data.strong_ops = 3  # RandAugment-style ops per strong view, k ~ U{1..n}; 0 = off
   c.data.cutmix_p = 0.5
+  # Mix partner of the cutmix: 'shuffled' = an independently ordered pass over
+  # the unlabeled list (spec); 'same' = the reference code's zip of one
+  # loader with itself, i.e. the same image with other random views.
+  c.data.mix_partner = 'shuffled'
   c.data.eval_mode = 'original'  # original | center_crop | sliding_window
   c.data.eval_crop_size = config_dict.placeholder(int)  # None: crop_size
   # Source-specific settings (read only by that source).
