@@ -1,0 +1,176 @@
+"""DeepLabV3+ with the feature-perturbation forward of UniMatch/DSSN.
+
+    c1, c4 = backbone(x)                      # strides 4 and 16 (or 8)
+    a = head(c4)                              # ASPP: 1x1, 3x3 @ 6/12/18, pooling
+    f = fuse(concat(reduce(c1), up(a)))       # two 3x3 convs
+    logits = up(classifier(f))                # at input size
+
+Every `up` is a bilinear resize with align_corners=True. With `perturb=k`
+the backbone runs once and the decoder runs once on the batch of clean and
+k channel-dropped copies of (c1, c4) (Dropout2d, independently per copy), so
+the decoder's BN statistics cover all 1 + k copies as in the reference.
+
+Submodule names follow the reference's attributes: `backbone`, `head`
+(ASPP `b0`..`b4`, `project`), `reduce`, `fuse`, `classifier`; everything but
+`backbone` is "the head" that learns at `lr * lr_multi`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dssn_jax.models import layers
+from dssn_jax.models.resnet import conv_padding
+
+ModuleDef = Any
+
+# torch's default Conv2d init (kaiming_uniform with a=sqrt(5)), which the
+# reference keeps for the head.
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+
+def torch_default_bias_init(fan_in: int):
+  """torch's default Conv2d bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / fan_in ** 0.5
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+class ConvBNReLU(nn.Module):
+  """conv (no bias) -> BN -> ReLU, children `conv` and `bn`."""
+  features: int
+  kernel_size: int = 1
+  dilation: int = 1
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = layers.BatchNorm
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, d = self.kernel_size, self.dilation
+    x = self.conv(self.features, (k, k), padding=conv_padding(k, d),
+                  kernel_dilation=(d, d), name='conv')(x)
+    return nn.relu(self.norm(name='bn')(x))
+
+
+class ASPP(nn.Module):
+  """Atrous spatial pyramid pooling on `(N, h, w, C)` -> `(N, h, w, features)`.
+
+  Branches `b0` (1x1), `b1`..`b3` (3x3, dilation `rates`), `b4` (global
+  average pool -> 1x1 -> broadcast back), concatenated and projected by a
+  1x1 conv (`project`), each conv followed by BN + ReLU.
+  """
+  features: int = 256
+  rates: Sequence[int] = (6, 12, 18)
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = layers.BatchNorm
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if len(self.rates) != 3:
+      raise ValueError(f'ASPP takes 3 atrous rates (branches b1..b3), got {self.rates}')
+    branch = functools.partial(ConvBNReLU, self.features, conv=self.conv, norm=self.norm)
+    outs = [branch(1, name='b0')(x)]
+    for i, rate in enumerate(self.rates):
+      outs.append(branch(3, rate, name=f'b{i + 1}')(x))
+    pooled = jnp.mean(x, axis=(1, 2), keepdims=True)
+    pooled = branch(1, name='b4')(pooled)
+    outs.append(layers.resize_bilinear(pooled, x.shape[1:3]))
+    return branch(1, name='project')(jnp.concatenate(outs, axis=-1))
+
+
+class Fuse(nn.Module):
+  """The decoder's two 3x3 conv -> BN -> ReLU (`conv1`, `bn1`, `conv2`, `bn2`)."""
+  features: int = 256
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = layers.BatchNorm
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for i in (1, 2):
+      x = self.conv(self.features, (3, 3), padding=conv_padding(3), name=f'conv{i}')(x)
+      x = nn.relu(self.norm(name=f'bn{i}')(x))
+    return x
+
+
+class DeepLabV3Plus(nn.Module):
+  """DeepLabV3+ segmentation model, channels-last.
+
+  Attributes:
+    backbone: a module mapping `(x, train)` to stage outputs `(c1, ..., c4)`.
+    num_classes: classifier outputs.
+    aspp_features: ASPP width (256 in the reference).
+    low_level_features: width of the c1 projection `reduce` (48).
+    decoder_features: width of the `fuse` convs (256).
+    atrous_rates: ASPP dilations (6, 12, 18).
+    dropout: Dropout2d rate of the perturbed copies (0.5).
+    dtype: compute dtype; params and BN statistics stay float32, logits are
+      returned as float32.
+  """
+  backbone: nn.Module
+  num_classes: int
+  aspp_features: int = 256
+  low_level_features: int = 48
+  decoder_features: int = 256
+  atrous_rates: Sequence[int] = (6, 12, 18)
+  dropout: float = 0.5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False, perturb: int = 0):
+    """Segments normalized images `x` `(N, H, W, 3)`.
+
+    Args:
+      x: normalized images, any float dtype.
+      train: batch statistics (and their running update) instead of the
+        running statistics in every BatchNorm.
+      perturb: number of channel-dropped decoder copies (0: plain forward).
+        Needs a `dropout` rng when positive; the dropout is active whatever
+        `train` is, as in the reference.
+
+    Returns:
+      `(logits, aux)`: float32 logits `(N, H, W, num_classes)`; `aux` holds
+      `perturbed` (tuple of `perturb` float32 logit maps shaped like
+      `logits`), `c1` and `c4` (backbone features) and `features` (the
+      clean decoder output before the classifier, stride 4).
+    """
+    if x.ndim != 4:
+      raise ValueError(f'DeepLabV3Plus expects images (N, H, W, C), got shape {x.shape}')
+    if perturb < 0:
+      raise ValueError(f'perturb={perturb} must be >= 0')
+    n, h, w = x.shape[:3]
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+                             param_dtype=jnp.float32,
+                             kernel_init=torch_default_kernel_init)
+    norm = functools.partial(layers.BatchNorm, use_running_average=not train,
+                             dtype=self.dtype)
+
+    feats = self.backbone(x, train=train)
+    c1, c4 = feats[0], feats[-1]
+    lo, hi = c1, c4
+    if perturb:
+      drop = layers.Dropout2d(self.dropout, name='dropout')
+      lo = jnp.concatenate([c1, drop(jnp.concatenate([c1] * perturb))])
+      hi = jnp.concatenate([c4, drop(jnp.concatenate([c4] * perturb))])
+
+    a = ASPP(self.aspp_features, self.atrous_rates, conv=conv, norm=norm, name='head')(hi)
+    a = layers.resize_bilinear(a, lo.shape[1:3])
+    r = ConvBNReLU(self.low_level_features, conv=conv, norm=norm, name='reduce')(lo)
+    f = Fuse(self.decoder_features, conv=conv, norm=norm,
+             name='fuse')(jnp.concatenate([r, a], axis=-1))
+    logits = nn.Conv(self.num_classes, (1, 1), use_bias=True, dtype=self.dtype,
+                     param_dtype=jnp.float32, kernel_init=torch_default_kernel_init,
+                     bias_init=torch_default_bias_init(self.decoder_features),
+                     name='classifier')(f)
+    logits = layers.resize_bilinear(logits.astype(jnp.float32), (h, w))
+
+    copies = jnp.split(logits, 1 + perturb) if perturb else [logits]
+    aux = dict(perturbed=tuple(copies[1:]), c1=c1, c4=c4, features=f[:n])
+    return copies[0], aux
