@@ -1,0 +1,373 @@
+"""PyTorch weights -> dssn_jax variables.
+
+Every published result starts from ImageNet weights of a PyTorch ResNet, and
+the authors' trained models are PyTorch state dicts too. This module maps
+those state dicts onto our variables, name by name:
+
+| layout | keys | model |
+| --- | --- | --- |
+| `dssn` | `conv1.0/1/3/4/6.*`, `bn1.*`, `layerN.M.*` | UniMatch/DSSN `resnet50.pth` / `resnet101.pth` (deep stem, backbone only) |
+| `timm` | the same names (plus `fc.*`) | timm `gluon_resnet50_v1s` / `gluon_resnet101_v1s` (deep stem, backbone only) |
+| `torchvision` | `conv1.*`, `bn1.*`, `layerN.M.*`, `fc.*` | torchvision `resnet50` / `resnet101` (7x7 stem, backbone only) |
+| `model` | `backbone.*`, `head.*`, `reduce.*`, `fuse.*`, `classifier.*` (optional `module.` prefix) | a whole reference DeepLabV3+ |
+
+Conv weights `(O, I, kh, kw)` become kernels `(kh, kw, I, O)`; BN `weight`,
+`bias`, `running_mean`, `running_var` become `params/scale`, `params/bias`,
+`batch_stats/mean`, `batch_stats/var`. `num_batches_tracked` and the ImageNet
+classifier `fc.*` are ignored; any other missing, unexpected or mis-shaped
+key is reported, all of them in one `ConversionError`.
+
+    python -m dssn_jax.convert resnet101.pth r101.npz --layout dssn
+
+`.pth` files are read with `torch.load(..., weights_only=True)` (a pickle
+from the internet can run code); torch is imported only here, and only when
+a `.pth` is read (the `convert` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LAYOUTS = ('dssn', 'timm', 'torchvision', 'model')
+BACKBONE_LAYOUTS = ('dssn', 'timm', 'torchvision')
+
+# Our leaf name -> torch parameter/buffer name.
+_LEAVES = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias',
+           'mean': 'running_mean', 'var': 'running_var'}
+# Deep stem: the reference's `conv1 = nn.Sequential(conv, bn, relu, conv, bn, relu, conv)`.
+_STEM = {'stem_conv1': 'conv1.0', 'stem_bn1': 'conv1.1', 'stem_conv2': 'conv1.3',
+         'stem_bn2': 'conv1.4', 'stem_conv3': 'conv1.6'}
+_BLOCK = {'downsample_conv': 'downsample.0', 'downsample_bn': 'downsample.1'}
+_CONV_BN = {'conv': '0', 'bn': '1'}
+_FUSE = {'conv1': '0', 'bn1': '1', 'conv2': '3', 'bn2': '4'}
+_IGNORED = re.compile(r'(^|\.)num_batches_tracked$')
+_IGNORED_BACKBONE = re.compile(r'^fc\.')
+_LAYER = re.compile(r'^layer(\d+)_(\d+)$')
+
+
+class ConversionError(ValueError):
+  """A state dict does not match the model; the message lists every bad key."""
+
+
+def _module_key(path: tuple[str, ...]) -> str:
+  """Our module path (no leaf) -> torch module name, e.g. `layer1.0.conv1`."""
+  head, rest = path[0], path[1:]
+  if head == 'backbone':
+    return 'backbone.' + _module_key(rest)
+  if head in _STEM and not rest:
+    return _STEM[head]
+  if head in ('conv1', 'bn1') and not rest:
+    return head
+  m = _LAYER.match(head)
+  if m and len(rest) == 1:
+    return f'layer{m.group(1)}.{m.group(2)}.{_BLOCK.get(rest[0], rest[0])}'
+  if head == 'head' and len(rest) == 2 and rest[1] in _CONV_BN:
+    branch, layer = rest
+    if branch == 'b4':  # image pooling: gap = (AdaptiveAvgPool2d, conv, bn, relu)
+      return f'head.b4.gap.{int(_CONV_BN[layer]) + 1}'
+    return f'head.{branch}.{_CONV_BN[layer]}'
+  if head == 'reduce' and len(rest) == 1 and rest[0] in _CONV_BN:
+    return f'reduce.{_CONV_BN[rest[0]]}'
+  if head == 'fuse' and len(rest) == 1 and rest[0] in _FUSE:
+    return f'fuse.{_FUSE[rest[0]]}'
+  if head == 'classifier' and not rest:
+    return 'classifier'
+  raise KeyError(f'no torch name for module {"/".join(path)}')
+
+
+def torch_key(path: tuple[str, ...]) -> str:
+  """Our variable path (module path + leaf) -> its torch state-dict key."""
+  return f'{_module_key(path[:-1])}.{_LEAVES[path[-1]]}'
+
+
+def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()):
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      yield from _flatten(value, prefix + (key,))
+    else:
+      yield prefix + (key,), value
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _to_numpy(value) -> np.ndarray:
+  if hasattr(value, 'detach'):  # torch.Tensor, without importing torch
+    value = value.detach().cpu()
+    if value.is_floating_point():
+      value = value.float()
+    return value.numpy()
+  return np.asarray(value)
+
+
+def read_state_dict(src) -> dict[str, Any]:
+  """A state dict from a path (`.pth`, read safely) or a mapping.
+
+  Checkpoints saved as `{'model': state_dict, ...}` (the reference's
+  `latest.pth`/`best.pth`) or `{'state_dict': ...}` are unwrapped.
+  """
+  if isinstance(src, (str, os.PathLike)):
+    path = os.fspath(src)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'no weights file {path}')
+    import torch  # pylint: disable=g-import-not-at-top
+    src = torch.load(path, map_location='cpu', weights_only=True)
+  if not isinstance(src, Mapping):
+    raise ConversionError(f'expected a state dict (a mapping), got {type(src).__name__}')
+  for wrapper in ('model', 'state_dict'):
+    if isinstance(src.get(wrapper), Mapping):
+      src = src[wrapper]
+      break
+  return dict(src)
+
+
+def _strip_module_prefix(state: dict[str, Any]) -> dict[str, Any]:
+  """Drops the `module.` prefix DistributedDataParallel adds to every key."""
+  if state and all(k.startswith('module.') for k in state):
+    return {k[len('module.'):]: v for k, v in state.items()}
+  return state
+
+
+def convert_state_dict(state: Mapping[str, Any], template: Mapping[str, Any],
+                       layout: str) -> dict[str, Any]:
+  """Fills `template`'s variables from a torch state dict.
+
+  Args:
+    state: torch key -> tensor (or array).
+    template: `{'params': ..., 'batch_stats': ...}` of the target (arrays or
+      `jax.ShapeDtypeStruct`s); a backbone-only template for the backbone
+      layouts, the whole model's for `model`.
+    layout: one of `LAYOUTS`.
+
+  Returns:
+    `{'params', 'batch_stats'}` of float32 numpy arrays shaped like `template`.
+
+  Raises:
+    ConversionError: listing every missing, unexpected and mis-shaped key.
+  """
+  if layout not in LAYOUTS:
+    raise ValueError(f'layout={layout!r} must be one of {", ".join(LAYOUTS)}')
+  state = dict(state)
+  if layout == 'model':
+    state = _strip_module_prefix(state)
+  _check_stem(template, layout)
+  used, missing, misshaped = set(), [], []
+  out: dict[str, Any] = {}
+  for collection in ('params', 'batch_stats'):
+    for path, leaf in _flatten(template.get(collection, {})):
+      key = torch_key(path)
+      if key not in state:
+        missing.append(f'{key} (for {collection}/{"/".join(path)}, shape {tuple(leaf.shape)})')
+        continue
+      used.add(key)
+      value = _to_numpy(state[key])
+      if path[-1] == 'kernel':
+        value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value
+      if tuple(value.shape) != tuple(leaf.shape):
+        misshaped.append(f'{key}: {tuple(_to_numpy(state[key]).shape)} does not fit'
+                         f' {collection}/{"/".join(path)} {tuple(leaf.shape)}')
+        continue
+      _set(out, (collection,) + path, value.astype(np.float32))
+  unexpected = []
+  for key in state:
+    if key in used or _IGNORED.search(key):
+      continue
+    if layout in BACKBONE_LAYOUTS and _IGNORED_BACKBONE.match(key):
+      continue
+    unexpected.append(key)
+  if missing or unexpected or misshaped:
+    lines = [f'state dict does not match the model (layout {layout!r}):']
+    for title, keys in (('missing', missing), ('unexpected', sorted(unexpected)),
+                        ('mis-shaped', misshaped)):
+      if keys:
+        lines.append(f'  {len(keys)} {title} key(s):')
+        lines.extend(f'    {k}' for k in keys)
+    raise ConversionError('\n'.join(lines))
+  return out
+
+
+def _check_stem(template: Mapping[str, Any], layout: str) -> None:
+  """A clear error when the layout's stem is not the model's."""
+  params = template.get('params', {})
+  params = params.get('backbone', params)
+  deep = 'stem_conv1' in params
+  if layout == 'torchvision' and deep:
+    raise ConversionError(
+        'the torchvision layout has the 7x7 stem but the model has the deep stem;'
+        ' build it with deep_stem=False (config.model.deep_stem=False)')
+  if layout in ('dssn', 'timm') and not deep and 'conv1' in params:
+    raise ConversionError(
+        f'the {layout} layout has the deep stem but the model has the 7x7 stem;'
+        ' build it with deep_stem=True (config.model.deep_stem=True)')
+
+
+def _infer_backbone(state: Mapping[str, Any], prefix: str) -> str:
+  blocks = {int(m.group(1)) for k in state
+            if (m := re.match(re.escape(prefix) + r'layer3\.(\d+)\.', k))}
+  depth = max(blocks) + 1 if blocks else 0
+  names = {6: 'resnet50', 23: 'resnet101'}
+  if depth not in names:
+    raise ConversionError(
+        f'cannot tell the backbone from the state dict ({depth} blocks in layer3);'
+        ' pass backbone=')
+  return names[depth]
+
+
+def _infer_num_classes(state: Mapping[str, Any]) -> int:
+  if 'classifier.weight' not in state:
+    raise ConversionError('no classifier.weight in the state dict; pass num_classes=')
+  return int(state['classifier.weight'].shape[0])
+
+
+def from_torch(path_or_state_dict, backbone: str | None = None,
+               num_classes: int | None = None, layout: str = 'dssn',
+               deep_stem: bool | None = None, **model_options) -> dict[str, Any]:
+  """Converts PyTorch weights into our variables.
+
+  Args:
+    path_or_state_dict: a `.pth` path or a state dict.
+    backbone: `resnet50` | `resnet101` | `resnet_tiny`; None infers 50/101
+      from the number of layer3 blocks.
+    num_classes: classes of the `model` layout's classifier (None: read from
+      `classifier.weight`); unused by the backbone layouts.
+    layout: `dssn` | `timm` | `torchvision` (backbone only) | `model`.
+    deep_stem: None follows the layout (torchvision: 7x7; `model`: whatever
+      the state dict holds; else deep).
+    **model_options: more `create_model` options (head widths, stage_sizes).
+
+  Returns:
+    `{'params', 'batch_stats'}` (numpy float32): the backbone subtree
+    (what sits under `backbone` in the model's variables) for the backbone
+    layouts, the whole model's variables for `model`.
+  """
+  from dssn_jax.models import create_model  # pylint: disable=g-import-not-at-top
+
+  if layout not in LAYOUTS:
+    raise ValueError(f'layout={layout!r} must be one of {", ".join(LAYOUTS)}')
+  state = read_state_dict(path_or_state_dict)
+  if layout == 'model':
+    state = _strip_module_prefix(state)
+  prefix = 'backbone.' if layout == 'model' else ''
+  if deep_stem is None:
+    if layout == 'torchvision':
+      deep_stem = False
+    elif layout == 'model':
+      deep_stem = f'{prefix}conv1.weight' not in state
+    else:
+      deep_stem = True
+  if backbone is None:
+    backbone = _infer_backbone(state, prefix)
+  if num_classes is None:
+    num_classes = _infer_num_classes(state) if layout == 'model' else 1
+  model = create_model(backbone, num_classes, deep_stem=deep_stem, **model_options)
+  x = jax.ShapeDtypeStruct((1, 65, 65, 3), jnp.float32)
+  template = jax.eval_shape(model.init, jax.random.key(0), x)
+  if layout in BACKBONE_LAYOUTS:
+    template = {c: template[c]['backbone'] for c in ('params', 'batch_stats')}
+  return convert_state_dict(state, template, layout)
+
+
+def save_npz(variables: Mapping[str, Any], path: str) -> str:
+  """Saves `{'params', 'batch_stats'}` as `.npz` with keys like `params/a/b/kernel`."""
+  flat = {'/'.join(p): np.asarray(v) for p, v in _flatten(variables)}
+  if not path.endswith('.npz'):
+    path += '.npz'
+  np.savez(path, **flat)
+  return path
+
+
+def load_npz(path: str) -> dict[str, Any]:
+  """Reads a `save_npz` file back into nested `{'params', 'batch_stats'}`."""
+  out: dict[str, Any] = {}
+  with np.load(path, allow_pickle=False) as data:
+    for key in data.files:
+      _set(out, tuple(key.split('/')), data[key])
+  if 'params' not in out:
+    raise ConversionError(f'{path} holds no params/... arrays; keys: {sorted(out)}')
+  return out
+
+
+def load_pretrained(variables: Mapping[str, Any], path: str, layout: str = 'dssn',
+                    backbone: str | None = None) -> dict[str, Any]:
+  """Returns `variables` with the backbone replaced by pretrained weights.
+
+  Args:
+    variables: the model's freshly initialized `{'params', 'batch_stats'}`.
+    path: a `.pth` (converted with `layout`) or a `.npz` from
+      `python -m dssn_jax.convert` (a backbone tree or a whole model, whose
+      backbone is taken).
+    layout: layout of a `.pth` file.
+    backbone: the backbone's name, for error messages.
+
+  Raises:
+    ConversionError: listing every key whose name or shape does not match.
+  """
+  target = {c: variables[c]['backbone'] for c in ('params', 'batch_stats')}
+  what = f'{backbone} backbone' if backbone else 'backbone'
+  if path.endswith('.npz'):
+    loaded = load_npz(path)
+    if 'backbone' in loaded['params']:
+      loaded = {c: loaded.get(c, {}).get('backbone', {}) for c in ('params', 'batch_stats')}
+    want = {(c,) + p: v.shape for c in target for p, v in _flatten(target[c])}
+    have = {(c,) + p: v.shape for c in loaded for p, v in _flatten(loaded[c])}
+    problems = [f'missing {"/".join(k)} {want[k]}' for k in sorted(set(want) - set(have))]
+    problems += [f'unexpected {"/".join(k)} {have[k]}' for k in sorted(set(have) - set(want))]
+    problems += [f'mis-shaped {"/".join(k)}: {have[k]} vs {want[k]}'
+                 for k in sorted(set(want) & set(have)) if tuple(have[k]) != tuple(want[k])]
+    if problems:
+      raise ConversionError(f'{path} does not fit the {what}:\n  ' + '\n  '.join(problems))
+  else:
+    if layout not in BACKBONE_LAYOUTS + ('model',):
+      raise ValueError(f'layout={layout!r} must be one of {", ".join(LAYOUTS)}')
+    state = read_state_dict(path)
+    if layout == 'model':
+      state = {k[len('backbone.'):]: v for k, v in _strip_module_prefix(state).items()
+               if k.startswith('backbone.')}
+    try:
+      loaded = convert_state_dict(state, target, layout)
+    except ConversionError as e:
+      raise ConversionError(f'{path} does not fit the {what}: {e}') from None
+  out = {k: dict(v) for k, v in variables.items()}
+  for c in ('params', 'batch_stats'):
+    out[c]['backbone'] = jax.tree_util.tree_map(
+        lambda new, old: jnp.asarray(new, old.dtype), loaded[c], target[c])
+  return out
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      prog='python -m dssn_jax.convert',
+      description='Convert a PyTorch state dict (.pth) into dssn_jax variables (.npz).')
+  parser.add_argument('src', help='the .pth file')
+  parser.add_argument('out', help='output .npz path')
+  parser.add_argument('--layout', default='dssn', choices=LAYOUTS)
+  parser.add_argument('--backbone', default=None,
+                      help='resnet50 | resnet101 (default: inferred from the keys)')
+  parser.add_argument('--num-classes', type=int, default=None,
+                      help='classes of a whole model (default: from classifier.weight)')
+  args = parser.parse_args(argv)
+  try:
+    variables = from_torch(args.src, backbone=args.backbone, num_classes=args.num_classes,
+                           layout=args.layout)
+  except (ConversionError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  path = save_npz(variables, args.out)
+  n = sum(v.size for _, v in _flatten(variables['params']))
+  print(f'wrote {path}: {n / 1e6:.2f}M params ({args.layout} layout)')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
