@@ -18,10 +18,11 @@ Three modes, as the reference runs them:
                   start below its size. Softmax probabilities are summed over
                   windows, then argmax (Cityscapes).
 
-The forward is jitted once per input shape (jit's cache). Each host evaluates
-its own records on its local devices, one image per device (images of equal
-shape are grouped so all local devices work); confusion matrices accumulate
-on device and are summed over hosts once at the end.
+The forward is jitted once per input shape (jit's cache), one program serving
+both student and teacher. Each host evaluates its own records on its local
+devices, one image per device (images of equal shape are grouped so all
+local devices work); confusion matrices accumulate on device and are summed
+over hosts once at the end.
 
 `python -m dssn_jax.evaluate --workdir DIR [--checkpoint best|latest|STEP]
 [--mode MODE]` prints the eval record as JSON; `--weights FILE --config
@@ -203,14 +204,15 @@ def center_crop(image: np.ndarray, label: np.ndarray, size: int):
 # The evaluator.
 
 
-def _eval_step(variables, cms, images, labels, *, model, sliding, window,
+def _eval_step(variables, cm, images, labels, *, model, sliding, window,
                num_classes, ignore_index):
-  """Adds each model's confusion matrix of one batch to `cms`."""
-  out = {}
-  for name, v in variables.items():
-    pred = predict_labels(model, v, images, sliding=sliding, window=window)
-    out[name] = cms[name] + confusion_matrix(pred, labels, num_classes, ignore_index)
-  return out
+  """Adds one model's confusion matrix of one batch to `cm`.
+
+  One model per call: the variables are an argument, so student and teacher
+  share one compiled program per input shape.
+  """
+  pred = predict_labels(model, variables, images, sliding=sliding, window=window)
+  return cm + confusion_matrix(pred, labels, num_classes, ignore_index)
 
 
 def _local_devices(mesh: Mesh | None) -> list[jax.Device]:
@@ -275,8 +277,8 @@ class Evaluator:
     self._batch_sharding = NamedSharding(self._mesh, P('data'))
     self._replicated = NamedSharding(self._mesh, P())
     self._flush_pixels = _INT32_SAFE_PIXELS
-    step = lambda v, cms, x, y: _eval_step(
-        v, cms, x, y, model=model, sliding=self.mode == 'sliding_window',
+    step = lambda v, cm, x, y: _eval_step(
+        v, cm, x, y, model=model, sliding=self.mode == 'sliding_window',
         window=self.window, num_classes=self.num_classes,
         ignore_index=self.ignore_index)
     self._step = jax.jit(step, donate_argnums=(1,), out_shardings=self._replicated)
@@ -368,7 +370,7 @@ class Evaluator:
       pending += labels.size
       images = jax.device_put(images, self._batch_sharding)
       labels = jax.device_put(labels, self._batch_sharding)
-      return self._step(local, cms, images, labels)
+      return {k: self._step(local[k], cms[k], images, labels) for k in names}
 
     buckets: dict[tuple[int, int], list] = collections.defaultdict(list)
     for record in self._iter_records():

@@ -66,9 +66,11 @@ class DecodeModel:
 
   def __init__(self, num_classes=3):
     self.num_classes = num_classes
+    self.traces = 0  # apply runs only when jit traces a new input shape
 
   def apply(self, variables, x, train=False):
     assert not train
+    self.traces += 1
     red = (x[..., 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]) * 255.0
     cls = (jnp.round(red).astype(jnp.int32) + variables['params']['shift']) % self.num_classes
     return jax.nn.one_hot(cls, self.num_classes) * 10.0, {}
@@ -159,9 +161,10 @@ def test_absent_class_counts_as_zero_like_the_reference():
 
 
 def test_evaluator_gives_the_hand_computed_miou():
-  ev = evaluate.Evaluator(DecodeModel(), toy_config(), records=toy_records(),
-                          class_names=NAMES3)
+  model = DecodeModel()
+  ev = evaluate.Evaluator(model, toy_config(), records=toy_records(), class_names=NAMES3)
   out = ev.evaluate({'student': shift_vars(0), 'teacher': shift_vars(1)})
+  assert model.traces == 3  # one program per image shape, shared by both models
   assert out['miou'] == pytest.approx(TOY_MIOU, rel=1e-9)
   assert list(out['iou_per_class']) == list(NAMES3)
   np.testing.assert_allclose(list(out['iou_per_class'].values()), TOY_IOU, rtol=1e-9)
@@ -174,6 +177,7 @@ def test_evaluator_gives_the_hand_computed_miou():
   only_teacher = ev.evaluate({'teacher': shift_vars(0)})
   assert set(only_teacher) == {'miou_teacher', 'iou_per_class_teacher'}
   assert only_teacher['miou_teacher'] == pytest.approx(TOY_MIOU, rel=1e-9)
+  assert model.traces == 3  # nothing recompiled
 
 
 def test_device_counts_move_to_host_before_int32_overflow():
