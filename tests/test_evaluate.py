@@ -438,3 +438,39 @@ def test_command_line_prints_the_eval_record(tmp_path):
   assert record['step'] == 3 and record['mode'] == 'center_crop'
   assert set(record) >= {'step', 'split', 'miou', 'miou_teacher', 'iou_per_class'}
   assert len(record['iou_per_class']) == 11
+
+
+def test_two_processes_sum_their_confusion_matrices():
+  """Each process evaluates its share; the counts are summed over hosts."""
+  import socket
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  script = textwrap.dedent(f"""
+      import sys
+      import jax
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+      pid = int(sys.argv[1])
+      jax.distributed.initialize(coordinator_address='127.0.0.1:{port}',
+                                 num_processes=2, process_id=pid)
+      sys.path.insert(0, {os.path.dirname(__file__)!r})
+      import numpy as np
+      import test_evaluate as t
+      from dssn_jax import evaluate, parallel
+      share = t.toy_records()[pid::2]  # process 0: a and c, process 1: b
+      ev = evaluate.Evaluator(t.DecodeModel(), t.toy_config(), parallel.make_mesh(),
+                              records=share, class_names=t.NAMES3)
+      out = ev.evaluate({{'student': t.shift_vars(0)}})
+      assert abs(out['miou'] - t.TOY_MIOU) < 1e-6, out
+      # Counts past int32 survive the sum over hosts.
+      total = evaluate._sum_over_hosts(np.full((1, 3, 3), 2**31 + 5 * pid, np.int64))
+      assert (total == 2**32 + 5).all(), total
+      print('OK', pid)
+      """)
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  procs = [subprocess.Popen([sys.executable, '-c', script, str(i)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+  for i, proc in enumerate(procs):
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert f'OK {i}' in out
