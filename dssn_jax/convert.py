@@ -360,7 +360,7 @@ def main(argv=None) -> int:
   try:
     variables = from_torch(args.src, backbone=args.backbone, num_classes=args.num_classes,
                            layout=args.layout)
-  except (ConversionError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError) as e:  # ConversionError is a ValueError
     print(f'error: {e}', file=sys.stderr)
     return 1
   path = save_npz(variables, args.out)

@@ -190,12 +190,17 @@ def test_cli_and_load_pretrained(tiny_torch, tmp_path, capsys):
           jax.tree_util.tree_map(np.testing.assert_array_equal, merged[c][name],
                                  fresh[c][name])
 
-  # A whole-model `.pth` also provides a backbone.
+  # A whole-model `.pth`, or its `.npz`, also provides a backbone.
   whole = tmp_path / 'model.pth'
   torch.save({'model': tiny_torch.state_dict()}, whole)
-  merged = convert.load_pretrained(fresh, str(whole), layout='model')
-  jax.tree_util.tree_map(np.testing.assert_array_equal, merged['params']['backbone'],
-                         expected['params'])
+  whole_npz = tmp_path / 'model.npz'
+  assert convert.main([str(whole), str(whole_npz), '--layout', 'model',
+                       '--backbone', 'resnet_tiny']) == 0
+  assert 'params/classifier/kernel' in np.load(whole_npz).files
+  for src, layout in ((str(whole), 'model'), (str(whole_npz), 'dssn')):
+    merged = convert.load_pretrained(fresh, src, layout=layout)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, merged['params']['backbone'],
+                           expected['params'])
 
   # A backbone of another shape is refused, naming the offending keys.
   deeper = create_model('resnet_tiny', 4, stage_sizes=(1, 1, 2, 1))
