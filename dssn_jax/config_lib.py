@@ -218,6 +218,8 @@ class Schedule:
 def resolve_steps(config: ml_collections.ConfigDict, num_unlabeled: int) -> Schedule:
   """Turns epochs into steps: one epoch is one pass over the unlabeled list.
 
+  `config.train.steps`, when set, wins over `config.train.epochs`.
+
   Args:
     config: the experiment config.
     num_unlabeled: size of the unlabeled list (for `supervised`, the labeled
@@ -230,10 +232,7 @@ def resolve_steps(config: ml_collections.ConfigDict, num_unlabeled: int) -> Sche
   steps, epochs = config.train.steps, config.train.epochs
   if steps is None and epochs is None:
     raise ValueError('set config.train.steps or config.train.epochs')
-  if steps is not None and epochs is not None:
-    raise ValueError(
-        f'config.train.steps={steps} and config.train.epochs={epochs} are both set;'
-        ' give one of them')
+  # Both set: steps wins, so `--config.train.steps=N` shortens any config.
   total = int(steps) if steps is not None else int(math.ceil(epochs * steps_per_epoch))
   if total <= 0:
     raise ValueError(f'training length resolves to {total} steps; it must be positive')

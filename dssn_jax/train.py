@@ -106,9 +106,16 @@ def _log(msg: str) -> None:
 
 def initial_variables(config: ml_collections.ConfigDict, model, rng: jax.Array,
                       image_size: int):
-  """Random init, with the backbone from `config.model.pretrained` if set."""
+  """Random init, with the backbone from `config.model.pretrained` if set.
+
+  The init draws its numbers with the `rbg` generator seeded from `rng`:
+  XLA compiles a network's worth of threefry draws several times slower
+  (9 s vs 3.6 s for `resnet_tiny` on a 2-core CPU), and init runs once.
+  """
   dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  variables = jax.jit(lambda r: model.init(r, dummy, train=False))(rng)
+  seed = jax.random.randint(rng, (), 0, jnp.iinfo(jnp.int32).max)
+  init_key = jax.random.key(seed, impl='rbg')
+  variables = jax.jit(lambda r: model.init(r, dummy, train=False))(init_key)
   variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
   if config.model.pretrained:
     from dssn_jax import convert  # pylint: disable=g-import-not-at-top

@@ -66,13 +66,12 @@ def test_epochs_resolve_to_steps_and_warmup():
   assert s.eval_every == 12 and s.lr == 0.002 and s.head_lr == pytest.approx(0.02)
 
 
-def test_steps_and_epochs_are_exclusive():
+def test_steps_win_over_epochs():
   c = config_lib.base_config()
   with pytest.raises(ValueError, match='steps or config.train.epochs'):
     config_lib.resolve_steps(c, 100)
   c.train.steps, c.train.epochs = 10, 1.0
-  with pytest.raises(ValueError, match='both set'):
-    config_lib.resolve_steps(c, 100)
+  assert config_lib.resolve_steps(c, 100).total_steps == 10
 
 
 def test_lr_scales_with_global_batch_only_when_asked():

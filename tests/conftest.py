@@ -1,0 +1,19 @@
+"""Test setup: CPU only, tests/ importable, and one compilation cache per run.
+
+Tests that build the same step (the stop-and-resume runs, say) reuse its
+compiled executable from the persistent cache instead of compiling again.
+"""
+
+import os
+import sys
+import tempfile
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_CACHE = tempfile.mkdtemp(prefix='dssn-jax-test-xla-cache-')
+jax.config.update('jax_compilation_cache_dir', _CACHE)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)

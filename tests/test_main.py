@@ -1,0 +1,133 @@
+"""End to end: every config trains, stop-and-resume is exact, the CLI checks input."""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from dssn_jax import train
+import fake_datasets
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, 'configs'))
+                 if f.endswith('.py') and not f.startswith('_'))
+
+
+def load_config(name, arg=None):
+  spec = importlib.util.spec_from_file_location(
+      f'configs_{name}', os.path.join(REPO, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def tiny(config, steps=2):
+  """The tiny override every config must accept."""
+  config.model.backbone = 'resnet_tiny'
+  config.model.pretrained = ''
+  config.data.crop_size = 33
+  config.data.batch_size = 2
+  config.data.workers = 0
+  config.data.eval_crop_size = 33
+  config.data.digits.num_unlabeled = 16
+  config.data.digits.num_labeled = 4
+  config.data.digits.num_val = 4
+  config.train.steps = steps
+  config.train.warmup_epochs = None
+  config.train.log_every = 1
+  config.train.eval_every = 1000
+  config.train.checkpoint_every = 1000
+  return config
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def test_configs_are_listed():
+  assert {'digits', 'pascal', 'cityscapes', 'coco'} <= set(CONFIGS)
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_every_config_trains_two_steps(name, tmp_path):
+  config = tiny(load_config(name))
+  makers = {'pascal': fake_datasets.make_pascal, 'cityscapes': fake_datasets.make_cityscapes,
+            'coco': fake_datasets.make_coco}
+  if name in makers:
+    root, splits = makers[name](str(tmp_path / 'data'), split=config.data.split)
+    config.data.root, config.data.splits_dir = root, splits
+  workdir = str(tmp_path / 'run')
+  summary = train.train_and_evaluate(config, workdir)
+  assert summary['step'] == 2 and summary['miou_teacher'] is not None
+  lines = read_metrics(workdir)
+  train_lines = [r for r in lines if r['split'] == 'train']
+  assert [r['step'] for r in train_lines] == [1, 2]
+  for key in ('loss', 'loss_x', 'lr', 'images_per_sec'):
+    assert all(key in r for r in train_lines), key
+  evals = [r for r in lines if r['split'] == 'eval']
+  assert evals[-1]['step'] == 2 and len(evals[-1]['iou_per_class']) == config.data.num_classes
+  assert os.path.exists(os.path.join(workdir, 'config.json'))
+  assert any(f.startswith('events.') for f in os.listdir(workdir))
+
+
+def _sigterm_when(workdir, step):
+  """Sends SIGTERM to this process once metrics.jsonl reaches `step`."""
+  def watch():
+    path = os.path.join(workdir, 'metrics.jsonl')
+    while True:
+      if os.path.exists(path):
+        with open(path) as f:
+          if any(json.loads(l)['step'] >= step for l in f if l.strip()):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+      time.sleep(0.01)
+  thread = threading.Thread(target=watch, daemon=True)
+  thread.start()
+  return thread
+
+
+@pytest.mark.slow
+def test_stop_and_resume_matches_uninterrupted_run(tmp_path):
+  steps = 6
+  straight = str(tmp_path / 'straight')
+  train.train_and_evaluate(tiny(load_config('digits'), steps), straight)
+
+  resumed = str(tmp_path / 'resumed')
+  _sigterm_when(resumed, 2)
+  first = train.train_and_evaluate(tiny(load_config('digits'), steps), resumed)
+  assert first['preempted'] and 2 <= first['step'] < steps
+  second = train.train_and_evaluate(tiny(load_config('digits'), steps), resumed)
+  assert not second['preempted'] and second['step'] == steps
+
+  a = [r for r in read_metrics(straight) if r['split'] == 'train']
+  b = [r for r in read_metrics(resumed) if r['split'] == 'train']
+  assert [r['step'] for r in b] == list(range(1, steps + 1))
+  for ra, rb in zip(a, b):
+    for key in ra:
+      if key not in ('images_per_sec', 'split'):
+        assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-7), (ra['step'], key)
+  ea = [r for r in read_metrics(straight) if r['split'] == 'eval']
+  eb = [r for r in read_metrics(resumed) if r['split'] == 'eval']
+  assert ea[-1]['miou_teacher'] == pytest.approx(eb[-1]['miou_teacher'], abs=1e-6)
+
+
+@pytest.mark.parametrize('override,message', [
+    ('--config.train.stepz=3', 'stepz'),
+    ('--config.train.lr=fast', 'lr'),
+])
+def test_bad_override_is_rejected_with_the_config_message(override, message, tmp_path):
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, 'main.py'), '--config',
+       os.path.join(REPO, 'configs', 'digits.py'), '--workdir', str(tmp_path), override],
+      capture_output=True, text=True, timeout=120, cwd=REPO,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert proc.returncode != 0
+  assert message in proc.stderr
+  assert not os.path.exists(os.path.join(tmp_path, 'checkpoints'))
