@@ -106,10 +106,9 @@ class TinySeg(nn.Module):
 
 
 def tiny_variables(model, seed):
-  v = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 16, 16, 3)))
-  stats = jax.tree.map(
-      lambda s: s + jax.random.uniform(jax.random.key(seed + 1), s.shape), v['batch_stats'])
-  return {'params': v['params'], 'batch_stats': stats}
+  """Random variables, non-trivial BN statistics included (`random_like`)."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
+  return random_like(shapes, seed)
 
 
 def random_records(shapes, num_classes=3, seed=0):
