@@ -1,0 +1,363 @@
+"""The train step: each method end to end, warm-up, EMA teacher, ablations,
+and 1 vs 8 devices.
+
+Compiles are the cost on CPU, so each compiled step is built once per module
+and shared; the ablation comparison runs `objective` eagerly (one cache of
+small op compiles serves every variant).
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dssn_jax import config_lib
+from dssn_jax import models
+from dssn_jax import optim
+from dssn_jax import parallel
+from dssn_jax import train_step as ts
+from dssn_jax.data.normalize import normalize
+
+NUM_CLASSES = 4
+
+
+def make_config(method='dssn', **loss):
+  config = config_lib.base_config()
+  config.method = method
+  config.data.num_classes = NUM_CLASSES
+  config.train.steps = 20
+  for key, value in loss.items():
+    config.loss[key] = value
+  return config
+
+
+def make_schedule(config, warmup_steps=1):
+  schedule = config_lib.resolve_steps(config, 100)
+  return dataclasses.replace(schedule, warmup_steps=warmup_steps)
+
+
+def make_batch(size, batch=2, seed=0, supervised=False):
+  """A random train batch in the docs/design.md layout."""
+  rng = np.random.default_rng(seed)
+
+  def image():
+    return rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+
+  def box():
+    out = np.zeros((batch, size, size), bool)
+    for i in range(batch):
+      h, w = rng.integers(size // 4, size // 2 + 1, 2)
+      top, left = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
+      out[i, top:top + h, left:left + w] = True
+    return out
+
+  def ignore():
+    out = np.zeros((batch, size, size), np.int32)
+    out[:, -3:, :] = 255  # padded bottom rows
+    return out
+
+  labels = rng.integers(0, NUM_CLASSES, (batch, size, size)).astype(np.int32)
+  labels[:, :, -2:] = 255
+  out = dict(x=image(), y=labels)
+  if not supervised:
+    out.update(u_w=image(), u_s1=image(), u_s2=image(), u_ignore=ignore(), box1=box(),
+               box2=box(), m_w=image(), m_s1=image(), m_s2=image(), m_ignore=ignore())
+  return out
+
+
+def to_host(tree):
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def assert_tree_equal(a, b):
+  jax.tree.map(np.testing.assert_array_equal, to_host(a), to_host(b))
+
+
+@pytest.fixture(scope='module')
+def model():
+  return models.create_model('resnet_tiny', NUM_CLASSES)
+
+
+@pytest.fixture(scope='module')
+def mesh():
+  return parallel.make_mesh(jax.devices()[:1])
+
+
+_INIT = {}
+
+
+def initial_variables(model):
+  """One random init per model, shared (params do not depend on image size)."""
+  if model not in _INIT:
+    _INIT[model] = ts.create_train_state(model, optax.sgd(0.1), jax.random.key(0), 33)
+  state = _INIT[model]
+  return to_host({'params': state.params, 'batch_stats': state.batch_stats})
+
+
+def test_create_train_state(model):
+  initial_variables(model)
+  state = _INIT[model]
+  assert int(state.step) == 0
+  assert set(state.params) == {'backbone', 'head', 'reduce', 'fuse', 'classifier'}
+  assert_tree_equal(state.teacher_params, state.params)
+  assert_tree_equal(state.teacher_batch_stats, state.batch_stats)
+  # Distinct buffers, so donating the state never donates one buffer twice.
+  pairs = zip(jax.tree.leaves(state.params), jax.tree.leaves(state.teacher_params))
+  assert all(a is not b for a, b in pairs)
+
+
+def run_steps(model, mesh, config, batch, steps, warmup_steps=1):
+  """Compiles the step once and runs `steps` steps from a fixed init.
+
+  Returns host copies of the states before each step and after the last,
+  and each step's metrics.
+  """
+  settings = config_lib.resolve_method(config)
+  schedule = make_schedule(config, warmup_steps)
+  tx = optim.make_optimizer(schedule, config)
+  state = ts.create_train_state(model, tx, jax.random.key(0), batch['x'].shape[1],
+                                variables=initial_variables(model))
+  step_fn = ts.make_train_step(model, tx, settings, schedule, mesh,
+                               ema_decay=config.train.ema_decay)
+  batch = parallel.shard_batch(batch, mesh)
+  states, metrics = [to_host(state)], []
+  state = parallel.replicate(state, mesh)
+  for t in range(steps):
+    state, m = step_fn(state, batch, jax.random.fold_in(jax.random.key(1), t))
+    states.append(to_host(state))
+    metrics.append({k: float(v) for k, v in m.items()})
+  return dict(states=states, metrics=metrics, settings=settings, schedule=schedule)
+
+
+@pytest.fixture(scope='module')
+def dssn65(model, mesh):
+  """Two steps of the full DSSN VOC recipe at 65x65 (step 0 is the warm-up)."""
+  config = make_config()
+  config.data.crop_size = 65
+  batch = make_batch(65)
+  return dict(batch=batch, config=config, **run_steps(model, mesh, config, batch, 2))
+
+
+DSSN_TERMS = {'loss', 'loss_x', 'loss_s1', 'loss_s2', 'loss_fp1', 'loss_fp2',
+              'loss_align_image', 'loss_align_feature', 'mask_ratio', 'lr', 'grad_norm'}
+
+
+def total_of(m, settings, warm):
+  """The weighted total from the reported terms."""
+  s = settings
+  strong = 0.0 if warm else s.strong
+  parts = {'loss_x': s.sup, 'loss_s': strong, 'loss_s1': strong, 'loss_s2': strong,
+           'loss_fp': s.fp, 'loss_fp1': s.fp, 'loss_fp2': s.fp,
+           'loss_align_image': s.align_image, 'loss_align_feature': s.align_feature}
+  return sum(w * m[k] for k, w in parts.items() if k in m)
+
+
+def test_dssn_step_65(dssn65):
+  for t, m in enumerate(dssn65['metrics']):
+    assert set(m) == DSSN_TERMS
+    assert all(np.isfinite(v) for v in m.values()), m
+    assert m['lr'] == pytest.approx(dssn65['schedule'].lr)  # steps 0 and 1 both at lr
+    assert 0.0 <= m['mask_ratio'] <= 1.0
+    assert m['grad_norm'] > 0
+    assert int(dssn65['states'][t + 1].step) == t + 1
+  before, after = dssn65['states'][0], dssn65['states'][1]
+  changed = jax.tree.leaves(jax.tree.map(
+      lambda a, b: not np.array_equal(a, b), before.params, after.params))
+  assert all(changed)  # every student parameter moved (weight decay at least)
+
+
+def test_total_and_warmup(dssn65):
+  """VOC weights 0.5 / 0.125 / 0.125 / 0.005; step 0 leaves the strong terms out."""
+  settings = dssn65['settings']
+  assert (settings.sup, settings.strong, settings.fp) == (0.5, 0.125, 0.125)
+  assert settings.align_image == settings.align_feature == 0.005
+  m0, m1 = dssn65['metrics']
+  assert m0['loss'] == pytest.approx(total_of(m0, settings, warm=True), rel=1e-6)
+  assert m1['loss'] == pytest.approx(total_of(m1, settings, warm=False), rel=1e-6)
+
+
+def test_teacher_moves_only_by_ema(model, dssn65):
+  s0, s1, s2 = dssn65['states']
+  # Step 0 (warm-up): keep rate 0, the teacher becomes the student exactly.
+  assert_tree_equal(s1.teacher_params, s1.params)
+  assert_tree_equal(s1.teacher_batch_stats, s1.batch_stats)
+  # Step 1: teacher = 0.996 * teacher + 0.004 * student, no gradient step.
+  ema = lambda t, s: 0.996 * t + 0.004 * s
+  jax.tree.map(lambda got, t, s: np.testing.assert_allclose(got, ema(t, s), rtol=1e-6,
+                                                            atol=1e-7),
+               s2.teacher_params, s1.teacher_params, s2.params)
+  # BatchNorm: the teacher's own forwards (m_w, then u_w, batch statistics)
+  # update its running statistics before the EMA blends in the student's.
+  batch = dssn65['batch']
+
+  @jax.jit
+  def teacher_forwards(params, stats):
+    for key in ('m_w', 'u_w'):
+      _, updates = model.apply({'params': params, 'batch_stats': stats},
+                               normalize(batch[key]), train=True, mutable=['batch_stats'])
+      stats = updates['batch_stats']
+    return stats
+
+  stats = to_host(teacher_forwards(s1.teacher_params, s1.teacher_batch_stats))
+  jax.tree.map(lambda got, t, s: np.testing.assert_allclose(got, ema(t, s), rtol=1e-5,
+                                                            atol=1e-6),
+               s2.teacher_batch_stats, stats, s2.batch_stats)
+
+
+METHOD_TERMS = {
+    'unimatch': {'loss', 'loss_x', 'loss_s1', 'loss_s2', 'loss_fp', 'mask_ratio', 'lr',
+                 'grad_norm'},
+    'fixmatch': {'loss', 'loss_x', 'loss_s', 'mask_ratio', 'lr', 'grad_norm'},
+    'supervised': {'loss', 'loss_x', 'lr', 'grad_norm'},
+}
+
+
+@pytest.mark.parametrize('method', sorted(METHOD_TERMS))
+def test_other_methods_step_65(model, mesh, method):
+  config = make_config(method)
+  config.data.crop_size = 65
+  batch = make_batch(65, supervised=method == 'supervised')
+  out = run_steps(model, mesh, config, batch, 1, warmup_steps=0)
+  (m,), (s0, s1) = out['metrics'], out['states']
+  assert set(m) == METHOD_TERMS[method]
+  assert all(np.isfinite(v) for v in m.values()), m
+  assert m['loss'] == pytest.approx(total_of(m, out['settings'], warm=False), rel=1e-6)
+  assert not np.array_equal(s0.params['classifier']['kernel'], s1.params['classifier']['kernel'])
+  # No EMA teacher: it tracks the student.
+  assert_tree_equal(s1.teacher_params, s1.params)
+  assert_tree_equal(s1.teacher_batch_stats, s1.batch_stats)
+
+
+def test_batch_missing_key_is_named(model):
+  config = make_config()
+  settings = config_lib.resolve_method(config)
+  schedule = make_schedule(config)
+  tx = optim.make_optimizer(schedule, config)
+  batch = make_batch(33)
+  del batch['box2']
+  # The batch is checked before anything runs: an empty state will do.
+  state = ts.TrainState(step=jnp.zeros((), jnp.int32), params={}, batch_stats={},
+                        teacher_params={}, teacher_batch_stats={}, opt_state=None)
+  with pytest.raises(ValueError, match='box2'):
+    ts.train_step(state, batch, jax.random.key(1), model=model, tx=tx, settings=settings,
+                  schedule=schedule)
+  fixmatch = dataclasses.replace(config_lib.resolve_method(make_config('fixmatch')),
+                                 align_image=0.01)
+  with pytest.raises(ValueError, match='align_image'):
+    ts.train_step(state, make_batch(33), jax.random.key(1), model=model, tx=tx,
+                  settings=fixmatch, schedule=schedule)
+
+
+# Ablations: CPLG numbers chosen so that a random init selects some pixels
+# (the reference's 0.92 selects none before training).
+ABLATIONS = {
+    'align_image': (dict(align_image=0.0), {'loss_align_image'}),
+    'align_feature': (dict(align_feature=0.0), {'loss_align_feature'}),
+    'fp': (dict(fp=0.0), {'loss_fp1', 'loss_fp2'}),
+    'strong': (dict(strong=0.0), {'loss_s1', 'loss_s2'}),
+}
+
+
+@pytest.fixture(scope='module')
+def ablation_setup(model):
+  batch = make_batch(33, seed=3)
+  config = make_config(class_aware_high=0.3, class_aware_scale=0.9)
+  schedule = make_schedule(config, warmup_steps=0)
+  tx = optim.make_optimizer(schedule, config)
+  state = ts.create_train_state(model, tx, jax.random.key(0), 33,
+                                variables=initial_variables(model))
+
+  def run(**loss):
+    settings = config_lib.resolve_method(
+        make_config(class_aware_high=0.3, class_aware_scale=0.9, **loss))
+    total, aux = ts.objective(state.params, state, batch, jax.random.key(1), model=model,
+                              settings=settings, schedule=schedule)
+    return float(total), {k: np.asarray(v) for k, v in aux.metrics.items()}, aux
+
+  base = run()
+  assert 0.0 < float(base[1]['mask_ratio']) < 1.0
+  return run, base
+
+
+@pytest.mark.parametrize('flag', sorted(ABLATIONS))
+def test_ablation_removes_exactly_its_term(ablation_setup, flag):
+  run, (base_total, base, base_aux) = ablation_setup
+  loss, removed = ABLATIONS[flag]
+  total, got, aux = run(**loss)
+  assert set(base) - set(got) == removed
+  for key in got:
+    np.testing.assert_array_equal(got[key], base[key], err_msg=key)  # to the last bit
+  settings = config_lib.resolve_method(make_config(class_aware_high=0.3, class_aware_scale=0.9))
+  weight = {'align_image': settings.align_image, 'align_feature': settings.align_feature,
+            'fp': settings.fp, 'strong': settings.strong}[flag]
+  assert total == pytest.approx(base_total - weight * sum(float(base[k]) for k in removed),
+                                rel=1e-6)
+  assert_tree_equal(aux.batch_stats, base_aux.batch_stats)
+
+
+def test_ablation_fixed_threshold_changes_only_pseudo_label_terms(ablation_setup):
+  run, (_, base, base_aux) = ablation_setup
+  _, got, aux = run(pseudo_label='fixed', threshold=0.0)
+  assert set(got) == set(base)
+  assert float(got['mask_ratio']) == 1.0  # threshold 0: every valid pixel
+  for key in ('loss_x', 'loss_align_image', 'loss_align_feature'):
+    np.testing.assert_array_equal(got[key], base[key], err_msg=key)
+  for key in ('loss_s1', 'loss_s2', 'loss_fp1', 'loss_fp2'):
+    assert float(got[key]) > float(base[key]), key
+  assert_tree_equal(aux.teacher_batch_stats, base_aux.teacher_batch_stats)
+
+
+_MULTI_DEVICE_SCRIPT = textwrap.dedent('''
+    import json, sys
+    import jax, numpy as np
+    sys.path.insert(0, {tests!r})
+    import test_train_step as t
+    from dssn_jax import config_lib, models, optim, parallel
+    from dssn_jax import train_step as ts
+    assert jax.device_count() == 8, jax.devices()
+    # Cityscapes-like recipe: OHEM with an active min_kept, fixed threshold 0
+    # (every pixel teaches, so every term carries gradient); past the warm-up.
+    config = t.make_config(pseudo_label='fixed', threshold=0.0, sup_type='ohem',
+                           ohem_min_kept=600)
+    model = models.create_model('resnet_tiny', t.NUM_CLASSES)
+    batch = t.make_batch(33, batch=8, seed=5)
+    out = {{}}
+    for n in (1, 8):
+      mesh = parallel.make_mesh(jax.devices()[:n])
+      run = t.run_steps(model, mesh, config, batch, 1, warmup_steps=0)
+      out[n] = run
+    m1, m8 = out[1]['metrics'][0], out[8]['metrics'][0]
+    s1, s8 = out[1]['states'][1], out[8]['states'][1]
+    diffs = jax.tree.leaves(jax.tree.map(
+        lambda a, b: float(np.max(np.abs(a - b) / (1e-5 + 1e-5 * np.abs(b)))), s8, s1))
+    print(json.dumps(dict(m1=m1, m8=m8, worst=max(diffs))))
+''')
+
+
+@pytest.mark.slow
+def test_one_vs_eight_devices():
+  """Same step on 1 and 8 CPU devices: loss and every state leaf within 1e-5."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  script = _MULTI_DEVICE_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True,
+                        text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  m1, m8 = result['m1'], result['m8']
+  assert set(m1) == DSSN_TERMS
+  for key in m1:
+    np.testing.assert_allclose(m8[key], m1[key], rtol=1e-5, atol=1e-5, err_msg=key)
+  assert m1['loss_s1'] > 0 and m1['mask_ratio'] == 1.0
+  # |a - b| <= 1e-5 + 1e-5 |b| on every params, BN-statistics, teacher and
+  # optimizer leaf.
+  assert result['worst'] <= 1.0, result['worst']
