@@ -12,13 +12,17 @@ reshuffled grain `MapDataset`:
   reproduces the reference exactly: its loader iterates the unlabeled
   sampler twice, so the partner is the same image with other random views.)
 
-Each stream is sharded over processes after the shuffle
-(`ds[process_index::process_count]`), so hosts read disjoint records of the
-same global order; augmentations use grain's per-record `random_map` rng, so
-a seed fixes every batch whatever the number of workers. The zipped stream is
-batched to this host's share of the global batch, read with
-`config.data.workers` worker processes (`mp_prefetch`; 0 = in-process), and
-assembled into global `jax.Array`s with `parallel.shard_batch`. For
+Augmentations use grain's per-record `random_map` rng, drawn from the
+record's position in the global stream, so a seed fixes every batch whatever
+the number of workers and of hosts. The zipped stream is cut into chunks of
+this host's share of the global batch, and host `p` of `n` reads chunks
+`p, p + n, p + 2n, ...`: global batch `k` is chunks `k*n .. k*n + n - 1`,
+records `k*B .. k*B + B - 1` in order, so any number of hosts assembles the
+same global batches, in the same order, as one host (and an iterator's
+position, the number of batches it gave, means the same on any number of
+hosts). Chunks are read with `config.data.workers` worker processes
+(`mp_prefetch`; 0 = in-process) and assembled into global `jax.Array`s with
+`parallel.shard_batch`. For
 `config.method == 'supervised'` only the labeled stream exists and an epoch
 is a pass over the labeled list.
 
@@ -109,18 +113,19 @@ def _worker_init(worker_index: int, worker_count: int) -> None:
   cv2.setNumThreads(1)
 
 
-def _stream(source, *, length: int, order_seed: int, augment_seed: int, transform,
-            process_index: int, process_count: int) -> grain.MapDataset:
-  """An infinite, per-epoch shuffled, host-sharded, augmented record stream.
+def _stream(source, *, length: int, order_seed: int, augment_seed: int,
+            transform) -> grain.MapDataset:
+  """An infinite, per-epoch shuffled, augmented record stream (all hosts').
 
   `length` is the epoch length; a shorter source is repeated (and cut) to it.
+  Lazy: a host computes only the records it reads. The augmentation rng of a
+  record depends on its global position, not on which host reads it.
   """
   ds = grain.MapDataset.source(source)
   n = len(ds)
   if length != n:
     ds = ds.repeat(math.ceil(length / n))[:length]
   ds = ds.shuffle(seed=order_seed).repeat(None)
-  ds = ds[process_index::process_count]
   return ds.random_map(transform, seed=augment_seed)
 
 
@@ -196,7 +201,6 @@ class TrainData:
     self.num_labeled = len(labeled)
     if self.num_labeled == 0:
       raise ValueError(f'the labeled split of {labeled!r} is empty')
-    shard = dict(process_index=process_index, process_count=process_count)
     geometry = dict(crop_size=data.crop_size, scale_range=tuple(data.scale_range))
     if self.supervised:
       self.num_unlabeled = 0
@@ -213,20 +217,22 @@ class TrainData:
     streams = [_stream(
         labeled, length=epoch, order_seed=derive_seed(seed, 'labeled', _ORDER),
         augment_seed=derive_seed(seed, 'labeled', _AUGMENT),
-        transform=LabeledViews(**geometry), **shard)]
+        transform=LabeledViews(**geometry))]
     if not self.supervised:
       strong = dict(max_ops=data.strong_ops, cutmix_p=data.cutmix_p)
       streams.append(_stream(
           unlabeled, length=epoch, order_seed=derive_seed(seed, 'unlabeled', _ORDER),
           augment_seed=derive_seed(seed, 'unlabeled', _AUGMENT),
-          transform=UnlabeledViews('u', **geometry, **strong), **shard))
+          transform=UnlabeledViews('u', **geometry, **strong)))
       mix_order = 'unlabeled' if mix_partner == 'same' else 'mix'
       streams.append(_stream(
           unlabeled, length=epoch, order_seed=derive_seed(seed, mix_order, _ORDER),
           augment_seed=derive_seed(seed, 'mix', _AUGMENT),
-          transform=UnlabeledViews('m', **geometry, **strong), **shard))
+          transform=UnlabeledViews('m', **geometry, **strong)))
     ds = grain.experimental.ZipMapDataset(streams).map(_merge)
+    # Host p of n takes chunks p, p + n, ...: its slice of every global batch.
     ds = ds.batch(self.local_batch_size, drop_remainder=True)
+    ds = ds[process_index::process_count]
     workers = int(data.workers)
     threads = num_threads if num_threads is not None else (1 if workers else 2)
     prefetch = max(1, int(data.prefetch))

@@ -1,0 +1,217 @@
+"""Multi-host behaviour, rehearsed on one machine, and the lr/batch rule.
+
+The rehearsal (slow) trains the digits config with a tiny model three ways:
+
+  A. 1 process x 4 CPU devices, 4 steps (checkpoints at steps 2 and 4);
+  B. 2 processes x 2 CPU devices (`launch/local_multihost.sh`), the same;
+  C. 1 process x 4 devices in a copy of B's workdir without its step-4
+     checkpoint: it resumes B's step-2 checkpoint (train state, rng and data
+     iterator written by two processes) and runs steps 3 and 4.
+
+B's losses must equal A's, and C's steps 3-4 must equal A's: the global
+batches (records, augmentations, order), the sync-BN statistics, the
+gradients and the resumed state do not depend on how the devices are spread
+over processes. All pseudo-label masks are on (`threshold=0`) so every loss
+term sees the unlabeled views. The persistent compilation cache lets C reuse
+A's compiled programs.
+
+Here (2 shared CPU cores) the whole rehearsal takes about N s.
+"""
+
+import importlib.util
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dssn_jax import config_lib
+from dssn_jax.data import pipeline
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Tiny and short: small crops and sets, no eval before the last step, every
+# pixel pseudo-labeled, lr scaled (global batch 8 / reference 4 = 2x).
+ARGS = [
+    '--config', 'configs/digits.py',
+    '--config.train.steps=4',
+    '--config.train.log_every=1',
+    '--config.train.checkpoint_every=2',
+    '--config.train.eval_every=1000',
+    '--config.train.scale_lr_with_batch=True',
+    '--config.train.reference_batch_size=4',
+    '--config.data.crop_size=32',
+    '--config.data.digits.image_size=48',
+    '--config.data.digits.num_unlabeled=64',
+    '--config.data.digits.num_val=4',
+    '--config.loss.pseudo_label=fixed',
+    '--config.loss.threshold=0.0',
+]
+TOLERANCE = 1e-4
+IGNORED = ('images_per_sec',)  # wall-clock, not a result
+
+
+def _env(tmp_path, devices=None, cache=True):
+  """CPU, quick XLA compiles (the same flags for every run) and, for the
+  1-process runs, a persistent compilation cache they share. The 2-process
+  run compiles afresh in both processes: a cache hit in one and a miss in
+  the other would leave one waiting for the other past gloo's 30 s timeout."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHON=sys.executable,
+             XLA_FLAGS='--xla_backend_optimization_level=0')
+  for var in ('JAX_COMPILATION_CACHE_DIR', 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS',
+              'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'):
+    env.pop(var, None)
+  if cache:
+    env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  if devices:
+    env['XLA_FLAGS'] += f' --xla_force_host_platform_device_count={devices}'
+  return env
+
+
+def _check(result, what):
+  assert result.returncode == 0, (
+      f'{what} failed ({result.returncode}):\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}')
+
+
+def _single_process(workdir, tmp_path):
+  result = subprocess.run(
+      [sys.executable, str(ROOT / 'main.py'), *ARGS, '--workdir', str(workdir)],
+      cwd=ROOT, env=_env(tmp_path, devices=4), capture_output=True, text=True, timeout=900)
+  _check(result, f'1-process run in {workdir}')
+  return result
+
+
+def _train_lines(workdir):
+  with open(workdir / 'metrics.jsonl') as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  return {r['step']: r for r in records if r['split'] == 'train'}
+
+
+def _assert_same_losses(got, want, steps, what):
+  """Every loss term to TOLERANCE; the other numbers (grad norm, mask ratio,
+  lr) to 1e-3 relative (the grad norm amplifies float32 summation order)."""
+  for step in steps:
+    keys = sorted(k for k in want[step] if k not in IGNORED and k not in ('step', 'split'))
+    assert sorted(k for k in got[step] if k not in IGNORED and k not in ('step', 'split')) == keys
+    assert 'loss' in keys and 'loss_x' in keys
+    for key in keys:
+      tolerance = dict(abs=TOLERANCE) if key.startswith('loss') else dict(rel=1e-3)
+      assert got[step][key] == pytest.approx(want[step][key], **tolerance), (
+          f'{what}: step {step} {key}: {got[step][key]} vs {want[step][key]}')
+
+
+@pytest.mark.slow
+def test_two_hosts_match_one_host_and_resume_on_one(tmp_path):
+  a, b, c = tmp_path / 'a_1x4', tmp_path / 'b_2x2', tmp_path / 'c_resume_1x4'
+
+  _single_process(a, tmp_path)
+  want = _train_lines(a)
+  assert sorted(want) == [1, 2, 3, 4]
+  assert want[1]['lr'] == pytest.approx(0.02)  # digits lr 0.01 x 8 / 4
+  assert all(want[s]['loss_s1'] > 0 and want[s]['loss_fp1'] > 0 for s in want)
+
+  result = subprocess.run(
+      ['bash', str(ROOT / 'launch' / 'local_multihost.sh'), '2', '2', '--',
+       *ARGS, '--workdir', str(b)],
+      cwd=ROOT, env=_env(tmp_path, cache=False), capture_output=True, text=True,
+      timeout=900)
+  _check(result, '2-process run')
+  out = result.stdout.splitlines()
+  assert any(line.startswith('[0] ') and '4 devices, 2 processes' in line for line in out)
+  # Only process 0 prints the log.
+  assert not any(line.startswith('[1] ') and 'devices' in line and 'processes' in line
+                 for line in out)
+  _assert_same_losses(_train_lines(b), want, [1, 2, 3, 4], '2x2 vs 1x4')
+  # Both processes wrote their part of each checkpoint (one iterator file each).
+  data_files = sorted(p.name for p in (b / 'checkpoints' / '2').glob('data_*/*.json'))
+  assert data_files == ['process_0-of-2.json', 'process_1-of-2.json']
+
+  shutil.copytree(b, c, ignore=shutil.ignore_patterns('events.*'))
+  shutil.rmtree(c / 'checkpoints' / '4')
+  result = _single_process(c, tmp_path)
+  assert 'resumed from' in result.stdout and 'at step 2' in result.stdout
+  got = _train_lines(c)
+  assert sorted(got) == [1, 2, 3, 4]  # steps 1-2 from B, 3-4 written by C
+  _assert_same_losses(got, want, [3, 4], 'resumed 1x4 from 2x2 vs 1x4')
+
+
+# Host sharding of the training stream, without a distributed runtime.
+
+def _digits_config():
+  spec = importlib.util.spec_from_file_location('configs_digits', ROOT / 'configs' / 'digits.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.data.crop_size, c.data.digits.image_size = 32, 48
+  c.data.digits.num_unlabeled, c.data.digits.num_val = 64, 4
+  return c
+
+
+def test_hosts_read_their_slice_of_the_one_host_batches():
+  """Host p's batch is rows [p*B/n, (p+1)*B/n) of the 1-host global batch:
+  same records, same augmentations, same order, for 1, 2 and 4 hosts; and an
+  iterator position saved by one host count resumes another."""
+  c = _digits_config()
+  one = pipeline.TrainData(c, seed=0, process_index=0, process_count=1)
+  want = [one.local_batch() for _ in range(3)]
+  for n in (2, 4):
+    hosts = [pipeline.TrainData(c, seed=0, process_index=p, process_count=n)
+             for p in range(n)]
+    for step in range(2):
+      got = [h.local_batch() for h in hosts]
+      for key in want[step]:
+        np.testing.assert_array_equal(
+            np.concatenate([g[key] for g in got]), want[step][key],
+            err_msg=f'{n} hosts, step {step}, {key}')
+    states = [h.get_state() for h in hosts]
+    assert all(state == states[0] for state in states)
+    resumed = pipeline.TrainData(c, seed=0, process_index=0, process_count=1)
+    resumed.set_state(states[0])
+    batch = resumed.local_batch()
+    for key in want[2]:
+      np.testing.assert_array_equal(batch[key], want[2][key], err_msg=f'resumed, {key}')
+
+
+# The lr/batch rule (config.train.scale_lr_with_batch), as launch/README.md
+# documents it: the global batch sets the rate, not the device count.
+
+def _schedule(batch, scale, epochs=None, steps=None):
+  c = config_lib.base_config()
+  c.data.batch_size = batch
+  c.train.scale_lr_with_batch = scale
+  c.train.epochs, c.train.steps = epochs, steps
+  return config_lib.resolve_steps(c, num_unlabeled=10_582)
+
+
+def test_reference_batch_keeps_the_reference_lr():
+  for scale in (False, True):
+    s = _schedule(8, scale, steps=100)
+    assert (s.lr, s.head_lr) == pytest.approx((0.002, 0.02))
+
+
+@pytest.mark.parametrize('batch', [4, 16, 64])
+def test_lr_scales_linearly_with_the_global_batch(batch):
+  s = _schedule(batch, True, steps=100)
+  assert s.lr == pytest.approx(0.002 * batch / 8)
+  assert s.head_lr == pytest.approx(0.02 * batch / 8)
+  assert _schedule(batch, False, steps=100).lr == pytest.approx(0.002)
+
+
+def test_epochs_keep_the_images_seen_when_the_batch_grows():
+  small, large = _schedule(8, True, epochs=10), _schedule(32, True, epochs=10)
+  assert small.total_steps * 8 == pytest.approx(large.total_steps * 32, rel=1e-2)
+  # The summed step sizes over the run (lr x steps) stay the same too.
+  assert large.lr * large.total_steps == pytest.approx(small.lr * small.total_steps, rel=1e-2)
+
+
+def test_reference_batch_size_is_the_denominator():
+  c = config_lib.base_config()
+  c.train.steps, c.data.batch_size = 10, 16
+  c.train.scale_lr_with_batch, c.train.reference_batch_size = True, 16
+  assert config_lib.resolve_steps(c, 100).lr == pytest.approx(0.002)
