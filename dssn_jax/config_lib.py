@@ -122,10 +122,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.scale_lr_with_batch = False
   c.train.reference_batch_size = 8  # global labeled batch the lr was tuned for
   c.train.ema_decay = 0.996
-  # Warm-up: strong-view terms off and EMA keep rate 0 while step < warmup.
+  # Warm-up (DSSN only): strong-view terms off and EMA keep rate 0 while
+  # step < warmup.
   c.train.warmup_steps = 1  # VOC reference: the first iteration only
   c.train.warmup_epochs = config_dict.placeholder(float)  # overrides warmup_steps
-  c.train.teacher_bn = 'batch'  # batch (reference) | running
+  # Teacher BatchNorm: reference (batch statistics in the first epoch, running
+  # after, as the reference's eval() leaves it) | batch | running.
+  c.train.teacher_bn = 'reference'
   c.train.remat = False
   c.train.log_every = 20
   c.train.eval_every = config_dict.placeholder(int)  # None: once per epoch
@@ -175,9 +178,10 @@ def resolve_method(config: ml_collections.ConfigDict) -> MethodSettings:
   if rule not in ('class_aware', 'fixed'):
     raise ValueError(
         f'config.loss.pseudo_label={rule!r} must be class_aware or fixed')
-  if config.train.teacher_bn not in ('batch', 'running'):
+  if config.train.teacher_bn not in ('reference', 'batch', 'running'):
     raise ValueError(
-        f'config.train.teacher_bn={config.train.teacher_bn!r} must be batch or running')
+        f'config.train.teacher_bn={config.train.teacher_bn!r} must be reference, '
+        'batch or running')
   if config.loss.sup_type not in ('ce', 'ohem'):
     raise ValueError(f'config.loss.sup_type={config.loss.sup_type!r} must be ce or ohem')
   fp_branches = pick(config.model.fp_branches, 'fp_branches')
@@ -236,7 +240,9 @@ def resolve_steps(config: ml_collections.ConfigDict, num_unlabeled: int) -> Sche
   total = int(steps) if steps is not None else int(math.ceil(epochs * steps_per_epoch))
   if total <= 0:
     raise ValueError(f'training length resolves to {total} steps; it must be positive')
-  if config.train.warmup_epochs is not None:
+  if config.method != 'dssn':
+    warmup = 0  # UniMatch / FixMatch have no warm-up
+  elif config.train.warmup_epochs is not None:
     warmup = int(round(config.train.warmup_epochs * steps_per_epoch))
   else:
     warmup = int(config.train.warmup_steps)

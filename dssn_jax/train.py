@@ -173,7 +173,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start = int(jax.device_get(state.step))
 
   step_fn = ts_lib.make_train_step(model, tx, settings, schedule, mesh,
-                                   ema_decay=config.train.ema_decay)
+                                   ema_decay=config.train.ema_decay,
+                                   poly_power=config.train.poly_power)
   evaluator = evaluate.Evaluator(model, config, mesh)
   names = sources.class_names(config)
   history = _rewind_metrics(workdir, start)

@@ -18,10 +18,14 @@
 9. EMA of the teacher's params and BatchNorm statistics, keep rate 0 during
    the warm-up (the teacher becomes the student), `ema_decay` after.
 
-The teacher's forwards use batch statistics (the reference never switches it
-to eval mode in its loop) and so update its running statistics, in the order
-m_w then u_w, before the EMA blends in the student's. `teacher_bn='running'`
-uses the running statistics instead.
+Teacher BatchNorm (`settings.teacher_bn`): with `batch`, the teacher's
+forwards use batch statistics and so update its running statistics, in the
+order m_w then u_w, before the EMA blends in the student's; `running` uses
+the running statistics (which then change only through the EMA). The
+reference does both: its teacher runs in train mode until the first
+end-of-epoch evaluation calls `model_tea.eval()`, which its loop never
+undoes. `reference` (the default) reproduces that: batch statistics while
+`step < schedule.steps_per_epoch`, running statistics after.
 
 Methods with `settings.teacher == 'student'` (UniMatch, FixMatch) take the
 mix partner's targets from a no-gradient student forward with running
@@ -222,12 +226,20 @@ def objective(params, state: TrainState, batch: dict[str, jax.Array], rng: jax.A
   u_w = normalize(batch['u_w'])
   # 1. Mix partner targets: EMA teacher, or the student in eval mode.
   teacher_bs = state.teacher_batch_stats
-  teacher_train = s.teacher_bn == 'batch'
+
+  def teacher_forward(images, stats):
+    """EMA teacher -> (logits, its batch_stats after the call)."""
+    def run(train):
+      logits, _, new = _forward(model, state.teacher_params, stats, images, train=train)
+      return logits, new
+    if s.teacher_bn == 'reference':
+      return jax.lax.cond(state.step < schedule.steps_per_epoch,
+                          lambda: run(True), lambda: run(False))
+    return run(s.teacher_bn == 'batch')
   if strong_terms:
     m_w = normalize(batch['m_w'])
     if s.teacher == 'ema':
-      t_m, _, teacher_bs = _forward(model, state.teacher_params, teacher_bs, m_w,
-                                    train=teacher_train)
+      t_m, teacher_bs = teacher_forward(m_w, teacher_bs)
     elif s.teacher == 'student':
       t_m, _, _ = _forward(model, state.params, state.batch_stats, m_w, train=False)
     else:
@@ -268,8 +280,7 @@ def objective(params, state: TrainState, batch: dict[str, jax.Array], rng: jax.A
 
   if strong_terms:
     if s.teacher == 'ema':
-      t_w, _, teacher_bs = _forward(model, state.teacher_params, teacher_bs, u_w,
-                                    train=teacher_train)
+      t_w, teacher_bs = teacher_forward(u_w, teacher_bs)
       t_w = jax.lax.stop_gradient(t_w)
     else:
       t_w = p_w

@@ -40,9 +40,12 @@ def make_config(method='dssn', **loss):
   return config
 
 
-def make_schedule(config, warmup_steps=1):
+def make_schedule(config, warmup_steps=1, steps_per_epoch=None):
   schedule = config_lib.resolve_steps(config, 100)
-  return dataclasses.replace(schedule, warmup_steps=warmup_steps)
+  schedule = dataclasses.replace(schedule, warmup_steps=warmup_steps)
+  if steps_per_epoch is not None:
+    schedule = dataclasses.replace(schedule, steps_per_epoch=steps_per_epoch)
+  return schedule
 
 
 def make_batch(size, batch=2, seed=0, supervised=False):
@@ -117,14 +120,14 @@ def test_create_train_state(model):
   assert all(a is not b for a, b in pairs)
 
 
-def run_steps(model, mesh, config, batch, steps, warmup_steps=1):
+def run_steps(model, mesh, config, batch, steps, warmup_steps=1, steps_per_epoch=None):
   """Compiles the step once and runs `steps` steps from a fixed init.
 
   Returns host copies of the states before each step and after the last,
   and each step's metrics.
   """
   settings = config_lib.resolve_method(config)
-  schedule = make_schedule(config, warmup_steps)
+  schedule = make_schedule(config, warmup_steps, steps_per_epoch)
   tx = optim.make_optimizer(schedule, config)
   state = ts.create_train_state(model, tx, jax.random.key(0), batch['x'].shape[1],
                                 variables=initial_variables(model))
@@ -145,6 +148,7 @@ def dssn65(model, mesh):
   """Two steps of the full DSSN VOC recipe at 65x65 (step 0 is the warm-up)."""
   config = make_config()
   config.data.crop_size = 65
+  config.train.teacher_bn = 'batch'
   batch = make_batch(65)
   return dict(batch=batch, config=config, **run_steps(model, mesh, config, batch, 2))
 
@@ -213,6 +217,20 @@ def test_teacher_moves_only_by_ema(model, dssn65):
   jax.tree.map(lambda got, t, s: np.testing.assert_allclose(got, ema(t, s), rtol=1e-5,
                                                             atol=1e-6),
                s2.teacher_batch_stats, stats, s2.batch_stats)
+
+
+def test_reference_teacher_bn_switches_to_running_after_the_first_epoch(model, mesh):
+  """`teacher_bn='reference'`: after epoch 0 the teacher's forwards no longer
+  touch its statistics; they change by the EMA alone (the reference's eval())."""
+  config = make_config()
+  config.data.crop_size = 33
+  assert config.train.teacher_bn == 'reference'
+  run = run_steps(model, mesh, config, make_batch(33), 2, steps_per_epoch=1)
+  _, s1, s2 = run['states']
+  ema = lambda t, s: 0.996 * t + 0.004 * s
+  jax.tree.map(lambda got, t, s: np.testing.assert_allclose(got, ema(t, s), rtol=1e-6,
+                                                            atol=1e-7),
+               s2.teacher_batch_stats, s1.teacher_batch_stats, s2.batch_stats)
 
 
 METHOD_TERMS = {
