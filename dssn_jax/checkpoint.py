@@ -20,8 +20,10 @@ import json
 import os
 from typing import Any
 
+from etils import epath
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
@@ -32,6 +34,12 @@ BEST_METRIC = 'miou_teacher'
 def _grain_checkpoint():
   import grain  # pylint: disable=g-import-not-at-top
   return grain.checkpoint
+
+
+def _absolute(path) -> str:
+  """Local paths made absolute; URLs (`gs://...`) as they are."""
+  path = str(path)
+  return path if '://' in path else os.path.abspath(path)
 
 
 def _best_metric(metrics) -> float:
@@ -51,7 +59,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 2,
                data_items: dict[str, Any] | None = None):
-    self.directory = os.path.abspath(directory) if '://' not in directory else directory
+    self.directory = _absolute(directory)
     self.data_items = dict(data_items or {})
     handlers = {STATE: ocp.StandardCheckpointHandler()}
     if self.data_items:
@@ -91,7 +99,7 @@ class Checkpointer:
            metrics: dict[str, float] | None = None) -> None:
     """Writes a checkpoint of `state`, `rng` and every data iterator."""
     items = {STATE: ocp.args.StandardSave(
-        {'train_state': state, 'rng': jax.random.key_data(rng)})}
+        {'train_state': state, 'rng': np.asarray(jax.random.key_data(rng))})}
     if self.data_items:
       gc = _grain_checkpoint()
       for name, it in self.data_items.items():
@@ -113,13 +121,13 @@ class Checkpointer:
       `(train_state, rng)`.
     """
     target = {'train_state': abstract_state,
-              'rng': jax.ShapeDtypeStruct((2,), jax.numpy.uint32)}
-    items = {STATE: ocp.args.StandardRestore(target)}
-    if restore_data and self.data_items:
-      gc = _grain_checkpoint()
+              'rng': np.zeros((2,), np.uint32)}
+    restored = self.manager.restore(
+        step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target)}))
+    if restore_data:
       for name, it in self.data_items.items():
-        items[f'data_{name}'] = gc.CheckpointRestore(it)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        it.set_state(read_iterator_state(
+            epath.Path(self.directory) / str(step) / f'data_{name}'))
     tree = restored[STATE]
     return tree['train_state'], jax.random.wrap_key_data(tree['rng'])
 
@@ -131,25 +139,47 @@ class Checkpointer:
     self.manager.close()
 
 
+def read_iterator_state(item_dir) -> Any:
+  """The grain iterator state this process resumes from, any process count.
+
+  grain writes one `process_<i>-of-<n>.json` per process. The pipeline's
+  state is the number of global batches read, the same on every host
+  (`data/pipeline.py`), so a run with another process count resumes from
+  the files of the run that wrote them, once checked to agree.
+  """
+  item_dir = epath.Path(item_dir)
+  own = item_dir / f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+  if own.exists():
+    return json.loads(own.read_text())
+  files = sorted(item_dir.glob('process_*-of-*.json'))
+  if not files:
+    raise FileNotFoundError(f'no data iterator state in {item_dir}')
+  states = [json.loads(f.read_text()) for f in files]
+  if any(state != states[0] for state in states[1:]):
+    raise ValueError(
+        f'{item_dir}: the data iterator states of the {len(files)} processes that '
+        f'wrote this checkpoint differ, so it cannot resume with '
+        f'{jax.process_count()} processes')
+  return states[0]
+
+
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Writes `DIR/config.json` (process 0 only)."""
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, 'config.json')
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(tmp, path)
+  path = epath.Path(workdir) / 'config.json'
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / 'config.json.tmp'
+  tmp.write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+  tmp.replace(path)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """Reads `DIR/config.json` back into a ConfigDict (tuples become lists)."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / 'config.json'
+  if not path.exists():
     raise FileNotFoundError(f'{path} does not exist: is {workdir!r} a dssn_jax workdir?')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def resolve_step(checkpointer: Checkpointer, which: str | int) -> int:
@@ -180,7 +210,7 @@ def restore_for_eval(workdir: str, which: str | int = 'best'):
   """
   config = load_config(workdir)
   manager = ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), 'checkpoints'),
+      _absolute(epath.Path(workdir) / 'checkpoints'),
       options=ocp.CheckpointManagerOptions(
           read_only=True, save_interval_steps=0, create=False),
       item_names=(STATE,),

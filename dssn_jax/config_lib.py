@@ -98,7 +98,8 @@ def base_config() -> ml_collections.ConfigDict:
       num_labeled=0, class_names=''))
   c.data.digits = ml_collections.ConfigDict(dict(
       image_size=96, num_labeled=20, num_unlabeled=2000, num_val=300,
-      tail=0.7, max_digits=4, data_seed=0))
+      tail=0.7, max_digits=4, data_seed=0,
+      clutter=(2, 5)))  # min, max non-digit clutter items per scene
 
   c.loss = ml_collections.ConfigDict()
   c.loss.sup_type = 'ce'  # ce | ohem

@@ -17,13 +17,12 @@ train step, evaluation and checkpointing.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from typing import Any
 
+from etils import epath
 import jax
-import jax.experimental.multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -40,14 +39,20 @@ from dssn_jax.data import sources
 
 
 class MetricWriter:
-  """metrics.jsonl + TensorBoard, written by process 0 only."""
+  """metrics.jsonl + TensorBoard, written by process 0 only.
 
-  def __init__(self, workdir: str):
+  `workdir` may be a local path or a `gs://` URL. Object stores cannot
+  append, so the (small) metrics file is rewritten whole, atomically, on
+  every write, starting from the lines `previous` already there.
+  """
+
+  def __init__(self, workdir: str, previous: list[str] = ()):
     self.enabled = jax.process_index() == 0
     self._tb = None
+    self._path = epath.Path(workdir) / 'metrics.jsonl'
+    self._lines = list(previous)
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      epath.Path(workdir).mkdir(parents=True, exist_ok=True)
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
         self._tb = SummaryWriter(workdir)
@@ -57,8 +62,8 @@ class MetricWriter:
   def write(self, record: dict[str, Any]) -> None:
     if not self.enabled:
       return
-    self._jsonl.write(json.dumps(record) + '\n')
-    self._jsonl.flush()
+    self._lines.append(json.dumps(record))
+    _write_lines(self._path, self._lines)
     if self._tb is not None:
       split, step = record['split'], record['step']
       for key, value in record.items():
@@ -71,7 +76,6 @@ class MetricWriter:
 
   def close(self) -> None:
     if self.enabled:
-      self._jsonl.close()
       if self._tb is not None:
         self._tb.close()
 
@@ -137,7 +141,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     A summary dict: last and best mIoU of student and teacher (percent),
     the final step, and whether the run stopped early on SIGTERM.
   """
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   ckpt_lib.save_config(workdir, config)
   mesh = parallel.make_mesh()
   settings = config_lib.resolve_method(config)
@@ -162,7 +166,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   del variables
 
   checkpointer = ckpt_lib.Checkpointer(
-      os.path.join(workdir, 'checkpoints'), keep=config.train.keep_checkpoints,
+      str(epath.Path(workdir) / 'checkpoints'), keep=config.train.keep_checkpoints,
       data_items=data.checkpoint_items())
   start = checkpointer.latest_step()
   if start is not None:
@@ -177,8 +181,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                    poly_power=config.train.poly_power)
   evaluator = evaluate.Evaluator(model, config, mesh)
   names = sources.class_names(config)
-  history = _rewind_metrics(workdir, start)
-  writer = MetricWriter(workdir)
+  kept_lines, history = _rewind_metrics(workdir, start)
+  writer = MetricWriter(workdir, kept_lines)
 
   def run_eval(step: int) -> dict[str, Any]:
     models_to_eval = {'teacher': {'params': state.teacher_params,
@@ -249,32 +253,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return summary
 
 
-def _rewind_metrics(workdir: str, upto: int) -> list[dict[str, Any]]:
-  """Drops metrics.jsonl lines after step `upto`; returns the eval lines kept.
+def _write_lines(path: epath.Path, lines: list[str]) -> None:
+  """Writes `lines` to `path` atomically (temporary file, then rename)."""
+  tmp = path.parent / (path.name + '.tmp')
+  tmp.write_text(''.join(line + '\n' for line in lines))
+  tmp.replace(path)
 
-  A run resumed from the checkpoint at `upto` will write the later steps
-  again, so lines a killed run wrote after its last checkpoint must go.
+
+def _rewind_metrics(workdir: str, upto: int) -> tuple[list[str], list[dict[str, Any]]]:
+  """metrics.jsonl lines up to step `upto`, and the eval records among them.
+
+  A run resumed from the checkpoint at `upto` writes the later steps again,
+  so lines a killed run wrote after its last checkpoint are dropped.
   """
-  path = os.path.join(workdir, 'metrics.jsonl')
+  path = epath.Path(workdir) / 'metrics.jsonl'
   kept, evals = [], []
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        line = line.strip()
-        if not line:
-          continue
-        rec = json.loads(line)
-        if rec['step'] <= upto:
-          kept.append(line)
-          if rec.get('split') == 'eval':
-            evals.append(rec)
-  jax.experimental.multihost_utils.sync_global_devices('rewind_metrics_read')
-  if jax.process_index() == 0 and os.path.exists(path):
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-      f.writelines(line + '\n' for line in kept)
-    os.replace(tmp, path)
-  return evals
+  if path.exists():
+    for line in path.read_text().splitlines():
+      line = line.strip()
+      if not line:
+        continue
+      rec = json.loads(line)
+      if rec['step'] <= upto:
+        kept.append(line)
+        if rec.get('split') == 'eval':
+          evals.append(rec)
+  return kept, evals
 
 
 def summarize(history: list[dict[str, Any]]) -> dict[str, float | None]:

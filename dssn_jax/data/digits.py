@@ -139,13 +139,14 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
   return np.clip(image, 0.0, 255.0, out=image)
 
 
-def _draw_clutter(rng: np.random.Generator, image: np.ndarray) -> None:
-  """In place: 2..5 non-digit items (curved strokes, arcs, blobs) of
-  digit-like stroke width and colour, so that a bright stroke alone does not
-  mean "digit"."""
+def _draw_clutter(rng: np.random.Generator, image: np.ndarray,
+                  count: tuple[int, int] = (2, 5)) -> None:
+  """In place: `count[0]..count[1]` non-digit items (curved strokes, arcs,
+  blobs) of digit-like stroke width and colour, so that a bright stroke alone
+  does not mean "digit"."""
   size = image.shape[0]
   canvas = np.zeros((size, size), np.uint8)
-  for _ in range(int(rng.integers(2, 6))):
+  for _ in range(int(rng.integers(count[0], count[1] + 1))):
     canvas[:] = 0
     kind = int(rng.integers(3))
     thick = int(rng.integers(2, max(3, size // 14)))
@@ -234,7 +235,8 @@ class DigitScenes:
 
   def __init__(self, split: str, num_scenes: int, *, offset: int = 0,
                image_size: int = 96, tail: float = 0.7, max_digits: int = 4,
-               data_seed: int = 0, with_mask: bool | None = None):
+               data_seed: int = 0, with_mask: bool | None = None,
+               clutter: tuple[int, int] = (2, 5)):
     if split not in SPLITS:
       raise ValueError(f'digits split {split!r} is not one of {SPLITS}')
     if int(num_scenes) < 0 or int(offset) < 0:
@@ -252,6 +254,10 @@ class DigitScenes:
     self.tail = float(tail)
     self.max_digits = int(max_digits)
     self.data_seed = int(data_seed)
+    lo, hi = (int(v) for v in clutter)
+    if not 0 <= lo <= hi:
+      raise ValueError(f'config.data.digits.clutter={tuple(clutter)} must be 0 <= min <= max')
+    self.clutter = (lo, hi)
     self.with_mask = (split != 'unlabeled') if with_mask is None else bool(with_mask)
     self.probs = class_probabilities(self.tail, self.data_seed)
 
@@ -262,7 +268,8 @@ class DigitScenes:
     return (f'DigitScenes(split={self.split!r}, num_scenes={self.num_scenes}, '
             f'offset={self.offset}, image_size={self.image_size}, '
             f'tail={self.tail}, max_digits={self.max_digits}, '
-            f'data_seed={self.data_seed}, with_mask={self.with_mask})')
+            f'data_seed={self.data_seed}, clutter={self.clutter}, '
+            f'with_mask={self.with_mask})')
 
   def _scene(self, index: Any) -> int:
     i = operator.index(index)
@@ -298,7 +305,7 @@ class DigitScenes:
         [self.data_seed, _POOL_CODE[self.pool], scene, 20231])
     size = self.image_size
     image = _background(rng, size)
-    _draw_clutter(rng, image)
+    _draw_clutter(rng, image, self.clutter)
     noise = rng.standard_normal(image.shape, dtype=np.float32)
     mask = np.zeros((size, size), np.uint8)
     placements = []
@@ -363,4 +370,5 @@ def get_source(config, split: str) -> DigitScenes:
       split, int(counts[split]),
       offset=int(d.num_labeled) if split == 'unlabeled' else 0,
       image_size=int(d.image_size), tail=float(d.tail),
-      max_digits=int(d.max_digits), data_seed=int(d.data_seed))
+      max_digits=int(d.max_digits), data_seed=int(d.data_seed),
+      clutter=tuple(d.get('clutter', (2, 5))))
