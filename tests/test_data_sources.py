@@ -7,6 +7,8 @@ import sys
 import types
 
 import numpy as np
+
+import dssn_jax.data
 from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
@@ -170,6 +172,9 @@ def test_digits_dispatch(monkeypatch):
   fake.CLASS_NAMES = tuple(f'd{i}' for i in range(11))
   fake.PALETTE = np.zeros((11, 3), np.uint8)
   monkeypatch.setitem(sys.modules, 'dssn_jax.data.digits', fake)
+  # `from dssn_jax.data import digits` reads the package attribute once the
+  # real module has been imported by an earlier test.
+  monkeypatch.setattr(dssn_jax.data, 'digits', fake, raising=False)
   config = fd.config_for('digits', num_classes=11)
   assert sources.get_source(config, 'val') == ('digits source', 'val')
   assert sources.class_names(config)[10] == 'd10'
