@@ -212,7 +212,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   with _Preemption() as preemption:
     while step < schedule.total_steps:
       batch = next(data)
-      state, metrics = step_fn(state, batch, jax.random.fold_in(train_rng, step))
+      state, metrics = step_fn(state, batch, jax.random.fold_in(train_rng, step), step=step)
       step += 1
       n_log += 1
       pending.append(metrics)

@@ -50,6 +50,7 @@ device or many.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -368,14 +369,52 @@ def make_train_step(model, tx: optax.GradientTransformation, settings: MethodSet
   """`train_step` compiled over `mesh`: batch sharded on `data`, state
   replicated and donated, metrics replicated.
 
+  With `settings.teacher_bn == 'reference'` the teacher's BatchNorm mode
+  changes once, after the first epoch. Rather than a `lax.cond` in the
+  program, two programs are compiled (the second when it is first needed)
+  and the step number picks one, so each step runs exactly the computation
+  of its mode.
+
   Returns:
-    `fn(state, batch, rng) -> (state, metrics)`; `state` must be replicated
-    on `mesh` (`parallel.replicate`) and `batch` global arrays sharded on
+    `fn(state, batch, rng, step=None) -> (state, metrics)`, with
+    `fn.lower(state, batch, rng, step=None)`; `step` is the host-side step
+    number (read from `state` when omitted). `state` must be replicated on
+    `mesh` (`parallel.replicate`) and `batch` global arrays sharded on
     `data` (`parallel.shard_batch`).
   """
-  step = functools.partial(train_step, model=model, tx=tx, settings=settings,
-                           schedule=schedule, ema_decay=float(ema_decay),
-                           poly_power=float(poly_power))
   rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  return jax.jit(step, in_shardings=(rep, data, rep), out_shardings=(rep, rep),
-                 donate_argnums=(0,))
+
+  def compile_for(phase_settings):
+    step = functools.partial(train_step, model=model, tx=tx, settings=phase_settings,
+                             schedule=schedule, ema_decay=float(ema_decay),
+                             poly_power=float(poly_power))
+    return jax.jit(step, in_shardings=(rep, data, rep), out_shardings=(rep, rep),
+                   donate_argnums=(0,))
+
+  return _PhasedStep(settings, schedule, compile_for)
+
+
+class _PhasedStep:
+  """Dispatches to the compiled step of the teacher-BN mode of each step."""
+
+  def __init__(self, settings: MethodSettings, schedule: Schedule, compile_for):
+    self._settings, self._schedule = settings, schedule
+    self._compile_for = compile_for
+    self._compiled = {}
+
+  def _for_step(self, state, step):
+    mode = self._settings.teacher_bn
+    if mode == 'reference':
+      if step is None:
+        step = int(jax.device_get(state.step))
+      mode = 'batch' if step < self._schedule.steps_per_epoch else 'running'
+    if mode not in self._compiled:
+      self._compiled[mode] = self._compile_for(
+          dataclasses.replace(self._settings, teacher_bn=mode))
+    return self._compiled[mode]
+
+  def __call__(self, state, batch, rng, step: int | None = None):
+    return self._for_step(state, step)(state, batch, rng)
+
+  def lower(self, state, batch, rng, step: int | None = None):
+    return self._for_step(state, step).lower(state, batch, rng)
