@@ -1,0 +1,104 @@
+"""Smoke tests of `benchmarks/step_speed.py` at a tiny size (no timing asserted).
+
+The jitted run uses the supervised step (one forward and backward of
+`resnet_tiny`: the cheapest compile that still goes through the whole
+benchmark); the DSSN iteration itself is covered by test_train_step.py, and
+here by the PyTorch step, which needs no compile.
+"""
+
+import importlib.util
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SPEC = importlib.util.spec_from_file_location(
+    'step_speed', os.path.join(ROOT, 'benchmarks', 'step_speed.py'))
+step_speed = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(step_speed)
+
+LINE = re.compile(r'^step_speed: backbone=(\S+) crop=(\d+) batch=(\d+) dtype=(\S+) '
+                  r'median_s=([0-9.]+) images_per_s=([0-9.]+)( .*)?$')
+TINY = ['--backbone', 'resnet_tiny', '--crop', '33', '--batch', '2', '--num-classes', '4']
+
+
+def test_synthetic_batch_matches_design():
+  batch = step_speed.synthetic_batch(3, 33, 4, supervised=False)
+  images = ('x', 'u_w', 'u_s1', 'u_s2', 'm_w', 'm_s1', 'm_s2')
+  assert set(batch) == set(images) | {'y', 'u_ignore', 'm_ignore', 'box1', 'box2'}
+  for k in images:
+    assert batch[k].dtype == np.uint8 and batch[k].shape == (3, 33, 33, 3), k
+  for k in ('y', 'u_ignore', 'm_ignore'):
+    assert batch[k].dtype == np.int32 and batch[k].shape == (3, 33, 33), k
+  for k in ('box1', 'box2'):
+    assert batch[k].dtype == bool and batch[k].shape == (3, 33, 33), k
+    assert batch[k].any(axis=(1, 2)).all() and not batch[k].all(axis=(1, 2)).any()
+  y = batch['y']
+  assert set(np.unique(y)) <= {0, 1, 2, 3, 255} and (y == 255).any() and (y < 4).any()
+  assert set(np.unique(batch['u_ignore'])) == {0, 255}
+  supervised = step_speed.synthetic_batch(2, 17, 4, supervised=True)
+  assert set(supervised) == {'x', 'y'}
+
+
+def test_jax_run_prints_table_and_machine_line(capsys):
+  rows = step_speed.main(TINY + ['--method', 'supervised', '--steps', '2', '--warmup', '1'])
+  out = capsys.readouterr().out.strip().splitlines()
+  assert len(rows) == 1
+  row = rows[0]
+  match = LINE.match(out[-1])
+  assert match, out[-1]
+  backbone, crop, batch, dtype, median_s, images_per_s, rest = match.groups()
+  assert (backbone, crop, batch, dtype) == ('resnet_tiny', '33', '2', 'float32')
+  assert 'impl=jax' in rest and 'method=supervised' in rest and 'remat=0' in rest
+  median_s, images_per_s = float(median_s), float(images_per_s)
+  assert median_s > 0
+  # Supervised: the labeled images of the global batch per step.
+  assert images_per_s == pytest.approx(2 * row['devices'] / median_s, rel=1e-2)
+  assert row['compile_s'] > 0 and math.isfinite(row['loss'])
+  assert row['flops'] > 1e6  # XLA counted the convolutions
+  assert row['xla_bytes'] > row['xla_temp_bytes'] > 0
+  header = next(line for line in out if line.split()[:2] == ['impl', 'remat'])
+  for column in ('compile_s', 'median_s', 'images/s', 'peak_mem', 'xla_mem', 'xla_temp',
+                 'TFLOP/s'):
+    assert column in header
+  assert any(line.startswith('# load average') for line in out)
+
+
+def test_torch_dssn_step_runs(capsys):
+  rows = step_speed.main(TINY + ['--torch-only', '--steps', '1', '--warmup', '1'])
+  out = capsys.readouterr().out.strip().splitlines()
+  (row,) = rows
+  assert row['impl'] == 'torch' and math.isfinite(row['loss']) and row['loss'] > 0
+  match = LINE.match(out[-1])
+  assert match and 'impl=torch' in out[-1] and 'method=dssn' in out[-1], out[-1]
+  # DSSN: labeled + unlabeled images.
+  assert row['images_per_s'] == pytest.approx(4 / row['median_s'])
+
+
+def test_table_percent_of_peak_and_missing_values():
+  row = dict(impl='jax', remat=True, dtype='bfloat16', batch=4, devices=2, compile_s=10.0,
+             median_s=0.5, min_s=0.4, cpu_s=None, images_per_s=32.0, peak_bytes=None,
+             xla_bytes=3 * 2**30, xla_temp_bytes=2**29, flops=5e11, flops_per_s=1e12)
+  table = step_speed.format_table([row], peak_tflops=4.0)
+  cells = table.splitlines()[1].split()
+  assert cells[:4] == ['jax', 'yes', 'bfloat16', '4x2']
+  assert cells[-1] == '25.0'  # 1 TFLOP/s of a 4 TFLOP/s peak
+  assert 'n/a' in cells  # no device memory statistics
+  assert '3.00' in cells and '0.50' in cells and '500.0' in cells  # GiB, GiB, GFLOP
+  no_peak = step_speed.format_table([row], peak_tflops=None).splitlines()[1].split()
+  assert no_peak[-1] == 'n/a'
+
+
+@pytest.mark.parametrize('argv', [
+    ['--compare-remat', '--remat'],
+    ['--batch', '0'],
+    ['--torch', '--method', 'unimatch'],
+    ['--backbone', 'resnet18'],
+])
+def test_bad_flags_are_rejected(argv, capsys):
+  with pytest.raises(SystemExit):
+    step_speed.parse_args(argv)
+  assert 'error' in capsys.readouterr().err
