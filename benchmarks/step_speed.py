@@ -5,7 +5,8 @@ r"""Speed of one training iteration: compile time, step time, memory, FLOP/s.
         --dtype bfloat16 --peak-tflops 989        # H100 SXM dense bf16 peak
     python benchmarks/step_speed.py --compare-remat     # with and without remat
     python benchmarks/step_speed.py --torch             # also the PyTorch step
-    XLA_FLAGS=--xla_cpu_use_xnnpack=true python benchmarks/step_speed.py
+    XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution \
+        python benchmarks/step_speed.py --torch       # CPU: Eigen convolutions
 
 Builds the full `train_step` of `--method` (default DSSN: two teacher
 forwards, the student forward with two perturbed decoder copies, the student
@@ -32,7 +33,10 @@ the docs/design.md layout. It reports
   rate's fraction of `--peak-tflops`.
 
 `--compare-remat` runs the step without and with `config.train.remat`, each
-in its own process so the device's peak memory belongs to one program.
+in its own process so the device's peak memory belongs to one program. (On
+XLA:CPU remat saves nothing: the CPU compiler drops the optimization
+barriers and common-subexpression elimination merges the recomputation back
+into the forward pass; compare on a GPU or TPU.)
 `--torch` also times the same iteration written in plain PyTorch (the
 deep-stem ResNet + DeepLabV3+ of `tests/torch_reference.py`, the same loss
 terms, `torch.optim.SGD`, EMA teacher), float32 or bf16 autocast, on the
@@ -60,10 +64,21 @@ import sys
 import time
 from typing import Any
 
+import jax
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from dssn_jax import config_lib
+from dssn_jax import models
+from dssn_jax import optim
+from dssn_jax import parallel
+from dssn_jax import train_step as ts_lib
+from dssn_jax.models.resnet import BACKBONES
+from dssn_jax.train import initial_variables
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 METHODS = ('dssn', 'unimatch', 'fixmatch', 'supervised')
 JSON_PREFIX = 'step_speed_json: '
@@ -147,7 +162,7 @@ def images_per_step(global_batch: int, method: str) -> int:
 
 
 def make_config(args: argparse.Namespace, remat: bool):
-  from dssn_jax import config_lib  # pylint: disable=g-import-not-at-top
+  """The experiment config of the measured step (base config + flags)."""
   config = config_lib.base_config()
   config.method = args.method
   config.model.backbone = args.backbone
@@ -215,11 +230,6 @@ def _base_info(args: argparse.Namespace, impl: str, remat: bool, devices: int,
 
 def prepare_jax(args: argparse.Namespace, remat: bool) -> Step:
   """Builds and compiles the jitted train step on every visible device."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from dssn_jax import config_lib, models, optim, parallel  # pylint: disable=g-import-not-at-top
-  from dssn_jax import train_step as ts_lib  # pylint: disable=g-import-not-at-top
-  from dssn_jax.train import initial_variables  # pylint: disable=g-import-not-at-top
-
   config = make_config(args, remat)
   mesh = parallel.make_mesh()
   n_dev = jax.device_count()
@@ -283,10 +293,8 @@ def _torch_model(backbone: str, num_classes: int):
   """`tests/torch_reference.DeepLabV3Plus` with our backbone's sizes."""
   sys.path.insert(0, os.path.join(ROOT, 'tests'))
   import torch_reference  # pylint: disable=g-import-not-at-top
-  from dssn_jax.models import HEAD_WIDTHS  # pylint: disable=g-import-not-at-top
-  from dssn_jax.models.resnet import BACKBONES  # pylint: disable=g-import-not-at-top
   blocks, widths, stem = BACKBONES[backbone]
-  head = HEAD_WIDTHS[backbone]
+  head = models.HEAD_WIDTHS[backbone]
   return torch_reference.DeepLabV3Plus(
       num_classes, blocks=blocks, widths=widths, stem=stem,
       aspp=head['aspp_features'], low=head['low_level_features'],

@@ -68,7 +68,8 @@ def test_jax_run_prints_table_and_machine_line(capsys):
 
 
 def test_torch_dssn_step_runs(capsys):
-  rows = step_speed.main(TINY + ['--torch-only', '--steps', '1', '--warmup', '1'])
+  rows = step_speed.main(TINY + ['--torch-only', '--torch-threads', '1', '--steps', '1',
+                               '--warmup', '1'])
   out = capsys.readouterr().out.strip().splitlines()
   (row,) = rows
   assert row['impl'] == 'torch' and math.isfinite(row['loss']) and row['loss'] > 0
