@@ -10,7 +10,8 @@ r"""Speed of one training iteration: compile time, step time, memory, FLOP/s.
 
 Builds the full `train_step` of `--method` (default DSSN: two teacher
 forwards, the student forward with two perturbed decoder copies, the student
-forward on the strong views, backward, SGD, EMA) for a random-init model,
+forward on the strong views, backward, SGD, EMA; the first epoch's program,
+whose teacher uses batch statistics) for a random-init model,
 compiles it over every visible device (global batch = `--batch` labeled +
 `--batch` unlabeled images per device) and runs it on a synthetic batch in
 the docs/design.md layout. It reports
