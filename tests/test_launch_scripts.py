@@ -367,6 +367,6 @@ def test_readme_shows_the_real_dry_run_output():
       'launch/local_multihost.sh', 'launch/gpu.sh', 'launch/tpu_pod.sh'}
   for command, shown in blocks:
     result = subprocess.run(['bash', '-c', command], cwd=ROOT, capture_output=True, text=True,
-                            env=dict(os.environ, PYTHON='python3'), timeout=60)
+                            env=dict(os.environ, PYTHON='python3', TMPDIR='/tmp'), timeout=60)
     assert result.returncode == 0, (command, result.stderr)
     assert _normalize(result.stdout) == _normalize(shown), command
