@@ -25,7 +25,9 @@ the running statistics (which then change only through the EMA). The
 reference does both: its teacher runs in train mode until the first
 end-of-epoch evaluation calls `model_tea.eval()`, which its loop never
 undoes. `reference` (the default) reproduces that: batch statistics while
-`step < schedule.steps_per_epoch`, running statistics after.
+`step < schedule.steps_per_epoch`, running statistics after. With running
+statistics BatchNorm is per sample, so steps 1 and 6 run as one teacher call
+on concat(m_w, u_w): the same logits, one pass instead of two.
 
 Methods with `settings.teacher == 'student'` (UniMatch, FixMatch) take the
 mix partner's targets from a no-gradient student forward with running
@@ -228,21 +230,34 @@ def objective(params, state: TrainState, batch: dict[str, jax.Array], rng: jax.A
   # 1. Mix partner targets: EMA teacher, or the student in eval mode.
   teacher_bs = state.teacher_batch_stats
 
-  def teacher_forward(images, stats):
-    """EMA teacher -> (logits, its batch_stats after the call)."""
-    def run(train):
-      logits, _, new = _forward(model, state.teacher_params, stats, images, train=train)
-      return logits, new
+  def teacher_targets(stats):
+    """EMA teacher on (m_w, u_w) -> (T_m, T_w, its batch_stats after).
+
+    With batch-statistics BN the two calls run in turn, m_w first (each
+    normalized by its own batch, the statistics threaded as in the
+    reference). With running statistics BN is per sample, so one call on
+    both views gives the same logits at half the kernel launches.
+    """
+    def sequential():
+      t_m, _, new = _forward(model, state.teacher_params, stats, m_w, train=True)
+      t_w, _, new = _forward(model, state.teacher_params, new, u_w, train=True)
+      return t_m, t_w, new
+    def batched():
+      both, _, _ = _forward(model, state.teacher_params, stats,
+                            jnp.concatenate([m_w, u_w]), train=False)
+      t_m, t_w = jnp.split(both, 2)
+      return t_m, t_w, stats
     if s.teacher_bn == 'reference':
-      return jax.lax.cond(state.step < schedule.steps_per_epoch,
-                          lambda: run(True), lambda: run(False))
-    return run(s.teacher_bn == 'batch')
+      return jax.lax.cond(state.step < schedule.steps_per_epoch, sequential, batched)
+    return sequential() if s.teacher_bn == 'batch' else batched()
   if strong_terms:
     m_w = normalize(batch['m_w'])
     if s.teacher == 'ema':
-      t_m, teacher_bs = teacher_forward(m_w, teacher_bs)
+      t_m, t_w, teacher_bs = teacher_targets(teacher_bs)
+      t_w = jax.lax.stop_gradient(t_w)
     elif s.teacher == 'student':
       t_m, _, _ = _forward(model, state.params, state.batch_stats, m_w, train=False)
+      t_w = None  # the student's own weak-view prediction, below
     else:
       raise ValueError(f'settings.teacher={s.teacher!r} must be ema or student')
     t_m = jax.lax.stop_gradient(t_m)
@@ -280,10 +295,7 @@ def objective(params, state: TrainState, batch: dict[str, jax.Array], rng: jax.A
     weighted.append(s.sup * terms['loss_x'])
 
   if strong_terms:
-    if s.teacher == 'ema':
-      t_w, teacher_bs = teacher_forward(u_w, teacher_bs)
-      t_w = jax.lax.stop_gradient(t_w)
-    else:
+    if t_w is None:
       t_w = p_w
     strong_weight = jnp.where(warm, 0.0, s.strong)
     for k, suffix in enumerate(_suffixes(views)):

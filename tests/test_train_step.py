@@ -21,9 +21,11 @@ import optax
 import pytest
 
 from dssn_jax import config_lib
+from dssn_jax import losses
 from dssn_jax import models
 from dssn_jax import optim
 from dssn_jax import parallel
+from dssn_jax import pseudo_labels
 from dssn_jax import train_step as ts
 from dssn_jax.data.normalize import normalize
 
@@ -233,6 +235,47 @@ def test_reference_teacher_bn_switches_to_running_after_the_first_epoch(model, m
                s2.teacher_batch_stats, s1.teacher_batch_stats, s2.batch_stats)
 
 
+def test_running_teacher_one_call_gives_the_two_calls_targets(model):
+  """With running-statistics BN the teacher labels m_w and u_w in one call;
+  the strong-view losses equal those from two separate teacher calls."""
+  config = make_config()
+  config.train.teacher_bn = 'running'
+  settings = config_lib.resolve_method(config)
+  schedule = make_schedule(config, warmup_steps=0)
+  state = ts.create_train_state(model, optax.sgd(0.1), jax.random.key(0), 33,
+                                variables=initial_variables(model))
+  # A teacher that differs from the student, with non-trivial statistics.
+  state = state.replace(
+      teacher_params=jax.tree.map(lambda p: p * 1.1, state.params),
+      teacher_batch_stats=jax.tree.map(lambda v: v + 0.1, state.batch_stats))
+  batch = make_batch(33, batch=3)
+  rng = jax.random.key(3)
+  _, aux = ts.objective(state.params, state, batch, rng, model=model,
+                        settings=settings, schedule=schedule)
+  assert_tree_equal(aux.teacher_batch_stats, state.teacher_batch_stats)
+
+  teacher = {'params': state.teacher_params, 'batch_stats': state.teacher_batch_stats}
+  t_m = model.apply(teacher, normalize(batch['m_w']), train=False)[0]
+  t_w = model.apply(teacher, normalize(batch['u_w']), train=False)[0]
+  x, u_w = normalize(batch['x']), normalize(batch['u_w'])
+  _, _, bs = ts._forward(model, state.params, state.batch_stats, jnp.concatenate([x, u_w]),
+                         train=True, perturb=settings.fp_branches,
+                         rng=jax.random.fold_in(rng, 0))
+  strong = normalize(jnp.concatenate([
+      pseudo_labels.compose_cutmix(batch[box], batch[m_s], batch[u_s])
+      for u_s, m_s, box in ts.VIEW_KEYS[:2]]))
+  p_s = jnp.split(ts._forward(model, state.params, bs, strong, train=True)[0], 2)
+  for k, (suffix, key) in enumerate((('1', 'box1'), ('2', 'box2'))):
+    t_k = pseudo_labels.compose_cutmix(batch[key], t_m, t_w)
+    valid = pseudo_labels.compose_cutmix(batch[key], batch['m_ignore'], batch['u_ignore']) != 255
+    mask = pseudo_labels.confidence_mask(
+        t_k, settings.pseudo_label, threshold=settings.threshold,
+        high=settings.class_aware_high, scale=settings.class_aware_scale)
+    want = losses.pseudo_label_ce(p_s[k], pseudo_labels.hard_labels(t_k), mask, valid)
+    np.testing.assert_allclose(float(aux.metrics['loss_s' + suffix]), float(want),
+                               rtol=1e-5, atol=1e-6)
+
+
 METHOD_TERMS = {
     'unimatch': {'loss', 'loss_x', 'loss_s1', 'loss_s2', 'loss_fp', 'mask_ratio', 'lr',
                  'grad_norm'},
@@ -358,14 +401,18 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent('''
     m1, m8 = out[1]['metrics'][0], out[8]['metrics'][0]
     s1, s8 = out[1]['states'][1], out[8]['states'][1]
     diffs = jax.tree.leaves(jax.tree.map(
-        lambda a, b: float(np.max(np.abs(a - b) / (1e-5 + 1e-5 * np.abs(b)))), s8, s1))
+        lambda a, b: float(np.max(np.abs(a - b) / (1e-4 + 1e-4 * np.abs(b)))), s8, s1))
     print(json.dumps(dict(m1=m1, m8=m8, worst=max(diffs))))
 ''')
 
 
 @pytest.mark.slow
 def test_one_vs_eight_devices():
-  """Same step on 1 and 8 CPU devices: loss and every state leaf within 1e-5."""
+  """Same step on 1 and 8 CPU devices: every loss term within 1e-5, every
+  state leaf within 1e-4 (the stem-conv gradients sum ~10^5 products, and
+  the order of that sum differs between one device and an all-reduce over
+  eight: measured 4.5x over a 1e-5 bound on the momentum trace of
+  `stem_conv1` with jax 0.10.2 on this CPU)."""
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS='--xla_force_host_platform_device_count=8')
   script = _MULTI_DEVICE_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
@@ -378,6 +425,6 @@ def test_one_vs_eight_devices():
   for key in m1:
     np.testing.assert_allclose(m8[key], m1[key], rtol=1e-5, atol=1e-5, err_msg=key)
   assert m1['loss_s1'] > 0 and m1['mask_ratio'] == 1.0
-  # |a - b| <= 1e-5 + 1e-5 |b| on every params, BN-statistics, teacher and
+  # |a - b| <= 1e-4 + 1e-4 |b| on every params, BN-statistics, teacher and
   # optimizer leaf.
   assert result['worst'] <= 1.0, result['worst']
