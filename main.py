@@ -9,12 +9,12 @@ Multi-host (Cloud TPU pods, SLURM, Open MPI) is detected by
 --num_processes and --process_id on every process (see launch/README.md).
 """
 
-import os
-
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from dssn_jax import xla_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -30,20 +30,9 @@ flags.DEFINE_bool('distributed', None,
                   '(default: only when the flags above or a cluster environment say so).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-# XLA:CPU convolutions through Eigen rather than YNNPACK: the ResNet-50 DSSN
-# step (crop 161, 2+2) ran 1.6-2x faster on 2 cores (benchmarks/step_speed.py,
-# README "Performance"). CPU backend only; a user's own setting wins.
-CPU_XLA_FLAGS = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
-
-
-def _default_xla_flags() -> None:
-  current = os.environ.get('XLA_FLAGS', '')
-  if 'xla_cpu_experimental_ynn_fusion_type' not in current:
-    os.environ['XLA_FLAGS'] = f'{current} {CPU_XLA_FLAGS}'.strip()
-
 
 def main(argv):
-  _default_xla_flags()  # before anything imports jax
+  xla_flags.set_default_cpu_flags()  # before anything imports jax
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not FLAGS['verbosity'].present:

@@ -64,6 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.pretrained_layout = 'dssn'  # dssn | torchvision | timm
   c.model.deep_stem = True  # False: torchvision 7x7 stem
   c.model.output_stride = 16  # 16 or 8
+  c.model.width_multiplier = 1.0  # scales every backbone and head width
   c.model.dtype = 'float32'  # compute dtype; params and BN statistics stay float32
   c.model.dropout = 0.5  # Dropout2d rate of the feature-perturbation branches
   c.model.fp_branches = config_dict.placeholder(int)  # None: method preset
@@ -80,6 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.workers = 2  # grain worker processes per host (0 = in-process)
   c.data.prefetch = 2  # batches buffered per worker
   c.data.scale_range = (0.5, 2.0)  # long-side rescale range
+  c.data.hflip = True  # random horizontal flip p=0.5 (False: never, e.g. digits)
   c.data.strong_ops = 3  # RandAugment-style ops per strong view, k ~ U{1..n}; 0 = off
   c.data.cutmix_p = 0.5
   # Mix partner of the cutmix: 'shuffled' = an independently ordered pass over
@@ -117,7 +119,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.epochs = config_dict.placeholder(float)
   c.train.lr = 0.002
   c.train.lr_multi = 10.0  # head (all but the backbone) learns at lr * lr_multi
-  c.train.momentum = 0.9
+  c.train.optimizer = 'sgd'  # sgd (reference) | adamw
+  c.train.momentum = 0.9  # sgd only
   c.train.weight_decay = 1e-4
   c.train.poly_power = 0.9
   c.train.scale_lr_with_batch = False

@@ -1,5 +1,9 @@
 """SGD with torch semantics, the reference's poly schedule and the head multiplier.
 
+`config.train.optimizer='adamw'` swaps SGD for AdamW (same schedule, same two
+groups); the reference, and the default, is 'sgd'. From-scratch narrow models
+(DigitScenes' `resnet_tiny`) learn digit shapes several times faster with it.
+
 The reference trains with `torch.optim.SGD(momentum=0.9, weight_decay=1e-4)`:
 the decay is added to the gradient of every parameter (BatchNorm scales and
 biases included), the momentum buffer starts as the first gradient (optax's
@@ -65,9 +69,19 @@ def torch_sgd(learning_rate, momentum: float = 0.9,
   return optax.chain(*parts)
 
 
+OPTIMIZERS = ('sgd', 'adamw')
+
+
+def adamw(learning_rate, weight_decay: float = 1e-4) -> optax.GradientTransformation:
+  """`optax.adamw` (b1 0.9, b2 0.999, eps 1e-8), decay decoupled and scaled
+  by the learning rate."""
+  return optax.adamw(learning_rate, weight_decay=weight_decay)
+
+
 def make_optimizer(schedule: Schedule, config=None, *, momentum: float | None = None,
                    weight_decay: float | None = None,
-                   poly_power: float | None = None) -> optax.GradientTransformation:
+                   poly_power: float | None = None,
+                   optimizer: str | None = None) -> optax.GradientTransformation:
   """The reference optimizer: backbone at `schedule.lr`, head at `schedule.head_lr`.
 
   Args:
@@ -76,6 +90,8 @@ def make_optimizer(schedule: Schedule, config=None, *, momentum: float | None = 
       `weight_decay` and `poly_power` are read from it.
     momentum, weight_decay, poly_power: explicit values win over `config`;
       defaults 0.9, 1e-4, 0.9 (the reference).
+    optimizer: 'sgd' (the reference) or 'adamw' (momentum unused); explicit
+      wins over `config.train.optimizer`, default 'sgd'.
   Returns:
     An optax transformation over the model's `params` dict.
   """
@@ -94,9 +110,16 @@ def make_optimizer(schedule: Schedule, config=None, *, momentum: float | None = 
   momentum = pick(momentum, 'momentum', 0.9)
   weight_decay = pick(weight_decay, 'weight_decay', 1e-4)
   poly_power = pick(poly_power, 'poly_power', 0.9)
+  if optimizer is None:
+    optimizer = config.train.get('optimizer', 'sgd') if config is not None else 'sgd'
+  if optimizer not in OPTIMIZERS:
+    raise ValueError(f'config.train.optimizer={optimizer!r} must be one of {OPTIMIZERS}')
+
+  def group(lr):
+    rate = poly_schedule(lr, schedule.total_steps, poly_power)
+    if optimizer == 'adamw':
+      return adamw(rate, weight_decay)
+    return torch_sgd(rate, momentum, weight_decay)
+
   return optax.multi_transform(
-      {BACKBONE: torch_sgd(poly_schedule(schedule.lr, schedule.total_steps, poly_power),
-                           momentum, weight_decay),
-       HEAD: torch_sgd(poly_schedule(schedule.head_lr, schedule.total_steps, poly_power),
-                       momentum, weight_decay)},
-      param_labels)
+      {BACKBONE: group(schedule.lr), HEAD: group(schedule.head_lr)}, param_labels)

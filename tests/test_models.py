@@ -260,3 +260,14 @@ def test_bad_options_are_named(kwargs, match):
   args.update(kwargs)
   with pytest.raises(ValueError, match=match):
     create_model(args.pop('backbone'), args.pop('num_classes'), **args)
+
+
+def test_width_multiplier_scales_backbone_and_head():
+  wide = create_model('resnet_tiny', NUM_CLASSES, width_multiplier=2.0)
+  shapes = jax.eval_shape(wide.init, jax.random.key(0), jnp.zeros((1, 33, 33, 3)))
+  params = shapes['params']
+  assert params['backbone']['stem_conv3']['kernel'].shape == (3, 3, 16, 32)
+  assert params['backbone']['layer4_0']['conv3']['kernel'].shape[-1] == 128 * 4
+  assert (wide.aspp_features, wide.low_level_features, wide.decoder_features) == (64, 16, 64)
+  with pytest.raises(ValueError, match='width_multiplier=0'):
+    create_model('resnet_tiny', NUM_CLASSES, width_multiplier=0)

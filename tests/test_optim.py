@@ -91,3 +91,44 @@ def test_reads_config_values():
 def test_rejects_a_config_in_place_of_the_schedule():
   with pytest.raises(ValueError, match='Schedule'):
     optim.make_optimizer(config_lib.base_config())
+
+
+def test_adamw_matches_torch_adamw_with_poly_lr_and_head_multiplier():
+  """`optimizer='adamw'`: torch.optim.AdamW per group, lr set by the same
+  poly rule as SGD (decay scaled by the lr, as torch's AdamW does)."""
+  total, lr, multi, wd = 6, 0.01, 3.0, 0.05
+  rng = np.random.default_rng(1)
+  init = {'backbone': {'w': rng.normal(size=4).astype(np.float32)},
+          'head': {'w': rng.normal(size=3).astype(np.float32)}}
+  grads = [{k: {'w': rng.normal(size=v['w'].shape).astype(np.float32)}
+            for k, v in init.items()} for _ in range(total)]
+  tb = torch.tensor(init['backbone']['w'], requires_grad=True)
+  th = torch.tensor(init['head']['w'], requires_grad=True)
+  opt = torch.optim.AdamW([{'params': [tb], 'lr': lr}, {'params': [th], 'lr': lr * multi}],
+                          lr=lr, weight_decay=wd)
+  for it, g in enumerate(grads):
+    tb.grad = torch.tensor(g['backbone']['w'])
+    th.grad = torch.tensor(g['head']['w'])
+    opt.step()
+    new_lr = lr * (1 - it / total) ** 0.9
+    opt.param_groups[0]['lr'] = new_lr
+    opt.param_groups[1]['lr'] = new_lr * multi
+
+  config = config_lib.base_config()
+  config.train.optimizer = 'adamw'
+  config.train.weight_decay = wd
+  tx = optim.make_optimizer(schedule(total=total, lr=lr, multi=multi), config)
+  params = jax.tree.map(jnp.asarray, init)
+  state = tx.init(params)
+  for g in grads:
+    updates, state = tx.update(jax.tree.map(jnp.asarray, g), state, params)
+    params = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(params['backbone']['w'], tb.detach().numpy(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(params['head']['w'], th.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_optimizer_is_named_in_the_error():
+  config = config_lib.base_config()
+  config.train.optimizer = 'lamb'
+  with pytest.raises(ValueError, match=r"config.train.optimizer='lamb'"):
+    optim.make_optimizer(schedule(), config)

@@ -149,6 +149,25 @@ def test_random_resized_crop_keeps_image_and_mask_aligned():
   assert 0.2 < np.mean(orientations) < 0.8
 
 
+def test_hflip_off_never_flips_and_keeps_the_other_draws():
+  image, mask = _halves(60, 90)
+  flipped = 0
+  for seed in range(30):
+    on = T.random_resized_crop(image, mask, np.random.default_rng(seed), 64)
+    off = T.random_resized_crop(image, mask, np.random.default_rng(seed), 64, hflip=False)
+    cols1 = np.nonzero((off[1] == 1).any(0))[0]
+    cols2 = np.nonzero((off[1] == 2).any(0))[0]
+    if cols1.size and cols2.size:
+      assert cols1.mean() < cols2.mean()  # label 1 (left half) stays left
+    # Same scale and crop: `on` is `off` or its mirror image.
+    same = np.array_equal(on[0], off[0]) and np.array_equal(on[1], off[1])
+    mirror = (np.array_equal(on[0], off[0][:, ::-1])
+              and np.array_equal(on[1], off[1][:, ::-1]))
+    assert same or mirror
+    flipped += (not same)
+  assert 5 < flipped < 25
+
+
 def test_crop_of_small_image_pads_right_bottom():
   image = np.full((20, 30, 3), 99, np.uint8)
   rng = np.random.default_rng(3)

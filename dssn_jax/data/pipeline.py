@@ -64,12 +64,13 @@ def derive_seed(seed: int, stream: str, purpose: int) -> int:
 class LabeledViews:
   """grain `random_map`: labeled record -> `x`, `y`, `x_id`."""
 
-  def __init__(self, crop_size: int, scale_range):
+  def __init__(self, crop_size: int, scale_range, hflip: bool = True):
     self.crop_size, self.scale_range = int(crop_size), tuple(scale_range)
+    self.hflip = bool(hflip)
 
   def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     views = transforms.labeled_views(record, rng, crop_size=self.crop_size,
-                                     scale_range=self.scale_range)
+                                     scale_range=self.scale_range, hflip=self.hflip)
     views['x_id'] = record['id']
     return views
 
@@ -82,15 +83,17 @@ class UnlabeledViews:
   """
 
   def __init__(self, prefix: str, crop_size: int, scale_range, max_ops: int,
-               cutmix_p: float):
+               cutmix_p: float, hflip: bool = True):
     self.prefix = prefix
     self.crop_size, self.scale_range = int(crop_size), tuple(scale_range)
+    self.hflip = bool(hflip)
     self.max_ops, self.cutmix_p = int(max_ops), float(cutmix_p)
 
   def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     views = transforms.unlabeled_views(
         record, rng, crop_size=self.crop_size, scale_range=self.scale_range,
-        max_ops=self.max_ops, cutmix_p=self.cutmix_p, boxes=self.prefix == 'u')
+        max_ops=self.max_ops, cutmix_p=self.cutmix_p, boxes=self.prefix == 'u',
+        hflip=self.hflip)
     p = self.prefix
     out = {f'{p}_w': views['w'], f'{p}_s1': views['s1'], f'{p}_s2': views['s2'],
            f'{p}_ignore': views['ignore'], f'{p}_id': record['id']}
@@ -201,7 +204,8 @@ class TrainData:
     self.num_labeled = len(labeled)
     if self.num_labeled == 0:
       raise ValueError(f'the labeled split of {labeled!r} is empty')
-    geometry = dict(crop_size=data.crop_size, scale_range=tuple(data.scale_range))
+    geometry = dict(crop_size=data.crop_size, scale_range=tuple(data.scale_range),
+                    hflip=bool(data.get('hflip', True)))
     if self.supervised:
       self.num_unlabeled = 0
       epoch = self.num_labeled

@@ -121,7 +121,8 @@ def resize_window_nearest(mask: np.ndarray, size_hw: tuple[int, int], top: int,
 def random_resized_crop(image: np.ndarray, mask: np.ndarray | None,
                         rng: np.random.Generator, crop_size: int,
                         scale_range: tuple[float, float] = (0.5, 2.0), *,
-                        mask_fill: int = IGNORE) -> tuple[np.ndarray, np.ndarray]:
+                        mask_fill: int = IGNORE,
+                        hflip: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """Rescale, pad right/bottom, random crop and random horizontal flip.
 
   Args:
@@ -132,6 +133,8 @@ def random_resized_crop(image: np.ndarray, mask: np.ndarray | None,
     scale_range: long-side range, as a fraction of the original long side.
     mask_fill: label of padded pixels (255 labeled; unlabeled views use
       `UNLABELED_PAD`, which the caller turns into the ignore map).
+    hflip: flip with p=0.5 (the reference); False never flips (the coin is
+      still drawn, so the other draws do not move).
   Returns:
     `(image (S, S, 3) uint8, mask (S, S) uint8)`; without a mask, the second
     is `mask_fill` where padded and 0 elsewhere.
@@ -148,7 +151,7 @@ def random_resized_crop(image: np.ndarray, mask: np.ndarray | None,
     out_mask[:vh, :vw] = resize_window_nearest(mask, (oh, ow), top, left, vh, vw)
   else:
     out_mask[:vh, :vw] = 0
-  if rng.random() < 0.5:
+  if rng.random() < 0.5 and hflip:
     out, out_mask = cv2.flip(out, 1), cv2.flip(out_mask, 1)
   return out, out_mask
 
@@ -361,16 +364,16 @@ def cutmix_box(size: int, rng: np.random.Generator, p: float = 0.5,
 
 
 def labeled_views(record: dict[str, Any], rng: np.random.Generator, *, crop_size: int,
-                  scale_range=(0.5, 2.0)) -> dict[str, np.ndarray]:
+                  scale_range=(0.5, 2.0), hflip: bool = True) -> dict[str, np.ndarray]:
   """`{'x': uint8 (S, S, 3), 'y': uint8 (S, S)}` (255 = ignore and padding)."""
   x, y = random_resized_crop(record['image'], record['mask'], rng, crop_size,
-                             scale_range, mask_fill=IGNORE)
+                             scale_range, mask_fill=IGNORE, hflip=hflip)
   return {'x': x, 'y': y}
 
 
 def unlabeled_views(record: dict[str, Any], rng: np.random.Generator, *, crop_size: int,
                     scale_range=(0.5, 2.0), max_ops: int = 3, cutmix_p: float = 0.5,
-                    boxes: bool = True) -> dict[str, np.ndarray]:
+                    boxes: bool = True, hflip: bool = True) -> dict[str, np.ndarray]:
   """The weak view, two strong views, the ignore map and two cutmix boxes.
 
   Returns:
@@ -378,7 +381,7 @@ def unlabeled_views(record: dict[str, Any], rng: np.random.Generator, *, crop_si
     the crop was padded, else 0; with `boxes`, `box1`, `box2`: bool `(S, S)`.
   """
   weak, pad = random_resized_crop(record['image'], None, rng, crop_size, scale_range,
-                                  mask_fill=UNLABELED_PAD)
+                                  mask_fill=UNLABELED_PAD, hflip=hflip)
   out = {'w': weak, 'ignore': np.where(pad == UNLABELED_PAD, IGNORE, 0).astype(np.uint8)}
   for k in ('1', '2'):
     out['s' + k] = strong_view(weak, rng, max_ops)

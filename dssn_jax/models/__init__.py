@@ -48,7 +48,8 @@ def create_model(backbone: str, num_classes: int, *, deep_stem: bool = True,
                  low_level_features: int | None = None,
                  decoder_features: int | None = None,
                  atrous_rates: Sequence[int] = (6, 12, 18),
-                 stage_sizes: Sequence[int] | None = None) -> DeepLabV3Plus:
+                 stage_sizes: Sequence[int] | None = None,
+                 width_multiplier: float = 1.0) -> DeepLabV3Plus:
   """DeepLabV3+ on a named ResNet backbone.
 
   Args:
@@ -64,6 +65,8 @@ def create_model(backbone: str, num_classes: int, *, deep_stem: bool = True,
     atrous_rates: ASPP dilations.
     stage_sizes: blocks per stage, overriding the backbone's (for
       reduced-depth networks).
+    width_multiplier: scales every width, backbone (stem and stages) and
+      head, rounded to whole channels; 1 is the named network.
   """
   if backbone not in BACKBONES:
     raise ValueError(f'unknown backbone {backbone!r}; known: {", ".join(BACKBONES)}')
@@ -71,13 +74,18 @@ def create_model(backbone: str, num_classes: int, *, deep_stem: bool = True,
     raise ValueError(f'num_classes={num_classes} must be positive')
   dtype = parse_dtype(dtype)
   widths = dict(HEAD_WIDTHS[backbone])
+  if not float(width_multiplier) > 0:
+    raise ValueError(f'width_multiplier={width_multiplier} must be positive')
+  scale = lambda w: max(1, int(round(w * float(width_multiplier))))
+  widths = {k: scale(v) for k, v in widths.items()}
   for key, value in (('aspp_features', aspp_features),
                      ('low_level_features', low_level_features),
                      ('decoder_features', decoder_features)):
     if value is not None:
       widths[key] = int(value)
   net = create_resnet(backbone, deep_stem=deep_stem, output_stride=output_stride,
-                      dtype=dtype, remat=remat, stage_sizes=stage_sizes)
+                      dtype=dtype, remat=remat, stage_sizes=stage_sizes,
+                      width_multiplier=width_multiplier)
   return DeepLabV3Plus(backbone=net, num_classes=int(num_classes),
                        atrous_rates=tuple(atrous_rates), dropout=float(dropout),
                        dtype=dtype, **widths)
@@ -89,7 +97,7 @@ def model_from_config(config) -> DeepLabV3Plus:
   return create_model(
       m.backbone, config.data.num_classes, deep_stem=m.deep_stem,
       output_stride=m.output_stride, dtype=m.dtype, dropout=m.dropout,
-      remat=config.train.remat)
+      remat=config.train.remat, width_multiplier=m.get('width_multiplier', 1.0))
 
 
 __all__ = ['DeepLabV3Plus', 'ResNet', 'create_model', 'model_from_config',

@@ -188,15 +188,19 @@ def dilation_for_output_stride(output_stride: int) -> tuple[bool, bool, bool]:
 
 def create_resnet(name: str, *, deep_stem: bool = True, output_stride: int = 16,
                   dtype: Any = jnp.float32, remat: bool = False,
-                  stage_sizes: Sequence[int] | None = None) -> ResNet:
+                  stage_sizes: Sequence[int] | None = None,
+                  width_multiplier: float = 1.0) -> ResNet:
   """A ResNet by name (`resnet50`, `resnet101`, `resnet_tiny`).
 
   `stage_sizes` overrides the number of blocks per stage (e.g. reduced-depth
-  test networks); widths stay those of `name`.
+  test networks); `width_multiplier` scales the stem and stage widths
+  (rounded; 1 keeps those of `name`).
   """
   if name not in BACKBONES:
     raise ValueError(f'unknown backbone {name!r}; known: {", ".join(BACKBONES)}')
   sizes, widths, stem_width = BACKBONES[name]
+  scale = lambda w: max(1, int(round(w * float(width_multiplier))))
+  widths, stem_width = tuple(scale(w) for w in widths), scale(stem_width)
   return ResNet(
       stage_sizes=tuple(stage_sizes) if stage_sizes is not None else sizes,
       widths=widths, stem_width=stem_width, deep_stem=deep_stem,
