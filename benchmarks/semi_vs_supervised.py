@@ -27,6 +27,8 @@ import shutil
 import sys
 import time
 
+from dssn_jax import xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name -> (method, config overrides): DSSN with one term switched off.
@@ -44,7 +46,8 @@ def load_digits_config(method: str, labeled: int):
       'digits_config', os.path.join(REPO, 'configs', 'digits.py'))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(f'method={method},labeled={labeled}')
+  return module.get_config(
+      f'method={method}' if labeled is None else f'method={method},labeled={labeled}')
 
 
 def apply_overrides(config, overrides: dict) -> None:
@@ -130,7 +133,8 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--labeled', type=int, default=20, help='labeled scenes')
+  parser.add_argument('--labeled', type=int, default=None,
+                      help='labeled scenes (default: configs/digits.py, 100)')
   parser.add_argument('--steps', type=int, default=0,
                       help='train steps per run (default: configs/digits.py)')
   parser.add_argument('--evals', type=int, default=6,
@@ -142,6 +146,9 @@ def main(argv=None) -> None:
   parser.add_argument('--fresh', action='store_true', help='retrain finished runs')
   args = parser.parse_args(argv)
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  xla_flags.set_default_cpu_flags()  # as main.py
+  if args.labeled is None:
+    args.labeled = int(load_digits_config('dssn', None).data.digits.num_labeled)
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
 

@@ -104,6 +104,31 @@ def test_masks_agree_with_drawn_digits():
   assert np.mean(diffs > 25) > 0.9, np.mean(diffs > 25)
 
 
+@pytest.mark.parametrize('gray', [0.0, 60.0, 127.5, 128.0, 200.0, 255.0])
+def test_digit_colours_contrast_in_brightness(gray):
+  """Whatever the background, a digit's colour is >= _MIN_CONTRAST away in
+  luma, and colours still vary (not only black and white)."""
+  rng = np.random.default_rng(3)
+  luma = np.array([0.299, 0.587, 0.114])
+  under = np.full(3, gray, np.float32)
+  colours = np.stack([digits._sample_color(rng, under) for _ in range(200)])
+  assert colours.min() >= 0.0 and colours.max() <= 255.0
+  assert np.all(np.abs(colours @ luma - gray) >= digits._MIN_CONTRAST - 1e-3)
+  assert len(np.unique(np.round(colours), axis=0)) > 100
+
+
+def test_first_digit_contrasts_with_the_scene_under_it():
+  """In rendered scenes: the first digit's luma against the digit-free scene."""
+  src = digits.DigitScenes('labeled', 40, image_size=96, data_seed=2)
+  luma = np.array([0.299, 0.587, 0.114])
+  for i in range(len(src)):
+    background, _, _ = src.render(i, draw_digits=False)
+    first = src.describe(i)[0]
+    under = background[digits.digit_mask(first, 96)].astype(float).mean(axis=0)
+    # Pixel noise (std 6) is in `background` but not in the colour rule.
+    assert abs(np.asarray(first['color']) @ luma - under @ luma) >= digits._MIN_CONTRAST - 3
+
+
 def test_train_and_val_pools_are_disjoint():
   train, val = digits.pool_indices('train'), digits.pool_indices('val')
   assert not set(train) & set(val)

@@ -7,8 +7,9 @@ gradient, fine pixel noise) with 2 to 5 clutter items that are not digits
 (curved strokes, arcs, blobs), and on top 1 to `max_digits` handwritten digits
 from `sklearn.datasets.load_digits` (1,797 8x8 images). Each digit is upscaled
 with bicubic interpolation to a side of 21% to 50% of the image, rotated by up
-to +-15 degrees, given a colour that contrasts with the background under it,
-and may overlap earlier digits, which it then occludes in image and mask.
+to +-15 degrees, given a random colour whose brightness contrasts with the
+background under it (the background's own colours are muted), and may overlap
+earlier digits, which it then occludes in image and mask.
 
 Mask: the upscaled stroke thresholded at half its peak intensity, labelled
 `digit + 1` (classes 1..10); everything else, clutter included, is 0.
@@ -51,7 +52,9 @@ _POOL_CODE = {'train': 0, 'val': 1}
 _POOL_SEED = 6_2023  # fixes the train/val split of the sklearn samples
 _SIZE_RANGE = (0.21, 0.5)  # digit side / image side (20..48 px at 96)
 _MAX_ANGLE = 15.0  # degrees
-_MIN_CONTRAST = 110.0  # RGB distance between a digit and the mean colour under it
+_MIN_CONTRAST = 120.0  # luma difference between a digit and the mean colour under it
+_BACKGROUND_SATURATION = 0.3  # background chroma kept (1 = full colour noise)
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601
 
 
 @functools.lru_cache(maxsize=1)
@@ -104,15 +107,28 @@ def class_probabilities(tail: float, data_seed: int) -> np.ndarray:
 
 
 def _sample_color(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
-  """A random RGB colour at least `_MIN_CONTRAST` away from `under` (3,).
+  """A random RGB colour whose luma differs from `under`'s (3,) by at least
+  `_MIN_CONTRAST`.
 
-  Of 16 uniform candidates, the first far enough wins; failing that, the
-  farthest.
+  Of 16 uniform candidates, the first far enough wins; failing that, the one
+  farthest in luma, moved toward black or white (the far side) until it is
+  far enough. Contrast in brightness, not only in hue: a from-scratch network
+  finds stroke shapes in luma several times faster (measured on DigitScenes),
+  and hue stays free.
   """
   cand = rng.uniform(0.0, 255.0, (16, 3)).astype(np.float32)
-  dist = np.linalg.norm(cand - under, axis=1)
-  ok = np.flatnonzero(dist >= _MIN_CONTRAST)
-  return cand[ok[0] if ok.size else int(np.argmax(dist))]
+  lu_under = float(under @ _LUMA)
+  diff = cand @ _LUMA - lu_under
+  ok = np.flatnonzero(np.abs(diff) >= _MIN_CONTRAST)
+  if ok.size:
+    return cand[ok[0]]
+  target = 0.0 if lu_under > 127.5 else 255.0
+  c = cand[int(np.argmax(np.abs(diff)))]
+  lu_c = float(c @ _LUMA)
+  # Luma is linear: c + t * (target - c) has luma lu_c + t * (target - lu_c).
+  want = lu_under - _MIN_CONTRAST if target == 0.0 else lu_under + _MIN_CONTRAST
+  t = np.clip((want - lu_c) / (target - lu_c), 0.0, 1.0) if target != lu_c else 0.0
+  return (c + t * (target - c)).astype(np.float32)
 
 
 def _blend(image: np.ndarray, alpha: np.ndarray, color: np.ndarray,
@@ -127,7 +143,8 @@ def _blend(image: np.ndarray, alpha: np.ndarray, color: np.ndarray,
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-  """float32 `(S, S, 3)`: low-frequency colour noise plus a linear gradient."""
+  """float32 `(S, S, 3)`: low-frequency colour noise plus a linear gradient,
+  its chroma scaled by `_BACKGROUND_SATURATION` (brightness texture stays)."""
   k = int(rng.integers(2, 6))
   coarse = rng.uniform(0.0, 255.0, (k, k, 3)).astype(np.float32)
   image = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
@@ -136,6 +153,8 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
           + np.sin(ang) * np.arange(size, dtype=np.float32)[:, None]) / size
   strength = rng.uniform(-80.0, 80.0, 3).astype(np.float32)
   image += ramp[..., None] * strength
+  gray = image @ _LUMA
+  image = gray[..., None] + _BACKGROUND_SATURATION * (image - gray[..., None])
   return np.clip(image, 0.0, 255.0, out=image)
 
 
