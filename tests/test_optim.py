@@ -46,19 +46,19 @@ def test_head_runs_at_lr_multi():
     np.testing.assert_allclose(updates['classifier']['b'], -10 * lr, rtol=1e-6)
 
 
-def test_matches_torch_sgd_with_reference_lr_updates():
-  """Five steps against torch.optim.SGD driven like the reference loop."""
-  total, lr, multi = 8, 0.05, 10.0
-  rng = np.random.default_rng(0)
+def _compare_with_torch(torch_opt, tx, total, lr, multi, steps=5, seed=0):
+  """Drives `torch_opt(groups)` like the reference loop (poly lr set after
+  each step, head at `multi`) and `tx` on the same gradients; asserts the
+  parameters agree."""
+  rng = np.random.default_rng(seed)
   init = {'backbone': {'w': rng.normal(size=(4, 3)).astype(np.float32)},
           'head': {'w': rng.normal(size=(5,)).astype(np.float32)}}
   grads = [jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), init)
-           for _ in range(5)]
+           for _ in range(steps)]
 
   tb = torch.nn.Parameter(torch.tensor(init['backbone']['w']))
   th = torch.nn.Parameter(torch.tensor(init['head']['w']))
-  opt = torch.optim.SGD([{'params': [tb], 'lr': lr}, {'params': [th], 'lr': lr * multi}],
-                        lr=lr, momentum=0.9, weight_decay=1e-4)
+  opt = torch_opt([{'params': [tb], 'lr': lr}, {'params': [th], 'lr': lr * multi}])
   for it, g in enumerate(grads):
     tb.grad = torch.tensor(g['backbone']['w'])
     th.grad = torch.tensor(g['head']['w'])
@@ -67,7 +67,6 @@ def test_matches_torch_sgd_with_reference_lr_updates():
     opt.param_groups[0]['lr'] = new_lr
     opt.param_groups[1]['lr'] = new_lr * multi
 
-  tx = optim.make_optimizer(schedule(total=total, lr=lr, multi=multi))
   params = jax.tree.map(jnp.asarray, init)
   state = tx.init(params)
   for g in grads:
@@ -75,6 +74,14 @@ def test_matches_torch_sgd_with_reference_lr_updates():
     params = optax.apply_updates(params, updates)
   np.testing.assert_allclose(params['backbone']['w'], tb.detach().numpy(), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(params['head']['w'], th.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_matches_torch_sgd_with_reference_lr_updates():
+  """Five steps against torch.optim.SGD driven like the reference loop."""
+  total, lr, multi = 8, 0.05, 10.0
+  _compare_with_torch(
+      lambda groups: torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=1e-4),
+      optim.make_optimizer(schedule(total=total, lr=lr, multi=multi)), total, lr, multi)
 
 
 def test_reads_config_values():
@@ -97,34 +104,13 @@ def test_adamw_matches_torch_adamw_with_poly_lr_and_head_multiplier():
   """`optimizer='adamw'`: torch.optim.AdamW per group, lr set by the same
   poly rule as SGD (decay scaled by the lr, as torch's AdamW does)."""
   total, lr, multi, wd = 6, 0.01, 3.0, 0.05
-  rng = np.random.default_rng(1)
-  init = {'backbone': {'w': rng.normal(size=4).astype(np.float32)},
-          'head': {'w': rng.normal(size=3).astype(np.float32)}}
-  grads = [{k: {'w': rng.normal(size=v['w'].shape).astype(np.float32)}
-            for k, v in init.items()} for _ in range(total)]
-  tb = torch.tensor(init['backbone']['w'], requires_grad=True)
-  th = torch.tensor(init['head']['w'], requires_grad=True)
-  opt = torch.optim.AdamW([{'params': [tb], 'lr': lr}, {'params': [th], 'lr': lr * multi}],
-                          lr=lr, weight_decay=wd)
-  for it, g in enumerate(grads):
-    tb.grad = torch.tensor(g['backbone']['w'])
-    th.grad = torch.tensor(g['head']['w'])
-    opt.step()
-    new_lr = lr * (1 - it / total) ** 0.9
-    opt.param_groups[0]['lr'] = new_lr
-    opt.param_groups[1]['lr'] = new_lr * multi
-
   config = config_lib.base_config()
   config.train.optimizer = 'adamw'
   config.train.weight_decay = wd
-  tx = optim.make_optimizer(schedule(total=total, lr=lr, multi=multi), config)
-  params = jax.tree.map(jnp.asarray, init)
-  state = tx.init(params)
-  for g in grads:
-    updates, state = tx.update(jax.tree.map(jnp.asarray, g), state, params)
-    params = optax.apply_updates(params, updates)
-  np.testing.assert_allclose(params['backbone']['w'], tb.detach().numpy(), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(params['head']['w'], th.detach().numpy(), rtol=1e-5, atol=1e-6)
+  _compare_with_torch(
+      lambda groups: torch.optim.AdamW(groups, lr=lr, weight_decay=wd),
+      optim.make_optimizer(schedule(total=total, lr=lr, multi=multi), config),
+      total, lr, multi, steps=6, seed=1)
 
 
 def test_unknown_optimizer_is_named_in_the_error():
