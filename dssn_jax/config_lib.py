@@ -133,6 +133,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Teacher BatchNorm: reference (batch statistics in the first epoch, running
   # after, as the reference's eval() leaves it) | batch | running.
   c.train.teacher_bn = 'reference'
+  # The student's forward on the strong (photometric + cutmix) views updates
+  # its running BatchNorm statistics, as in the reference (True); False keeps
+  # them from the labeled and weak views only (the strong forward still
+  # normalizes with its own batch statistics).
+  c.train.strong_view_bn_stats = True
   c.train.remat = False
   c.train.log_every = 20
   c.train.eval_every = config_dict.placeholder(int)  # None: once per epoch
@@ -166,6 +171,7 @@ class MethodSettings:
   ohem_thresh: float
   ohem_min_kept: int
   ignore_index: int
+  strong_view_bn_stats: bool = True  # strong-view forward updates running BN stats
 
 
 def resolve_method(config: ml_collections.ConfigDict) -> MethodSettings:
@@ -209,6 +215,7 @@ def resolve_method(config: ml_collections.ConfigDict) -> MethodSettings:
       ohem_thresh=float(config.loss.ohem_thresh),
       ohem_min_kept=int(config.loss.ohem_min_kept),
       ignore_index=int(config.data.ignore_index),
+      strong_view_bn_stats=bool(config.train.get('strong_view_bn_stats', True)),
   )
 
 

@@ -276,10 +276,13 @@ def objective(params, state: TrainState, batch: dict[str, jax.Array], rng: jax.A
   p_x, p_w = logits[:n_x], jax.lax.stop_gradient(logits[n_x:])
   p_fp = [p[n_x:] for p in aux['perturbed']]
 
-  # 4. Student on the strong views, its BatchNorm statistics threaded on.
+  # 4. Student on the strong views, its BatchNorm statistics threaded on
+  # (or, with `strong_view_bn_stats=False`, left as the clean views set them).
   p_s = []
   if strong_forward:
-    logits_s, _, bs = _forward(model, params, bs, strong_images, train=True)
+    logits_s, _, bs_s = _forward(model, params, bs, strong_images, train=True)
+    if s.strong_view_bn_stats:
+      bs = bs_s
     p_s = jnp.split(logits_s, views)
 
   # 5. Targets of the fp branches: the detached clean weak-view prediction.

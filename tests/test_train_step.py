@@ -284,6 +284,34 @@ METHOD_TERMS = {
 }
 
 
+def test_strong_view_bn_stats_flag(model):
+  """False: the student's running BN statistics are those of the clean
+  forward on concat(x, u_w) alone; True (reference): the strong-view forward
+  moves them on from there."""
+  batch = make_batch(33, batch=2)
+  rng = jax.random.key(4)
+  state = ts.create_train_state(model, optax.sgd(0.1), jax.random.key(0), 33,
+                                variables=initial_variables(model))
+  config = make_config()
+  settings = config_lib.resolve_method(config)
+  schedule = make_schedule(config, warmup_steps=0)
+  _, _, clean = ts._forward(model, state.params, state.batch_stats,
+                            jnp.concatenate([normalize(batch['x']), normalize(batch['u_w'])]),
+                            train=True, perturb=settings.fp_branches,
+                            rng=jax.random.fold_in(rng, 0))
+  stats = {}
+  for flag in (True, False):
+    config.train.strong_view_bn_stats = flag
+    settings = config_lib.resolve_method(config)
+    _, aux = ts.objective(state.params, state, batch, rng, model=model,
+                          settings=settings, schedule=schedule)
+    stats[flag] = aux.batch_stats
+  assert_tree_equal(stats[False], clean)
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
+                                       stats[True], clean))
+  assert max(moved) > 1e-4
+
+
 @pytest.mark.parametrize('method', sorted(METHOD_TERMS))
 def test_other_methods_step_65(model, mesh, method):
   config = make_config(method)
