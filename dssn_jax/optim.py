@@ -72,12 +72,6 @@ def torch_sgd(learning_rate, momentum: float = 0.9,
 OPTIMIZERS = ('sgd', 'adamw')
 
 
-def adamw(learning_rate, weight_decay: float = 1e-4) -> optax.GradientTransformation:
-  """`optax.adamw` (b1 0.9, b2 0.999, eps 1e-8), decay decoupled and scaled
-  by the learning rate."""
-  return optax.adamw(learning_rate, weight_decay=weight_decay)
-
-
 def make_optimizer(schedule: Schedule, config=None, *, momentum: float | None = None,
                    weight_decay: float | None = None,
                    poly_power: float | None = None,
@@ -117,8 +111,8 @@ def make_optimizer(schedule: Schedule, config=None, *, momentum: float | None = 
 
   def group(lr):
     rate = poly_schedule(lr, schedule.total_steps, poly_power)
-    if optimizer == 'adamw':
-      return adamw(rate, weight_decay)
+    if optimizer == 'adamw':  # b1 0.9, b2 0.999, eps 1e-8; decay scaled by the lr
+      return optax.adamw(rate, weight_decay=weight_decay)
     return torch_sgd(rate, momentum, weight_decay)
 
   return optax.multi_transform(

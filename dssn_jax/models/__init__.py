@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 
 from dssn_jax.models.deeplabv3plus import DeepLabV3Plus
-from dssn_jax.models.resnet import BACKBONES, ResNet, create_resnet
+from dssn_jax.models.resnet import BACKBONES, ResNet, create_resnet, scale_width
 
 # Decoder widths: the reference's for the full models; scaled down with the
 # backbone for `resnet_tiny`.
@@ -73,11 +73,7 @@ def create_model(backbone: str, num_classes: int, *, deep_stem: bool = True,
   if int(num_classes) < 1:
     raise ValueError(f'num_classes={num_classes} must be positive')
   dtype = parse_dtype(dtype)
-  widths = dict(HEAD_WIDTHS[backbone])
-  if not float(width_multiplier) > 0:
-    raise ValueError(f'width_multiplier={width_multiplier} must be positive')
-  scale = lambda w: max(1, int(round(w * float(width_multiplier))))
-  widths = {k: scale(v) for k, v in widths.items()}
+  widths = {k: scale_width(v, width_multiplier) for k, v in HEAD_WIDTHS[backbone].items()}
   for key, value in (('aspp_features', aspp_features),
                      ('low_level_features', low_level_features),
                      ('decoder_features', decoder_features)):

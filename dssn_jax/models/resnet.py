@@ -186,6 +186,13 @@ def dilation_for_output_stride(output_stride: int) -> tuple[bool, bool, bool]:
   return table[output_stride]
 
 
+def scale_width(width: int, multiplier: float) -> int:
+  """`width * multiplier` rounded to whole channels (at least 1)."""
+  if not float(multiplier) > 0:
+    raise ValueError(f'width_multiplier={multiplier} must be positive')
+  return max(1, int(round(width * float(multiplier))))
+
+
 def create_resnet(name: str, *, deep_stem: bool = True, output_stride: int = 16,
                   dtype: Any = jnp.float32, remat: bool = False,
                   stage_sizes: Sequence[int] | None = None,
@@ -199,8 +206,8 @@ def create_resnet(name: str, *, deep_stem: bool = True, output_stride: int = 16,
   if name not in BACKBONES:
     raise ValueError(f'unknown backbone {name!r}; known: {", ".join(BACKBONES)}')
   sizes, widths, stem_width = BACKBONES[name]
-  scale = lambda w: max(1, int(round(w * float(width_multiplier))))
-  widths, stem_width = tuple(scale(w) for w in widths), scale(stem_width)
+  widths = tuple(scale_width(w, width_multiplier) for w in widths)
+  stem_width = scale_width(stem_width, width_multiplier)
   return ResNet(
       stage_sizes=tuple(stage_sizes) if stage_sizes is not None else sizes,
       widths=widths, stem_width=stem_width, deep_stem=deep_stem,
