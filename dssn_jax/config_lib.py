@@ -130,6 +130,10 @@ def base_config() -> ml_collections.ConfigDict:
   # step < warmup.
   c.train.warmup_steps = 1  # VOC reference: the first iteration only
   c.train.warmup_epochs = config_dict.placeholder(float)  # overrides warmup_steps
+  # Which terms the warm-up switches off: 'strong' (reference: the strong-view
+  # terms only; fp and alignment train from step 0) | 'unlabeled' (every
+  # unlabeled term: strong, fp, align_image, align_feature).
+  c.train.warmup_terms = 'strong'
   # Teacher BatchNorm: reference (batch statistics in the first epoch, running
   # after, as the reference's eval() leaves it) | batch | running.
   c.train.teacher_bn = 'reference'
@@ -172,6 +176,7 @@ class MethodSettings:
   ohem_min_kept: int
   ignore_index: int
   strong_view_bn_stats: bool = True  # strong-view forward updates running BN stats
+  warmup_terms: str = 'strong'  # terms the warm-up switches off: strong | unlabeled
 
 
 def resolve_method(config: ml_collections.ConfigDict) -> MethodSettings:
@@ -192,6 +197,10 @@ def resolve_method(config: ml_collections.ConfigDict) -> MethodSettings:
     raise ValueError(
         f'config.train.teacher_bn={config.train.teacher_bn!r} must be reference, '
         'batch or running')
+  warmup_terms = config.train.get('warmup_terms', 'strong')
+  if warmup_terms not in ('strong', 'unlabeled'):
+    raise ValueError(
+        f'config.train.warmup_terms={warmup_terms!r} must be strong or unlabeled')
   if config.loss.sup_type not in ('ce', 'ohem'):
     raise ValueError(f'config.loss.sup_type={config.loss.sup_type!r} must be ce or ohem')
   fp_branches = pick(config.model.fp_branches, 'fp_branches')
@@ -216,6 +225,7 @@ def resolve_method(config: ml_collections.ConfigDict) -> MethodSettings:
       ohem_min_kept=int(config.loss.ohem_min_kept),
       ignore_index=int(config.data.ignore_index),
       strong_view_bn_stats=bool(config.train.get('strong_view_bn_stats', True)),
+      warmup_terms=warmup_terms,
   )
 
 

@@ -310,18 +310,23 @@ def objective(params, state: TrainState, batch: dict[str, jax.Array], rng: jax.A
       terms['loss_s' + suffix] = term
       weighted.append(strong_weight * term)
 
+  # The other unlabeled terms: on from step 0 (reference), or gated like the
+  # strong ones with `warmup_terms='unlabeled'`.
+  def gated(weight):
+    return jnp.where(warm, 0.0, weight) if s.warmup_terms == 'unlabeled' else weight
+
   if s.fp > 0:
     for p, suffix in zip(p_fp, _suffixes(len(p_fp))):
       term = losses.pseudo_label_ce(p, labels_w, mask_w, valid_w)
       terms['loss_fp' + suffix] = term
-      weighted.append(s.fp * term)
+      weighted.append(gated(s.fp) * term)
 
   if s.align_image > 0:
     terms['loss_align_image'] = losses.alignment_loss(p_s[0], p_s[1])
-    weighted.append(s.align_image * terms['loss_align_image'])
+    weighted.append(gated(s.align_image) * terms['loss_align_image'])
   if s.align_feature > 0:
     terms['loss_align_feature'] = losses.alignment_loss(p_fp[0], p_fp[1])
-    weighted.append(s.align_feature * terms['loss_align_feature'])
+    weighted.append(gated(s.align_feature) * terms['loss_align_feature'])
 
   total = sum(weighted, jnp.float32(0.0))
   return total, LossAux(bs, teacher_bs, terms)

@@ -312,6 +312,35 @@ def test_strong_view_bn_stats_flag(model):
   assert max(moved) > 1e-4
 
 
+@pytest.mark.parametrize('warmup_terms', ['strong', 'unlabeled'])
+def test_warmup_terms(model, warmup_terms):
+  """Inside the warm-up, 'strong' (reference) leaves fp and alignment in the
+  total; 'unlabeled' leaves only the supervised term."""
+  batch = make_batch(33, batch=2)
+  state = ts.create_train_state(model, optax.sgd(0.1), jax.random.key(0), 33,
+                                variables=initial_variables(model))
+  config = make_config(pseudo_label='fixed', threshold=0.0)  # every pixel teaches
+  config.train.warmup_terms = warmup_terms
+  settings = config_lib.resolve_method(config)
+  total, aux = ts.objective(state.params, state, batch, jax.random.key(4), model=model,
+                            settings=settings, schedule=make_schedule(config, warmup_steps=1))
+  m = {k: float(v) for k, v in aux.metrics.items()}
+  assert m['loss_fp1'] > 0 and m['loss_align_feature'] > 0
+  if warmup_terms == 'unlabeled':
+    expected = settings.sup * m['loss_x']
+  else:
+    expected = total_of(m, settings, warm=True)
+    assert expected > settings.sup * m['loss_x']
+  assert float(total) == pytest.approx(expected, rel=1e-6)
+
+
+def test_warmup_terms_rejects_unknown():
+  config = make_config()
+  config.train.warmup_terms = 'all'
+  with pytest.raises(ValueError, match='warmup_terms'):
+    config_lib.resolve_method(config)
+
+
 @pytest.mark.parametrize('method', sorted(METHOD_TERMS))
 def test_other_methods_step_65(model, mesh, method):
   config = make_config(method)
