@@ -134,6 +134,10 @@ def base_config() -> ml_collections.ConfigDict:
   # terms only; fp and alignment train from step 0) | 'unlabeled' (every
   # unlabeled term: strong, fp, align_image, align_feature).
   c.train.warmup_terms = 'strong'
+  # BatchNorm of the clean student forward: 'joint' (reference: one forward
+  # on concat(x, u_w), statistics over both) | 'separate' (x alone, then u_w
+  # with its fp copies; the running statistics threaded from one to the next).
+  c.train.labeled_bn = 'joint'
   # Teacher BatchNorm: reference (batch statistics in the first epoch, running
   # after, as the reference's eval() leaves it) | batch | running.
   c.train.teacher_bn = 'reference'
@@ -177,6 +181,7 @@ class MethodSettings:
   ignore_index: int
   strong_view_bn_stats: bool = True  # strong-view forward updates running BN stats
   warmup_terms: str = 'strong'  # terms the warm-up switches off: strong | unlabeled
+  labeled_bn: str = 'joint'  # clean forward: concat(x, u_w) (joint) or x, u_w apart
 
 
 def resolve_method(config: ml_collections.ConfigDict) -> MethodSettings:
@@ -201,6 +206,10 @@ def resolve_method(config: ml_collections.ConfigDict) -> MethodSettings:
   if warmup_terms not in ('strong', 'unlabeled'):
     raise ValueError(
         f'config.train.warmup_terms={warmup_terms!r} must be strong or unlabeled')
+  labeled_bn = config.train.get('labeled_bn', 'joint')
+  if labeled_bn not in ('joint', 'separate'):
+    raise ValueError(
+        f'config.train.labeled_bn={labeled_bn!r} must be joint or separate')
   if config.loss.sup_type not in ('ce', 'ohem'):
     raise ValueError(f'config.loss.sup_type={config.loss.sup_type!r} must be ce or ohem')
   fp_branches = pick(config.model.fp_branches, 'fp_branches')
@@ -226,6 +235,7 @@ def resolve_method(config: ml_collections.ConfigDict) -> MethodSettings:
       ignore_index=int(config.data.ignore_index),
       strong_view_bn_stats=bool(config.train.get('strong_view_bn_stats', True)),
       warmup_terms=warmup_terms,
+      labeled_bn=labeled_bn,
   )
 
 

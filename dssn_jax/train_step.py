@@ -268,13 +268,21 @@ def objective(params, state: TrainState, batch: dict[str, jax.Array], rng: jax.A
              for u_s, m_s, box in VIEW_KEYS[:views]]
     strong_images = normalize(jnp.concatenate(mixed))
 
-  # 3. Student on concat(x, u_w), clean and perturbed decoder copies.
+  # 3. Student on concat(x, u_w), clean and perturbed decoder copies (or,
+  # with `labeled_bn='separate'`, on x and then u_w, each its own BN batch).
   n_x = x.shape[0]
-  logits, aux, bs = _forward(model, params, state.batch_stats,
-                             jnp.concatenate([x, u_w]), train=True,
-                             perturb=perturb, rng=dropout_rng)
-  p_x, p_w = logits[:n_x], jax.lax.stop_gradient(logits[n_x:])
-  p_fp = [p[n_x:] for p in aux['perturbed']]
+  if s.labeled_bn == 'separate':
+    p_x, _, bs = _forward(model, params, state.batch_stats, x, train=True)
+    p_w, aux, bs = _forward(model, params, bs, u_w, train=True,
+                            perturb=perturb, rng=dropout_rng)
+    p_w = jax.lax.stop_gradient(p_w)
+    p_fp = list(aux['perturbed'])
+  else:
+    logits, aux, bs = _forward(model, params, state.batch_stats,
+                               jnp.concatenate([x, u_w]), train=True,
+                               perturb=perturb, rng=dropout_rng)
+    p_x, p_w = logits[:n_x], jax.lax.stop_gradient(logits[n_x:])
+    p_fp = [p[n_x:] for p in aux['perturbed']]
 
   # 4. Student on the strong views, its BatchNorm statistics threaded on
   # (or, with `strong_view_bn_stats=False`, left as the clean views set them).

@@ -334,6 +334,30 @@ def test_warmup_terms(model, warmup_terms):
   assert float(total) == pytest.approx(expected, rel=1e-6)
 
 
+def test_labeled_bn_separate(model):
+  """'separate': the labeled loss is the supervised method's (x alone in its
+  BN batch); 'joint' (reference) normalizes x together with u_w."""
+  batch = make_batch(33, batch=2)
+  state = ts.create_train_state(model, optax.sgd(0.1), jax.random.key(0), 33,
+                                variables=initial_variables(model))
+  schedule = make_schedule(make_config(), warmup_steps=0)
+
+  def loss_x(config):
+    _, aux = ts.objective(state.params, state, batch, jax.random.key(4), model=model,
+                          settings=config_lib.resolve_method(config), schedule=schedule)
+    return float(aux.metrics['loss_x'])
+
+  sup = loss_x(make_config('supervised'))
+  config = make_config()
+  config.train.labeled_bn = 'separate'
+  assert loss_x(config) == pytest.approx(sup, rel=1e-6)
+  config.train.labeled_bn = 'joint'
+  assert abs(loss_x(config) - sup) > 1e-4
+  config.train.labeled_bn = 'split'
+  with pytest.raises(ValueError, match='labeled_bn'):
+    config_lib.resolve_method(config)
+
+
 def test_warmup_terms_rejects_unknown():
   config = make_config()
   config.train.warmup_terms = 'all'
