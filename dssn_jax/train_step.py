@@ -6,14 +6,16 @@
 1. teacher forward on the mix partner's weak view `m_w` -> `T_m`;
 2. cutmix of the strong views: `u_sk <- where(box_k, m_sk, u_sk)`;
 3. student forward on concat(x, u_w) with `fp_branches` perturbed decoder
-   copies -> `P_x, P_w, P_fp1, P_fp2`;
+   copies -> `P_x, P_w, P_fp1, P_fp2` (`labeled_bn='separate'`: x alone,
+   then u_w, so the labeled images are normalized by their own batch);
 4. student forward on concat(u_s1, u_s2) -> `P_s1, P_s2` (the student's
    BatchNorm statistics are threaded through both forwards);
 5. labels and CPLG mask of the fp branches from the detached `P_w`;
 6. teacher forward on `u_w` -> `T_w`; per view `T_k = where(box_k, T_m, T_w)`,
    labels `argmax T_k`, mask CPLG(`T_k`), ignore `where(box_k, m_ignore, u_ignore)`;
 7. the loss terms and their weighted sum (`settings` weights; strong-view
-   terms multiplied by 0 while `step < warmup_steps`);
+   terms, or with `warmup_terms='unlabeled'` every unlabeled term,
+   multiplied by 0 while `step < warmup_steps`);
 8. SGD step;
 9. EMA of the teacher's params and BatchNorm statistics, keep rate 0 during
    the warm-up (the teacher becomes the student), `ema_decay` after.

@@ -127,6 +127,25 @@ def test_perturbed_forward(tiny):
   assert diff(aux_eval['perturbed'][0], plain_eval) > 1e-2
 
 
+def test_fp_bn_clean(tiny):
+  """fp_bn='clean': the clean copy and the running statistics are those of
+  the plain forward; the perturbed copies still differ."""
+  _, variables = tiny
+  model = create_model('resnet_tiny', NUM_CLASSES, fp_bn='clean')
+  x = images((2, 33, 33, 3), seed=1)
+  key = jax.random.key(3)
+  (clean, aux), updates = jitted(model, train=True, perturb=2)(variables, x, key)
+  (plain, _), plain_updates = jitted(model, train=True)(variables, x, key)
+  np.testing.assert_allclose(clean, plain, atol=1e-5, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
+               updates['batch_stats'], plain_updates['batch_stats'])
+  assert float(jnp.max(jnp.abs(aux['perturbed'][0] - clean))) > 1e-2
+  with pytest.raises(ValueError, match='fp_bn'):
+    create_model('resnet_tiny', NUM_CLASSES, fp_bn='mixed').apply(
+        variables, x, train=True, perturb=2, rngs={'dropout': key},
+        mutable=['batch_stats'])
+
+
 def test_dropout2d_drops_whole_channels():
   x = jnp.ones((4, 3, 5, 64))
   drop = layers.Dropout2d(0.5)

@@ -43,7 +43,7 @@ def parse_dtype(dtype: Any) -> Any:
 
 def create_model(backbone: str, num_classes: int, *, deep_stem: bool = True,
                  output_stride: int = 16, dtype: Any = jnp.float32,
-                 dropout: float = 0.5, remat: bool = False,
+                 dropout: float = 0.5, fp_bn: str = 'joint', remat: bool = False,
                  aspp_features: int | None = None,
                  low_level_features: int | None = None,
                  decoder_features: int | None = None,
@@ -59,6 +59,8 @@ def create_model(backbone: str, num_classes: int, *, deep_stem: bool = True,
     output_stride: 16 (reference) or 8.
     dtype: compute dtype, `float32` or `bfloat16` (string or jnp dtype).
     dropout: Dropout2d rate of the perturbed decoder copies.
+    fp_bn: decoder BatchNorm statistics with perturbed copies, 'joint'
+      (reference) or 'clean' (`DeepLabV3Plus.fp_bn`).
     remat: rematerialize each bottleneck block in the backward pass.
     aspp_features, low_level_features, decoder_features: head widths; None
       takes the backbone's default (256/48/256 for the full models).
@@ -84,7 +86,7 @@ def create_model(backbone: str, num_classes: int, *, deep_stem: bool = True,
                       width_multiplier=width_multiplier)
   return DeepLabV3Plus(backbone=net, num_classes=int(num_classes),
                        atrous_rates=tuple(atrous_rates), dropout=float(dropout),
-                       dtype=dtype, **widths)
+                       fp_bn=fp_bn, dtype=dtype, **widths)
 
 
 def model_from_config(config) -> DeepLabV3Plus:
@@ -93,7 +95,7 @@ def model_from_config(config) -> DeepLabV3Plus:
   return create_model(
       m.backbone, config.data.num_classes, deep_stem=m.deep_stem,
       output_stride=m.output_stride, dtype=m.dtype, dropout=m.dropout,
-      remat=config.train.remat, width_multiplier=m.get('width_multiplier', 1.0))
+      fp_bn=m.get('fp_bn', 'joint'), remat=config.train.remat, width_multiplier=m.get('width_multiplier', 1.0))
 
 
 __all__ = ['DeepLabV3Plus', 'ResNet', 'create_model', 'model_from_config',

@@ -111,6 +111,11 @@ class DeepLabV3Plus(nn.Module):
     decoder_features: width of the `fuse` convs (256).
     atrous_rates: ASPP dilations (6, 12, 18).
     dropout: Dropout2d rate of the perturbed copies (0.5).
+    fp_bn: decoder BatchNorm with perturbed copies: 'joint' (reference:
+      statistics over the clean and perturbed rows together) or 'clean'
+      (statistics, and their running update, from the clean rows only,
+      applied to every row; the clean prediction is then that of a plain
+      forward).
     dtype: compute dtype; params and BN statistics stay float32, logits are
       returned as float32.
   """
@@ -121,6 +126,7 @@ class DeepLabV3Plus(nn.Module):
   decoder_features: int = 256
   atrous_rates: Sequence[int] = (6, 12, 18)
   dropout: float = 0.5
+  fp_bn: str = 'joint'
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -145,6 +151,8 @@ class DeepLabV3Plus(nn.Module):
       raise ValueError(f'DeepLabV3Plus expects images (N, H, W, C), got shape {x.shape}')
     if perturb < 0:
       raise ValueError(f'perturb={perturb} must be >= 0')
+    if self.fp_bn not in ('joint', 'clean'):
+      raise ValueError(f'fp_bn={self.fp_bn!r} must be joint or clean')
     n, h, w = x.shape[:3]
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
                              param_dtype=jnp.float32,
@@ -152,6 +160,9 @@ class DeepLabV3Plus(nn.Module):
     norm = functools.partial(layers.BatchNorm, use_running_average=not train,
                              dtype=self.dtype)
 
+    head_norm = norm
+    if perturb and self.fp_bn == 'clean':
+      head_norm = functools.partial(norm, stats_rows=n)
     feats = self.backbone(x, train=train)
     c1, c4 = feats[0], feats[-1]
     lo, hi = c1, c4
@@ -160,10 +171,11 @@ class DeepLabV3Plus(nn.Module):
       lo = jnp.concatenate([c1, drop(jnp.concatenate([c1] * perturb))])
       hi = jnp.concatenate([c4, drop(jnp.concatenate([c4] * perturb))])
 
-    a = ASPP(self.aspp_features, self.atrous_rates, conv=conv, norm=norm, name='head')(hi)
+    a = ASPP(self.aspp_features, self.atrous_rates, conv=conv, norm=head_norm,
+             name='head')(hi)
     a = layers.resize_bilinear(a, lo.shape[1:3])
-    r = ConvBNReLU(self.low_level_features, conv=conv, norm=norm, name='reduce')(lo)
-    f = Fuse(self.decoder_features, conv=conv, norm=norm,
+    r = ConvBNReLU(self.low_level_features, conv=conv, norm=head_norm, name='reduce')(lo)
+    f = Fuse(self.decoder_features, conv=conv, norm=head_norm,
              name='fuse')(jnp.concatenate([r, a], axis=-1))
     logits = nn.Conv(self.num_classes, (1, 1), use_bias=True, dtype=self.dtype,
                      param_dtype=jnp.float32, kernel_init=torch_default_kernel_init,

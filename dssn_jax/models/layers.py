@@ -42,6 +42,9 @@ class BatchNorm(nn.Module):
     epsilon: added to the variance.
     dtype: dtype of the output; the statistics are computed in float32.
     scale_init, bias_init: initializers of the affine parameters.
+    stats_rows: in train mode, compute the batch statistics (and their
+      running update) from the first `stats_rows` rows only and normalize
+      every row with them; None: all rows.
   """
   use_running_average: bool = False
   momentum: float = 0.9
@@ -49,6 +52,7 @@ class BatchNorm(nn.Module):
   dtype: Dtype = jnp.float32
   scale_init: Callable[..., jax.Array] = nn.initializers.ones
   bias_init: Callable[..., jax.Array] = nn.initializers.zeros
+  stats_rows: int | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -65,14 +69,15 @@ class BatchNorm(nn.Module):
       mean, var = ra_mean.value, ra_var.value
     else:
       axes = tuple(range(x.ndim - 1))
-      count = int(np.prod([x.shape[a] for a in axes]))
+      rows = x32 if self.stats_rows is None else x32[:self.stats_rows]
+      count = int(np.prod([rows.shape[a] for a in axes]))
       if count < 2 and not self.is_initializing():
         raise ValueError(
             f'BatchNorm in train mode needs more than one value per channel; got'
             f' input shape {x.shape} (torch raises the same)')
-      mean = jnp.mean(x32, axis=axes)
+      mean = jnp.mean(rows, axis=axes)
       # Two-pass variance: no cancellation when |mean| >> std.
-      var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+      var = jnp.mean(jnp.square(rows - mean), axis=axes)
       if not self.is_initializing():
         unbiased = var * (count / (count - 1))
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
