@@ -140,6 +140,10 @@ def test_fp_bn_clean(tiny):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
                updates['batch_stats'], plain_updates['batch_stats'])
   assert float(jnp.max(jnp.abs(aux['perturbed'][0] - clean))) > 1e-2
+  config = config_lib.base_config()
+  config.model.fp_bn = 'mixed'
+  with pytest.raises(ValueError, match='config.model.fp_bn'):
+    model_from_config(config)
   with pytest.raises(ValueError, match='fp_bn'):
     create_model('resnet_tiny', NUM_CLASSES, fp_bn='mixed').apply(
         variables, x, train=True, perturb=2, rngs={'dropout': key},

@@ -92,10 +92,13 @@ def create_model(backbone: str, num_classes: int, *, deep_stem: bool = True,
 def model_from_config(config) -> DeepLabV3Plus:
   """`create_model` from `config.model`, `config.data.num_classes`, `config.train.remat`."""
   m = config.model
+  fp_bn = m.get('fp_bn', 'joint')
+  if fp_bn not in ('joint', 'clean'):
+    raise ValueError(f'config.model.fp_bn={fp_bn!r} must be joint or clean')
   return create_model(
       m.backbone, config.data.num_classes, deep_stem=m.deep_stem,
-      output_stride=m.output_stride, dtype=m.dtype, dropout=m.dropout,
-      fp_bn=m.get('fp_bn', 'joint'), remat=config.train.remat, width_multiplier=m.get('width_multiplier', 1.0))
+      output_stride=m.output_stride, dtype=m.dtype, dropout=m.dropout, fp_bn=fp_bn,
+      remat=config.train.remat, width_multiplier=m.get('width_multiplier', 1.0))
 
 
 __all__ = ['DeepLabV3Plus', 'ResNet', 'create_model', 'model_from_config',
