@@ -187,6 +187,13 @@ class MethodSettings:
   labeled_bn: str = 'joint'  # clean forward: concat(x, u_w) (joint) or x, u_w apart
 
 
+def one_of(key: str, value, options: tuple[str, ...]):
+  """`value` if it is one of `options`, else a ValueError naming `config.<key>`."""
+  if value not in options:
+    raise ValueError(f'config.{key}={value!r} must be one of {", ".join(options)}')
+  return value
+
+
 def resolve_method(config: ml_collections.ConfigDict) -> MethodSettings:
   """Fills the method's defaults into every placeholder; explicit values win."""
   if config.method not in METHOD_PRESETS:
@@ -197,24 +204,14 @@ def resolve_method(config: ml_collections.ConfigDict) -> MethodSettings:
   def pick(value, key):
     return preset[key] if value is None else value
 
-  rule = pick(config.loss.pseudo_label, 'pseudo_label')
-  if rule not in ('class_aware', 'fixed'):
-    raise ValueError(
-        f'config.loss.pseudo_label={rule!r} must be class_aware or fixed')
-  if config.train.teacher_bn not in ('reference', 'batch', 'running'):
-    raise ValueError(
-        f'config.train.teacher_bn={config.train.teacher_bn!r} must be reference, '
-        'batch or running')
-  warmup_terms = config.train.get('warmup_terms', 'strong')
-  if warmup_terms not in ('strong', 'unlabeled'):
-    raise ValueError(
-        f'config.train.warmup_terms={warmup_terms!r} must be strong or unlabeled')
-  labeled_bn = config.train.get('labeled_bn', 'joint')
-  if labeled_bn not in ('joint', 'separate'):
-    raise ValueError(
-        f'config.train.labeled_bn={labeled_bn!r} must be joint or separate')
-  if config.loss.sup_type not in ('ce', 'ohem'):
-    raise ValueError(f'config.loss.sup_type={config.loss.sup_type!r} must be ce or ohem')
+  rule = one_of('loss.pseudo_label', pick(config.loss.pseudo_label, 'pseudo_label'),
+                ('class_aware', 'fixed'))
+  one_of('train.teacher_bn', config.train.teacher_bn, ('reference', 'batch', 'running'))
+  warmup_terms = one_of('train.warmup_terms', config.train.get('warmup_terms', 'strong'),
+                        ('strong', 'unlabeled'))
+  labeled_bn = one_of('train.labeled_bn', config.train.get('labeled_bn', 'joint'),
+                      ('joint', 'separate'))
+  one_of('loss.sup_type', config.loss.sup_type, ('ce', 'ohem'))
   fp_branches = pick(config.model.fp_branches, 'fp_branches')
   weights = {k: float(pick(config.loss[k], k)) for k in LOSS_WEIGHTS}
   if fp_branches == 0:

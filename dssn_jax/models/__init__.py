@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import jax.numpy as jnp
 
+from dssn_jax import config_lib
 from dssn_jax.models.deeplabv3plus import DeepLabV3Plus
 from dssn_jax.models.resnet import BACKBONES, ResNet, create_resnet, scale_width
 
@@ -92,9 +93,7 @@ def create_model(backbone: str, num_classes: int, *, deep_stem: bool = True,
 def model_from_config(config) -> DeepLabV3Plus:
   """`create_model` from `config.model`, `config.data.num_classes`, `config.train.remat`."""
   m = config.model
-  fp_bn = m.get('fp_bn', 'joint')
-  if fp_bn not in ('joint', 'clean'):
-    raise ValueError(f'config.model.fp_bn={fp_bn!r} must be joint or clean')
+  fp_bn = config_lib.one_of('model.fp_bn', m.get('fp_bn', 'joint'), ('joint', 'clean'))
   return create_model(
       m.backbone, config.data.num_classes, deep_stem=m.deep_stem,
       output_stride=m.output_stride, dtype=m.dtype, dropout=m.dropout, fp_bn=fp_bn,
