@@ -3,6 +3,7 @@ r"""Does the unlabeled data help? DSSN vs supervised on DigitScenes, same labels
     python benchmarks/semi_vs_supervised.py                 # supervised vs dssn
     python benchmarks/semi_vs_supervised.py --ablate        # + each DSSN term off
     python benchmarks/semi_vs_supervised.py --labeled 40 --steps 2000
+    python benchmarks/semi_vs_supervised.py --seeds 0,1,2   # mean +- std
 
 Both methods train `configs/digits.py` on the same labeled scenes, for the
 same number of steps, from the same seed; `supervised` sees only the labeled
@@ -13,8 +14,13 @@ ends with one machine-readable line:
     semi_vs_supervised: labeled=N supervised=X dssn=Y gain=Z
 
 where X is supervised's best student mIoU, Y is DSSN's best teacher mIoU and
-Z = Y - X, in points. Runs live in `--out/<name>`; a finished run found there
-is reused (pass --fresh to retrain).
+Z = Y - X, in points. With several `--seeds` every variant trains once per
+seed (the seed sets initialization and augmentation; the scenes and the
+labeled subset stay fixed by `data.digits.data_seed`), the table adds mean
+and sample std rows, the plot shows the mean curve with the min-max band,
+and X, Y, Z are means over the seeds (a `per-seed gains:` line precedes).
+Runs live in `--out/<name>` (one seed) or `--out/seed<S>/<name>`; a finished
+run found there is reused (pass --fresh to retrain).
 """
 
 from __future__ import annotations
@@ -67,16 +73,17 @@ def read_evals(workdir: str) -> list[dict]:
     return [r for r in map(json.loads, filter(str.strip, f)) if r['split'] == 'eval']
 
 
-def run(name: str, method: str, overrides: dict, args) -> dict:
-  """Trains one variant (or reuses a finished run) and summarizes it."""
+def run(name: str, method: str, overrides: dict, seed: int, args) -> dict:
+  """Trains one variant for one seed (or reuses a finished run); summarizes it."""
   from dssn_jax import train  # pylint: disable=g-import-not-at-top
   config = load_digits_config(method, args.labeled)
-  config.seed = args.seed
+  config.seed = seed
   if args.steps:
     config.train.steps = args.steps
     config.train.eval_every = max(1, args.steps // args.evals)
   apply_overrides(config, overrides)
-  workdir = os.path.join(args.out, name.replace(' ', '_'))
+  out = args.out if len(args.seeds) == 1 else os.path.join(args.out, f'seed{seed}')
+  workdir = os.path.join(out, name.replace(' ', '_'))
   timing = os.path.join(workdir, 'wall_seconds.txt')
   if args.fresh and os.path.exists(workdir):
     shutil.rmtree(workdir)
@@ -94,20 +101,59 @@ def run(name: str, method: str, overrides: dict, args) -> dict:
       f.write(f'{wall:.1f}')
   evals = read_evals(workdir)
   summary = train.summarize(evals)
-  return dict(name=name, method=method, labeled=args.labeled, wall=wall,
-              evals=evals, **summary)
+  return dict(name=name, method=method, labeled=args.labeled, seed=seed,
+              wall=wall, evals=evals, **summary)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+  """Mean and sample standard deviation (0 for a single value)."""
+  mean = sum(values) / len(values)
+  if len(values) < 2:
+    return mean, 0.0
+  var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+  return mean, var ** 0.5
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+  """One row per variant: mean and std over its seeds of each summary number."""
+  names = list(dict.fromkeys(r['name'] for r in rows))
+  out = []
+  for name in names:
+    group = [r for r in rows if r['name'] == name]
+    agg = dict(name=name, method=group[0]['method'], labeled=group[0]['labeled'],
+               seeds=[r['seed'] for r in group])
+    for key in ('best', 'miou', 'best_teacher', 'miou_teacher', 'wall'):
+      values = [r[key] for r in group if r[key] is not None]
+      agg[key], agg[key + '_std'] = mean_std(values) if values else (None, None)
+    out.append(agg)
+  return out
 
 
 def fmt(x) -> str:
   return '   -  ' if x is None else f'{x:6.2f}'
 
 
-def print_table(rows: list[dict]) -> None:
-  print(f'{"labeled":>7}  {"method":<22} {"student best":>12} {"last":>6} '
+def fmt_pm(x, std) -> str:
+  return '      -      ' if x is None else f'{x:6.2f} +-{std:5.2f}'
+
+
+def print_table(rows: list[dict], aggregated: list[dict] | None = None) -> None:
+  print(f'{"labeled":>7} {"seed":>4}  {"method":<22} {"student best":>12} {"last":>6} '
         f'{"teacher best":>12} {"last":>6} {"wall s":>7}')
   for r in rows:
-    print(f'{r["labeled"]:>7}  {r["name"]:<22} {fmt(r["best"]):>12} {fmt(r["miou"])} '
-          f'{fmt(r["best_teacher"]):>12} {fmt(r["miou_teacher"])} {r["wall"]:7.0f}')
+    print(f'{r["labeled"]:>7} {r["seed"]:>4}  {r["name"]:<22} {fmt(r["best"]):>12} '
+          f'{fmt(r["miou"])} {fmt(r["best_teacher"]):>12} {fmt(r["miou_teacher"])} '
+          f'{r["wall"]:7.0f}')
+  if not aggregated:
+    return
+  print()
+  print(f'{"labeled":>7} {"seeds":>5}  {"method":<22} {"student best":>13} '
+        f'{"last":>13} {"teacher best":>13} {"last":>13}   (mean +- std)')
+  for r in aggregated:
+    print(f'{r["labeled"]:>7} {len(r["seeds"]):>5}  {r["name"]:<22} '
+          f'{fmt_pm(r["best"], r["best_std"])} {fmt_pm(r["miou"], r["miou_std"])} '
+          f'{fmt_pm(r["best_teacher"], r["best_teacher_std"])} '
+          f'{fmt_pm(r["miou_teacher"], r["miou_teacher_std"])}')
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -115,13 +161,22 @@ def plot(rows: list[dict], path: str) -> None:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for r in rows:
-    steps = [e['step'] for e in r['evals']]
-    key = 'miou' if r['method'] == 'supervised' else 'miou_teacher'
-    label = r['name'] + (' (student)' if key == 'miou' else ' (teacher)')
-    ax.plot(steps, [e[key] for e in r['evals']], marker='o', label=label)
+  seeds = list(dict.fromkeys(r['seed'] for r in rows))
+  for name in dict.fromkeys(r['name'] for r in rows):
+    group = [r for r in rows if r['name'] == name]
+    key = 'miou' if group[0]['method'] == 'supervised' else 'miou_teacher'
+    label = name + (' (student)' if key == 'miou' else ' (teacher)')
+    # Steps every seed evaluated at; the curve is their mean.
+    steps = sorted(set.intersection(*({e['step'] for e in r['evals']} for r in group)))
+    curves = [[{e['step']: e[key] for e in r['evals']}[t] for t in steps] for r in group]
+    mean = [sum(c[i] for c in curves) / len(curves) for i in range(len(steps))]
+    line, = ax.plot(steps, mean, marker='o', label=label)
+    if len(group) > 1:
+      ax.fill_between(steps, [min(c[i] for c in curves) for i in range(len(steps))],
+                      [max(c[i] for c in curves) for i in range(len(steps))],
+                      color=line.get_color(), alpha=0.15)
   ax.set_xlabel('step')
-  ax.set_ylabel('validation mIoU (%)')
+  ax.set_ylabel('validation mIoU (%)' + (f', mean of {len(seeds)} seeds' if len(seeds) > 1 else ''))
   ax.set_title(f'DigitScenes, {rows[0]["labeled"]} labeled scenes')
   ax.grid(alpha=0.3)
   ax.legend()
@@ -139,12 +194,19 @@ def main(argv=None) -> None:
                       help='train steps per run (default: configs/digits.py)')
   parser.add_argument('--evals', type=int, default=6,
                       help='evaluations per run when --steps is given')
-  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--seeds', default='0',
+                      help='comma-separated seeds, e.g. 0,1,2 (default 0)')
   parser.add_argument('--ablate', action='store_true', help='add DSSN ablations')
   parser.add_argument('--out', default='runs/semi_vs_supervised')
   parser.add_argument('--plot', default=None, help='PNG path (default OUT/miou.png)')
   parser.add_argument('--fresh', action='store_true', help='retrain finished runs')
   args = parser.parse_args(argv)
+  try:
+    args.seeds = [int(s) for s in args.seeds.split(',')]
+  except ValueError:
+    parser.error(f'--seeds: expected comma-separated integers, got {args.seeds!r}')
+  if len(set(args.seeds)) != len(args.seeds):
+    parser.error(f'--seeds: {args.seeds} repeats a seed')
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   xla_flags.set_default_cpu_flags()  # as main.py
   if args.labeled is None:
@@ -155,11 +217,20 @@ def main(argv=None) -> None:
   variants = [('supervised', 'supervised', {}), ('dssn', 'dssn', {})]
   if args.ablate:
     variants += [(name, method, ov) for name, (method, ov) in ABLATIONS.items()]
-  rows = [run(name, method, ov, args) for name, method, ov in variants]
+  rows = [run(name, method, ov, seed, args)
+          for seed in args.seeds for name, method, ov in variants]
+  aggregated = aggregate(rows) if len(args.seeds) > 1 else None
   print()
-  print_table(rows)
+  print_table(rows, aggregated)
   plot(rows, args.plot or os.path.join(args.out, 'miou.png'))
-  sup, dssn = rows[0]['best'], rows[1]['best_teacher']
+  by = {(r['name'], r['seed']): r for r in rows}
+  gains = [by['dssn', s]['best_teacher'] - by['supervised', s]['best'] for s in args.seeds]
+  sup = mean_std([by['supervised', s]['best'] for s in args.seeds])[0]
+  dssn = mean_std([by['dssn', s]['best_teacher'] for s in args.seeds])[0]
+  if len(args.seeds) > 1:
+    mean, std = mean_std(gains)
+    print('per-seed gains: ' + ' '.join(f'seed{s}={g:.2f}' for s, g in zip(args.seeds, gains))
+          + f' (mean {mean:.2f} +- {std:.2f}, min {min(gains):.2f})')
   print(f'semi_vs_supervised: labeled={args.labeled} supervised={sup:.2f} '
         f'dssn={dssn:.2f} gain={dssn - sup:.2f}')
 

@@ -1,0 +1,79 @@
+"""Tests of `benchmarks/semi_vs_supervised.py`'s reporting (training is stubbed).
+
+The training itself is `train.train_and_evaluate` on `configs/digits.py`,
+covered by test_main.py and test_digits.py; here `run` is replaced by a
+stub that returns known evaluations, so what is asserted is the seed loop,
+the mean +- std arithmetic, the per-seed gains and the machine-readable line.
+"""
+
+import importlib.util
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SPEC = importlib.util.spec_from_file_location(
+    'semi_vs_supervised', os.path.join(ROOT, 'benchmarks', 'semi_vs_supervised.py'))
+bench = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(bench)
+
+LINE = re.compile(r'^semi_vs_supervised: labeled=(\d+) supervised=([0-9.]+) '
+                  r'dssn=([0-9.]+) gain=(-?[0-9.]+)$')
+
+# (name, seed) -> best mIoU: supervised's student, DSSN's teacher.
+BEST = {('supervised', 0): 20.0, ('supervised', 1): 22.0, ('supervised', 2): 24.0,
+        ('dssn', 0): 26.0, ('dssn', 1): 27.0, ('dssn', 2): 31.0}
+
+
+def fake_run(name, method, overrides, seed, args):
+  del overrides
+  best = BEST[name, seed]
+  evals = [dict(step=100, miou=best - 5, miou_teacher=best - 4),
+           dict(step=200, miou=best, miou_teacher=best)]
+  return dict(name=name, method=method, labeled=args.labeled, seed=seed, wall=1.0,
+              evals=evals, best=best, miou=best, best_teacher=best, miou_teacher=best)
+
+
+def test_mean_std():
+  assert bench.mean_std([5.0]) == (5.0, 0.0)
+  mean, std = bench.mean_std([20.0, 22.0, 24.0])
+  assert mean == pytest.approx(22.0) and std == pytest.approx(2.0)
+
+
+def test_aggregate_one_row_per_variant():
+  args = type('A', (), {'labeled': 7})()
+  rows = [fake_run(n, n, {}, s, args) for s in (0, 1, 2) for n in ('supervised', 'dssn')]
+  agg = bench.aggregate(rows)
+  assert [a['name'] for a in agg] == ['supervised', 'dssn']
+  assert agg[1]['seeds'] == [0, 1, 2]
+  assert agg[1]['best_teacher'] == pytest.approx(28.0)
+  assert agg[1]['best_teacher_std'] == pytest.approx(((4 + 1 + 9) / 2) ** 0.5)
+
+
+@pytest.mark.parametrize('seeds', ['0', '0,1,2'])
+def test_main_reports_means_over_seeds(seeds, tmp_path, monkeypatch, capsys):
+  monkeypatch.setattr(bench, 'run', fake_run)
+  out = tmp_path / 'out'
+  bench.main(['--labeled', '7', '--seeds', seeds, '--out', str(out)])
+  lines = capsys.readouterr().out.strip().splitlines()
+  labeled, sup, dssn, gain = LINE.match(lines[-1]).groups()
+  ids = [int(s) for s in seeds.split(',')]
+  want_sup = sum(BEST['supervised', s] for s in ids) / len(ids)
+  want_dssn = sum(BEST['dssn', s] for s in ids) / len(ids)
+  assert int(labeled) == 7
+  assert float(sup) == pytest.approx(want_sup)
+  assert float(dssn) == pytest.approx(want_dssn)
+  assert float(gain) == pytest.approx(want_dssn - want_sup)
+  assert (out / 'miou.png').stat().st_size > 0
+  if len(ids) > 1:
+    assert lines[-2] == ('per-seed gains: seed0=6.00 seed1=5.00 seed2=7.00 '
+                         '(mean 6.00 +- 1.00, min 5.00)')
+    assert any('+-' in l and 'dssn' in l for l in lines)
+
+
+@pytest.mark.parametrize('bad', ['0,x', '1,1'])
+def test_bad_seeds_name_the_flag(bad, tmp_path, capsys):
+  with pytest.raises(SystemExit):
+    bench.main(['--seeds', bad, '--out', str(tmp_path)])
+  assert '--seeds' in capsys.readouterr().err
