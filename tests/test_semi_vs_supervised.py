@@ -6,17 +6,13 @@ stub that returns known evaluations, so what is asserted is the seed loop,
 the mean +- std arithmetic, the per-seed gains and the machine-readable line.
 """
 
-import importlib.util
-import os
 import re
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_SPEC = importlib.util.spec_from_file_location(
-    'semi_vs_supervised', os.path.join(ROOT, 'benchmarks', 'semi_vs_supervised.py'))
-bench = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(bench)
+import benchmark_scripts
+
+bench = benchmark_scripts.load('semi_vs_supervised')
 
 LINE = re.compile(r'^semi_vs_supervised: labeled=(\d+) supervised=([0-9.]+) '
                   r'dssn=([0-9.]+) gain=(-?[0-9.]+)$')

@@ -6,19 +6,15 @@ benchmark); the DSSN iteration itself is covered by test_train_step.py, and
 here by the PyTorch step, which needs no compile.
 """
 
-import importlib.util
 import math
-import os
 import re
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_SPEC = importlib.util.spec_from_file_location(
-    'step_speed', os.path.join(ROOT, 'benchmarks', 'step_speed.py'))
-step_speed = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(step_speed)
+import benchmark_scripts
+
+step_speed = benchmark_scripts.load('step_speed')
 
 LINE = re.compile(r'^step_speed: backbone=(\S+) crop=(\d+) batch=(\d+) dtype=(\S+) '
                   r'median_s=([0-9.]+) images_per_s=([0-9.]+)( .*)?$')
