@@ -9,25 +9,29 @@ Multi-host (Cloud TPU pods, SLURM, Open MPI) is detected by
 --num_processes and --process_id on every process (see launch/README.md).
 """
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dssn_jax import xla_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-    'config', None, 'Experiment config file (configs/NAME.py[:ARG]).', lock_config=True)
+  'config', None, 'Experiment config file (configs/NAME.py[:ARG]).', lock_config=True
+)
 flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and logs go.')
-flags.DEFINE_string('coordinator_address', None,
-                    'host:port of process 0, for multi-process runs outside '
-                    'Cloud TPU / SLURM / Open MPI.')
+flags.DEFINE_string(
+  'coordinator_address',
+  None,
+  'host:port of process 0, for multi-process runs outside Cloud TPU / SLURM / Open MPI.',
+)
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process runs).')
 flags.DEFINE_integer('process_id', None, 'Index of this process (multi-process runs).')
-flags.DEFINE_bool('distributed', None,
-                  'Force jax.distributed.initialize() with auto-detection '
-                  '(default: only when the flags above or a cluster environment say so).')
+flags.DEFINE_bool(
+  'distributed',
+  None,
+  'Force jax.distributed.initialize() with auto-detection '
+  '(default: only when the flags above or a cluster environment say so).',
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -38,9 +42,12 @@ def main(argv):
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   from dssn_jax import distributed  # pylint: disable=g-import-not-at-top
-  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                         FLAGS.process_id, force=FLAGS.distributed)
+
+  distributed.initialize(
+    FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, force=FLAGS.distributed
+  )
   from dssn_jax import train  # pylint: disable=g-import-not-at-top
+
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

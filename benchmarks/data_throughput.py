@@ -100,8 +100,10 @@ def _ref_color_jitter(img, rnd):
 
 def _ref_ops(img, rnd, n):
   """DSSN's strong_img_aug(n, random count) with its 11 PIL ops."""
+
   def factor():
     return 0.95 - 0.9 * rnd.random()
+
   for _ in range(rnd.randint(1, n)):
     op = rnd.randrange(11)
     if op == 1:
@@ -139,7 +141,7 @@ def _ref_cutmix_box(size, rnd, p=0.5):
     x, y = rnd.randint(0, size - 1), rnd.randint(0, size - 1)
     if x + w <= size and y + h <= size:
       break
-  mask[y:y + h, x:x + w] = 1
+  mask[y : y + h, x : x + w] = 1
   return mask
 
 
@@ -200,6 +202,7 @@ class EntryList:
 
 def _tree_cpu_seconds() -> float:
   import psutil  # pylint: disable=g-import-not-at-top
+
   me = psutil.Process()
   total = 0.0
   for p in [me] + me.children(recursive=True):
@@ -214,12 +217,15 @@ def _tree_cpu_seconds() -> float:
 def measure(dataset, batch_size: int, workers: int, seconds: float) -> tuple[float, float]:
   """(samples per second, samples per CPU-second) of a batched MapDataset."""
   import grain  # pylint: disable=g-import-not-at-top
+
   from dssn_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
   ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
   if workers:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                     per_worker_buffer_size=2),
-                        worker_init_fn=pipeline._worker_init)  # pylint: disable=protected-access
+    ds = ds.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2),
+      worker_init_fn=pipeline._worker_init,
+    )  # pylint: disable=protected-access
   it = iter(ds)
   try:
     for _ in range(max(2, 2 * workers)):  # start-up and warm-up
@@ -239,11 +245,12 @@ def measure(dataset, batch_size: int, workers: int, seconds: float) -> tuple[flo
 
 
 def make_tree(base: str, n: int) -> tuple[str, str]:
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  'tests'))
+  sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests')
+  )
   import fake_datasets  # pylint: disable=g-import-not-at-top
-  return fake_datasets.make_pascal(base, n_labeled=n, n_unlabeled=n, n_val=1,
-                                   sizes=VOC_SIZES)
+
+  return fake_datasets.make_pascal(base, n_labeled=n, n_unlabeled=n, n_val=1, sizes=VOC_SIZES)
 
 
 def main():
@@ -258,11 +265,13 @@ def main():
   parser.add_argument('--split', default='92')
   args = parser.parse_args()
 
-  from absl import flags  # pylint: disable=g-import-not-at-top
   import cv2  # pylint: disable=g-import-not-at-top
   import grain  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
   from dssn_jax import config_lib  # pylint: disable=g-import-not-at-top
   from dssn_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
+
   flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
   cv2.setNumThreads(1)  # one core per process, as in the workers
 
@@ -278,7 +287,8 @@ def main():
   unlabeled = sources.get_source(config, 'unlabeled')
   try:  # the masks the reference reads along with unlabeled images
     ref_entries = sources.read_split_file(
-        os.path.join(splits_dir, args.split, 'unlabeled.txt'), root, with_mask=True)
+      os.path.join(splits_dir, args.split, 'unlabeled.txt'), root, with_mask=True
+    )
   except sources.DatasetError:
     ref_entries = unlabeled.entries
   crops = [int(c) for c in args.crops.split(',')]
@@ -286,26 +296,37 @@ def main():
   bs = args.batch_size
 
   def batched(source, fn):
-    return (grain.MapDataset.source(source).shuffle(seed=0).repeat(None)
-            .random_map(fn, seed=1).batch(bs, drop_remainder=True))
+    return (
+      grain.MapDataset.source(source)
+      .shuffle(seed=0)
+      .repeat(None)
+      .random_map(fn, seed=1)
+      .batch(bs, drop_remainder=True)
+    )
 
   results = {}
   for crop in crops:
     geometry = dict(crop_size=crop, scale_range=(0.5, 2.0))
     rows = {
-        'ours labeled': batched(labeled, pipeline.LabeledViews(**geometry)),
-        'ours unlabeled': batched(unlabeled, pipeline.UnlabeledViews(
-            'u', **geometry, max_ops=3, cutmix_p=0.5)),
-        'PIL unlabeled': batched(EntryList(ref_entries), ReferenceUnlabeled(crop, 3)),
+      'ours labeled': batched(labeled, pipeline.LabeledViews(**geometry)),
+      'ours unlabeled': batched(
+        unlabeled, pipeline.UnlabeledViews('u', **geometry, max_ops=3, cutmix_p=0.5)
+      ),
+      'PIL unlabeled': batched(EntryList(ref_entries), ReferenceUnlabeled(crop, 3)),
     }
     for name, ds in rows.items():
       for w in worker_counts:
         results[crop, name, w] = measure(ds, bs, w, args.seconds)
-        print(f'  crop {crop} {name:<15} workers {w}: {results[crop, name, w][0]:7.1f} '
-              f'samples/s, {results[crop, name, w][1]:6.1f} per CPU-s', flush=True)
+        print(
+          f'  crop {crop} {name:<15} workers {w}: {results[crop, name, w][0]:7.1f} '
+          f'samples/s, {results[crop, name, w][1]:6.1f} per CPU-s',
+          flush=True,
+        )
 
-  print(f'\n{os.cpu_count()} CPU cores; batch {bs}; one reading thread per process; '
-        f'{"generated VOC-sized images" if tmp else root}')
+  print(
+    f'\n{os.cpu_count()} CPU cores; batch {bs}; one reading thread per process; '
+    f'{"generated VOC-sized images" if tmp else root}'
+  )
   head = '| crop | pipeline | ' + ' | '.join(f'{w} workers' for w in worker_counts)
   print(head + ' | per CPU-second | ours / PIL per core |')
   print('|' + '---|' * (len(worker_counts) + 4))

@@ -39,21 +39,23 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name -> (method, config overrides): DSSN with one term switched off.
 ABLATIONS = {
-    'dssn -strong': ('dssn', {'loss.strong': 0.0}),
-    'dssn -fp': ('dssn', {'loss.fp': 0.0, 'loss.align_feature': 0.0}),
-    'dssn -align_image': ('dssn', {'loss.align_image': 0.0}),
-    'dssn -align_feature': ('dssn', {'loss.align_feature': 0.0}),
-    'dssn fixed 0.95': ('dssn', {'loss.pseudo_label': 'fixed', 'loss.threshold': 0.95}),
+  'dssn -strong': ('dssn', {'loss.strong': 0.0}),
+  'dssn -fp': ('dssn', {'loss.fp': 0.0, 'loss.align_feature': 0.0}),
+  'dssn -align_image': ('dssn', {'loss.align_image': 0.0}),
+  'dssn -align_feature': ('dssn', {'loss.align_feature': 0.0}),
+  'dssn fixed 0.95': ('dssn', {'loss.pseudo_label': 'fixed', 'loss.threshold': 0.95}),
 }
 
 
 def load_digits_config(method: str, labeled: int):
   spec = importlib.util.spec_from_file_location(
-      'digits_config', os.path.join(REPO, 'configs', 'digits.py'))
+    'digits_config', os.path.join(REPO, 'configs', 'digits.py')
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(
-      f'method={method}' if labeled is None else f'method={method},labeled={labeled}')
+    f'method={method}' if labeled is None else f'method={method},labeled={labeled}'
+  )
 
 
 def apply_overrides(config, overrides: dict) -> None:
@@ -76,6 +78,7 @@ def read_evals(workdir: str) -> list[dict]:
 def run(name: str, method: str, overrides: dict, seed: int, args) -> dict:
   """Trains one variant for one seed (or reuses a finished run); summarizes it."""
   from dssn_jax import train  # pylint: disable=g-import-not-at-top
+
   config = load_digits_config(method, args.labeled)
   config.seed = seed
   if args.steps:
@@ -101,8 +104,9 @@ def run(name: str, method: str, overrides: dict, seed: int, args) -> dict:
       f.write(f'{wall:.1f}')
   evals = read_evals(workdir)
   summary = train.summarize(evals)
-  return dict(name=name, method=method, labeled=args.labeled, seed=seed,
-              wall=wall, evals=evals, **summary)
+  return dict(
+    name=name, method=method, labeled=args.labeled, seed=seed, wall=wall, evals=evals, **summary
+  )
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -111,7 +115,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
   if len(values) < 2:
     return mean, 0.0
   var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-  return mean, var ** 0.5
+  return mean, var**0.5
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -120,8 +124,12 @@ def aggregate(rows: list[dict]) -> list[dict]:
   out = []
   for name in names:
     group = [r for r in rows if r['name'] == name]
-    agg = dict(name=name, method=group[0]['method'], labeled=group[0]['labeled'],
-               seeds=[r['seed'] for r in group])
+    agg = dict(
+      name=name,
+      method=group[0]['method'],
+      labeled=group[0]['labeled'],
+      seeds=[r['seed'] for r in group],
+    )
     for key in ('best', 'miou', 'best_teacher', 'miou_teacher', 'wall'):
       values = [r[key] for r in group if r[key] is not None]
       agg[key], agg[key + '_std'] = mean_std(values) if values else (None, None)
@@ -138,28 +146,38 @@ def fmt_pm(x, std) -> str:
 
 
 def print_table(rows: list[dict], aggregated: list[dict] | None = None) -> None:
-  print(f'{"labeled":>7} {"seed":>4}  {"method":<22} {"student best":>12} {"last":>6} '
-        f'{"teacher best":>12} {"last":>6} {"wall s":>7}')
+  print(
+    f'{"labeled":>7} {"seed":>4}  {"method":<22} {"student best":>12} {"last":>6} '
+    f'{"teacher best":>12} {"last":>6} {"wall s":>7}'
+  )
   for r in rows:
-    print(f'{r["labeled"]:>7} {r["seed"]:>4}  {r["name"]:<22} {fmt(r["best"]):>12} '
-          f'{fmt(r["miou"])} {fmt(r["best_teacher"]):>12} {fmt(r["miou_teacher"])} '
-          f'{r["wall"]:7.0f}')
+    print(
+      f'{r["labeled"]:>7} {r["seed"]:>4}  {r["name"]:<22} {fmt(r["best"]):>12} '
+      f'{fmt(r["miou"])} {fmt(r["best_teacher"]):>12} {fmt(r["miou_teacher"])} '
+      f'{r["wall"]:7.0f}'
+    )
   if not aggregated:
     return
   print()
-  print(f'{"labeled":>7} {"seeds":>5}  {"method":<22} {"student best":>13} '
-        f'{"last":>13} {"teacher best":>13} {"last":>13}   (mean +- std)')
+  print(
+    f'{"labeled":>7} {"seeds":>5}  {"method":<22} {"student best":>13} '
+    f'{"last":>13} {"teacher best":>13} {"last":>13}   (mean +- std)'
+  )
   for r in aggregated:
-    print(f'{r["labeled"]:>7} {len(r["seeds"]):>5}  {r["name"]:<22} '
-          f'{fmt_pm(r["best"], r["best_std"])} {fmt_pm(r["miou"], r["miou_std"])} '
-          f'{fmt_pm(r["best_teacher"], r["best_teacher_std"])} '
-          f'{fmt_pm(r["miou_teacher"], r["miou_teacher_std"])}')
+    print(
+      f'{r["labeled"]:>7} {len(r["seeds"]):>5}  {r["name"]:<22} '
+      f'{fmt_pm(r["best"], r["best_std"])} {fmt_pm(r["miou"], r["miou_std"])} '
+      f'{fmt_pm(r["best_teacher"], r["best_teacher_std"])} '
+      f'{fmt_pm(r["miou_teacher"], r["miou_teacher_std"])}'
+    )
 
 
 def plot(rows: list[dict], path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   fig, ax = plt.subplots(figsize=(7, 4.5))
   seeds = list(dict.fromkeys(r['seed'] for r in rows))
   for name in dict.fromkeys(r['name'] for r in rows):
@@ -170,11 +188,15 @@ def plot(rows: list[dict], path: str) -> None:
     steps = sorted(set.intersection(*({e['step'] for e in r['evals']} for r in group)))
     curves = [[{e['step']: e[key] for e in r['evals']}[t] for t in steps] for r in group]
     mean = [sum(c[i] for c in curves) / len(curves) for i in range(len(steps))]
-    line, = ax.plot(steps, mean, marker='o', label=label)
+    (line,) = ax.plot(steps, mean, marker='o', label=label)
     if len(group) > 1:
-      ax.fill_between(steps, [min(c[i] for c in curves) for i in range(len(steps))],
-                      [max(c[i] for c in curves) for i in range(len(steps))],
-                      color=line.get_color(), alpha=0.15)
+      ax.fill_between(
+        steps,
+        [min(c[i] for c in curves) for i in range(len(steps))],
+        [max(c[i] for c in curves) for i in range(len(steps))],
+        color=line.get_color(),
+        alpha=0.15,
+      )
   ax.set_xlabel('step')
   ax.set_ylabel('validation mIoU (%)' + (f', mean of {len(seeds)} seeds' if len(seeds) > 1 else ''))
   ax.set_title(f'DigitScenes, {rows[0]["labeled"]} labeled scenes')
@@ -188,14 +210,16 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--labeled', type=int, default=None,
-                      help='labeled scenes (default: configs/digits.py, 100)')
-  parser.add_argument('--steps', type=int, default=0,
-                      help='train steps per run (default: configs/digits.py)')
-  parser.add_argument('--evals', type=int, default=6,
-                      help='evaluations per run when --steps is given')
-  parser.add_argument('--seeds', default='0',
-                      help='comma-separated seeds, e.g. 0,1,2 (default 0)')
+  parser.add_argument(
+    '--labeled', type=int, default=None, help='labeled scenes (default: configs/digits.py, 100)'
+  )
+  parser.add_argument(
+    '--steps', type=int, default=0, help='train steps per run (default: configs/digits.py)'
+  )
+  parser.add_argument(
+    '--evals', type=int, default=6, help='evaluations per run when --steps is given'
+  )
+  parser.add_argument('--seeds', default='0', help='comma-separated seeds, e.g. 0,1,2 (default 0)')
   parser.add_argument('--ablate', action='store_true', help='add DSSN ablations')
   parser.add_argument('--out', default='runs/semi_vs_supervised')
   parser.add_argument('--plot', default=None, help='PNG path (default OUT/miou.png)')
@@ -212,13 +236,13 @@ def main(argv=None) -> None:
   if args.labeled is None:
     args.labeled = int(load_digits_config('dssn', None).data.digits.num_labeled)
   from absl import logging  # pylint: disable=g-import-not-at-top
+
   logging.set_verbosity(logging.WARNING)
 
   variants = [('supervised', 'supervised', {}), ('dssn', 'dssn', {})]
   if args.ablate:
     variants += [(name, method, ov) for name, (method, ov) in ABLATIONS.items()]
-  rows = [run(name, method, ov, seed, args)
-          for seed in args.seeds for name, method, ov in variants]
+  rows = [run(name, method, ov, seed, args) for seed in args.seeds for name, method, ov in variants]
   aggregated = aggregate(rows) if len(args.seeds) > 1 else None
   print()
   print_table(rows, aggregated)
@@ -229,10 +253,15 @@ def main(argv=None) -> None:
   dssn = mean_std([by['dssn', s]['best_teacher'] for s in args.seeds])[0]
   if len(args.seeds) > 1:
     mean, std = mean_std(gains)
-    print('per-seed gains: ' + ' '.join(f'seed{s}={g:.2f}' for s, g in zip(args.seeds, gains))
-          + f' (mean {mean:.2f} +- {std:.2f}, min {min(gains):.2f})')
-  print(f'semi_vs_supervised: labeled={args.labeled} supervised={sup:.2f} '
-        f'dssn={dssn:.2f} gain={dssn - sup:.2f}')
+    print(
+      'per-seed gains: '
+      + ' '.join(f'seed{s}={g:.2f}' for s, g in zip(args.seeds, gains))
+      + f' (mean {mean:.2f} +- {std:.2f}, min {min(gains):.2f})'
+    )
+  print(
+    f'semi_vs_supervised: labeled={args.labeled} supervised={sup:.2f} '
+    f'dssn={dssn:.2f} gain={dssn - sup:.2f}'
+  )
 
 
 if __name__ == '__main__':

@@ -72,13 +72,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from dssn_jax import config_lib
-from dssn_jax import models
-from dssn_jax import optim
-from dssn_jax import parallel
+from dssn_jax import config_lib, models, optim, parallel
 from dssn_jax import train_step as ts_lib
 from dssn_jax.models.resnet import BACKBONES
 from dssn_jax.train import initial_variables
+
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 METHODS = ('dssn', 'unimatch', 'fixmatch', 'supervised')
@@ -87,25 +85,37 @@ JSON_PREFIX = 'step_speed_json: '
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--backbone', default='resnet50',
-                 choices=('resnet50', 'resnet101', 'resnet_tiny'))
+  p.add_argument('--backbone', default='resnet50', choices=('resnet50', 'resnet101', 'resnet_tiny'))
   p.add_argument('--crop', type=int, default=161, help='square crop side')
-  p.add_argument('--batch', type=int, default=2,
-                 help='labeled images per device; the unlabeled batch is the same')
+  p.add_argument(
+    '--batch',
+    type=int,
+    default=2,
+    help='labeled images per device; the unlabeled batch is the same',
+  )
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   p.add_argument('--method', default='dssn', choices=METHODS)
   p.add_argument('--num-classes', type=int, default=21)
   p.add_argument('--steps', type=int, default=10, help='timed steps')
   p.add_argument('--warmup', type=int, default=2, help='untimed steps after compiling')
-  p.add_argument('--peak-tflops', type=float, default=None,
-                 help='peak TFLOP/s of one device, for the %%peak column')
+  p.add_argument(
+    '--peak-tflops',
+    type=float,
+    default=None,
+    help='peak TFLOP/s of one device, for the %%peak column',
+  )
   p.add_argument('--remat', action='store_true', help='config.train.remat=True')
-  p.add_argument('--compare-remat', action='store_true',
-                 help='run without and with remat (one process each)')
+  p.add_argument(
+    '--compare-remat', action='store_true', help='run without and with remat (one process each)'
+  )
   p.add_argument('--torch', action='store_true', help='also time the PyTorch step')
   p.add_argument('--torch-only', action='store_true', help='time only the PyTorch step')
-  p.add_argument('--torch-threads', type=int, default=0,
-                 help='torch CPU threads (0: every CPU this process may use)')
+  p.add_argument(
+    '--torch-threads',
+    type=int,
+    default=0,
+    help='torch CPU threads (0: every CPU this process may use)',
+  )
   p.add_argument('--json', action='store_true', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   for name in ('crop', 'batch', 'steps', 'num_classes'):
@@ -120,8 +130,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-def synthetic_batch(global_batch: int, crop: int, num_classes: int, *,
-                    supervised: bool, seed: int = 0) -> dict[str, np.ndarray]:
+def synthetic_batch(
+  global_batch: int, crop: int, num_classes: int, *, supervised: bool, seed: int = 0
+) -> dict[str, np.ndarray]:
   """A random train batch in the docs/design.md layout (numpy).
 
   Images are uniform uint8; labels uniform classes with a padded strip of
@@ -136,7 +147,7 @@ def synthetic_batch(global_batch: int, crop: int, num_classes: int, *,
 
   def ignore():
     out = np.zeros(shape, np.int32)
-    out[:, crop - pad:, :] = 255
+    out[:, crop - pad :, :] = 255
     return out
 
   def box():
@@ -144,16 +155,25 @@ def synthetic_batch(global_batch: int, crop: int, num_classes: int, *,
     for i in range(global_batch):
       h, w = rng.integers(max(1, crop // 4), crop // 2 + 2, 2)
       top, left = rng.integers(0, crop - h + 1), rng.integers(0, crop - w + 1)
-      out[i, top:top + h, left:left + w] = True
+      out[i, top : top + h, left : left + w] = True
     return out
 
   y = rng.integers(0, num_classes, shape).astype(np.int32)
-  y[:, :, crop - pad:] = 255
+  y[:, :, crop - pad :] = 255
   batch = dict(x=image(), y=y)
   if not supervised:
-    batch.update(u_w=image(), u_s1=image(), u_s2=image(), u_ignore=ignore(),
-                 box1=box(), box2=box(), m_w=image(), m_s1=image(), m_s2=image(),
-                 m_ignore=ignore())
+    batch.update(
+      u_w=image(),
+      u_s1=image(),
+      u_s2=image(),
+      u_ignore=ignore(),
+      box1=box(),
+      box2=box(),
+      m_w=image(),
+      m_s1=image(),
+      m_s2=image(),
+      m_ignore=ignore(),
+    )
   return batch
 
 
@@ -213,20 +233,40 @@ def time_steps(steps: list[Step], warmup: int, count: int) -> list[dict[str, Any
     info = dict(step.info)
     median_s = statistics.median(w)
     flops = info.get('flops')
-    rows.append(dict(
-        info, median_s=median_s, min_s=min(w), cpu_s=statistics.median(c),
+    rows.append(
+      dict(
+        info,
+        median_s=median_s,
+        min_s=min(w),
+        cpu_s=statistics.median(c),
         images_per_s=info['images'] / median_s,
-        flops_per_s=flops / median_s if flops else None, loss=step.loss))
+        flops_per_s=flops / median_s if flops else None,
+        loss=step.loss,
+      )
+    )
   return rows
 
 
-def _base_info(args: argparse.Namespace, impl: str, remat: bool, devices: int,
-               device: str) -> dict[str, Any]:
-  return dict(impl=impl, backbone=args.backbone, crop=args.crop, batch=args.batch,
-              dtype=args.dtype, method=args.method, remat=bool(remat), devices=devices,
-              device=device, images=images_per_step(args.batch * devices, args.method),
-              compile_s=None, peak_bytes=None, xla_bytes=None, xla_temp_bytes=None,
-              flops=None)
+def _base_info(
+  args: argparse.Namespace, impl: str, remat: bool, devices: int, device: str
+) -> dict[str, Any]:
+  return dict(
+    impl=impl,
+    backbone=args.backbone,
+    crop=args.crop,
+    batch=args.batch,
+    dtype=args.dtype,
+    method=args.method,
+    remat=bool(remat),
+    devices=devices,
+    device=device,
+    images=images_per_step(args.batch * devices, args.method),
+    compile_s=None,
+    peak_bytes=None,
+    xla_bytes=None,
+    xla_temp_bytes=None,
+    flops=None,
+  )
 
 
 def prepare_jax(args: argparse.Namespace, remat: bool) -> Step:
@@ -242,15 +282,19 @@ def prepare_jax(args: argparse.Namespace, remat: bool) -> Step:
   tx = optim.make_optimizer(schedule, config)
   # Params do not depend on the image size: initialize on a small one.
   variables = initial_variables(config, model, jax.random.key(0), min(args.crop, 65))
-  state = ts_lib.create_train_state(model, tx, jax.random.key(0), args.crop,
-                                    variables=variables)
+  state = ts_lib.create_train_state(model, tx, jax.random.key(0), args.crop, variables=variables)
   state = parallel.replicate(state, mesh)
-  local = synthetic_batch(args.batch * jax.local_device_count(), args.crop,
-                          args.num_classes, supervised=args.method == 'supervised',
-                          seed=jax.process_index())
+  local = synthetic_batch(
+    args.batch * jax.local_device_count(),
+    args.crop,
+    args.num_classes,
+    supervised=args.method == 'supervised',
+    seed=jax.process_index(),
+  )
   batch = parallel.shard_batch(local, mesh)
-  step_fn = ts_lib.make_train_step(model, tx, settings, schedule, mesh,
-                                   ema_decay=config.train.ema_decay)
+  step_fn = ts_lib.make_train_step(
+    model, tx, settings, schedule, mesh, ema_decay=config.train.ema_decay
+  )
   rng = jax.random.key(1)
 
   start = time.perf_counter()
@@ -267,8 +311,12 @@ def prepare_jax(args: argparse.Namespace, remat: bool) -> Step:
     info['flops'] = float(cost['flops'])
   mem = compiled.memory_analysis()
   if mem is not None:
-    info['xla_bytes'] = (mem.argument_size_in_bytes + mem.temp_size_in_bytes
-                         + mem.output_size_in_bytes - mem.alias_size_in_bytes)
+    info['xla_bytes'] = (
+      mem.argument_size_in_bytes
+      + mem.temp_size_in_bytes
+      + mem.output_size_in_bytes
+      - mem.alias_size_in_bytes
+    )
     info['xla_temp_bytes'] = mem.temp_size_in_bytes
   carry = {'state': state, 'step': 0}
 
@@ -294,32 +342,39 @@ def _torch_model(backbone: str, num_classes: int):
   """`tests/torch_reference.DeepLabV3Plus` with our backbone's sizes."""
   sys.path.insert(0, os.path.join(ROOT, 'tests'))
   import torch_reference  # pylint: disable=g-import-not-at-top
+
   blocks, widths, stem = BACKBONES[backbone]
   head = models.HEAD_WIDTHS[backbone]
   return torch_reference.DeepLabV3Plus(
-      num_classes, blocks=blocks, widths=widths, stem=stem,
-      aspp=head['aspp_features'], low=head['low_level_features'],
-      decoder=head['decoder_features'])
+    num_classes,
+    blocks=blocks,
+    widths=widths,
+    stem=stem,
+    aspp=head['aspp_features'],
+    low=head['low_level_features'],
+    decoder=head['decoder_features'],
+  )
 
 
 def _torch_forward(net, x, perturb: int = 0, dropout: float = 0.5):
   """Logits of the clean copy and of `perturb` channel-dropped decoder copies."""
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+
   c1, c4 = net.backbone(x)
   if perturb:
     c1 = torch.cat([c1] + [F.dropout2d(c1, dropout, True) for _ in range(perturb)])
     c4 = torch.cat([c4] + [F.dropout2d(c4, dropout, True) for _ in range(perturb)])
   a = F.interpolate(net.head(c4), c1.shape[-2:], mode='bilinear', align_corners=True)
   f = net.fuse(torch.cat([net.reduce(c1), a], 1))
-  out = F.interpolate(net.classifier(f), x.shape[-2:], mode='bilinear',
-                      align_corners=True).float()
+  out = F.interpolate(net.classifier(f), x.shape[-2:], mode='bilinear', align_corners=True).float()
   return out.chunk(1 + perturb)
 
 
 def _torch_cplg(logits, high=0.92, scale=0.96):
   """Class-aware mask (spec CPLG) of `(N, C, H, W)` logits -> bool `(N, H, W)`."""
   import torch  # pylint: disable=g-import-not-at-top
+
   conf = logits.softmax(1)
   best = conf.flatten(2).amax(2)[:, :, None, None]
   thresh = torch.where(best > high, best * scale, best)
@@ -328,6 +383,7 @@ def _torch_cplg(logits, high=0.92, scale=0.96):
 
 def _torch_pl_ce(logits, labels, mask, valid):
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+
   ce = F.cross_entropy(logits, labels, reduction='none')
   return (ce * (mask & valid)).sum() / valid.sum().clamp(min=1)
 
@@ -341,6 +397,7 @@ def prepare_torch(args: argparse.Namespace) -> Step:
   """The DSSN iteration in PyTorch, on the first CUDA device or the CPU."""
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+
   threads = args.torch_threads or len(os.sched_getaffinity(0))
   torch.set_num_threads(threads)
   device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
@@ -352,8 +409,12 @@ def prepare_torch(args: argparse.Namespace) -> Step:
   head = [p for n, p in student.named_parameters() if not n.startswith('backbone.')]
   body = [p for n, p in student.named_parameters() if n.startswith('backbone.')]
   lr = 0.002
-  opt = torch.optim.SGD([{'params': body, 'lr': lr}, {'params': head, 'lr': lr * 10}],
-                        lr=lr, momentum=0.9, weight_decay=1e-4)
+  opt = torch.optim.SGD(
+    [{'params': body, 'lr': lr}, {'params': head, 'lr': lr * 10}],
+    lr=lr,
+    momentum=0.9,
+    weight_decay=1e-4,
+  )
   mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
   std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
   n_dev = 1
@@ -364,8 +425,7 @@ def prepare_torch(args: argparse.Namespace) -> Step:
     b[k] = t.permute(0, 3, 1, 2).contiguous() if v.ndim == 4 else t
   for k in ('y', 'u_ignore', 'm_ignore'):
     b[k] = b[k].long()
-  autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                            enabled=args.dtype == 'bfloat16')
+  autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == 'bfloat16')
   norm = lambda u8: (u8.float() / 255.0 - mean) / std
 
   def run():
@@ -391,8 +451,11 @@ def prepare_torch(args: argparse.Namespace) -> Step:
         valid_k = torch.where(box, b['m_ignore'], b['u_ignore']) != 255
         strong.append(_torch_pl_ce(p_s, t_k.argmax(1), _torch_cplg(t_k), valid_k))
       fps = [_torch_pl_ce(p, labels_w, mask_w, valid_w) for p in (fp1, fp2)]
-      loss = 0.5 * (loss_x + 0.25 * (sum(strong) + sum(fps))
-                    + 0.01 * (_torch_align(p_s1, p_s2) + _torch_align(fp1, fp2)))
+      loss = 0.5 * (
+        loss_x
+        + 0.25 * (sum(strong) + sum(fps))
+        + 0.01 * (_torch_align(p_s1, p_s2) + _torch_align(fp1, fp2))
+      )
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -426,47 +489,93 @@ def _fmt(value, scale=1.0, digits=2, unit=''):
 
 def format_table(rows: list[dict[str, Any]], peak_tflops: float | None) -> str:
   """The rows as an aligned text table (one line per measured step)."""
-  head = ('impl', 'remat', 'dtype', 'batch', 'compile_s', 'median_s', 'min_s', 'cpu_s',
-          'images/s', 'peak_mem', 'xla_mem', 'xla_temp', 'GFLOP', 'TFLOP/s', '%peak')
+  head = (
+    'impl',
+    'remat',
+    'dtype',
+    'batch',
+    'compile_s',
+    'median_s',
+    'min_s',
+    'cpu_s',
+    'images/s',
+    'peak_mem',
+    'xla_mem',
+    'xla_temp',
+    'GFLOP',
+    'TFLOP/s',
+    '%peak',
+  )
   lines = [head]
   for r in rows:
     frac = None
     if r['flops_per_s'] and peak_tflops:
       frac = 100.0 * r['flops_per_s'] / (peak_tflops * 1e12)
-    lines.append((
-        r['impl'], 'yes' if r['remat'] else 'no', r['dtype'],
-        f'{r["batch"]}x{r["devices"]}', _fmt(r['compile_s'], digits=1),
-        _fmt(r['median_s'], digits=3), _fmt(r['min_s'], digits=3),
-        _fmt(r['cpu_s'], digits=2), _fmt(r['images_per_s'], digits=2),
-        _fmt(r['peak_bytes'], 2**30, 2, ' GiB'), _fmt(r['xla_bytes'], 2**30, 2, ' GiB'),
+    lines.append(
+      (
+        r['impl'],
+        'yes' if r['remat'] else 'no',
+        r['dtype'],
+        f'{r["batch"]}x{r["devices"]}',
+        _fmt(r['compile_s'], digits=1),
+        _fmt(r['median_s'], digits=3),
+        _fmt(r['min_s'], digits=3),
+        _fmt(r['cpu_s'], digits=2),
+        _fmt(r['images_per_s'], digits=2),
+        _fmt(r['peak_bytes'], 2**30, 2, ' GiB'),
+        _fmt(r['xla_bytes'], 2**30, 2, ' GiB'),
         _fmt(r['xla_temp_bytes'], 2**30, 2, ' GiB'),
-        _fmt(r['flops'], 1e9, 1), _fmt(r['flops_per_s'], 1e12, 3),
-        _fmt(frac, digits=1)))
+        _fmt(r['flops'], 1e9, 1),
+        _fmt(r['flops_per_s'], 1e12, 3),
+        _fmt(frac, digits=1),
+      )
+    )
   widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
-  return '\n'.join('  '.join(str(c).rjust(w) for c, w in zip(line, widths))
-                   for line in lines)
+  return '\n'.join('  '.join(str(c).rjust(w) for c, w in zip(line, widths)) for line in lines)
 
 
 def machine_line(r: dict[str, Any]) -> str:
-  return (f'step_speed: backbone={r["backbone"]} crop={r["crop"]} batch={r["batch"]} '
-          f'dtype={r["dtype"]} median_s={r["median_s"]:.4f} '
-          f'images_per_s={r["images_per_s"]:.3f} impl={r["impl"]} method={r["method"]} '
-          f'remat={int(r["remat"])} devices={r["devices"]}')
+  return (
+    f'step_speed: backbone={r["backbone"]} crop={r["crop"]} batch={r["batch"]} '
+    f'dtype={r["dtype"]} median_s={r["median_s"]:.4f} '
+    f'images_per_s={r["images_per_s"]:.3f} impl={r["impl"]} method={r["method"]} '
+    f'remat={int(r["remat"])} devices={r["devices"]}'
+  )
 
 
 def _child(args: argparse.Namespace, remat: bool) -> dict[str, Any]:
   """Runs one jax measurement in a fresh process and returns its row."""
-  argv = [sys.executable, os.path.abspath(__file__), '--json',
-          '--backbone', args.backbone, '--crop', str(args.crop), '--batch', str(args.batch),
-          '--dtype', args.dtype, '--method', args.method,
-          '--num-classes', str(args.num_classes), '--steps', str(args.steps),
-          '--warmup', str(args.warmup)] + (['--remat'] if remat else [])
+  argv = [
+    sys.executable,
+    os.path.abspath(__file__),
+    '--json',
+    '--backbone',
+    args.backbone,
+    '--crop',
+    str(args.crop),
+    '--batch',
+    str(args.batch),
+    '--dtype',
+    args.dtype,
+    '--method',
+    args.method,
+    '--num-classes',
+    str(args.num_classes),
+    '--steps',
+    str(args.steps),
+    '--warmup',
+    str(args.warmup),
+  ] + (['--remat'] if remat else [])
   proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-  rows = [json.loads(line[len(JSON_PREFIX):]) for line in proc.stdout.splitlines()
-          if line.startswith(JSON_PREFIX)]
+  rows = [
+    json.loads(line[len(JSON_PREFIX) :])
+    for line in proc.stdout.splitlines()
+    if line.startswith(JSON_PREFIX)
+  ]
   if proc.returncode or not rows:
-    raise RuntimeError(f'step_speed child (remat={remat}) failed with code '
-                       f'{proc.returncode}:\n{proc.stderr[-4000:]}')
+    raise RuntimeError(
+      f'step_speed child (remat={remat}) failed with code {proc.returncode}:\n{proc.stderr[-4000:]}'
+    )
   return rows[-1]
 
 
@@ -487,20 +596,26 @@ def main(argv=None) -> list[dict[str, Any]]:
   rows += time_steps(steps, args.warmup, args.steps)
   load_after = os.getloadavg()
 
-  print(f'# {args.method} step: {args.backbone}, crop {args.crop}, {args.batch} labeled + '
-        f'{0 if args.method == "supervised" else args.batch} unlabeled per device, '
-        f'{args.dtype}; {args.steps} timed steps after {args.warmup}'
-        + (', implementations interleaved' if len(steps) > 1 else ''))
+  print(
+    f'# {args.method} step: {args.backbone}, crop {args.crop}, {args.batch} labeled + '
+    f'{0 if args.method == "supervised" else args.batch} unlabeled per device, '
+    f'{args.dtype}; {args.steps} timed steps after {args.warmup}'
+    + (', implementations interleaved' if len(steps) > 1 else '')
+  )
   devices = sorted({r['device'] for r in rows})
   print(f'# devices: {", ".join(devices)}; XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}')
-  print(f'# load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f} '
-        f'on {os.cpu_count()} CPUs')
+  print(
+    f'# load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f} '
+    f'on {os.cpu_count()} CPUs'
+  )
   print(format_table(rows, args.peak_tflops))
   by_impl = {r['impl']: r for r in rows if not r['remat']}
   if 'jax' in by_impl and 'torch' in by_impl:
     jx, pt = by_impl['jax'], by_impl['torch']
-    print(f'# jax / torch step time: median {jx["median_s"] / pt["median_s"]:.2f}, '
-          f'min {jx["min_s"] / pt["min_s"]:.2f}')
+    print(
+      f'# jax / torch step time: median {jx["median_s"] / pt["median_s"]:.2f}, '
+      f'min {jx["min_s"] / pt["min_s"]:.2f}'
+    )
   for r in rows:
     print(machine_line(r), flush=True)
   return rows

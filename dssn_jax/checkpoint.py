@@ -20,11 +20,11 @@ import json
 import os
 from typing import Any
 
-from etils import epath
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
 STATE = 'state'
@@ -33,6 +33,7 @@ BEST_METRIC = 'miou_teacher'
 
 def _grain_checkpoint():
   import grain  # pylint: disable=g-import-not-at-top
+
   return grain.checkpoint
 
 
@@ -57,8 +58,7 @@ class Checkpointer:
     data_items: name -> grain `DatasetIterator`, saved and restored in place.
   """
 
-  def __init__(self, directory: str, *, keep: int = 2,
-               data_items: dict[str, Any] | None = None):
+  def __init__(self, directory: str, *, keep: int = 2, data_items: dict[str, Any] | None = None):
     self.directory = _absolute(directory)
     self.data_items = dict(data_items or {})
     handlers = {STATE: ocp.StandardCheckpointHandler()}
@@ -66,19 +66,23 @@ class Checkpointer:
       gc = _grain_checkpoint()
       for name in self.data_items:
         handlers[f'data_{name}'] = gc.CheckpointHandler()
-    policy = ocm.AnyPreservationPolicy([
+    policy = ocm.AnyPreservationPolicy(
+      [
         ocm.LatestN(n=keep),
-        ocm.BestN(get_metric_fn=_best_metric, n=1,
-                  keep_checkpoints_without_metrics=False),
-    ])
+        ocm.BestN(get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False),
+      ]
+    )
     self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            preservation_policy=policy, best_fn=_best_metric, best_mode='max',
-            create=True,
-            enable_async_checkpointing=True),
-        item_names=tuple(handlers),
-        item_handlers=handlers,
+      self.directory,
+      options=ocp.CheckpointManagerOptions(
+        preservation_policy=policy,
+        best_fn=_best_metric,
+        best_mode='max',
+        create=True,
+        enable_async_checkpointing=True,
+      ),
+      item_names=tuple(handlers),
+      item_handlers=handlers,
     )
 
   def latest_step(self) -> int | None:
@@ -95,21 +99,27 @@ class Checkpointer:
           best, best_value = step, value
     return best
 
-  def save(self, step: int, state: Any, rng: jax.Array,
-           metrics: dict[str, float] | None = None) -> None:
+  def save(
+    self, step: int, state: Any, rng: jax.Array, metrics: dict[str, float] | None = None
+  ) -> None:
     """Writes a checkpoint of `state`, `rng` and every data iterator."""
-    items = {STATE: ocp.args.StandardSave(
-        {'train_state': state, 'rng': np.asarray(jax.random.key_data(rng))})}
+    items = {
+      STATE: ocp.args.StandardSave(
+        {'train_state': state, 'rng': np.asarray(jax.random.key_data(rng))}
+      )
+    }
     if self.data_items:
       gc = _grain_checkpoint()
       for name, it in self.data_items.items():
         items[f'data_{name}'] = gc.CheckpointSave(it)
     # Every save carries metrics (maybe empty) so orbax persists them.
-    self.manager.save(step, args=ocp.args.Composite(**items),
-                      metrics=dict(metrics or {}), force=True)
+    self.manager.save(
+      step, args=ocp.args.Composite(**items), metrics=dict(metrics or {}), force=True
+    )
 
-  def restore(self, step: int, abstract_state: Any,
-              restore_data: bool = True) -> tuple[Any, jax.Array]:
+  def restore(
+    self, step: int, abstract_state: Any, restore_data: bool = True
+  ) -> tuple[Any, jax.Array]:
     """Restores the state onto the shardings of `abstract_state`.
 
     Args:
@@ -120,14 +130,13 @@ class Checkpointer:
     Returns:
       `(train_state, rng)`.
     """
-    target = {'train_state': abstract_state,
-              'rng': np.zeros((2,), np.uint32)}
+    target = {'train_state': abstract_state, 'rng': np.zeros((2,), np.uint32)}
     restored = self.manager.restore(
-        step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target)}))
+      step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target)})
+    )
     if restore_data:
       for name, it in self.data_items.items():
-        it.set_state(read_iterator_state(
-            epath.Path(self.directory) / str(step) / f'data_{name}'))
+        it.set_state(read_iterator_state(epath.Path(self.directory) / str(step) / f'data_{name}'))
     tree = restored[STATE]
     return tree['train_state'], jax.random.wrap_key_data(tree['rng'])
 
@@ -157,9 +166,10 @@ def read_iterator_state(item_dir) -> Any:
   states = [json.loads(f.read_text()) for f in files]
   if any(state != states[0] for state in states[1:]):
     raise ValueError(
-        f'{item_dir}: the data iterator states of the {len(files)} processes that '
-        f'wrote this checkpoint differ, so it cannot resume with '
-        f'{jax.process_count()} processes')
+      f'{item_dir}: the data iterator states of the {len(files)} processes that '
+      f'wrote this checkpoint differ, so it cannot resume with '
+      f'{jax.process_count()} processes'
+    )
   return states[0]
 
 
@@ -210,21 +220,19 @@ def restore_for_eval(workdir: str, which: str | int = 'best'):
   """
   config = load_config(workdir)
   manager = ocp.CheckpointManager(
-      _absolute(epath.Path(workdir) / 'checkpoints'),
-      options=ocp.CheckpointManagerOptions(
-          read_only=True, save_interval_steps=0, create=False),
-      item_names=(STATE,),
-      item_handlers={STATE: ocp.StandardCheckpointHandler()})
+    _absolute(epath.Path(workdir) / 'checkpoints'),
+    options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False),
+    item_names=(STATE,),
+    item_handlers={STATE: ocp.StandardCheckpointHandler()},
+  )
   ckpt = Checkpointer.__new__(Checkpointer)
   ckpt.manager, ckpt.directory, ckpt.data_items = manager, manager.directory, {}
   step = resolve_step(ckpt, which)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      **{STATE: ocp.args.StandardRestore()}))
+  restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore()}))
   ts = restored[STATE]['train_state']
   variables = {
-      'student': {'params': ts['params'], 'batch_stats': ts['batch_stats']},
-      'teacher': {'params': ts['teacher_params'],
-                  'batch_stats': ts['teacher_batch_stats']},
+    'student': {'params': ts['params'], 'batch_stats': ts['batch_stats']},
+    'teacher': {'params': ts['teacher_params'], 'batch_stats': ts['teacher_batch_stats']},
   }
   manager.close()
   return config, variables, step

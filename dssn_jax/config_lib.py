@@ -31,22 +31,54 @@ METHODS = ('dssn', 'unimatch', 'fixmatch', 'supervised')
 
 # Spec "Presets": what each method reduces to.
 METHOD_PRESETS: dict[str, dict[str, Any]] = {
-    'dssn': dict(
-        sup=0.5, strong=0.125, fp=0.125, align_image=0.005, align_feature=0.005,
-        fp_branches=2, strong_views=2, pseudo_label='class_aware',
-        threshold=0.95, teacher='ema'),
-    'unimatch': dict(
-        sup=0.5, strong=0.125, fp=0.25, align_image=0.0, align_feature=0.0,
-        fp_branches=1, strong_views=2, pseudo_label='fixed',
-        threshold=0.95, teacher='student'),
-    'fixmatch': dict(
-        sup=0.5, strong=0.5, fp=0.0, align_image=0.0, align_feature=0.0,
-        fp_branches=0, strong_views=1, pseudo_label='fixed',
-        threshold=0.95, teacher='student'),
-    'supervised': dict(
-        sup=1.0, strong=0.0, fp=0.0, align_image=0.0, align_feature=0.0,
-        fp_branches=0, strong_views=0, pseudo_label='fixed',
-        threshold=0.95, teacher='student'),
+  'dssn': dict(
+    sup=0.5,
+    strong=0.125,
+    fp=0.125,
+    align_image=0.005,
+    align_feature=0.005,
+    fp_branches=2,
+    strong_views=2,
+    pseudo_label='class_aware',
+    threshold=0.95,
+    teacher='ema',
+  ),
+  'unimatch': dict(
+    sup=0.5,
+    strong=0.125,
+    fp=0.25,
+    align_image=0.0,
+    align_feature=0.0,
+    fp_branches=1,
+    strong_views=2,
+    pseudo_label='fixed',
+    threshold=0.95,
+    teacher='student',
+  ),
+  'fixmatch': dict(
+    sup=0.5,
+    strong=0.5,
+    fp=0.0,
+    align_image=0.0,
+    align_feature=0.0,
+    fp_branches=0,
+    strong_views=1,
+    pseudo_label='fixed',
+    threshold=0.95,
+    teacher='student',
+  ),
+  'supervised': dict(
+    sup=1.0,
+    strong=0.0,
+    fp=0.0,
+    align_image=0.0,
+    align_feature=0.0,
+    fp_branches=0,
+    strong_views=0,
+    pseudo_label='fixed',
+    threshold=0.95,
+    teacher='student',
+  ),
 }
 
 LOSS_WEIGHTS = ('sup', 'strong', 'fp', 'align_image', 'align_feature')
@@ -94,17 +126,42 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_mode = 'original'  # original | center_crop | sliding_window
   c.data.eval_crop_size = config_dict.placeholder(int)  # None: crop_size
   # Source-specific settings (read only by that source).
-  c.data.folder = ml_collections.ConfigDict(dict(
-      labeled_images='', labeled_masks='', unlabeled_images='',
-      val_images='', val_masks='', mask_suffix='.png', class_names=''))
-  c.data.tfds = ml_collections.ConfigDict(dict(
-      name='', data_dir='', train_split='train', val_split='validation',
-      image_key='image', mask_key='segmentation_mask', label_map='',
-      num_labeled=0, class_names=''))
-  c.data.digits = ml_collections.ConfigDict(dict(
-      image_size=96, num_labeled=20, num_unlabeled=2000, num_val=300,
-      tail=0.7, max_digits=4, data_seed=0,
-      clutter=(2, 5)))  # min, max non-digit clutter items per scene
+  c.data.folder = ml_collections.ConfigDict(
+    dict(
+      labeled_images='',
+      labeled_masks='',
+      unlabeled_images='',
+      val_images='',
+      val_masks='',
+      mask_suffix='.png',
+      class_names='',
+    )
+  )
+  c.data.tfds = ml_collections.ConfigDict(
+    dict(
+      name='',
+      data_dir='',
+      train_split='train',
+      val_split='validation',
+      image_key='image',
+      mask_key='segmentation_mask',
+      label_map='',
+      num_labeled=0,
+      class_names='',
+    )
+  )
+  c.data.digits = ml_collections.ConfigDict(
+    dict(
+      image_size=96,
+      num_labeled=20,
+      num_unlabeled=2000,
+      num_val=300,
+      tail=0.7,
+      max_digits=4,
+      data_seed=0,
+      clutter=(2, 5),
+    )
+  )  # min, max non-digit clutter items per scene
 
   c.loss = ml_collections.ConfigDict()
   c.loss.sup_type = 'ce'  # ce | ohem
@@ -164,6 +221,7 @@ class MethodSettings:
 
   Passed as a static argument to the jitted train step.
   """
+
   method: str
   sup: float
   strong: float
@@ -197,20 +255,22 @@ def one_of(key: str, value, options: tuple[str, ...]):
 def resolve_method(config: ml_collections.ConfigDict) -> MethodSettings:
   """Fills the method's defaults into every placeholder; explicit values win."""
   if config.method not in METHOD_PRESETS:
-    raise ValueError(
-        f'config.method={config.method!r} is not one of {", ".join(METHODS)}')
+    raise ValueError(f'config.method={config.method!r} is not one of {", ".join(METHODS)}')
   preset = METHOD_PRESETS[config.method]
 
   def pick(value, key):
     return preset[key] if value is None else value
 
-  rule = one_of('loss.pseudo_label', pick(config.loss.pseudo_label, 'pseudo_label'),
-                ('class_aware', 'fixed'))
+  rule = one_of(
+    'loss.pseudo_label', pick(config.loss.pseudo_label, 'pseudo_label'), ('class_aware', 'fixed')
+  )
   one_of('train.teacher_bn', config.train.teacher_bn, ('reference', 'batch', 'running'))
-  warmup_terms = one_of('train.warmup_terms', config.train.get('warmup_terms', 'strong'),
-                        ('strong', 'unlabeled'))
-  labeled_bn = one_of('train.labeled_bn', config.train.get('labeled_bn', 'joint'),
-                      ('joint', 'separate'))
+  warmup_terms = one_of(
+    'train.warmup_terms', config.train.get('warmup_terms', 'strong'), ('strong', 'unlabeled')
+  )
+  labeled_bn = one_of(
+    'train.labeled_bn', config.train.get('labeled_bn', 'joint'), ('joint', 'separate')
+  )
   one_of('loss.sup_type', config.loss.sup_type, ('ce', 'ohem'))
   fp_branches = pick(config.model.fp_branches, 'fp_branches')
   weights = {k: float(pick(config.loss[k], k)) for k in LOSS_WEIGHTS}
@@ -219,29 +279,30 @@ def resolve_method(config: ml_collections.ConfigDict) -> MethodSettings:
   if fp_branches < 2:
     weights['align_feature'] = 0.0
   return MethodSettings(
-      method=config.method,
-      **weights,
-      fp_branches=int(fp_branches),
-      strong_views=int(preset['strong_views']),
-      pseudo_label=rule,
-      threshold=float(pick(config.loss.threshold, 'threshold')),
-      class_aware_high=float(config.loss.class_aware_high),
-      class_aware_scale=float(config.loss.class_aware_scale),
-      teacher=preset['teacher'],
-      teacher_bn=config.train.teacher_bn,
-      sup_type=config.loss.sup_type,
-      ohem_thresh=float(config.loss.ohem_thresh),
-      ohem_min_kept=int(config.loss.ohem_min_kept),
-      ignore_index=int(config.data.ignore_index),
-      strong_view_bn_stats=bool(config.train.get('strong_view_bn_stats', True)),
-      warmup_terms=warmup_terms,
-      labeled_bn=labeled_bn,
+    method=config.method,
+    **weights,
+    fp_branches=int(fp_branches),
+    strong_views=int(preset['strong_views']),
+    pseudo_label=rule,
+    threshold=float(pick(config.loss.threshold, 'threshold')),
+    class_aware_high=float(config.loss.class_aware_high),
+    class_aware_scale=float(config.loss.class_aware_scale),
+    teacher=preset['teacher'],
+    teacher_bn=config.train.teacher_bn,
+    sup_type=config.loss.sup_type,
+    ohem_thresh=float(config.loss.ohem_thresh),
+    ohem_min_kept=int(config.loss.ohem_min_kept),
+    ignore_index=int(config.data.ignore_index),
+    strong_view_bn_stats=bool(config.train.get('strong_view_bn_stats', True)),
+    warmup_terms=warmup_terms,
+    labeled_bn=labeled_bn,
   )
 
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
   """Durations in steps, resolved once from steps or epochs."""
+
   total_steps: int
   steps_per_epoch: int
   warmup_steps: int
@@ -282,8 +343,13 @@ def resolve_steps(config: ml_collections.ConfigDict, num_unlabeled: int) -> Sche
   if config.train.scale_lr_with_batch:
     lr *= batch / float(config.train.reference_batch_size)
   return Schedule(
-      total_steps=total, steps_per_epoch=steps_per_epoch, warmup_steps=warmup,
-      eval_every=int(eval_every), lr=lr, head_lr=lr * float(config.train.lr_multi))
+    total_steps=total,
+    steps_per_epoch=steps_per_epoch,
+    warmup_steps=warmup,
+    eval_every=int(eval_every),
+    lr=lr,
+    head_lr=lr * float(config.train.lr_multi),
+  )
 
 
 def parse_arg(arg: str | None, **defaults) -> dict[str, Any]:
@@ -308,8 +374,7 @@ def parse_arg(arg: str | None, **defaults) -> dict[str, Any]:
       raise ValueError(f'config argument {part!r} has no key')
     key = key.strip()
     if key not in defaults:
-      raise ValueError(
-          f'unknown config argument {key!r} in {arg!r}; known: {", ".join(defaults)}')
+      raise ValueError(f'unknown config argument {key!r} in {arg!r}; known: {", ".join(defaults)}')
     kind = type(defaults[key])
     if kind is bool:
       out[key] = value.lower() in ('1', 'true', 'yes')

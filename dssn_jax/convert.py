@@ -30,7 +30,8 @@ import argparse
 import os
 import re
 import sys
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,11 +41,21 @@ LAYOUTS = ('dssn', 'timm', 'torchvision', 'model')
 BACKBONE_LAYOUTS = ('dssn', 'timm', 'torchvision')
 
 # Our leaf name -> torch parameter/buffer name.
-_LEAVES = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias',
-           'mean': 'running_mean', 'var': 'running_var'}
+_LEAVES = {
+  'kernel': 'weight',
+  'scale': 'weight',
+  'bias': 'bias',
+  'mean': 'running_mean',
+  'var': 'running_var',
+}
 # Deep stem: the reference's `conv1 = nn.Sequential(conv, bn, relu, conv, bn, relu, conv)`.
-_STEM = {'stem_conv1': 'conv1.0', 'stem_bn1': 'conv1.1', 'stem_conv2': 'conv1.3',
-         'stem_bn2': 'conv1.4', 'stem_conv3': 'conv1.6'}
+_STEM = {
+  'stem_conv1': 'conv1.0',
+  'stem_bn1': 'conv1.1',
+  'stem_conv2': 'conv1.3',
+  'stem_bn2': 'conv1.4',
+  'stem_conv3': 'conv1.6',
+}
 _BLOCK = {'downsample_conv': 'downsample.0', 'downsample_bn': 'downsample.1'}
 _CONV_BN = {'conv': '0', 'bn': '1'}
 _FUSE = {'conv1': '0', 'bn1': '1', 'conv2': '3', 'bn2': '4'}
@@ -122,6 +133,7 @@ def read_state_dict(src) -> dict[str, Any]:
     if not os.path.exists(path):
       raise FileNotFoundError(f'no weights file {path}')
     import torch  # pylint: disable=g-import-not-at-top
+
     src = torch.load(path, map_location='cpu', weights_only=True)
   if not isinstance(src, Mapping):
     raise ConversionError(f'expected a state dict (a mapping), got {type(src).__name__}')
@@ -135,12 +147,13 @@ def read_state_dict(src) -> dict[str, Any]:
 def _strip_module_prefix(state: dict[str, Any]) -> dict[str, Any]:
   """Drops the `module.` prefix DistributedDataParallel adds to every key."""
   if state and all(k.startswith('module.') for k in state):
-    return {k[len('module.'):]: v for k, v in state.items()}
+    return {k[len('module.') :]: v for k, v in state.items()}
   return state
 
 
-def convert_state_dict(state: Mapping[str, Any], template: Mapping[str, Any],
-                       layout: str) -> dict[str, Any]:
+def convert_state_dict(
+  state: Mapping[str, Any], template: Mapping[str, Any], layout: str
+) -> dict[str, Any]:
   """Fills `template`'s variables from a torch state dict.
 
   Args:
@@ -175,8 +188,10 @@ def convert_state_dict(state: Mapping[str, Any], template: Mapping[str, Any],
       if path[-1] == 'kernel':
         value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value
       if tuple(value.shape) != tuple(leaf.shape):
-        misshaped.append(f'{key}: {tuple(_to_numpy(state[key]).shape)} does not fit'
-                         f' {collection}/{"/".join(path)} {tuple(leaf.shape)}')
+        misshaped.append(
+          f'{key}: {tuple(_to_numpy(state[key]).shape)} does not fit'
+          f' {collection}/{"/".join(path)} {tuple(leaf.shape)}'
+        )
         continue
       _set(out, (collection,) + path, value.astype(np.float32))
   unexpected = []
@@ -188,8 +203,11 @@ def convert_state_dict(state: Mapping[str, Any], template: Mapping[str, Any],
     unexpected.append(key)
   if missing or unexpected or misshaped:
     lines = [f'state dict does not match the model (layout {layout!r}):']
-    for title, keys in (('missing', missing), ('unexpected', sorted(unexpected)),
-                        ('mis-shaped', misshaped)):
+    for title, keys in (
+      ('missing', missing),
+      ('unexpected', sorted(unexpected)),
+      ('mis-shaped', misshaped),
+    ):
       if keys:
         lines.append(f'  {len(keys)} {title} key(s):')
         lines.extend(f'    {k}' for k in keys)
@@ -204,23 +222,26 @@ def _check_stem(template: Mapping[str, Any], layout: str) -> None:
   deep = 'stem_conv1' in params
   if layout == 'torchvision' and deep:
     raise ConversionError(
-        'the torchvision layout has the 7x7 stem but the model has the deep stem;'
-        ' build it with deep_stem=False (config.model.deep_stem=False)')
+      'the torchvision layout has the 7x7 stem but the model has the deep stem;'
+      ' build it with deep_stem=False (config.model.deep_stem=False)'
+    )
   if layout in ('dssn', 'timm') and not deep and 'conv1' in params:
     raise ConversionError(
-        f'the {layout} layout has the deep stem but the model has the 7x7 stem;'
-        ' build it with deep_stem=True (config.model.deep_stem=True)')
+      f'the {layout} layout has the deep stem but the model has the 7x7 stem;'
+      ' build it with deep_stem=True (config.model.deep_stem=True)'
+    )
 
 
 def _infer_backbone(state: Mapping[str, Any], prefix: str) -> str:
-  blocks = {int(m.group(1)) for k in state
-            if (m := re.match(re.escape(prefix) + r'layer3\.(\d+)\.', k))}
+  blocks = {
+    int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r'layer3\.(\d+)\.', k))
+  }
   depth = max(blocks) + 1 if blocks else 0
   names = {6: 'resnet50', 23: 'resnet101'}
   if depth not in names:
     raise ConversionError(
-        f'cannot tell the backbone from the state dict ({depth} blocks in layer3);'
-        ' pass backbone=')
+      f'cannot tell the backbone from the state dict ({depth} blocks in layer3); pass backbone='
+    )
   return names[depth]
 
 
@@ -230,9 +251,14 @@ def _infer_num_classes(state: Mapping[str, Any]) -> int:
   return int(state['classifier.weight'].shape[0])
 
 
-def from_torch(path_or_state_dict, backbone: str | None = None,
-               num_classes: int | None = None, layout: str = 'dssn',
-               deep_stem: bool | None = None, **model_options) -> dict[str, Any]:
+def from_torch(
+  path_or_state_dict,
+  backbone: str | None = None,
+  num_classes: int | None = None,
+  layout: str = 'dssn',
+  deep_stem: bool | None = None,
+  **model_options,
+) -> dict[str, Any]:
   """Converts PyTorch weights into our variables.
 
   Args:
@@ -298,8 +324,9 @@ def load_npz(path: str) -> dict[str, Any]:
   return out
 
 
-def load_pretrained(variables: Mapping[str, Any], path: str, layout: str = 'dssn',
-                    backbone: str | None = None) -> dict[str, Any]:
+def load_pretrained(
+  variables: Mapping[str, Any], path: str, layout: str = 'dssn', backbone: str | None = None
+) -> dict[str, Any]:
   """Returns `variables` with the backbone replaced by pretrained weights.
 
   Args:
@@ -323,8 +350,11 @@ def load_pretrained(variables: Mapping[str, Any], path: str, layout: str = 'dssn
     have = {(c,) + p: v.shape for c in loaded for p, v in _flatten(loaded[c])}
     problems = [f'missing {"/".join(k)} {want[k]}' for k in sorted(set(want) - set(have))]
     problems += [f'unexpected {"/".join(k)} {have[k]}' for k in sorted(set(have) - set(want))]
-    problems += [f'mis-shaped {"/".join(k)}: {have[k]} vs {want[k]}'
-                 for k in sorted(set(want) & set(have)) if tuple(have[k]) != tuple(want[k])]
+    problems += [
+      f'mis-shaped {"/".join(k)}: {have[k]} vs {want[k]}'
+      for k in sorted(set(want) & set(have))
+      if tuple(have[k]) != tuple(want[k])
+    ]
     if problems:
       raise ConversionError(f'{path} does not fit the {what}:\n  ' + '\n  '.join(problems))
   else:
@@ -332,8 +362,11 @@ def load_pretrained(variables: Mapping[str, Any], path: str, layout: str = 'dssn
       raise ValueError(f'layout={layout!r} must be one of {", ".join(LAYOUTS)}')
     state = read_state_dict(path)
     if layout == 'model':
-      state = {k[len('backbone.'):]: v for k, v in _strip_module_prefix(state).items()
-               if k.startswith('backbone.')}
+      state = {
+        k[len('backbone.') :]: v
+        for k, v in _strip_module_prefix(state).items()
+        if k.startswith('backbone.')
+      }
     try:
       loaded = convert_state_dict(state, target, layout)
     except ConversionError as e:
@@ -341,25 +374,33 @@ def load_pretrained(variables: Mapping[str, Any], path: str, layout: str = 'dssn
   out = {k: dict(v) for k, v in variables.items()}
   for c in ('params', 'batch_stats'):
     out[c]['backbone'] = jax.tree_util.tree_map(
-        lambda new, old: jnp.asarray(new, old.dtype), loaded[c], target[c])
+      lambda new, old: jnp.asarray(new, old.dtype), loaded[c], target[c]
+    )
   return out
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
-      prog='python -m dssn_jax.convert',
-      description='Convert a PyTorch state dict (.pth) into dssn_jax variables (.npz).')
+    prog='python -m dssn_jax.convert',
+    description='Convert a PyTorch state dict (.pth) into dssn_jax variables (.npz).',
+  )
   parser.add_argument('src', help='the .pth file')
   parser.add_argument('out', help='output .npz path')
   parser.add_argument('--layout', default='dssn', choices=LAYOUTS)
-  parser.add_argument('--backbone', default=None,
-                      help='resnet50 | resnet101 (default: inferred from the keys)')
-  parser.add_argument('--num-classes', type=int, default=None,
-                      help='classes of a whole model (default: from classifier.weight)')
+  parser.add_argument(
+    '--backbone', default=None, help='resnet50 | resnet101 (default: inferred from the keys)'
+  )
+  parser.add_argument(
+    '--num-classes',
+    type=int,
+    default=None,
+    help='classes of a whole model (default: from classifier.weight)',
+  )
   args = parser.parse_args(argv)
   try:
-    variables = from_torch(args.src, backbone=args.backbone, num_classes=args.num_classes,
-                           layout=args.layout)
+    variables = from_torch(
+      args.src, backbone=args.backbone, num_classes=args.num_classes, layout=args.layout
+    )
   except (ValueError, FileNotFoundError) as e:  # ConversionError is a ValueError
     print(f'error: {e}', file=sys.stderr)
     return 1

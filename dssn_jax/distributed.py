@@ -14,7 +14,7 @@ would restrict each process to GPU `$SLURM_LOCALID`, i.e. one GPU per node.
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 
@@ -51,14 +51,15 @@ def slurm_local_device_ids(environ: Mapping[str, str] = os.environ) -> list[int]
 def _check_coordinator_address(address: str) -> None:
   host, sep, port = address.rpartition(':')
   if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-    raise ValueError(
-        f'--coordinator_address={address!r} must be host:port (e.g. 10.0.0.2:1234)')
+    raise ValueError(f'--coordinator_address={address!r} must be host:port (e.g. 10.0.0.2:1234)')
 
 
-def initialize(coordinator_address: str | None = None,
-               num_processes: int | None = None,
-               process_id: int | None = None,
-               force: bool | None = None) -> bool:
+def initialize(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  force: bool | None = None,
+) -> bool:
   """Initializes `jax.distributed` when this is a multi-process run.
 
   Args:
@@ -76,9 +77,10 @@ def initialize(coordinator_address: str | None = None,
   explicit = [coordinator_address, num_processes, process_id]
   if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
     raise ValueError(
-        '--coordinator_address, --num_processes and --process_id go together; got '
-        f'coordinator_address={coordinator_address!r}, num_processes={num_processes!r}, '
-        f'process_id={process_id!r}')
+      '--coordinator_address, --num_processes and --process_id go together; got '
+      f'coordinator_address={coordinator_address!r}, num_processes={num_processes!r}, '
+      f'process_id={process_id!r}'
+    )
   if coordinator_address is not None:
     _check_coordinator_address(coordinator_address)
     if num_processes < 1:
@@ -87,14 +89,16 @@ def initialize(coordinator_address: str | None = None,
       raise ValueError(f'--process_id={process_id} must be in [0, {num_processes})')
     if force is False:
       raise ValueError(
-          '--nodistributed contradicts --coordinator_address/--num_processes/--process_id')
+        '--nodistributed contradicts --coordinator_address/--num_processes/--process_id'
+      )
   if force is False:
     return False
   if 'cpu' in os.environ.get('JAX_PLATFORMS', '').split(','):
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   if coordinator_address is not None:
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(
+      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
     return True
   cluster = cluster_detected()
   if force or cluster:

@@ -32,9 +32,11 @@ configs/X.py` evaluates converted reference weights (`.pth`) or our `.npz`.
 from __future__ import annotations
 
 import collections
+import importlib.util
 import json
 import os
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +44,8 @@ import ml_collections
 import numpy as np
 from jax import lax
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from dssn_jax.data.normalize import normalize
 
@@ -60,8 +63,9 @@ _INT32_SAFE_PIXELS = 2**31 - 1
 # Confusion matrix and IoU.
 
 
-def confusion_matrix(pred: jax.Array, label: jax.Array, num_classes: int,
-                     ignore_index: int = 255) -> jax.Array:
+def confusion_matrix(
+  pred: jax.Array, label: jax.Array, num_classes: int, ignore_index: int = 255
+) -> jax.Array:
   """Counts of (ground truth, prediction) pairs over non-ignored pixels.
 
   Args:
@@ -77,10 +81,9 @@ def confusion_matrix(pred: jax.Array, label: jax.Array, num_classes: int,
   c = int(num_classes)
   pred = jnp.asarray(pred).astype(jnp.int32).reshape(-1)
   label = jnp.asarray(label).astype(jnp.int32).reshape(-1)
-  valid = ((label != ignore_index) & (label >= 0) & (label < c)
-           & (pred >= 0) & (pred < c))
+  valid = (label != ignore_index) & (label >= 0) & (label < c) & (pred >= 0) & (pred < c)
   index = jnp.where(valid, label * c + pred, c * c)  # c*c: the discard bin
-  counts = jnp.bincount(index, length=c * c + 1)[:c * c]
+  counts = jnp.bincount(index, length=c * c + 1)[: c * c]
   return counts.reshape(c, c).astype(jnp.int32)
 
 
@@ -123,9 +126,12 @@ def window_starts(size: int, stride: int) -> list[int]:
   return list(range(0, size, stride))
 
 
-def sliding_window_probs(logits_fn: Callable[[jax.Array], jax.Array],
-                         images: jax.Array, window: int,
-                         stride: int | None = None) -> jax.Array:
+def sliding_window_probs(
+  logits_fn: Callable[[jax.Array], jax.Array],
+  images: jax.Array,
+  window: int,
+  stride: int | None = None,
+) -> jax.Array:
   """Softmax probabilities summed over the reference's sliding windows.
 
   Windows start at every multiple of `stride` below H (rows) and W (columns)
@@ -150,7 +156,7 @@ def sliding_window_probs(logits_fn: Callable[[jax.Array], jax.Array],
 
   probs = {}
   for (wh, ww), group in groups.items():
-    crops = jnp.stack([images[:, r:r + wh, c:c + ww] for r, c in group], axis=1)
+    crops = jnp.stack([images[:, r : r + wh, c : c + ww] for r, c in group], axis=1)
     logits = logits_fn(crops.reshape((b * len(group), wh, ww) + images.shape[3:]))
     p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     p = p.reshape((b, len(group)) + p.shape[1:])
@@ -168,14 +174,17 @@ def sliding_window_probs(logits_fn: Callable[[jax.Array], jax.Array],
 
 def model_logits_fn(model, variables) -> Callable[[jax.Array], jax.Array]:
   """uint8 `(N, H, W, 3)` images -> float32 logits of the model in eval mode."""
+
   def fn(images):
     logits, _ = model.apply(variables, normalize(images), train=False)
     return logits.astype(jnp.float32)
+
   return fn
 
 
-def predict_labels(model, variables, images: jax.Array, *, sliding: bool,
-                   window: int | None = None) -> jax.Array:
+def predict_labels(
+  model, variables, images: jax.Array, *, sliding: bool, window: int | None = None
+) -> jax.Array:
   """Argmax labels of uint8 `(B, H, W, 3)` images -> int32 `(B, H, W)`.
 
   `sliding=False`: one whole-image forward; `sliding=True`: the reference's
@@ -196,16 +205,17 @@ def center_crop(image: np.ndarray, label: np.ndarray, size: int):
   h, w = image.shape[:2]
   top = (h - size) // 2 if h > size else 0
   left = (w - size) // 2 if w > size else 0
-  return (image[top:top + min(h, size), left:left + min(w, size)],
-          label[top:top + min(h, size), left:left + min(w, size)])
+  return (
+    image[top : top + min(h, size), left : left + min(w, size)],
+    label[top : top + min(h, size), left : left + min(w, size)],
+  )
 
 
 # ----------------------------------------------------------------------------
 # The evaluator.
 
 
-def _eval_step(variables, cm, images, labels, *, model, sliding, window,
-               num_classes, ignore_index):
+def _eval_step(variables, cm, images, labels, *, model, sliding, window, num_classes, ignore_index):
   """Adds one model's confusion matrix of one batch to `cm`.
 
   One model per call: the variables are an argument, so student and teacher
@@ -252,17 +262,24 @@ class Evaluator:
     class_names: default `dssn_jax.data.sources.class_names(config)`.
   """
 
-  def __init__(self, model, config: ml_collections.ConfigDict, mesh: Mesh | None = None,
-               *, mode: str | None = None,
-               records: Sequence[dict[str, Any]] | Callable[[], Iterable[dict[str, Any]]] | None = None,
-               class_names: Sequence[str] | None = None):
+  def __init__(
+    self,
+    model,
+    config: ml_collections.ConfigDict,
+    mesh: Mesh | None = None,
+    *,
+    mode: str | None = None,
+    records: Sequence[dict[str, Any]] | Callable[[], Iterable[dict[str, Any]]] | None = None,
+    class_names: Sequence[str] | None = None,
+  ):
     self.model = model
     self.config = config
     self.mode = mode or config.data.eval_mode
     if self.mode not in MODES:
       raise ValueError(
-          f'evaluation mode {self.mode!r} (config.data.eval_mode or --mode) is not one of '
-          f'{", ".join(MODES)}')
+        f'evaluation mode {self.mode!r} (config.data.eval_mode or --mode) is not one of '
+        f'{", ".join(MODES)}'
+      )
     self.num_classes = int(config.data.num_classes)
     self.ignore_index = int(config.data.get('ignore_index', 255))
     self.window = int(config.data.get('eval_crop_size') or config.data.crop_size)
@@ -278,30 +295,41 @@ class Evaluator:
     self._replicated = NamedSharding(self._mesh, P())
     self._flush_pixels = _INT32_SAFE_PIXELS
     step = lambda v, cm, x, y: _eval_step(
-        v, cm, x, y, model=model, sliding=self.mode == 'sliding_window',
-        window=self.window, num_classes=self.num_classes,
-        ignore_index=self.ignore_index)
+      v,
+      cm,
+      x,
+      y,
+      model=model,
+      sliding=self.mode == 'sliding_window',
+      window=self.window,
+      num_classes=self.num_classes,
+      ignore_index=self.ignore_index,
+    )
     self._step = jax.jit(step, donate_argnums=(1,), out_shardings=self._replicated)
 
   @property
   def class_names(self) -> list[str]:
     if self._class_names is None:
       from dssn_jax.data import sources  # pylint: disable=g-import-not-at-top
+
       self._class_names = list(sources.class_names(self.config))
     if len(self._class_names) != self.num_classes:
       raise ValueError(
-          f'{len(self._class_names)} class names for config.data.num_classes='
-          f'{self.num_classes}')
+        f'{len(self._class_names)} class names for config.data.num_classes={self.num_classes}'
+      )
     return self._class_names
 
   def _iter_records(self) -> Iterable[dict[str, Any]]:
     if self._records is None:
       import grain  # pylint: disable=g-import-not-at-top
+
       from dssn_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
       # Decode a few images ahead in threads while the devices compute;
       # a small buffer, since whole validation images can be large.
       return pipeline.eval_records(self.config, mode=self.mode).to_iter_dataset(
-          grain.ReadOptions(num_threads=4, prefetch_buffer_size=4 * self.batch_size))
+        grain.ReadOptions(num_threads=4, prefetch_buffer_size=4 * self.batch_size)
+      )
     if callable(self._records):
       return self._records()
     return self._records
@@ -312,10 +340,12 @@ class Evaluator:
     rid = record.get('id', '?')
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
       raise ValueError(
-          f'eval record {rid!r}: image must be uint8 (H, W, 3), got {image.dtype} {image.shape}')
+        f'eval record {rid!r}: image must be uint8 (H, W, 3), got {image.dtype} {image.shape}'
+      )
     if label.shape != image.shape[:2]:
       raise ValueError(
-          f'eval record {rid!r}: label shape {label.shape} != image shape {image.shape[:2]}')
+        f'eval record {rid!r}: label shape {label.shape} != image shape {image.shape[:2]}'
+      )
     label = label.astype(np.int32)
     if self.mode == 'center_crop':
       image, label = center_crop(image, label, self.window)
@@ -323,13 +353,14 @@ class Evaluator:
 
   def _to_local(self, variables: Any) -> Any:
     """Places one model's variables replicated on this host's devices."""
+
     def leaf(x):
       if isinstance(x, jax.Array) and not x.is_fully_addressable:
         if not x.is_fully_replicated:
-          raise ValueError(
-              f'cannot evaluate with a variable sharded across hosts ({x.sharding})')
+          raise ValueError(f'cannot evaluate with a variable sharded across hosts ({x.sharding})')
         x = x.addressable_data(0)
       return x
+
     return jax.device_put(jax.tree.map(leaf, variables), self._replicated)
 
   def confusion_matrices(self, variables: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -342,12 +373,12 @@ class Evaluator:
     unknown = sorted(set(variables) - set(MODEL_NAMES))
     if unknown or not variables:
       raise ValueError(
-          f'evaluate expects models named {" and/or ".join(MODEL_NAMES)}, got {sorted(variables)}')
+        f'evaluate expects models named {" and/or ".join(MODEL_NAMES)}, got {sorted(variables)}'
+      )
     names = sorted(variables)
     local = {k: self._to_local(variables[k]) for k in names}
     c = self.num_classes
-    zeros = lambda: jax.device_put(
-        {k: np.zeros((c, c), np.int32) for k in names}, self._replicated)
+    zeros = lambda: jax.device_put({k: np.zeros((c, c), np.int32) for k in names}, self._replicated)
     cms = zeros()
     totals = np.zeros((len(names), c, c), np.int64)
     pending = 0  # pixels accumulated on device since the last move to host
@@ -399,17 +430,21 @@ class Evaluator:
       miou, per_class = iou_from_confusion(cm)
       result['miou' + _SUFFIX[name]] = miou
       result['iou_per_class' + _SUFFIX[name]] = {
-          n: float(v) for n, v in zip(self.class_names, per_class)}
+        n: float(v) for n, v in zip(self.class_names, per_class)
+      }
     return result
 
 
 def eval_record(step: int | None, result: dict[str, Any], **extra) -> dict[str, Any]:
   """The metrics.jsonl eval line: step, split, mIoU of both models, per class."""
-  record = {'step': step, 'split': 'eval',
-            'miou': result.get('miou'), 'miou_teacher': result.get('miou_teacher'),
-            'iou_per_class': result.get('iou_per_class',
-                                        result.get('iou_per_class_teacher')),
-            'iou_per_class_teacher': result.get('iou_per_class_teacher')}
+  record = {
+    'step': step,
+    'split': 'eval',
+    'miou': result.get('miou'),
+    'miou_teacher': result.get('miou_teacher'),
+    'iou_per_class': result.get('iou_per_class', result.get('iou_per_class_teacher')),
+    'iou_per_class_teacher': result.get('iou_per_class_teacher'),
+  }
   record.update(extra)
   return record
 
@@ -426,6 +461,7 @@ def load_weights(path: str, config: ml_collections.ConfigDict) -> dict[str, Any]
   converted with `dssn_jax.convert.from_torch(layout='model')`.
   """
   from dssn_jax import convert  # pylint: disable=g-import-not-at-top
+
   if not os.path.isfile(path):
     raise FileNotFoundError(f'weights file {path} does not exist')
   ext = os.path.splitext(path)[1].lower()
@@ -433,18 +469,20 @@ def load_weights(path: str, config: ml_collections.ConfigDict) -> dict[str, Any]
     return convert.load_npz(path)
   if ext not in ('.pth', '.pt'):
     raise ValueError(f'weights file {path}: expected a .pth/.pt reference checkpoint or an .npz')
-  try:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    raise ImportError(
-        f'reading {path} needs PyTorch (pip install "dssn-jax[convert]")') from None
-  return convert.from_torch(path, backbone=config.model.backbone,
-                            num_classes=int(config.data.num_classes), layout='model')
+  if importlib.util.find_spec('torch') is None:
+    raise ImportError(f'reading {path} needs PyTorch (pip install "dssn-jax[convert]")')
+  return convert.from_torch(
+    path, backbone=config.model.backbone, num_classes=int(config.data.num_classes), layout='model'
+  )
 
 
-def load_for_eval(*, workdir: str | None = None, checkpoint: str | int = 'best',
-                  weights: str | None = None,
-                  config: ml_collections.ConfigDict | None = None):
+def load_for_eval(
+  *,
+  workdir: str | None = None,
+  checkpoint: str | int = 'best',
+  weights: str | None = None,
+  config: ml_collections.ConfigDict | None = None,
+):
   """What the command lines evaluate: `(config, {name: variables}, step)`.
 
   Either a workdir checkpoint (student and teacher; `config`, if given,
@@ -458,29 +496,41 @@ def load_for_eval(*, workdir: str | None = None, checkpoint: str | int = 'best',
   if not workdir:
     raise ValueError('give --workdir DIR, or --weights FILE with --config')
   from dssn_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+
   saved_config, variables, step = ckpt_lib.restore_for_eval(workdir, checkpoint)
   return (config if config is not None else saved_config), variables, step
 
 
-def run(*, workdir: str | None = None, checkpoint: str | int = 'best',
-        mode: str | None = None, weights: str | None = None,
-        config: ml_collections.ConfigDict | None = None, mesh: Mesh | None = None,
-        records=None) -> dict[str, Any]:
+def run(
+  *,
+  workdir: str | None = None,
+  checkpoint: str | int = 'best',
+  mode: str | None = None,
+  weights: str | None = None,
+  config: ml_collections.ConfigDict | None = None,
+  mesh: Mesh | None = None,
+  records=None,
+) -> dict[str, Any]:
   """Loads a checkpoint (or weights), evaluates it and returns the eval record."""
   from dssn_jax import models  # pylint: disable=g-import-not-at-top
+
   config, variables, step = load_for_eval(
-      workdir=workdir, checkpoint=checkpoint, weights=weights, config=config)
-  evaluator = Evaluator(models.model_from_config(config), config, mesh,
-                        mode=mode, records=records)
+    workdir=workdir, checkpoint=checkpoint, weights=weights, config=config
+  )
+  evaluator = Evaluator(models.model_from_config(config), config, mesh, mode=mode, records=records)
   return eval_record(step, evaluator.evaluate(variables), mode=evaluator.mode)
 
 
 def _define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
   config_flags.DEFINE_config_file(
-      'config', None, 'Config file (with --weights; with --workdir it replaces config.json).',
-      lock_config=True)
+    'config',
+    None,
+    'Config file (with --weights; with --workdir it replaces config.json).',
+    lock_config=True,
+  )
   flags.DEFINE_string('workdir', None, 'Training workdir to evaluate.')
   flags.DEFINE_string('checkpoint', 'best', 'best | latest | a step number.')
   flags.DEFINE_enum('mode', None, list(MODES), 'Evaluation mode (default: the config\'s).')
@@ -489,18 +539,22 @@ def _define_flags():
 
 def main(argv):
   from absl import app, flags  # pylint: disable=g-import-not-at-top
+
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   from dssn_jax import distributed  # pylint: disable=g-import-not-at-top
+
   distributed.initialize()  # pod slices, SLURM, Open MPI: every process evaluates its share
   f = flags.FLAGS
-  record = run(workdir=f.workdir, checkpoint=f.checkpoint, mode=f.mode,
-               weights=f.weights, config=f.config)
+  record = run(
+    workdir=f.workdir, checkpoint=f.checkpoint, mode=f.mode, weights=f.weights, config=f.config
+  )
   if jax.process_index() == 0:
     print(json.dumps(record), flush=True)
 
 
 if __name__ == '__main__':
   from absl import app  # pylint: disable=g-import-not-at-top
+
   _define_flags()
   app.run(main)

@@ -17,9 +17,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dssn_jax.pseudo_labels import class_aware_mask  # pylint: disable=unused-import
-from dssn_jax.pseudo_labels import fixed_threshold_mask  # pylint: disable=unused-import
-
 IGNORE_INDEX = 255
 
 
@@ -28,7 +25,8 @@ def _check(logits, labels, name: str) -> None:
     raise ValueError(f'{name}: logits must be (N, H, W, C), got shape {logits.shape}')
   if labels.shape != logits.shape[:3]:
     raise ValueError(
-        f'{name}: labels {labels.shape} do not match the (N, H, W) of logits {logits.shape}')
+      f'{name}: labels {labels.shape} do not match the (N, H, W) of logits {logits.shape}'
+    )
 
 
 def cross_entropy_map(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -51,8 +49,9 @@ def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def supervised_ce(logits: jax.Array, labels: jax.Array,
-                  ignore_index: int = IGNORE_INDEX) -> jax.Array:
+def supervised_ce(
+  logits: jax.Array, labels: jax.Array, ignore_index: int = IGNORE_INDEX
+) -> jax.Array:
   """Mean CE over pixels whose label is not `ignore_index`.
 
   Args:
@@ -65,8 +64,7 @@ def supervised_ce(logits: jax.Array, labels: jax.Array,
   return _masked_mean(cross_entropy_map(logits, labels), labels != ignore_index)
 
 
-def _ohem_keep(true_prob: jax.Array, valid: jax.Array, thresh: float,
-               min_kept: int) -> jax.Array:
+def _ohem_keep(true_prob: jax.Array, valid: jax.Array, thresh: float, min_kept: int) -> jax.Array:
   """ProbOhemCrossEntropy2d's pixel selection over one flat group `(P,)`.
 
   Pixels whose true-class probability is at most `thresh` are kept; if fewer
@@ -86,9 +84,15 @@ def _ohem_keep(true_prob: jax.Array, valid: jax.Array, thresh: float,
   return jnp.where(apply, hard, valid)
 
 
-def ohem_ce(logits: jax.Array, labels: jax.Array, thresh: float = 0.7,
-            min_kept: int = 100000, *, ignore_index: int = IGNORE_INDEX,
-            per_image: bool = False) -> jax.Array:
+def ohem_ce(
+  logits: jax.Array,
+  labels: jax.Array,
+  thresh: float = 0.7,
+  min_kept: int = 100000,
+  *,
+  ignore_index: int = IGNORE_INDEX,
+  per_image: bool = False,
+) -> jax.Array:
   """Online hard example mining CE (TorchSemiSeg's ProbOhemCrossEntropy2d).
 
   Keeps the valid pixels whose softmax probability of the true class is
@@ -118,15 +122,17 @@ def ohem_ce(logits: jax.Array, labels: jax.Array, thresh: float = 0.7,
   true_prob = jnp.take_along_axis(probs, safe[..., None], axis=-1)[..., 0]
   if per_image:
     keep = jax.vmap(lambda p, v: _ohem_keep(p, v, thresh, min_kept))(
-        true_prob.reshape(n, -1), valid.reshape(n, -1))
+      true_prob.reshape(n, -1), valid.reshape(n, -1)
+    )
   else:
     keep = _ohem_keep(true_prob.reshape(-1), valid.reshape(-1), thresh, min_kept)
   keep = keep.reshape(labels.shape)
   return _masked_mean(cross_entropy_map(logits, labels), keep)
 
 
-def pseudo_label_ce(logits: jax.Array, labels: jax.Array, mask: jax.Array,
-                    valid: jax.Array) -> jax.Array:
+def pseudo_label_ce(
+  logits: jax.Array, labels: jax.Array, mask: jax.Array, valid: jax.Array
+) -> jax.Array:
   """Masked CE against pseudo labels, normalized by the valid pixel count.
 
   `sum(ce * (mask & valid)) / count(valid)`: unselected valid pixels still
@@ -143,7 +149,8 @@ def pseudo_label_ce(logits: jax.Array, labels: jax.Array, mask: jax.Array,
   _check(logits, labels, 'pseudo_label_ce')
   if mask.shape != labels.shape or valid.shape != labels.shape:
     raise ValueError(
-        f'pseudo_label_ce: mask {mask.shape} and valid {valid.shape} must be {labels.shape}')
+      f'pseudo_label_ce: mask {mask.shape} and valid {valid.shape} must be {labels.shape}'
+    )
   ce = cross_entropy_map(logits, labels)
   selected = (mask & valid).astype(jnp.float32)
   count = jnp.sum(valid.astype(jnp.float32))
@@ -157,7 +164,8 @@ def standardize(logits: jax.Array) -> jax.Array:
   """
   if logits.shape[-1] < 2:
     raise ValueError(
-        f'standardize: needs at least 2 classes for an unbiased std, got {logits.shape}')
+      f'standardize: needs at least 2 classes for an unbiased std, got {logits.shape}'
+    )
   x = logits.astype(jnp.float32)
   mean = jnp.mean(x, axis=-1, keepdims=True)
   std = jnp.std(x, axis=-1, keepdims=True, ddof=1)

@@ -17,7 +17,8 @@ run at `lr`, and step `t >= 1` at `lr * (1 - (t - 1) / total) ** 0.9`.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +30,9 @@ BACKBONE = 'backbone'
 HEAD = 'head'
 
 
-def poly_schedule(base_lr: float, total_steps: int,
-                  power: float = 0.9) -> Callable[[jax.Array], jax.Array]:
+def poly_schedule(
+  base_lr: float, total_steps: int, power: float = 0.9
+) -> Callable[[jax.Array], jax.Array]:
   """Step -> learning rate, exactly as the reference applies its poly decay."""
   if total_steps <= 0:
     raise ValueError(f'poly_schedule: total_steps={total_steps} must be positive')
@@ -43,8 +45,9 @@ def poly_schedule(base_lr: float, total_steps: int,
   return fn
 
 
-def learning_rate_fn(schedule: Schedule,
-                     poly_power: float = 0.9) -> Callable[[jax.Array], jax.Array]:
+def learning_rate_fn(
+  schedule: Schedule, poly_power: float = 0.9
+) -> Callable[[jax.Array], jax.Array]:
   """The backbone learning rate used by step `t` (the `lr` metric)."""
   return poly_schedule(schedule.lr, schedule.total_steps, poly_power)
 
@@ -53,12 +56,15 @@ def param_labels(params: Any) -> Any:
   """'backbone' for the `backbone` subtree, 'head' for every other top-level entry."""
   if not hasattr(params, 'keys'):
     raise ValueError(f'param_labels: params must be a dict of modules, got {type(params)}')
-  return {k: jax.tree.map(lambda _, k=k: BACKBONE if k == BACKBONE else HEAD, v)
-          for k, v in params.items()}
+  return {
+    k: jax.tree.map(lambda _, k=k: BACKBONE if k == BACKBONE else HEAD, v)
+    for k, v in params.items()
+  }
 
 
-def torch_sgd(learning_rate, momentum: float = 0.9,
-              weight_decay: float = 1e-4) -> optax.GradientTransformation:
+def torch_sgd(
+  learning_rate, momentum: float = 0.9, weight_decay: float = 1e-4
+) -> optax.GradientTransformation:
   """`torch.optim.SGD(lr, momentum, weight_decay)` (no dampening, no Nesterov)."""
   parts = []
   if weight_decay:
@@ -72,10 +78,15 @@ def torch_sgd(learning_rate, momentum: float = 0.9,
 OPTIMIZERS = ('sgd', 'adamw')
 
 
-def make_optimizer(schedule: Schedule, config=None, *, momentum: float | None = None,
-                   weight_decay: float | None = None,
-                   poly_power: float | None = None,
-                   optimizer: str | None = None) -> optax.GradientTransformation:
+def make_optimizer(
+  schedule: Schedule,
+  config=None,
+  *,
+  momentum: float | None = None,
+  weight_decay: float | None = None,
+  poly_power: float | None = None,
+  optimizer: str | None = None,
+) -> optax.GradientTransformation:
   """The reference optimizer: backbone at `schedule.lr`, head at `schedule.head_lr`.
 
   Args:
@@ -91,8 +102,9 @@ def make_optimizer(schedule: Schedule, config=None, *, momentum: float | None = 
   """
   if not isinstance(schedule, Schedule):
     raise ValueError(
-        f'make_optimizer: expected a config_lib.Schedule, got {type(schedule).__name__}'
-        ' (build one with config_lib.resolve_steps)')
+      f'make_optimizer: expected a config_lib.Schedule, got {type(schedule).__name__}'
+      ' (build one with config_lib.resolve_steps)'
+    )
 
   def pick(value, key, default):
     if value is not None:
@@ -116,4 +128,5 @@ def make_optimizer(schedule: Schedule, config=None, *, momentum: float | None = 
     return torch_sgd(rate, momentum, weight_decay)
 
   return optax.multi_transform(
-      {BACKBONE: group(schedule.lr), HEAD: group(schedule.head_lr)}, param_labels)
+    {BACKBONE: group(schedule.lr), HEAD: group(schedule.head_lr)}, param_labels
+  )

@@ -13,7 +13,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 AXIS = 'data'
 
@@ -44,8 +45,10 @@ def shard_batch(local_batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]
     The same keys as global `jax.Array`s sharded on `data`.
   """
   sharding = data_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local_batch.items()}
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+    for k, v in local_batch.items()
+  }
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
@@ -58,5 +61,6 @@ def check_batch_divisible(global_batch: int, mesh: Mesh, what: str) -> None:
   n_dev, n_proc = mesh.devices.size, jax.process_count()
   if global_batch % n_dev or global_batch % n_proc:
     raise ValueError(
-        f'{what}={global_batch} must be divisible by the number of devices '
-        f'({n_dev}) and of processes ({n_proc})')
+      f'{what}={global_batch} must be divisible by the number of devices '
+      f'({n_dev}) and of processes ({n_proc})'
+    )

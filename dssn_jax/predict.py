@@ -21,7 +21,8 @@ of a workdir.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -35,12 +36,13 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp', '
 def list_images(path: str) -> list[str]:
   """The image files to predict: `path` itself, or the images inside it."""
   if os.path.isdir(path):
-    files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                   if f.lower().endswith(IMAGE_EXTENSIONS)
-                   and os.path.isfile(os.path.join(path, f)))
+    files = sorted(
+      os.path.join(path, f)
+      for f in os.listdir(path)
+      if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, f))
+    )
     if not files:
-      raise FileNotFoundError(
-          f'no image files ({", ".join(IMAGE_EXTENSIONS)}) in folder {path}')
+      raise FileNotFoundError(f'no image files ({", ".join(IMAGE_EXTENSIONS)}) in folder {path}')
     return files
   if not os.path.isfile(path):
     raise FileNotFoundError(f'input {path} does not exist')
@@ -62,8 +64,9 @@ def check_palette(palette: Any, num_classes: int) -> np.ndarray:
     raise ValueError(f'{num_classes} classes do not fit a palette PNG (at most 256)')
   if palette.ndim != 2 or palette.shape[1] != 3 or palette.shape[0] < num_classes:
     raise ValueError(
-        f'palette must be ({num_classes}, 3) colours for {num_classes} classes, '
-        f'got shape {palette.shape}')
+      f'palette must be ({num_classes}, 3) colours for {num_classes} classes, '
+      f'got shape {palette.shape}'
+    )
   return palette[:num_classes].astype(np.uint8)
 
 
@@ -72,13 +75,14 @@ def mask_image(mask: np.ndarray, palette: np.ndarray) -> Image.Image:
   mask = np.ascontiguousarray(mask, np.uint8)
   im = Image.frombytes('P', (mask.shape[1], mask.shape[0]), mask.tobytes())
   colours = np.zeros((256, 3), np.uint8)
-  colours[:len(palette)] = palette
+  colours[: len(palette)] = palette
   im.putpalette(colours.reshape(-1).tolist())
   return im
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray,
-            alpha: float = 0.5) -> np.ndarray:
+def overlay(
+  image: np.ndarray, mask: np.ndarray, palette: np.ndarray, alpha: float = 0.5
+) -> np.ndarray:
   """Side by side: the image | `(1 - alpha) * image + alpha * colour(mask)`.
 
   Returns uint8 `(H, 2W, 3)`.
@@ -103,9 +107,11 @@ class Predictor:
     evaluate.sliding_window_stride(self.crop_size)  # validates the size
     self._variables = jax.device_put(variables)
     self._fn = jax.jit(
-        lambda v, x, sliding: evaluate.predict_labels(
-            model, v, x, sliding=sliding, window=self.crop_size),
-        static_argnums=(2,))
+      lambda v, x, sliding: evaluate.predict_labels(
+        model, v, x, sliding=sliding, window=self.crop_size
+      ),
+      static_argnums=(2,),
+    )
 
   def needs_sliding(self, height: int, width: int) -> bool:
     return height > self.crop_size or width > self.crop_size
@@ -120,8 +126,9 @@ class Predictor:
     return np.asarray(pred)[0]
 
 
-def predict_files(predictor: Predictor, paths: Sequence[str], output: str,
-                  palette: np.ndarray, alpha: float = 0.5) -> list[str]:
+def predict_files(
+  predictor: Predictor, paths: Sequence[str], output: str, palette: np.ndarray, alpha: float = 0.5
+) -> list[str]:
   """Writes `NAME.png` and `NAME_overlay.png` per input; returns the paths."""
   names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
   seen: dict[str, str] = {}
@@ -142,17 +149,27 @@ def predict_files(predictor: Predictor, paths: Sequence[str], output: str,
   return written
 
 
-def run(*, input_path: str, output: str, workdir: str | None = None,
-        checkpoint: str | int = 'best', which_model: str = 'teacher',
-        weights: str | None = None, config=None, alpha: float = 0.5) -> list[str]:
+def run(
+  *,
+  input_path: str,
+  output: str,
+  workdir: str | None = None,
+  checkpoint: str | int = 'best',
+  which_model: str = 'teacher',
+  weights: str | None = None,
+  config=None,
+  alpha: float = 0.5,
+) -> list[str]:
   """Loads a checkpoint (or weights) and predicts every input image."""
   from dssn_jax import models  # pylint: disable=g-import-not-at-top
   from dssn_jax.data import sources  # pylint: disable=g-import-not-at-top
+
   if which_model not in evaluate.MODEL_NAMES:
     raise ValueError(f'--model {which_model!r} must be one of {", ".join(evaluate.MODEL_NAMES)}')
   paths = list_images(input_path)  # fail on a bad input before loading anything
   config, variables, _ = evaluate.load_for_eval(
-      workdir=workdir, checkpoint=checkpoint, weights=weights, config=config)
+    workdir=workdir, checkpoint=checkpoint, weights=weights, config=config
+  )
   chosen = variables.get(which_model)
   if chosen is None:  # converted weights hold one model
     chosen = next(iter(variables.values()))
@@ -165,9 +182,13 @@ def run(*, input_path: str, output: str, workdir: str | None = None,
 def _define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
   config_flags.DEFINE_config_file(
-      'config', None, 'Config file (with --weights; with --workdir it replaces config.json).',
-      lock_config=True)
+    'config',
+    None,
+    'Config file (with --weights; with --workdir it replaces config.json).',
+    lock_config=True,
+  )
   flags.DEFINE_string('workdir', None, 'Training workdir holding the checkpoints.')
   flags.DEFINE_string('checkpoint', 'best', 'best | latest | a step number.')
   flags.DEFINE_enum('model', 'teacher', list(evaluate.MODEL_NAMES), 'Which network.')
@@ -180,16 +201,25 @@ def _define_flags():
 
 def main(argv):
   from absl import app, flags  # pylint: disable=g-import-not-at-top
+
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
-  written = run(input_path=f.input, output=f.output, workdir=f.workdir,
-                checkpoint=f.checkpoint, which_model=f.model, weights=f.weights,
-                config=f.config, alpha=f.alpha)
+  written = run(
+    input_path=f.input,
+    output=f.output,
+    workdir=f.workdir,
+    checkpoint=f.checkpoint,
+    which_model=f.model,
+    weights=f.weights,
+    config=f.config,
+    alpha=f.alpha,
+  )
   print(f'wrote {len(written) // 2} masks and overlays to {f.output}', flush=True)
 
 
 if __name__ == '__main__':
   from absl import app  # pylint: disable=g-import-not-at-top
+
   _define_flags()
   app.run(main)

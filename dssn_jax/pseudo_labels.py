@@ -25,12 +25,10 @@ import jax.numpy as jnp
 
 def _check_logits(logits, name: str) -> None:
   if logits.ndim != 4:
-    raise ValueError(
-        f'{name}: logits must be channels-last (N, H, W, C), got shape {logits.shape}')
+    raise ValueError(f'{name}: logits must be channels-last (N, H, W, C), got shape {logits.shape}')
 
 
-def class_aware_mask(logits: jax.Array, high: float = 0.92,
-                     scale: float = 0.96) -> jax.Array:
+def class_aware_mask(logits: jax.Array, high: float = 0.92, scale: float = 0.96) -> jax.Array:
   """CPLG: per-image, per-class adaptive confidence thresholds.
 
   Args:
@@ -56,8 +54,9 @@ def fixed_threshold_mask(logits: jax.Array, threshold: float) -> jax.Array:
   return jnp.max(probs, axis=-1) >= threshold
 
 
-def confidence_mask(logits: jax.Array, rule: str, *, threshold: float = 0.95,
-                    high: float = 0.92, scale: float = 0.96) -> jax.Array:
+def confidence_mask(
+  logits: jax.Array, rule: str, *, threshold: float = 0.95, high: float = 0.92, scale: float = 0.96
+) -> jax.Array:
   """The mask of `rule` ('class_aware' or 'fixed'), bool `(N, H, W)`."""
   if rule == 'class_aware':
     return class_aware_mask(logits, high=high, scale=scale)
@@ -81,7 +80,8 @@ def compose_cutmix(box: jax.Array, mixed: jax.Array, base: jax.Array) -> jax.Arr
     raise ValueError(f'compose_cutmix: mixed {mixed.shape} and base {base.shape} differ')
   if box.shape != base.shape[:3]:
     raise ValueError(
-        f'compose_cutmix: box {box.shape} does not match the (N, H, W) of {base.shape}')
+      f'compose_cutmix: box {box.shape} does not match the (N, H, W) of {base.shape}'
+    )
   box = box.astype(bool).reshape(box.shape + (1,) * (base.ndim - 3))
   return jnp.where(box, mixed, base)
 

@@ -21,21 +21,16 @@ import signal
 import time
 from typing import Any
 
-from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from dssn_jax import checkpoint as ckpt_lib
-from dssn_jax import config_lib
-from dssn_jax import evaluate
-from dssn_jax import models
-from dssn_jax import optim
-from dssn_jax import parallel
+from dssn_jax import config_lib, evaluate, models, optim, parallel
 from dssn_jax import train_step as ts_lib
 from dssn_jax.data import pipeline
-from dssn_jax.data import sources
 
 
 class MetricWriter:
@@ -55,6 +50,7 @@ class MetricWriter:
       epath.Path(workdir).mkdir(parents=True, exist_ok=True)
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
         self._tb = SummaryWriter(workdir)
       except ImportError:
         self._tb = None
@@ -108,8 +104,7 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def initial_variables(config: ml_collections.ConfigDict, model, rng: jax.Array,
-                      image_size: int):
+def initial_variables(config: ml_collections.ConfigDict, model, rng: jax.Array, image_size: int):
   """Random init, with the backbone from `config.model.pretrained` if set.
 
   The init draws its numbers with the `rbg` generator seeded from `rng`:
@@ -123,9 +118,13 @@ def initial_variables(config: ml_collections.ConfigDict, model, rng: jax.Array,
   variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
   if config.model.pretrained:
     from dssn_jax import convert  # pylint: disable=g-import-not-at-top
+
     variables = convert.load_pretrained(
-        variables, config.model.pretrained, layout=config.model.pretrained_layout,
-        backbone=config.model.backbone)
+      variables,
+      config.model.pretrained,
+      layout=config.model.pretrained_layout,
+      backbone=config.model.backbone,
+    )
     _log(f'loaded pretrained backbone from {config.model.pretrained}')
   return variables
 
@@ -150,60 +149,81 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   data = pipeline.TrainData(config, mesh, seed=config.seed)
   epoch_size = data.num_labeled if settings.method == 'supervised' else data.num_unlabeled
   schedule = config_lib.resolve_steps(config, epoch_size)
-  _log(f'{settings.method}: {data.num_labeled} labeled, {data.num_unlabeled} unlabeled; '
-       f'{schedule.total_steps} steps ({schedule.steps_per_epoch}/epoch), '
-       f'lr {schedule.lr:g} (head {schedule.head_lr:g}), {jax.device_count()} devices, '
-       f'{jax.process_count()} processes')
+  _log(
+    f'{settings.method}: {data.num_labeled} labeled, {data.num_unlabeled} unlabeled; '
+    f'{schedule.total_steps} steps ({schedule.steps_per_epoch}/epoch), '
+    f'lr {schedule.lr:g} (head {schedule.head_lr:g}), {jax.device_count()} devices, '
+    f'{jax.process_count()} processes'
+  )
 
   model = models.model_from_config(config)
   rng = jax.random.key(config.seed)
   init_rng, train_rng = jax.random.split(rng)
   variables = initial_variables(config, model, init_rng, config.data.crop_size)
   tx = optim.make_optimizer(schedule, config)
-  state = ts_lib.create_train_state(model, tx, init_rng, config.data.crop_size,
-                                    variables=variables)
+  state = ts_lib.create_train_state(model, tx, init_rng, config.data.crop_size, variables=variables)
   state = parallel.replicate(state, mesh)
   del variables
 
   checkpointer = ckpt_lib.Checkpointer(
-      str(epath.Path(workdir) / 'checkpoints'), keep=config.train.keep_checkpoints,
-      data_items=data.checkpoint_items())
+    str(epath.Path(workdir) / 'checkpoints'),
+    keep=config.train.keep_checkpoints,
+    data_items=data.checkpoint_items(),
+  )
   start = checkpointer.latest_step()
   if start is not None:
     abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
     state, train_rng = checkpointer.restore(start, abstract)
     _log(f'resumed from {checkpointer.directory} at step {start}')
   start = int(jax.device_get(state.step))
 
-  step_fn = ts_lib.make_train_step(model, tx, settings, schedule, mesh,
-                                   ema_decay=config.train.ema_decay,
-                                   poly_power=config.train.poly_power)
+  step_fn = ts_lib.make_train_step(
+    model,
+    tx,
+    settings,
+    schedule,
+    mesh,
+    ema_decay=config.train.ema_decay,
+    poly_power=config.train.poly_power,
+  )
   evaluator = evaluate.Evaluator(model, config, mesh)
-  names = sources.class_names(config)
   kept_lines, history = _rewind_metrics(workdir, start)
   writer = MetricWriter(workdir, kept_lines)
 
   def run_eval(step: int) -> dict[str, Any]:
-    models_to_eval = {'teacher': {'params': state.teacher_params,
-                                  'batch_stats': state.teacher_batch_stats}}
+    models_to_eval = {
+      'teacher': {'params': state.teacher_params, 'batch_stats': state.teacher_batch_stats}
+    }
     if config.train.eval_student:
-      models_to_eval['student'] = {'params': state.params,
-                                   'batch_stats': state.batch_stats}
+      models_to_eval['student'] = {'params': state.params, 'batch_stats': state.batch_stats}
     result = evaluator.evaluate(models_to_eval)
-    record = {'step': step, 'split': 'eval',
-              'miou': result.get('miou'), 'miou_teacher': result.get('miou_teacher'),
-              'iou_per_class': result.get('iou_per_class', result.get('iou_per_class_teacher')),
-              'iou_per_class_teacher': result.get('iou_per_class_teacher')}
+    record = {
+      'step': step,
+      'split': 'eval',
+      'miou': result.get('miou'),
+      'miou_teacher': result.get('miou_teacher'),
+      'iou_per_class': result.get('iou_per_class', result.get('iou_per_class_teacher')),
+      'iou_per_class_teacher': result.get('iou_per_class_teacher'),
+    }
     writer.write(record)
     history.append(record)
-    _log(f'step {step}: mIoU student {_format_percent(record["miou"])} '
-         f'teacher {_format_percent(record["miou_teacher"])}')
+    _log(
+      f'step {step}: mIoU student {_format_percent(record["miou"])} '
+      f'teacher {_format_percent(record["miou_teacher"])}'
+    )
     return record
 
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  bar = tqdm(total=schedule.total_steps, initial=start, dynamic_ncols=True,
-             disable=jax.process_index() != 0, desc='train')
+
+  bar = tqdm(
+    total=schedule.total_steps,
+    initial=start,
+    dynamic_ncols=True,
+    disable=jax.process_index() != 0,
+    desc='train',
+  )
   pending: list[dict[str, jax.Array]] = []
   t_log, n_log = time.perf_counter(), 0
   images_per_step = config.data.batch_size * (1 if settings.method == 'supervised' else 2)
@@ -222,11 +242,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
         mean['lr'] = float(fetched[-1]['lr'])
         elapsed = time.perf_counter() - t_log
-        record = {'step': step, 'split': 'train', **mean,
-                  'images_per_sec': n_log * images_per_step / max(elapsed, 1e-9)}
+        record = {
+          'step': step,
+          'split': 'train',
+          **mean,
+          'images_per_sec': n_log * images_per_step / max(elapsed, 1e-9),
+        }
         writer.write(record)
-        bar.set_postfix({k: f'{v:.3f}' for k, v in mean.items()
-                         if k in ('loss', 'loss_x', 'mask_ratio')})
+        bar.set_postfix(
+          {k: f'{v:.3f}' for k, v in mean.items() if k in ('loss', 'loss_x', 'mask_ratio')}
+        )
         pending, t_log, n_log = [], time.perf_counter(), 0
       eval_now = step % schedule.eval_every == 0 or step == schedule.total_steps
       eval_record = run_eval(step) if eval_now else None
@@ -247,9 +272,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   summary = summarize(history)
   summary.update(step=step, preempted=preempted)
   if not preempted:
-    _log('final: ' + ' '.join(
+    _log(
+      'final: '
+      + ' '.join(
         f'{k}={_format_percent(summary[k])}'
-        for k in ('miou', 'best', 'miou_teacher', 'best_teacher')))
+        for k in ('miou', 'best', 'miou_teacher', 'best_teacher')
+      )
+    )
   return summary
 
 
@@ -283,12 +312,14 @@ def _rewind_metrics(workdir: str, upto: int) -> tuple[list[str], list[dict[str, 
 
 def summarize(history: list[dict[str, Any]]) -> dict[str, float | None]:
   """Last and best mIoU of student and teacher over the eval records."""
+
   def series(key):
     return [r[key] for r in history if r.get(key) is not None]
+
   student, teacher = series('miou'), series('miou_teacher')
   return {
-      'miou': student[-1] if student else None,
-      'best': max(student) if student else None,
-      'miou_teacher': teacher[-1] if teacher else None,
-      'best_teacher': max(teacher) if teacher else None,
+    'miou': student[-1] if student else None,
+    'best': max(student) if student else None,
+    'miou_teacher': teacher[-1] if teacher else None,
+    'best_teacher': max(teacher) if teacher else None,
   }

@@ -63,10 +63,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dssn_jax import losses
-from dssn_jax import optim
-from dssn_jax import parallel
-from dssn_jax import pseudo_labels
+from dssn_jax import losses, optim, parallel, pseudo_labels
 from dssn_jax.config_lib import MethodSettings, Schedule
 from dssn_jax.data.normalize import normalize
 
@@ -83,6 +80,7 @@ class TrainState(flax.struct.PyTreeNode):
     teacher_params, teacher_batch_stats: the EMA teacher's variables.
     opt_state: the optax state of the student's params.
   """
+
   step: jax.Array
   params: Any
   batch_stats: Any
@@ -91,8 +89,9 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: Any
 
 
-def create_train_state(model, tx: optax.GradientTransformation, rng: jax.Array,
-                       image_size: int, *, variables=None) -> TrainState:
+def create_train_state(
+  model, tx: optax.GradientTransformation, rng: jax.Array, image_size: int, *, variables=None
+) -> TrainState:
   """A fresh state; the teacher starts as a copy of the student.
 
   Args:
@@ -112,24 +111,23 @@ def create_train_state(model, tx: optax.GradientTransformation, rng: jax.Array,
   batch_stats = variables.get('batch_stats', {})
   copy = lambda tree: jax.tree.map(jnp.copy, tree)  # distinct buffers for donation
   return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      batch_stats=batch_stats,
-      teacher_params=copy(params),
-      teacher_batch_stats=copy(batch_stats),
-      opt_state=tx.init(params),
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=batch_stats,
+    teacher_params=copy(params),
+    teacher_batch_stats=copy(batch_stats),
+    opt_state=tx.init(params),
   )
 
 
-def _forward(model, params, batch_stats, images, *, train: bool, perturb: int = 0,
-             rng=None):
+def _forward(model, params, batch_stats, images, *, train: bool, perturb: int = 0, rng=None):
   """One model call -> (logits, aux, batch_stats after the call)."""
   rngs = {'dropout': rng} if perturb else {}
   variables = {'params': params, 'batch_stats': batch_stats}
   if train:
     (logits, aux), updates = model.apply(
-        variables, images, train=True, perturb=perturb, rngs=rngs,
-        mutable=['batch_stats'])
+      variables, images, train=True, perturb=perturb, rngs=rngs, mutable=['batch_stats']
+    )
     return logits, aux, updates['batch_stats']
   logits, aux = model.apply(variables, images, train=False, perturb=perturb, rngs=rngs)
   return logits, aux, batch_stats
@@ -139,20 +137,23 @@ def _check(batch: dict[str, Any], settings: MethodSettings) -> None:
   if settings.method == 'supervised':
     need = ('x', 'y')
   else:
-    need = SEMI_KEYS + sum(VIEW_KEYS[:settings.strong_views], ())
+    need = SEMI_KEYS + sum(VIEW_KEYS[: settings.strong_views], ())
   missing = [k for k in need if k not in batch]
   if missing:
     raise ValueError(
-        f'train batch for method {settings.method!r} lacks {", ".join(missing)}'
-        f' (has {", ".join(sorted(batch))})')
+      f'train batch for method {settings.method!r} lacks {", ".join(missing)}'
+      f' (has {", ".join(sorted(batch))})'
+    )
   if settings.align_image > 0 and settings.strong_views < 2:
     raise ValueError(
-        f'loss.align_image={settings.align_image} needs two strong views; '
-        f'method {settings.method!r} has {settings.strong_views}')
+      f'loss.align_image={settings.align_image} needs two strong views; '
+      f'method {settings.method!r} has {settings.strong_views}'
+    )
   if settings.align_feature > 0 and settings.fp_branches < 2:
     raise ValueError(
-        f'loss.align_feature={settings.align_feature} needs two fp branches; '
-        f'fp_branches={settings.fp_branches}')
+      f'loss.align_feature={settings.align_feature} needs two fp branches; '
+      f'fp_branches={settings.fp_branches}'
+    )
   if settings.fp > 0 and settings.fp_branches < 1:
     raise ValueError(f'loss.fp={settings.fp} needs fp_branches >= 1')
 
@@ -174,14 +175,22 @@ class LossAux(flax.struct.PyTreeNode):
     teacher_batch_stats: the teacher's after its own forwards (before EMA).
     metrics: float32 scalars, each computed term and `mask_ratio`.
   """
+
   batch_stats: Any
   teacher_batch_stats: Any
   metrics: dict[str, jax.Array]
 
 
-def objective(params, state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
-              model, settings: MethodSettings,
-              schedule: Schedule) -> tuple[jax.Array, LossAux]:
+def objective(
+  params,
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  rng: jax.Array,
+  *,
+  model,
+  settings: MethodSettings,
+  schedule: Schedule,
+) -> tuple[jax.Array, LossAux]:
   """The iteration's total loss as a function of the student's `params`.
 
   Steps 1-7 of the module docstring. The teacher (or eval-mode student)
@@ -210,14 +219,19 @@ def objective(params, state: TrainState, batch: dict[str, jax.Array], rng: jax.A
 
   def sup_loss(logits, labels):
     if s.sup_type == 'ohem':
-      return losses.ohem_ce(logits, labels, s.ohem_thresh, s.ohem_min_kept,
-                            ignore_index=ignore, per_image=True)
+      return losses.ohem_ce(
+        logits, labels, s.ohem_thresh, s.ohem_min_kept, ignore_index=ignore, per_image=True
+      )
     return losses.supervised_ce(logits, labels, ignore_index=ignore)
 
   def mask_of(logits):
     return pseudo_labels.confidence_mask(
-        logits, s.pseudo_label, threshold=s.threshold, high=s.class_aware_high,
-        scale=s.class_aware_scale)
+      logits,
+      s.pseudo_label,
+      threshold=s.threshold,
+      high=s.class_aware_high,
+      scale=s.class_aware_scale,
+    )
 
   x, y = normalize(batch['x']), batch['y']
   if not semi:
@@ -240,18 +254,23 @@ def objective(params, state: TrainState, batch: dict[str, jax.Array], rng: jax.A
     reference). With running statistics BN is per sample, so one call on
     both views gives the same logits at half the kernel launches.
     """
+
     def sequential():
       t_m, _, new = _forward(model, state.teacher_params, stats, m_w, train=True)
       t_w, _, new = _forward(model, state.teacher_params, new, u_w, train=True)
       return t_m, t_w, new
+
     def batched():
-      both, _, _ = _forward(model, state.teacher_params, stats,
-                            jnp.concatenate([m_w, u_w]), train=False)
+      both, _, _ = _forward(
+        model, state.teacher_params, stats, jnp.concatenate([m_w, u_w]), train=False
+      )
       t_m, t_w = jnp.split(both, 2)
       return t_m, t_w, stats
+
     if s.teacher_bn == 'reference':
       return jax.lax.cond(state.step < schedule.steps_per_epoch, sequential, batched)
     return sequential() if s.teacher_bn == 'batch' else batched()
+
   if strong_terms:
     m_w = normalize(batch['m_w'])
     if s.teacher == 'ema':
@@ -266,8 +285,10 @@ def objective(params, state: TrainState, batch: dict[str, jax.Array], rng: jax.A
 
   # 2. Cutmix of the strong images (uint8, then normalized).
   if strong_forward:
-    mixed = [pseudo_labels.compose_cutmix(batch[box], batch[m_s], batch[u_s])
-             for u_s, m_s, box in VIEW_KEYS[:views]]
+    mixed = [
+      pseudo_labels.compose_cutmix(batch[box], batch[m_s], batch[u_s])
+      for u_s, m_s, box in VIEW_KEYS[:views]
+    ]
     strong_images = normalize(jnp.concatenate(mixed))
 
   # 3. Student on concat(x, u_w), clean and perturbed decoder copies (or,
@@ -275,14 +296,19 @@ def objective(params, state: TrainState, batch: dict[str, jax.Array], rng: jax.A
   n_x = x.shape[0]
   if s.labeled_bn == 'separate':
     p_x, _, bs = _forward(model, params, state.batch_stats, x, train=True)
-    p_w, aux, bs = _forward(model, params, bs, u_w, train=True,
-                            perturb=perturb, rng=dropout_rng)
+    p_w, aux, bs = _forward(model, params, bs, u_w, train=True, perturb=perturb, rng=dropout_rng)
     p_w = jax.lax.stop_gradient(p_w)
     p_fp = list(aux['perturbed'])
   else:
-    logits, aux, bs = _forward(model, params, state.batch_stats,
-                               jnp.concatenate([x, u_w]), train=True,
-                               perturb=perturb, rng=dropout_rng)
+    logits, aux, bs = _forward(
+      model,
+      params,
+      state.batch_stats,
+      jnp.concatenate([x, u_w]),
+      train=True,
+      perturb=perturb,
+      rng=dropout_rng,
+    )
     p_x, p_w = logits[:n_x], jax.lax.stop_gradient(logits[n_x:])
     p_fp = [p[n_x:] for p in aux['perturbed']]
 
@@ -299,8 +325,9 @@ def objective(params, state: TrainState, batch: dict[str, jax.Array], rng: jax.A
   valid_w = batch['u_ignore'] != ignore
   mask_w = mask_of(p_w)
   labels_w = pseudo_labels.hard_labels(p_w)
-  terms['mask_ratio'] = (jnp.sum(mask_w & valid_w).astype(jnp.float32)
-                         / jnp.maximum(jnp.sum(valid_w).astype(jnp.float32), 1.0))
+  terms['mask_ratio'] = jnp.sum(mask_w & valid_w).astype(jnp.float32) / jnp.maximum(
+    jnp.sum(valid_w).astype(jnp.float32), 1.0
+  )
 
   # 7. Loss terms (6., the weak-view teacher forward, just before its use).
   if s.sup > 0:
@@ -315,8 +342,7 @@ def objective(params, state: TrainState, batch: dict[str, jax.Array], rng: jax.A
       box = batch[VIEW_KEYS[k][2]]
       t_k = pseudo_labels.compose_cutmix(box, t_m, t_w)
       valid_k = pseudo_labels.compose_cutmix(box, batch['m_ignore'], batch['u_ignore']) != ignore
-      term = losses.pseudo_label_ce(p_s[k], pseudo_labels.hard_labels(t_k),
-                                    mask_of(t_k), valid_k)
+      term = losses.pseudo_label_ce(p_s[k], pseudo_labels.hard_labels(t_k), mask_of(t_k), valid_k)
       terms['loss_s' + suffix] = term
       weighted.append(strong_weight * term)
 
@@ -342,10 +368,18 @@ def objective(params, state: TrainState, batch: dict[str, jax.Array], rng: jax.A
   return total, LossAux(bs, teacher_bs, terms)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
-               model, tx: optax.GradientTransformation, settings: MethodSettings,
-               schedule: Schedule, ema_decay: float = 0.996,
-               poly_power: float = 0.9) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  rng: jax.Array,
+  *,
+  model,
+  tx: optax.GradientTransformation,
+  settings: MethodSettings,
+  schedule: Schedule,
+  ema_decay: float = 0.996,
+  poly_power: float = 0.9,
+) -> tuple[TrainState, dict[str, jax.Array]]:
   """One iteration of `settings.method`; pure, so it jits and shards.
 
   Args:
@@ -367,8 +401,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     terms reported also while the warm-up leaves them out), `mask_ratio`,
     `lr` (backbone) and `grad_norm`.
   """
-  loss_fn = functools.partial(objective, state=state, batch=batch, rng=rng, model=model,
-                              settings=settings, schedule=schedule)
+  loss_fn = functools.partial(
+    objective, state=state, batch=batch, rng=rng, model=model, settings=settings, schedule=schedule
+  )
   (total, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -380,12 +415,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   else:
     keep = jnp.float32(0.0)
   new_state = state.replace(
-      step=state.step + 1,
-      params=params,
-      batch_stats=aux.batch_stats,
-      teacher_params=_ema(keep, state.teacher_params, params),
-      teacher_batch_stats=_ema(keep, aux.teacher_batch_stats, aux.batch_stats),
-      opt_state=opt_state,
+    step=state.step + 1,
+    params=params,
+    batch_stats=aux.batch_stats,
+    teacher_params=_ema(keep, state.teacher_params, params),
+    teacher_batch_stats=_ema(keep, aux.teacher_batch_stats, aux.batch_stats),
+    opt_state=opt_state,
   )
   lr = optim.poly_schedule(schedule.lr, schedule.total_steps, poly_power)(state.step)
   metrics = {'loss': total, **aux.metrics, 'lr': lr, 'grad_norm': optax.tree.norm(grads)}
@@ -393,9 +428,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   return new_state, metrics
 
 
-def make_train_step(model, tx: optax.GradientTransformation, settings: MethodSettings,
-                    schedule: Schedule, mesh, *, ema_decay: float = 0.996,
-                    poly_power: float = 0.9):
+def make_train_step(
+  model,
+  tx: optax.GradientTransformation,
+  settings: MethodSettings,
+  schedule: Schedule,
+  mesh,
+  *,
+  ema_decay: float = 0.996,
+  poly_power: float = 0.9,
+):
   """`train_step` compiled over `mesh`: batch sharded on `data`, state
   replicated and donated, metrics replicated.
 
@@ -415,11 +457,18 @@ def make_train_step(model, tx: optax.GradientTransformation, settings: MethodSet
   rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
 
   def compile_for(phase_settings):
-    step = functools.partial(train_step, model=model, tx=tx, settings=phase_settings,
-                             schedule=schedule, ema_decay=float(ema_decay),
-                             poly_power=float(poly_power))
-    return jax.jit(step, in_shardings=(rep, data, rep), out_shardings=(rep, rep),
-                   donate_argnums=(0,))
+    step = functools.partial(
+      train_step,
+      model=model,
+      tx=tx,
+      settings=phase_settings,
+      schedule=schedule,
+      ema_decay=float(ema_decay),
+      poly_power=float(poly_power),
+    )
+    return jax.jit(
+      step, in_shardings=(rep, data, rep), out_shardings=(rep, rep), donate_argnums=(0,)
+    )
 
   return _PhasedStep(settings, schedule, compile_for)
 
@@ -439,8 +488,7 @@ class _PhasedStep:
         step = int(jax.device_get(state.step))
       mode = 'batch' if step < self._schedule.steps_per_epoch else 'running'
     if mode not in self._compiled:
-      self._compiled[mode] = self._compile_for(
-          dataclasses.replace(self._settings, teacher_bn=mode))
+      self._compiled[mode] = self._compile_for(dataclasses.replace(self._settings, teacher_bn=mode))
     return self._compiled[mode]
 
   def __call__(self, state, batch, rng, step: int | None = None):

@@ -65,8 +65,9 @@ def write_lines(path: str, lines) -> None:
     f.write('\n'.join(lines) + '\n')
 
 
-def make_pascal(base: str, *, n_labeled=4, n_unlabeled=10, n_val=3, split='92',
-                seed=0, sizes=SIZES) -> tuple[str, str]:
+def make_pascal(
+  base: str, *, n_labeled=4, n_unlabeled=10, n_val=3, split='92', seed=0, sizes=SIZES
+) -> tuple[str, str]:
   """A VOC tree: JPEGImages/, SegmentationClass/ (palette PNGs) and splits.
 
   Returns `(root, splits_dir)`; every third image (1, 4, ...) is a
@@ -78,20 +79,22 @@ def make_pascal(base: str, *, n_labeled=4, n_unlabeled=10, n_val=3, split='92',
   for i in range(n_labeled + n_unlabeled + n_val):
     h, w = sizes[i % len(sizes)]
     name = f'2007_{i:06d}'
-    save_image(os.path.join(root, 'JPEGImages', f'{name}.jpg'), _image(rng, h, w),
-               gray=i % 3 == 1)
-    save_mask(os.path.join(root, 'SegmentationClass', f'{name}.png'), _mask(rng, h, w, 21),
-              palette=True)
+    save_image(os.path.join(root, 'JPEGImages', f'{name}.jpg'), _image(rng, h, w), gray=i % 3 == 1)
+    save_mask(
+      os.path.join(root, 'SegmentationClass', f'{name}.png'), _mask(rng, h, w, 21), palette=True
+    )
     lines.append(f'JPEGImages/{name}.jpg SegmentationClass/{name}.png')
   write_lines(os.path.join(splits, split, 'labeled.txt'), lines[:n_labeled])
-  write_lines(os.path.join(splits, split, 'unlabeled.txt'),
-              lines[n_labeled:n_labeled + n_unlabeled])
-  write_lines(os.path.join(splits, 'val.txt'), lines[n_labeled + n_unlabeled:])
+  write_lines(
+    os.path.join(splits, split, 'unlabeled.txt'), lines[n_labeled : n_labeled + n_unlabeled]
+  )
+  write_lines(os.path.join(splits, 'val.txt'), lines[n_labeled + n_unlabeled :])
   return root, splits
 
 
-def make_cityscapes(base: str, *, n_labeled=3, n_unlabeled=4, n_val=2, split='1_16',
-                    raw_ids_for=(1,), seed=0) -> tuple[str, str]:
+def make_cityscapes(
+  base: str, *, n_labeled=3, n_unlabeled=4, n_val=2, split='1_16', raw_ids_for=(1,), seed=0
+) -> tuple[str, str]:
   """A Cityscapes tree with PNG images and labelTrainIds masks.
 
   Examples whose index is in `raw_ids_for` only have a raw `_labelIds.png`
@@ -111,20 +114,23 @@ def make_cityscapes(base: str, *, n_labeled=3, n_unlabeled=4, n_val=2, split='1_
     train_ids = _mask(rng, h, w, 19)
     if i in raw_ids_for:
       raw = np.vectorize(lambda t: inverse.get(int(t), 0))(train_ids).astype(np.uint8)
-      save_mask(os.path.join(root, mask_rel.replace('labelTrainIds', 'labelIds')), raw,
-                palette=False)
+      save_mask(
+        os.path.join(root, mask_rel.replace('labelTrainIds', 'labelIds')), raw, palette=False
+      )
     else:
       save_mask(os.path.join(root, mask_rel), train_ids, palette=False)
     lines.append(f'{image} {mask_rel}')
   write_lines(os.path.join(splits, split, 'labeled.txt'), lines[:n_labeled])
-  write_lines(os.path.join(splits, split, 'unlabeled.txt'),
-              lines[n_labeled:n_labeled + n_unlabeled])
-  write_lines(os.path.join(splits, 'val.txt'), lines[n_labeled + n_unlabeled:])
+  write_lines(
+    os.path.join(splits, split, 'unlabeled.txt'), lines[n_labeled : n_labeled + n_unlabeled]
+  )
+  write_lines(os.path.join(splits, 'val.txt'), lines[n_labeled + n_unlabeled :])
   return root, splits
 
 
-def make_coco(base: str, *, n_labeled=3, n_unlabeled=4, n_val=2, split='1_512',
-              seed=0) -> tuple[str, str]:
+def make_coco(
+  base: str, *, n_labeled=3, n_unlabeled=4, n_val=2, split='1_512', seed=0
+) -> tuple[str, str]:
   """UniMatch's COCO layout: train2017/, val2017/, masks/ (81 classes)."""
   rng = np.random.default_rng(seed)
   root, splits = os.path.join(base, 'coco'), os.path.join(base, 'splits', 'coco')
@@ -137,14 +143,14 @@ def make_coco(base: str, *, n_labeled=3, n_unlabeled=4, n_val=2, split='1_512',
     save_mask(os.path.join(root, 'masks', f'{name}.png'), _mask(rng, h, w, 81), palette=False)
     lines.append(f'{folder}/{name}.jpg masks/{name}.png')
   write_lines(os.path.join(splits, split, 'labeled.txt'), lines[:n_labeled])
-  write_lines(os.path.join(splits, split, 'unlabeled.txt'),
-              lines[n_labeled:n_labeled + n_unlabeled])
-  write_lines(os.path.join(splits, 'val.txt'), lines[n_labeled + n_unlabeled:])
+  write_lines(
+    os.path.join(splits, split, 'unlabeled.txt'), lines[n_labeled : n_labeled + n_unlabeled]
+  )
+  write_lines(os.path.join(splits, 'val.txt'), lines[n_labeled + n_unlabeled :])
   return root, splits
 
 
-def make_folder(base: str, *, n_labeled=3, n_unlabeled=5, n_val=2, num_classes=4,
-                seed=0) -> str:
+def make_folder(base: str, *, n_labeled=3, n_unlabeled=5, n_val=2, num_classes=4, seed=0) -> str:
   """A user's folders: images/ + masks/ (nested), unlabeled/ without masks, val."""
   rng = np.random.default_rng(seed)
   root = os.path.join(base, 'mydata')
@@ -153,15 +159,20 @@ def make_folder(base: str, *, n_labeled=3, n_unlabeled=5, n_val=2, num_classes=4
     h, w = SIZES[i % len(SIZES)]
     sub = 'a' if i % 2 else 'b'
     save_image(os.path.join(root, kind, 'images', sub, f'img{i}.png'), _image(rng, h, w))
-    save_mask(os.path.join(root, kind, 'masks', sub, f'img{i}_mask.png'),
-              _mask(rng, h, w, num_classes), palette=False)
+    save_mask(
+      os.path.join(root, kind, 'masks', sub, f'img{i}_mask.png'),
+      _mask(rng, h, w, num_classes),
+      palette=False,
+    )
   for i in range(n_unlabeled):
     h, w = SIZES[i % len(SIZES)]
     save_image(os.path.join(root, 'unlabeled', f'u{i}.jpg'), _image(rng, h, w), gray=i == 0)
   return root
 
 
-def config_for(name: str, root: str = '', splits_dir: str = '', **data) -> ml_collections.ConfigDict:
+def config_for(
+  name: str, root: str = '', splits_dir: str = '', **data
+) -> ml_collections.ConfigDict:
   """A small-crop config for a generated tree (`data` overrides config.data)."""
   c = config_lib.base_config()
   c.data.name = name

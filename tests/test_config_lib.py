@@ -14,12 +14,25 @@ def test_dssn_preset_matches_reference_total():
   assert s.pseudo_label == 'class_aware' and s.teacher == 'ema'
 
 
-@pytest.mark.parametrize('method,expected', [
-    ('unimatch', dict(sup=0.5, strong=0.125, fp=0.25, align_image=0.0,
-                      fp_branches=1, pseudo_label='fixed', threshold=0.95)),
+@pytest.mark.parametrize(
+  'method,expected',
+  [
+    (
+      'unimatch',
+      dict(
+        sup=0.5,
+        strong=0.125,
+        fp=0.25,
+        align_image=0.0,
+        fp_branches=1,
+        pseudo_label='fixed',
+        threshold=0.95,
+      ),
+    ),
     ('fixmatch', dict(sup=0.5, strong=0.5, fp=0.0, strong_views=1, fp_branches=0)),
     ('supervised', dict(sup=1.0, strong=0.0, fp=0.0, align_feature=0.0)),
-])
+  ],
+)
 def test_method_presets(method, expected):
   c = config_lib.base_config()
   c.method = method
@@ -44,11 +57,14 @@ def test_one_fp_branch_has_no_feature_alignment():
   assert config_lib.resolve_method(c).align_feature == 0.0
 
 
-@pytest.mark.parametrize('key,value,message', [
+@pytest.mark.parametrize(
+  'key,value,message',
+  [
     ('method', 'meanteacher', 'config.method'),
     ('loss.pseudo_label', 'soft', 'config.loss.pseudo_label'),
     ('train.teacher_bn', 'eval', 'config.train.teacher_bn'),
-])
+  ],
+)
 def test_bad_values_are_named(key, value, message):
   c = config_lib.base_config()
   section, _, name = key.rpartition('.')

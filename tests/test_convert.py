@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import torch_reference
 
 from dssn_jax import convert
 from dssn_jax.models import create_model
-import torch_reference
 
 TOL = 1e-4
 TINY = dict(widths=(8, 16, 32, 64), stem=8, aspp=32, low=8, decoder=32)
@@ -29,7 +29,7 @@ def to_nhwc(x: torch.Tensor) -> jnp.ndarray:
   return jnp.asarray(x.permute(0, 2, 3, 1).numpy())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def jitted_apply(model):
   return jax.jit(model.apply)
 
@@ -47,7 +47,8 @@ def max_error(model, variables, torch_model, images: torch.Tensor) -> float:
 def reduced():
   """A reduced-depth tiny network (torch model, our model, input)."""
   tm = torch_reference.randomize(
-      torch_reference.DeepLabV3Plus(5, blocks=REDUCED_BLOCKS, **TINY), image_size=49)
+    torch_reference.DeepLabV3Plus(5, blocks=REDUCED_BLOCKS, **TINY), image_size=49
+  )
   model = create_model('resnet_tiny', 5, stage_sizes=REDUCED_BLOCKS)
   images = torch.randn(2, 3, 49, 57, generator=torch.Generator().manual_seed(1))
   return tm, model, images
@@ -55,8 +56,9 @@ def reduced():
 
 def test_parity_reduced_depth(reduced):
   tm, model, images = reduced
-  variables = convert.from_torch(tm.state_dict(), backbone='resnet_tiny', layout='model',
-                                 stage_sizes=REDUCED_BLOCKS)
+  variables = convert.from_torch(
+    tm.state_dict(), backbone='resnet_tiny', layout='model', stage_sizes=REDUCED_BLOCKS
+  )
   assert max_error(model, variables, tm, images) <= TOL
 
 
@@ -83,8 +85,9 @@ def _swap_mean_var(state):
 
 def _flip_kernels(state):
   """Transposes every 3x3 kernel spatially: a wrong (kh, kw) order."""
-  return {k: (v.transpose(2, 3) if v.ndim == 4 and v.shape[-1] == 3 else v)
-          for k, v in state.items()}
+  return {
+    k: (v.transpose(2, 3) if v.ndim == 4 and v.shape[-1] == 3 else v) for k, v in state.items()
+  }
 
 
 def _swap_fuse_bns(state):
@@ -94,21 +97,26 @@ def _swap_fuse_bns(state):
   return out
 
 
-@pytest.mark.parametrize('corrupt', [_swap_mean_var, _flip_kernels, _swap_fuse_bns],
-                         ids=['mean_var_swapped', 'kernel_hw_transposed', 'fuse_bn_swapped'])
+@pytest.mark.parametrize(
+  'corrupt',
+  [_swap_mean_var, _flip_kernels, _swap_fuse_bns],
+  ids=['mean_var_swapped', 'kernel_hw_transposed', 'fuse_bn_swapped'],
+)
 def test_broken_conversion_fails_parity(reduced, corrupt):
   """The parity comparison catches a single wrong conversion rule."""
   tm, model, images = reduced
-  variables = convert.from_torch(corrupt(tm.state_dict()), backbone='resnet_tiny',
-                                 layout='model', stage_sizes=REDUCED_BLOCKS)
+  variables = convert.from_torch(
+    corrupt(tm.state_dict()), backbone='resnet_tiny', layout='model', stage_sizes=REDUCED_BLOCKS
+  )
   assert max_error(model, variables, tm, images) > 100 * TOL
 
 
 def test_torchvision_stem_backbone_parity():
   """The 7x7-stem backbone converts from torchvision keys; `fc.*` is ignored."""
   tm = torch_reference.randomize(
-      torch_reference.ResNet(blocks=(1, 1, 1, 1), widths=TINY['widths'], stem=8,
-                             deep_stem=False), image_size=49)
+    torch_reference.ResNet(blocks=(1, 1, 1, 1), widths=TINY['widths'], stem=8, deep_stem=False),
+    image_size=49,
+  )
   state = dict(tm.state_dict())
   state['fc.weight'] = torch.zeros(10, 256)
   state['fc.bias'] = torch.zeros(10)
@@ -126,8 +134,9 @@ def test_torchvision_stem_backbone_parity():
 @pytest.fixture(scope='module')
 def tiny_torch():
   """A whole reference model of `resnet_tiny`'s exact shape (one block per stage)."""
-  return torch_reference.randomize(torch_reference.DeepLabV3Plus(4, blocks=(1, 1, 1, 1),
-                                                                 **TINY), image_size=33)
+  return torch_reference.randomize(
+    torch_reference.DeepLabV3Plus(4, blocks=(1, 1, 1, 1), **TINY), image_size=33
+  )
 
 
 @pytest.mark.parametrize('layout', ['dssn', 'timm'])
@@ -153,16 +162,22 @@ def test_errors_list_every_bad_key(tiny_torch):
   with pytest.raises(convert.ConversionError) as info:
     convert.from_torch(state, backbone='resnet_tiny', layout='dssn')
   msg = str(info.value)
-  for key in ('layer2.0.bn1.running_var', 'conv1.6.weight', 'layer9.0.conv1.weight',
-              'extra.bias', 'layer1.0.conv2.weight'):
+  for key in (
+    'layer2.0.bn1.running_var',
+    'conv1.6.weight',
+    'layer9.0.conv1.weight',
+    'extra.bias',
+    'layer1.0.conv2.weight',
+  ):
     assert key in msg, msg
   assert '2 missing' in msg and '2 unexpected' in msg and '1 mis-shaped' in msg
 
 
 def test_stem_layout_mismatch_is_explained(tiny_torch):
   with pytest.raises(convert.ConversionError, match='deep_stem=False'):
-    convert.from_torch(tiny_torch.backbone.state_dict(), backbone='resnet_tiny',
-                       layout='torchvision', deep_stem=True)
+    convert.from_torch(
+      tiny_torch.backbone.state_dict(), backbone='resnet_tiny', layout='torchvision', deep_stem=True
+    )
 
 
 def test_cli_and_load_pretrained(tiny_torch, tmp_path, capsys):
@@ -178,29 +193,29 @@ def test_cli_and_load_pretrained(tiny_torch, tmp_path, capsys):
   # Stand-in for freshly initialized variables (compiling `init` is slow on CPU).
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 33, 33, 3)))
   rng = np.random.default_rng(0)
-  fresh = jax.tree_util.tree_map(
-      lambda s: jnp.asarray(rng.normal(size=s.shape), s.dtype), shapes)
+  fresh = jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(size=s.shape), s.dtype), shapes)
   for src, layout in ((str(out), 'dssn'), (str(pth), 'dssn')):
     merged = convert.load_pretrained(fresh, src, layout=layout, backbone='resnet_tiny')
     for c in ('params', 'batch_stats'):
-      jax.tree_util.tree_map(np.testing.assert_array_equal, merged[c]['backbone'],
-                             expected[c])
+      jax.tree_util.tree_map(np.testing.assert_array_equal, merged[c]['backbone'], expected[c])
       for name in fresh[c]:  # the head keeps its fresh initialization
         if name != 'backbone':
-          jax.tree_util.tree_map(np.testing.assert_array_equal, merged[c][name],
-                                 fresh[c][name])
+          jax.tree_util.tree_map(np.testing.assert_array_equal, merged[c][name], fresh[c][name])
 
   # A whole-model `.pth`, or its `.npz`, also provides a backbone.
   whole = tmp_path / 'model.pth'
   torch.save({'model': tiny_torch.state_dict()}, whole)
   whole_npz = tmp_path / 'model.npz'
-  assert convert.main([str(whole), str(whole_npz), '--layout', 'model',
-                       '--backbone', 'resnet_tiny']) == 0
+  assert (
+    convert.main([str(whole), str(whole_npz), '--layout', 'model', '--backbone', 'resnet_tiny'])
+    == 0
+  )
   assert 'params/classifier/kernel' in np.load(whole_npz).files
   for src, layout in ((str(whole), 'model'), (str(whole_npz), 'dssn')):
     merged = convert.load_pretrained(fresh, src, layout=layout)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, merged['params']['backbone'],
-                           expected['params'])
+    jax.tree_util.tree_map(
+      np.testing.assert_array_equal, merged['params']['backbone'], expected['params']
+    )
 
   # A backbone of another shape is refused, naming the offending keys.
   deeper = create_model('resnet_tiny', 4, stage_sizes=(1, 1, 2, 1))

@@ -6,16 +6,14 @@ import subprocess
 import sys
 import types
 
+import fake_datasets as fd
 import numpy as np
-
-import dssn_jax.data
-from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
+from PIL import Image
 
-import fake_datasets as fd
-from dssn_jax.data import classes
-from dssn_jax.data import sources
+import dssn_jax.data
+from dssn_jax.data import classes, sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,7 +105,9 @@ def test_folder_layout_with_nested_dirs_and_list_file(tmp_path):
   fd.write_lines(os.path.join(root, 'u.txt'), ['unlabeled/u1.jpg', 'unlabeled/u3.jpg x.png'])
   config.data.folder.unlabeled_images = 'u.txt'
   assert [e.id for e in sources.get_source(config, 'unlabeled').entries] == [
-      'unlabeled/u1.jpg', 'unlabeled/u3.jpg']
+    'unlabeled/u1.jpg',
+    'unlabeled/u3.jpg',
+  ]
   assert sources.class_names(config) == ('bg', 'a', 'b', 'c')
   config.data.folder.class_names = ''
   assert sources.class_names(config)[3] == 'class_3'
@@ -122,12 +122,19 @@ def test_folder_image_without_mask(tmp_path):
 
 class FakeTrimaps(tfds.core.GeneratorBasedBuilder):
   """A pet-like TFDS dataset: trimap masks 1 (object), 2 (background), 3 (border)."""
+
   VERSION = tfds.core.Version('1.0.0')
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        'image': tfds.features.Image(shape=(None, None, 3)),
-        'segmentation_mask': tfds.features.Image(shape=(None, None, 1), use_colormap=False)}))
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Image(shape=(None, None, 3)),
+          'segmentation_mask': tfds.features.Image(shape=(None, None, 1), use_colormap=False),
+        }
+      ),
+    )
 
   def _split_generators(self, dl_manager):
     return {'train': self._generate_examples(6), 'validation': self._generate_examples(2)}
@@ -136,8 +143,7 @@ class FakeTrimaps(tfds.core.GeneratorBasedBuilder):
     rng = np.random.default_rng(n)
     for i in range(n):
       h, w = fd.SIZES[i % len(fd.SIZES)]
-      image = np.asarray(Image.fromarray(
-          rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
+      image = np.asarray(Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
       mask = rng.integers(1, 4, (h, w), dtype=np.uint8)
       # Images as encoded bytes: preparing then needs no TensorFlow.
       yield i, {'image': fd.png_bytes(image), 'segmentation_mask': fd.png_bytes(mask)}
@@ -222,11 +228,15 @@ def test_unreadable_image_and_mask(broken):
   with open(os.path.join(broken.data.root, line.split()[0]), 'wb') as f:
     f.write(b'not a jpeg')
   source = sources.get_source(broken, 'labeled')
-  with pytest.raises(sources.DatasetError, match=r'cannot read image .*2007_000000\.jpg.*labeled\.txt:1'):
+  with pytest.raises(
+    sources.DatasetError, match=r'cannot read image .*2007_000000\.jpg.*labeled\.txt:1'
+  ):
     source[0]
   with open(os.path.join(broken.data.root, _labeled_line(broken, 1).split()[1]), 'wb') as f:
     f.write(b'\x89PNG broken')
-  with pytest.raises(sources.DatasetError, match=r'cannot read mask .*2007_000001\.png.*labeled\.txt:2'):
+  with pytest.raises(
+    sources.DatasetError, match=r'cannot read mask .*2007_000001\.png.*labeled\.txt:2'
+  ):
     source[1]
 
 
@@ -309,10 +319,17 @@ def test_voc_colormap():
 
 
 def _run_check(config, *extra):
-  cmd = [sys.executable, '-m', 'dssn_jax.data', 'check', '--config',
-         os.path.join(REPO, 'configs', 'pascal.py'),
-         f'--config.data.root={config.data.root}',
-         f'--config.data.splits_dir={config.data.splits_dir}', *extra]
+  cmd = [
+    sys.executable,
+    '-m',
+    'dssn_jax.data',
+    'check',
+    '--config',
+    os.path.join(REPO, 'configs', 'pascal.py'),
+    f'--config.data.root={config.data.root}',
+    f'--config.data.splits_dir={config.data.splits_dir}',
+    *extra,
+  ]
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
 
@@ -327,8 +344,9 @@ def test_check_cli_on_good_and_broken_trees(broken):
   # Break two masks: both are listed, and the exit status is 1.
   for i in (0, 2):
     line = _labeled_line(broken, i)
-    fd.save_mask(os.path.join(broken.data.root, line.split()[1]),
-                 np.full((5, 5), 30, np.uint8), palette=False)
+    fd.save_mask(
+      os.path.join(broken.data.root, line.split()[1]), np.full((5, 5), 30, np.uint8), palette=False
+    )
   result = _run_check(broken)
   assert result.returncode == 1
   assert result.stdout.count('labeled.txt') >= 2 and '2 errors' in result.stdout

@@ -66,8 +66,9 @@ def test_deterministic_pure_function_of_seed_and_index():
     np.testing.assert_array_equal(ra['image'], rb['image'])
     np.testing.assert_array_equal(ra['mask'], rb['mask'])
   # Order of access does not matter.
-  np.testing.assert_array_equal(a[5]['image'], digits.DigitScenes(
-      'val', 6, image_size=64, data_seed=3)[5]['image'])
+  np.testing.assert_array_equal(
+    a[5]['image'], digits.DigitScenes('val', 6, image_size=64, data_seed=3)[5]['image']
+  )
   images = [a[i]['image'] for i in range(6)]
   for i in range(6):
     for j in range(i + 1, 6):

@@ -10,12 +10,10 @@ import textwrap
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from dssn_jax import config_lib
-from dssn_jax import evaluate
+from dssn_jax import config_lib, evaluate
 from dssn_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 NAMES3 = ('bg', 'cat', 'dog')
@@ -24,15 +22,9 @@ NAMES3 = ('bg', 'cat', 'dog')
 # confusion. Image b has no class 2 at all; image c has an ignored pixel
 # predicted as class 1, which must not count.
 TOY = [
-    dict(id='a',
-         label=[[0, 0, 1], [1, 255, 2]],
-         pred=[[0, 1, 1], [1, 2, 2]]),
-    dict(id='b',
-         label=[[0, 0], [0, 1]],
-         pred=[[0, 0], [1, 1]]),
-    dict(id='c',
-         label=[[2], [2], [255]],
-         pred=[[2], [0], [1]]),
+  dict(id='a', label=[[0, 0, 1], [1, 255, 2]], pred=[[0, 1, 1], [1, 2, 2]]),
+  dict(id='b', label=[[0, 0], [0, 1]], pred=[[0, 0], [1, 1]]),
+  dict(id='c', label=[[2], [2], [255]], pred=[[2], [0], [1]]),
 ]
 # Summed over the set (rows: label, columns: prediction):
 #   label 0: pred 0 = 1+2, pred 1 = 1+1          -> 3, 2, 0
@@ -45,8 +37,9 @@ TOY_IOU = np.array([1 / 2, 3 / 5, 2 / 3]) * 100
 TOY_MIOU = (1 / 2 + 3 / 5 + 2 / 3) / 3 * 100  # 58.89
 # Per-image averaging (wrong) gives: a (1/2, 2/3, 1), b (2/3, 1/2, 0),
 # c (0, 0, 1/2); the mean of the per-image means is 42.59.
-PER_IMAGE_MEAN = np.mean([np.mean([1 / 2, 2 / 3, 1]), np.mean([2 / 3, 1 / 2, 0]),
-                          np.mean([0, 0, 1 / 2])]) * 100
+PER_IMAGE_MEAN = (
+  np.mean([np.mean([1 / 2, 2 / 3, 1]), np.mean([2 / 3, 1 / 2, 0]), np.mean([0, 0, 1 / 2])]) * 100
+)
 
 
 def toy_config(mode='original', crop=8, num_classes=3):
@@ -91,6 +84,7 @@ def shift_vars(shift):
 
 class TinySeg(nn.Module):
   """A small fully convolutional net with BatchNorm, `(logits, aux)` API."""
+
   num_classes: int = 3
 
   @nn.compact
@@ -117,8 +111,9 @@ def random_records(shapes, num_classes=3, seed=0):
   for i, (h, w) in enumerate(shapes):
     label = rng.integers(0, num_classes, (h, w)).astype(np.int32)
     label[rng.random((h, w)) < 0.1] = 255
-    out.append({'image': rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
-                'label': label, 'id': f'r{i}'})
+    out.append(
+      {'image': rng.integers(0, 256, (h, w, 3), dtype=np.uint8), 'label': label, 'id': f'r{i}'}
+    )
   return out
 
 
@@ -132,22 +127,31 @@ def numpy_confusion(pred, label, c):
 
 def test_confusion_matrix_inside_jit():
   cm = jax.jit(evaluate.confusion_matrix, static_argnums=(2,))(
-      jnp.asarray(TOY[0]['pred']), jnp.asarray(TOY[0]['label']), 3)
+    jnp.asarray(TOY[0]['pred']), jnp.asarray(TOY[0]['label']), 3
+  )
   assert cm.dtype == jnp.int32
   np.testing.assert_array_equal(cm, [[1, 1, 0], [0, 2, 0], [0, 0, 1]])
 
 
 def test_hand_computed_miou_is_over_the_whole_set():
-  cm = sum(np.asarray(evaluate.confusion_matrix(
-      jnp.asarray(t['pred']), jnp.asarray(t['label']), 3)) for t in TOY)
+  cm = sum(
+    np.asarray(evaluate.confusion_matrix(jnp.asarray(t['pred']), jnp.asarray(t['label']), 3))
+    for t in TOY
+  )
   np.testing.assert_array_equal(cm, TOY_CM)
   miou, iou = evaluate.iou_from_confusion(cm)
   np.testing.assert_allclose(iou, TOY_IOU, rtol=1e-9)
   assert miou == pytest.approx(TOY_MIOU, rel=1e-9)
   assert miou == pytest.approx(58.888889, abs=1e-5)
   # Averaging per image gives another number.
-  per_image = np.mean([evaluate.iou_from_confusion(evaluate.confusion_matrix(
-      jnp.asarray(t['pred']), jnp.asarray(t['label']), 3))[0] for t in TOY])
+  per_image = np.mean(
+    [
+      evaluate.iou_from_confusion(
+        evaluate.confusion_matrix(jnp.asarray(t['pred']), jnp.asarray(t['label']), 3)
+      )[0]
+      for t in TOY
+    ]
+  )
   assert per_image == pytest.approx(PER_IMAGE_MEAN, rel=1e-9)
   assert abs(per_image - miou) > 10
 
@@ -168,8 +172,9 @@ def test_evaluator_gives_the_hand_computed_miou():
   assert list(out['iou_per_class']) == list(NAMES3)
   np.testing.assert_allclose(list(out['iou_per_class'].values()), TOY_IOU, rtol=1e-9)
   # The teacher predicts (class + 1) mod 3 everywhere.
-  cm_t = sum(numpy_confusion((np.asarray(t['pred']) + 1) % 3, np.asarray(t['label']), 3)
-             for t in TOY)
+  cm_t = sum(
+    numpy_confusion((np.asarray(t['pred']) + 1) % 3, np.asarray(t['label']), 3) for t in TOY
+  )
   assert out['miou_teacher'] == pytest.approx(evaluate.iou_from_confusion(cm_t)[0])
   assert set(out) == {'miou', 'iou_per_class', 'miou_teacher', 'iou_per_class_teacher'}
   # One model given: only its keys.
@@ -180,8 +185,7 @@ def test_evaluator_gives_the_hand_computed_miou():
 
 
 def test_device_counts_move_to_host_before_int32_overflow():
-  ev = evaluate.Evaluator(DecodeModel(), toy_config(), records=toy_records(),
-                          class_names=NAMES3)
+  ev = evaluate.Evaluator(DecodeModel(), toy_config(), records=toy_records(), class_names=NAMES3)
   ev._flush_pixels = 5  # every batch forces a move of the counts to the host
   cms = ev.confusion_matrices({'student': shift_vars(0)})
   assert cms['student'].dtype == np.int64
@@ -191,9 +195,14 @@ def test_device_counts_move_to_host_before_int32_overflow():
 def test_bad_inputs_are_named():
   with pytest.raises(ValueError, match='eval_mode'):
     evaluate.Evaluator(DecodeModel(), toy_config(mode='tiles'), records=[])
-  ev = evaluate.Evaluator(DecodeModel(), toy_config(), class_names=NAMES3, records=[
-      {'image': np.zeros((4, 4, 3), np.uint8), 'label': np.zeros((4, 5), np.int32),
-       'id': 'img_7'}])
+  ev = evaluate.Evaluator(
+    DecodeModel(),
+    toy_config(),
+    class_names=NAMES3,
+    records=[
+      {'image': np.zeros((4, 4, 3), np.uint8), 'label': np.zeros((4, 5), np.int32), 'id': 'img_7'}
+    ],
+  )
   with pytest.raises(ValueError, match='img_7'):
     ev.evaluate({'student': shift_vars(0)})
   with pytest.raises(ValueError, match='student'):
@@ -235,20 +244,23 @@ def reference_sliding(x, grid):
   while row < h:
     col = 0
     while col < w:
-      crop = x[:, row:min(h, row + grid), col:min(w, col + grid)]
+      crop = x[:, row : min(h, row + grid), col : min(w, col + grid)]
       logits = np.asarray(positional_logits(jnp.asarray(crop)), np.float64)
       e = np.exp(logits - logits.max(-1, keepdims=True))
-      final[:, row:min(h, row + grid), col:min(w, col + grid)] += e / e.sum(-1, keepdims=True)
+      final[:, row : min(h, row + grid), col : min(w, col + grid)] += e / e.sum(-1, keepdims=True)
       col += int(grid * 2 / 3)
     row += int(grid * 2 / 3)
   return final
 
 
-@pytest.mark.parametrize('shape,grid', [
-    ((23, 31), 9),   # several windows, truncated at the right and bottom
-    ((5, 7), 9),     # smaller than the window: still two truncated windows
-    ((9, 9), 9),     # exactly the window: a full and a truncated one
-])
+@pytest.mark.parametrize(
+  'shape,grid',
+  [
+    ((23, 31), 9),  # several windows, truncated at the right and bottom
+    ((5, 7), 9),  # smaller than the window: still two truncated windows
+    ((9, 9), 9),  # exactly the window: a full and a truncated one
+  ],
+)
 def test_sliding_window_matches_the_reference_loop(shape, grid):
   x = np.random.default_rng(0).integers(0, 256, (2,) + shape + (3,), dtype=np.uint8)
   got = jax.jit(lambda im: evaluate.sliding_window_probs(positional_logits, im, grid))(x)
@@ -284,13 +296,17 @@ def test_evaluator_end_to_end_each_mode(mode):
   model = TinySeg()
   student, teacher = tiny_variables(model, 1), tiny_variables(model, 5)
   records = random_records([(13, 17), (12, 12), (13, 17)], seed=3)
-  ev = evaluate.Evaluator(model, toy_config(mode=mode, crop=10), records=records,
-                          class_names=NAMES3)
+  ev = evaluate.Evaluator(
+    model, toy_config(mode=mode, crop=10), records=records, class_names=NAMES3
+  )
   cms = ev.confusion_matrices({'student': student, 'teacher': teacher})
-  np.testing.assert_array_equal(cms['student'],
-                                direct_confusion(model, student, records, mode, 10))
-  pixels = sum(int((evaluate.center_crop(r['image'], r['label'], 10)[1] != 255).sum())
-               if mode == 'center_crop' else int((r['label'] != 255).sum()) for r in records)
+  np.testing.assert_array_equal(cms['student'], direct_confusion(model, student, records, mode, 10))
+  pixels = sum(
+    int((evaluate.center_crop(r['image'], r['label'], 10)[1] != 255).sum())
+    if mode == 'center_crop'
+    else int((r['label'] != 255).sum())
+    for r in records
+  )
   assert cms['student'].sum() == pixels == cms['teacher'].sum()
   out = ev.evaluate({'student': student, 'teacher': teacher})
   assert 0.0 <= out['miou'] <= 100.0 and 0.0 <= out['miou_teacher'] <= 100.0
@@ -329,8 +345,9 @@ def test_evaluator_over_two_devices_pads_and_sums():
       print('OK')
       """)
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  proc = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
-                        env=env, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, '-c', script], capture_output=True, text=True, env=env, timeout=300
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'OK' in proc.stdout
 
@@ -343,7 +360,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def digits_config(num_val=3):
   spec = importlib.util.spec_from_file_location(
-      'digits_config', os.path.join(ROOT, 'configs', 'digits.py'))
+    'digits_config', os.path.join(ROOT, 'configs', 'digits.py')
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
@@ -355,6 +373,7 @@ def random_like(shapes, seed):
   """Random variables of the given shapes without compiling `init`: kernels
   scaled by fan-in, BN scales and variances near 1, the rest near 0."""
   rng = np.random.default_rng(seed)
+
   def leaf(path, s):
     name = jax.tree_util.keystr(path)
     if 'kernel' in name:
@@ -364,6 +383,7 @@ def random_like(shapes, seed):
     else:
       value = rng.normal(0.0, 0.1, s.shape)
     return jnp.asarray(value, s.dtype)
+
   tree = jax.tree_util.tree_map_with_path(leaf, shapes)
   return {'params': tree['params'], 'batch_stats': tree['batch_stats']}
 
@@ -372,14 +392,19 @@ def make_workdir(path, step=3):
   """A workdir like training leaves: config.json and one checkpoint."""
   from dssn_jax import checkpoint as ckpt_lib
   from dssn_jax import models
+
   config = digits_config()
   model = models.model_from_config(config)
   dummy = jnp.zeros((1, 32, 32, 3))
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, train=False))
   student, teacher = random_like(shapes, 1), random_like(shapes, 2)
-  state = {'step': jnp.int32(step),
-           'params': student['params'], 'batch_stats': student['batch_stats'],
-           'teacher_params': teacher['params'], 'teacher_batch_stats': teacher['batch_stats']}
+  state = {
+    'step': jnp.int32(step),
+    'params': student['params'],
+    'batch_stats': student['batch_stats'],
+    'teacher_params': teacher['params'],
+    'teacher_batch_stats': teacher['batch_stats'],
+  }
   ckpt_lib.save_config(str(path), config)
   saver = ckpt_lib.Checkpointer(os.path.join(str(path), 'checkpoints'))
   saver.save(step, state, jax.random.key(0), metrics={'miou_teacher': 1.0})
@@ -389,16 +414,25 @@ def make_workdir(path, step=3):
 
 def run_module(module, *args):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, '-m', module, *args], capture_output=True,
-                        text=True, env=env, cwd=ROOT, timeout=300)
+  return subprocess.run(
+    [sys.executable, '-m', module, *args],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=ROOT,
+    timeout=300,
+  )
 
 
 def test_run_on_a_workdir_matches_the_evaluator(tmp_path):
   from dssn_jax.data import sources
+
   config, model, variables = make_workdir(tmp_path)
   val = sources.get_source(config, 'val')
-  records = [{'image': val[i]['image'], 'label': val[i]['mask'].astype(np.int32),
-              'id': val[i]['id']} for i in range(len(val))]
+  records = [
+    {'image': val[i]['image'], 'label': val[i]['mask'].astype(np.int32), 'id': val[i]['id']}
+    for i in range(len(val))
+  ]
   record = evaluate.run(workdir=str(tmp_path), checkpoint='best', records=records)
   assert record['step'] == 3 and record['split'] == 'eval' and record['mode'] == 'original'
   assert list(record['iou_per_class']) == list(sources.class_names(config))
@@ -412,13 +446,15 @@ def test_run_on_a_workdir_matches_the_evaluator(tmp_path):
 
 def test_run_on_converted_weights(tmp_path):
   from dssn_jax import convert
+
   config, model, variables = make_workdir(tmp_path)
   path = convert.save_npz(variables['teacher'], str(tmp_path / 'teacher.npz'))
   records = random_records([(40, 52)], num_classes=11, seed=4)
   record = evaluate.run(weights=path, config=config, records=records, mode='sliding_window')
   assert record['step'] is None and record['miou_teacher'] is None
   want = evaluate.Evaluator(model, config, mode='sliding_window', records=records).evaluate(
-      {'student': variables['teacher']})
+    {'student': variables['teacher']}
+  )
   assert record['miou'] == pytest.approx(want['miou'])
   with pytest.raises(ValueError, match='needs --config'):
     evaluate.load_for_eval(weights=path)
@@ -430,8 +466,9 @@ def test_run_on_converted_weights(tmp_path):
 
 def test_command_line_prints_the_eval_record(tmp_path):
   make_workdir(tmp_path)
-  proc = run_module('dssn_jax.evaluate', f'--workdir={tmp_path}', '--checkpoint=latest',
-                    '--mode=center_crop')
+  proc = run_module(
+    'dssn_jax.evaluate', f'--workdir={tmp_path}', '--checkpoint=latest', '--mode=center_crop'
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   record = json.loads(proc.stdout.strip().splitlines()[-1])
   assert record['step'] == 3 and record['mode'] == 'center_crop'
@@ -442,6 +479,7 @@ def test_command_line_prints_the_eval_record(tmp_path):
 def test_two_processes_sum_their_confusion_matrices():
   """Each process evaluates its share; the counts are summed over hosts."""
   import socket
+
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
@@ -467,8 +505,16 @@ def test_two_processes_sum_their_confusion_matrices():
       print('OK', pid)
       """)
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  procs = [subprocess.Popen([sys.executable, '-c', script, str(i)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, '-c', script, str(i)],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=env,
+    )
+    for i in range(2)
+  ]
   for i, proc in enumerate(procs):
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]

@@ -20,8 +20,14 @@ MAIN = ['--config', 'configs/digits.py', '--workdir', '/tmp/run']
 
 def run(script, *args, env=None, cwd=ROOT, timeout=60):
   full_env = dict(os.environ, **(env or {}))
-  return subprocess.run(['bash', str(LAUNCH / script), *args], cwd=cwd, env=full_env,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    ['bash', str(LAUNCH / script), *args],
+    cwd=cwd,
+    env=full_env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def lines(result):
@@ -51,16 +57,29 @@ def test_unknown_option(script):
 
 # local_multihost.sh
 
+
 def test_local_dry_run_prints_one_command_per_process():
-  result = run('local_multihost.sh', '--dry-run', '--python', sys.executable, '3', '2',
-               '--', *MAIN, '--config.train.steps=4')
+  result = run(
+    'local_multihost.sh',
+    '--dry-run',
+    '--python',
+    sys.executable,
+    '3',
+    '2',
+    '--',
+    *MAIN,
+    '--config.train.steps=4',
+  )
   commands = lines(result)
   assert len(commands) == 3
   coordinators = set()
   for i, cmd in enumerate(commands):
-    assert cmd[:4] == ['env', 'JAX_PLATFORMS=cpu',
-                       'XLA_FLAGS=--xla_force_host_platform_device_count=2',
-                       'PYTHONUNBUFFERED=1']
+    assert cmd[:4] == [
+      'env',
+      'JAX_PLATFORMS=cpu',
+      'XLA_FLAGS=--xla_force_host_platform_device_count=2',
+      'PYTHONUNBUFFERED=1',
+    ]
     assert cmd[4:6] == [sys.executable, str(ROOT / 'main.py')]
     assert cmd[6:11] == [*MAIN, '--config.train.steps=4']
     assert cmd[11] == '--coordinator_address'
@@ -71,15 +90,25 @@ def test_local_dry_run_prints_one_command_per_process():
 
 
 def test_local_dry_run_keeps_existing_xla_flags_and_port():
-  result = run('local_multihost.sh', '--dry-run', '--port', '4321', '1', '4', '--', *MAIN,
-               env={'XLA_FLAGS': '--xla_cpu_use_xnnpack=true'})
+  result = run(
+    'local_multihost.sh',
+    '--dry-run',
+    '--port',
+    '4321',
+    '1',
+    '4',
+    '--',
+    *MAIN,
+    env={'XLA_FLAGS': '--xla_cpu_use_xnnpack=true'},
+  )
   (cmd,) = lines(result)
-  assert ('XLA_FLAGS=--xla_cpu_use_xnnpack=true '
-          '--xla_force_host_platform_device_count=4') in cmd
+  assert ('XLA_FLAGS=--xla_cpu_use_xnnpack=true --xla_force_host_platform_device_count=4') in cmd
   assert cmd[cmd.index('--coordinator_address') + 1] == '127.0.0.1:4321'
 
 
-@pytest.mark.parametrize('args, message', [
+@pytest.mark.parametrize(
+  'args, message',
+  [
     ([], 'expected N_PROCESSES DEVICES_PER_PROCESS'),
     (['2', '--', *MAIN], 'expected N_PROCESSES DEVICES_PER_PROCESS'),
     (['0', '2', '--', *MAIN], 'N_PROCESSES must be a positive integer'),
@@ -87,19 +116,31 @@ def test_local_dry_run_keeps_existing_xla_flags_and_port():
     (['2', '2'], 'no --config'),
     (['2', '2', '--', '--workdir', '/tmp/x'], 'no --config'),
     (['2', '2', '--', '--config', 'configs/digits.py'], 'no --workdir'),
-    (['2', '2', '--', '--config', 'configs/nope.py', '--workdir', 'w'],
-     "config file 'configs/nope.py' not found"),
+    (
+      ['2', '2', '--', '--config', 'configs/nope.py', '--workdir', 'w'],
+      "config file 'configs/nope.py' not found",
+    ),
     (['2', '2', '--', *MAIN, '--process_id', '1'], '--process_id is set by this script'),
     (['2', '2', '--', *MAIN, '--num_processes=2'], '--num_processes is set by this script'),
     (['--python'], '--python needs a value'),
-])
+  ],
+)
 def test_local_missing_or_bad_arguments(args, message):
   fails(run('local_multihost.sh', '--dry-run', *args), message)
 
 
 def test_config_with_argument_is_checked_without_it():
-  result = run('local_multihost.sh', '--dry-run', '1', '1', '--', '--config',
-               'configs/digits.py:method=fixmatch', '--workdir', 'w')
+  result = run(
+    'local_multihost.sh',
+    '--dry-run',
+    '1',
+    '1',
+    '--',
+    '--config',
+    'configs/digits.py:method=fixmatch',
+    '--workdir',
+    'w',
+  )
   assert lines(result)[0][6:8] == ['--config', 'configs/digits.py:method=fixmatch']
 
 
@@ -129,9 +170,23 @@ def fake_main(tmp_path):
 
 
 def test_local_runs_every_process_with_prefixed_output(fake_main):
-  result = run('local_multihost.sh', '--python', sys.executable, '--main', str(fake_main),
-               '3', '2', '--', '--config', 'cfg.py', '--workdir', 'w', '--mode', 'ok',
-               cwd=fake_main.parent)
+  result = run(
+    'local_multihost.sh',
+    '--python',
+    sys.executable,
+    '--main',
+    str(fake_main),
+    '3',
+    '2',
+    '--',
+    '--config',
+    'cfg.py',
+    '--workdir',
+    'w',
+    '--mode',
+    'ok',
+    cwd=fake_main.parent,
+  )
   assert result.returncode == 0, result.stderr
   out = result.stdout.splitlines()
   for i in range(3):
@@ -141,9 +196,26 @@ def test_local_runs_every_process_with_prefixed_output(fake_main):
 
 
 def test_local_failure_stops_the_others_and_propagates_the_status(fake_main):
-  result = run('local_multihost.sh', '--python', sys.executable, '--main', str(fake_main),
-               '--grace', '1', '3', '1', '--', '--config', 'cfg.py', '--workdir', 'w',
-               '--mode', 'fail', cwd=fake_main.parent, timeout=30)
+  result = run(
+    'local_multihost.sh',
+    '--python',
+    sys.executable,
+    '--main',
+    str(fake_main),
+    '--grace',
+    '1',
+    '3',
+    '1',
+    '--',
+    '--config',
+    'cfg.py',
+    '--workdir',
+    'w',
+    '--mode',
+    'fail',
+    cwd=fake_main.parent,
+    timeout=30,
+  )
   assert result.returncode == 3, (result.stdout, result.stderr)
   assert 'process 1 exited with status 3; stopping the others' in result.stderr
   # Nothing is left behind: the SIGTERM-ignoring process was killed.
@@ -153,28 +225,62 @@ def test_local_failure_stops_the_others_and_propagates_the_status(fake_main):
 
 # gpu.sh
 
+
 def test_gpu_single_node_dry_run():
   (cmd,) = lines(run('gpu.sh', '--dry-run', '--python', 'py', '--', *MAIN))
   assert cmd == ['py', str(ROOT / 'main.py'), *MAIN]
-  (cmd,) = lines(run('gpu.sh', '--dry-run', '--gpus-per-node', '3', '--python', 'py', '--',
-                     *MAIN))
+  (cmd,) = lines(run('gpu.sh', '--dry-run', '--gpus-per-node', '3', '--python', 'py', '--', *MAIN))
   assert cmd == ['env', 'CUDA_VISIBLE_DEVICES=0,1,2', 'py', str(ROOT / 'main.py'), *MAIN]
 
 
 def test_gpu_slurm_dry_run():
-  (cmd,) = lines(run('gpu.sh', '--dry-run', '--nodes', '2', '--gpus-per-node=4',
-                     '--partition', 'gpu', '--time', '48:00:00', '--account', 'lab',
-                     '--cpus-per-task', '16', '--srun-arg=--exclusive', '--python', 'py',
-                     '--', *MAIN, '--config.data.root=/shared/VOC 2012'))
+  (cmd,) = lines(
+    run(
+      'gpu.sh',
+      '--dry-run',
+      '--nodes',
+      '2',
+      '--gpus-per-node=4',
+      '--partition',
+      'gpu',
+      '--time',
+      '48:00:00',
+      '--account',
+      'lab',
+      '--cpus-per-task',
+      '16',
+      '--srun-arg=--exclusive',
+      '--python',
+      'py',
+      '--',
+      *MAIN,
+      '--config.data.root=/shared/VOC 2012',
+    )
+  )
   srun_end = cmd.index('env')
   assert cmd[0] == 'srun'
   assert set(cmd[1:srun_end]) == {
-      '--nodes=2', '--ntasks-per-node=1', '--gpus-per-node=4', '--partition=gpu',
-      '--time=48:00:00', '--account=lab', '--cpus-per-task=16', '--job-name=dssn_jax',
-      '--kill-on-bad-exit=1', '--label', '--exclusive'}
-  assert cmd[srun_end:] == ['env', 'JAX_LOCAL_DEVICE_IDS=0,1,2,3', 'py',
-                            str(ROOT / 'main.py'), '--distributed', *MAIN,
-                            '--config.data.root=/shared/VOC 2012']
+    '--nodes=2',
+    '--ntasks-per-node=1',
+    '--gpus-per-node=4',
+    '--partition=gpu',
+    '--time=48:00:00',
+    '--account=lab',
+    '--cpus-per-task=16',
+    '--job-name=dssn_jax',
+    '--kill-on-bad-exit=1',
+    '--label',
+    '--exclusive',
+  }
+  assert cmd[srun_end:] == [
+    'env',
+    'JAX_LOCAL_DEVICE_IDS=0,1,2,3',
+    'py',
+    str(ROOT / 'main.py'),
+    '--distributed',
+    *MAIN,
+    '--config.data.root=/shared/VOC 2012',
+  ]
 
 
 def test_gpu_slurm_one_node():
@@ -182,7 +288,9 @@ def test_gpu_slurm_one_node():
   assert cmd[0] == 'srun' and '--nodes=1' in cmd and '--distributed' not in cmd
 
 
-@pytest.mark.parametrize('args, message', [
+@pytest.mark.parametrize(
+  'args, message',
+  [
     ([], 'no -- MAIN_ARGS'),
     (['--nodes', '2'], 'no -- MAIN_ARGS'),
     (['--nodes', '2', '--', *MAIN], '--gpus-per-node is required with SLURM'),
@@ -190,12 +298,15 @@ def test_gpu_slurm_one_node():
     (['--nodes'], '--nodes needs a value'),
     (['--gpus-per-node', '0', '--', *MAIN], '--gpus-per-node must be a positive integer'),
     (['--partition', 'gpu', '--', *MAIN], '--partition is a SLURM option'),
-    (['--time', '2 days', '--slurm', '--gpus-per-node', '1', '--', *MAIN],
-     '--time must look like HH:MM:SS'),
+    (
+      ['--time', '2 days', '--slurm', '--gpus-per-node', '1', '--', *MAIN],
+      '--time must look like HH:MM:SS',
+    ),
     (['--', '--config', 'configs/digits.py'], 'no --workdir'),
     (['--', '--workdir', 'w'], 'no --config'),
     (['--', *MAIN, '--coordinator_address=h:1'], '--coordinator_address is set by this script'),
-])
+  ],
+)
 def test_gpu_missing_or_bad_arguments(args, message):
   fails(run('gpu.sh', '--dry-run', *args), message)
 
@@ -205,8 +316,16 @@ def test_gpu_runs_main_with_the_arguments(tmp_path):
   recorder.write_text('#!/bin/sh\nprintf "%s\\n" "$CUDA_VISIBLE_DEVICES" "$@" > "$RECORD"\n')
   recorder.chmod(0o755)
   record = tmp_path / 'argv'
-  result = run('gpu.sh', '--gpus-per-node', '2', '--python', str(recorder), '--', *MAIN,
-               env={'RECORD': str(record)})
+  result = run(
+    'gpu.sh',
+    '--gpus-per-node',
+    '2',
+    '--python',
+    str(recorder),
+    '--',
+    *MAIN,
+    env={'RECORD': str(record)},
+  )
   assert result.returncode == 0, result.stderr
   assert record.read_text().splitlines() == ['0,1', str(ROOT / 'main.py'), *MAIN]
 
@@ -223,12 +342,35 @@ def remote_command(cmd):
 
 
 def test_tpu_dry_run_create_install_train():
-  commands = lines(run('tpu_pod.sh', '--dry-run', *TPU, '--create', '--accelerator-type',
-                       'v4-32', '--version', 'tpu-ubuntu2204-base', '--spot', '--',
-                       *GS_MAIN, '--config.data.root=/mnt/VOC'))
+  commands = lines(
+    run(
+      'tpu_pod.sh',
+      '--dry-run',
+      *TPU,
+      '--create',
+      '--accelerator-type',
+      'v4-32',
+      '--version',
+      'tpu-ubuntu2204-base',
+      '--spot',
+      '--',
+      *GS_MAIN,
+      '--config.data.root=/mnt/VOC',
+    )
+  )
   create, ls_files, pack, copy, install, train = commands
-  assert create == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'create', 'dssn', *WHERE,
-                    '--accelerator-type=v4-32', '--version=tpu-ubuntu2204-base', '--spot']
+  assert create == [
+    'gcloud',
+    'compute',
+    'tpus',
+    'tpu-vm',
+    'create',
+    'dssn',
+    *WHERE,
+    '--accelerator-type=v4-32',
+    '--version=tpu-ubuntu2204-base',
+    '--spot',
+  ]
   assert ls_files[:5] == ['git', '-C', str(ROOT), 'ls-files', '--cached']
   assert pack[:2] == ['tar', '-czf'] and pack[3:5] == ['-C', str(ROOT)]
   assert copy[:5] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp']
@@ -238,18 +380,46 @@ def test_tpu_dry_run_create_install_train():
     assert cmd[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'dssn']
     assert '--worker=all' in cmd and set(WHERE) <= set(cmd)
   assert 'tar -xzf dssn_jax-src.tar.gz -C dssn_jax' in remote_command(install)
-  assert 'pip install -q "jax[tpu]" gcsfs google-cloud-storage -e ./dssn_jax' in remote_command(install)
+  assert 'pip install -q "jax[tpu]" gcsfs google-cloud-storage -e ./dssn_jax' in remote_command(
+    install
+  )
   assert shlex.split(remote_command(train)) == [
-      'cd', 'dssn_jax', '&&', '../dssn_jax_venv/bin/python', 'main.py', '--distributed',
-      *GS_MAIN, '--config.data.root=/mnt/VOC']
+    'cd',
+    'dssn_jax',
+    '&&',
+    '../dssn_jax_venv/bin/python',
+    'main.py',
+    '--distributed',
+    *GS_MAIN,
+    '--config.data.root=/mnt/VOC',
+  ]
 
 
 def test_tpu_dry_run_reuse_skip_install_background():
-  describe, train = lines(run('tpu_pod.sh', '--dry-run', *TPU, '--skip-install',
-                              '--background', '--remote-dir', 'exp1', '--',
-                              *GS_MAIN, '--config.data.root=/mnt/my data'))
-  assert describe == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'describe', 'dssn', *WHERE,
-                      '--format=value(state)']
+  describe, train = lines(
+    run(
+      'tpu_pod.sh',
+      '--dry-run',
+      *TPU,
+      '--skip-install',
+      '--background',
+      '--remote-dir',
+      'exp1',
+      '--',
+      *GS_MAIN,
+      '--config.data.root=/mnt/my data',
+    )
+  )
+  assert describe == [
+    'gcloud',
+    'compute',
+    'tpus',
+    'tpu-vm',
+    'describe',
+    'dssn',
+    *WHERE,
+    '--format=value(state)',
+  ]
   script = remote_command(train)
   assert script.startswith('cd exp1 && nohup ../exp1_venv/bin/python main.py --distributed ')
   assert "'--config.data.root=/mnt/my data'" in script
@@ -257,8 +427,19 @@ def test_tpu_dry_run_reuse_skip_install_background():
 
 
 def test_tpu_remote_scripts_are_valid_shell():
-  commands = lines(run('tpu_pod.sh', '--dry-run', *TPU, '--setup', 'echo "set up"',
-                       '--background', '--', *GS_MAIN, "--config.data.root=/it's"))
+  commands = lines(
+    run(
+      'tpu_pod.sh',
+      '--dry-run',
+      *TPU,
+      '--setup',
+      'echo "set up"',
+      '--background',
+      '--',
+      *GS_MAIN,
+      "--config.data.root=/it's",
+    )
+  )
   scripts = [remote_command(c) for c in commands if '--command' in c]
   assert len(scripts) == 3
   for script in scripts:
@@ -266,7 +447,9 @@ def test_tpu_remote_scripts_are_valid_shell():
     assert check.returncode == 0, (script, check.stderr)
 
 
-@pytest.mark.parametrize('args, message', [
+@pytest.mark.parametrize(
+  'args, message',
+  [
     (['--zone', 'z', '--project', 'p', '--', *GS_MAIN], 'missing --tpu-name'),
     (['--tpu-name', 't', '--project', 'p', '--', *GS_MAIN], 'missing --zone'),
     (['--tpu-name', 't', '--zone', 'z', '--', *GS_MAIN], 'missing --project'),
@@ -277,22 +460,40 @@ def test_tpu_remote_scripts_are_valid_shell():
     ([*TPU], 'no -- MAIN_ARGS'),
     ([*TPU, '--', '--config', 'configs/pascal.py'], 'no --workdir'),
     ([*TPU, '--', '--workdir', 'gs://b/x'], 'no --config'),
-    ([*TPU, '--', '--config', 'configs/digits.py', '--workdir', '/tmp/x'],
-     "--workdir '/tmp/x' is not a gs:// path"),
-    ([*TPU, '--', '--config', str(ROOT / 'configs/digits.py'), '--workdir', 'gs://b/x'],
-     'must be relative to the repository root'),
-    ([*TPU, '--', '--config', 'configs/missing.py', '--workdir', 'gs://b/x'],
-     "config file 'configs/missing.py' not found"),
+    (
+      [*TPU, '--', '--config', 'configs/digits.py', '--workdir', '/tmp/x'],
+      "--workdir '/tmp/x' is not a gs:// path",
+    ),
+    (
+      [*TPU, '--', '--config', str(ROOT / 'configs/digits.py'), '--workdir', 'gs://b/x'],
+      'must be relative to the repository root',
+    ),
+    (
+      [*TPU, '--', '--config', 'configs/missing.py', '--workdir', 'gs://b/x'],
+      "config file 'configs/missing.py' not found",
+    ),
     ([*TPU, '--remote-dir', '../x', '--', *GS_MAIN], '--remote-dir must be a plain directory'),
     ([*TPU, '--', *GS_MAIN, '--process_id=0'], '--process_id is set by this script'),
-])
+  ],
+)
 def test_tpu_missing_or_bad_arguments(args, message):
   fails(run('tpu_pod.sh', '--dry-run', *args), message)
 
 
 def test_tpu_local_workdir_on_request():
-  *_, train = lines(run('tpu_pod.sh', '--dry-run', *TPU, '--local-workdir', '--',
-                        '--config', 'configs/digits.py', '--workdir', '/home/me/run'))
+  *_, train = lines(
+    run(
+      'tpu_pod.sh',
+      '--dry-run',
+      *TPU,
+      '--local-workdir',
+      '--',
+      '--config',
+      'configs/digits.py',
+      '--workdir',
+      '/home/me/run',
+    )
+  )
   assert '--workdir /home/me/run' in remote_command(train)
 
 
@@ -313,9 +514,14 @@ def fake_gcloud(tmp_path):
   (bin_dir / 'gcloud').write_text(FAKE_GCLOUD)
   (bin_dir / 'gcloud').chmod(0o755)
   log, copy = tmp_path / 'gcloud.jsonl', tmp_path / 'copied.tar.gz'
-  env = {'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'GCLOUD_LOG': str(log),
-         'GCLOUD_COPY': str(copy), 'PYTHON_FOR_FAKE': sys.executable,
-         'FAKE_STATE': 'READY', 'TMPDIR': str(tmp_path)}
+  env = {
+    'PATH': f'{bin_dir}:{os.environ["PATH"]}',
+    'GCLOUD_LOG': str(log),
+    'GCLOUD_COPY': str(copy),
+    'PYTHON_FOR_FAKE': sys.executable,
+    'FAKE_STATE': 'READY',
+    'TMPDIR': str(tmp_path),
+  }
   return env, log, copy
 
 
@@ -331,18 +537,26 @@ def test_tpu_runs_the_gcloud_steps_and_ships_the_checkout(fake_gcloud):
   assert 'main.py --distributed' in remote_command(calls[3])
   with tarfile.open(copy) as tar:
     names = set(tar.getnames())
-  for expected in ('main.py', 'pyproject.toml', 'dssn_jax/distributed.py',
-                   'configs/pascal.py', 'launch/tpu_pod.sh'):
+  for expected in (
+    'main.py',
+    'pyproject.toml',
+    'dssn_jax/distributed.py',
+    'configs/pascal.py',
+    'launch/tpu_pod.sh',
+  ):
     assert expected in names
   assert not any(n == '.git' or n.startswith('.git/') for n in names)
   # The temporary tarball and file list are removed.
   assert not list(pathlib.Path(env['TMPDIR']).glob('dssn_jax-src-*'))
 
 
-@pytest.mark.parametrize('state, message', [
+@pytest.mark.parametrize(
+  'state, message',
+  [
     ('CREATING', "TPU 'dssn' is in state 'CREATING', not READY"),
     ('missing', "cannot describe TPU 'dssn'"),
-])
+  ],
+)
 def test_tpu_refuses_a_slice_that_is_not_ready(fake_gcloud, state, message):
   env, log, _ = fake_gcloud
   result = run('tpu_pod.sh', *TPU, '--', *GS_MAIN, env=dict(env, FAKE_STATE=state))
@@ -352,6 +566,7 @@ def test_tpu_refuses_a_slice_that_is_not_ready(fake_gcloud, state, message):
 
 
 # launch/README.md
+
 
 def _normalize(text):
   text = text.replace(str(ROOT), '/work/main')
@@ -364,9 +579,18 @@ def test_readme_shows_the_real_dry_run_output():
   readme = (LAUNCH / 'README.md').read_text()
   blocks = re.findall(r'```\n\$ (launch/\S+ --dry-run[^\n]*)\n(.*?)```', readme, re.S)
   assert {b[0].split()[0] for b in blocks} == {
-      'launch/local_multihost.sh', 'launch/gpu.sh', 'launch/tpu_pod.sh'}
+    'launch/local_multihost.sh',
+    'launch/gpu.sh',
+    'launch/tpu_pod.sh',
+  }
   for command, shown in blocks:
-    result = subprocess.run(['bash', '-c', command], cwd=ROOT, capture_output=True, text=True,
-                            env=dict(os.environ, PYTHON='python3', TMPDIR='/tmp'), timeout=60)
+    result = subprocess.run(
+      ['bash', '-c', command],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      env=dict(os.environ, PYTHON='python3', TMPDIR='/tmp'),
+      timeout=60,
+    )
     assert result.returncode == 0, (command, result.stderr)
     assert _normalize(result.stdout) == _normalize(shown), command

@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dssn_jax import losses
-from dssn_jax import pseudo_labels
+from dssn_jax import losses, pseudo_labels
 
 
 def logits_from_probs(probs):
@@ -40,45 +39,52 @@ def test_class_aware_mask_hand_values():
   # Image 0: class 0 peaks at 0.95 > 0.92 (threshold 0.912); class 1 peaks at
   # 0.90 <= 0.92, so it selects nothing, even its own peak pixel.
   # Image 1: class 1 peaks at 0.97 (threshold 0.9312): 0.94 passes, 0.92 not.
-  probs = np.array([
+  probs = np.array(
+    [
       [[[0.95, 0.03, 0.02], [0.93, 0.05, 0.02], [0.90, 0.05, 0.05], [0.05, 0.90, 0.05]]],
       [[[0.02, 0.97, 0.01], [0.03, 0.94, 0.03], [0.04, 0.92, 0.04], [0.40, 0.30, 0.30]]],
-  ])
-  mask = losses.class_aware_mask(logits_from_probs(probs))
+    ]
+  )
+  mask = pseudo_labels.class_aware_mask(logits_from_probs(probs))
   assert mask.shape == (2, 1, 4) and mask.dtype == jnp.bool_
-  np.testing.assert_array_equal(
-      mask, [[[True, True, False, False]], [[True, True, False, False]]])
+  np.testing.assert_array_equal(mask, [[[True, True, False, False]], [[True, True, False, False]]])
 
 
 def test_class_aware_mask_high_and_scale_are_parameters():
   probs = np.array([[[[0.90, 0.05, 0.05], [0.80, 0.10, 0.10]]]])
   logits = logits_from_probs(probs)
   # Default: 0.90 <= 0.92, nothing selected.
-  np.testing.assert_array_equal(losses.class_aware_mask(logits), [[[False, False]]])
+  np.testing.assert_array_equal(pseudo_labels.class_aware_mask(logits), [[[False, False]]])
   # high 0.85, scale 0.85: threshold 0.765, both pixels pass.
   np.testing.assert_array_equal(
-      losses.class_aware_mask(logits, high=0.85, scale=0.85), [[[True, True]]])
+    pseudo_labels.class_aware_mask(logits, high=0.85, scale=0.85), [[[True, True]]]
+  )
 
 
 def test_class_aware_mask_is_per_image():
   # The same pixel (0.93 for class 0) passes where the image's class peak is
   # 0.95 and fails where it is 0.99 (threshold 0.9504).
-  probs = np.array([
+  probs = np.array(
+    [
       [[[0.95, 0.03, 0.02], [0.93, 0.05, 0.02]]],
       [[[0.99, 0.005, 0.005], [0.93, 0.05, 0.02]]],
-  ])
+    ]
+  )
   np.testing.assert_array_equal(
-      losses.class_aware_mask(logits_from_probs(probs)), [[[True, True]], [[True, False]]])
+    pseudo_labels.class_aware_mask(logits_from_probs(probs)), [[[True, True]], [[True, False]]]
+  )
 
 
 def test_fixed_threshold_mask_is_greater_equal():
   # Equal logits give exactly 0.5.
   logits = jnp.array([[[[0.0, 0.0], [1.0, 0.0], [0.0, 3.0]]]])
   np.testing.assert_array_equal(
-      losses.fixed_threshold_mask(logits, 0.5), [[[True, True, True]]])
+    pseudo_labels.fixed_threshold_mask(logits, 0.5), [[[True, True, True]]]
+  )
   np.testing.assert_array_equal(
-      losses.fixed_threshold_mask(logits, 0.9), [[[False, False, True]]])
-  assert bool(jnp.all(losses.fixed_threshold_mask(logits, 0.0)))
+    pseudo_labels.fixed_threshold_mask(logits, 0.9), [[[False, False, True]]]
+  )
+  assert bool(jnp.all(pseudo_labels.fixed_threshold_mask(logits, 0.0)))
 
 
 def test_confidence_mask_rejects_unknown_rule():
@@ -94,7 +100,8 @@ def test_pseudo_label_ce_denominator_counts_valid_pixels():
   mask = jnp.array([[[True, True, False, True]]])
   valid = jnp.array([[[True, True, True, False]]])
   np.testing.assert_allclose(
-      losses.pseudo_label_ce(logits, labels, mask, valid), 2 * math.log(2.0) / 3, rtol=1e-6)
+    losses.pseudo_label_ce(logits, labels, mask, valid), 2 * math.log(2.0) / 3, rtol=1e-6
+  )
 
 
 def test_pseudo_label_ce_weights_per_pixel_ce():
@@ -103,7 +110,8 @@ def test_pseudo_label_ce_weights_per_pixel_ce():
   mask = jnp.array([[[True, False]]])
   valid = jnp.ones((1, 1, 2), bool)
   np.testing.assert_allclose(
-      losses.pseudo_label_ce(logits, labels, mask, valid), -math.log(0.75) / 2, rtol=1e-6)
+    losses.pseudo_label_ce(logits, labels, mask, valid), -math.log(0.75) / 2, rtol=1e-6
+  )
 
 
 def test_alignment_loss_uses_unbiased_std():
@@ -148,13 +156,16 @@ def _mean_nll(probs):
   return float(np.mean(-np.log(probs)))
 
 
-@pytest.mark.parametrize('min_kept, kept', [
+@pytest.mark.parametrize(
+  'min_kept, kept',
+  [
     (2, [0.1, 0.3, 0.6]),  # enough pass 0.7: the threshold rules
     (5, [0.1, 0.3, 0.6, 0.8, 0.9]),  # too few pass: the 5 hardest are kept
     (6, [0.1, 0.3, 0.6, 0.8, 0.9, 0.95]),  # exactly num_valid
     (7, [0.1, 0.3, 0.6, 0.8, 0.9, 0.95]),  # more than num_valid: OHEM off
     (0, [0.1, 0.3, 0.6, 0.8, 0.9, 0.95]),  # min_kept 0: reference keeps all
-])
+  ],
+)
 def test_ohem_ce_min_kept(min_kept, kept):
   logits, labels = _ohem_inputs()
   got = losses.ohem_ce(logits, labels, thresh=0.7, min_kept=min_kept)
@@ -166,13 +177,13 @@ def test_ohem_ce_jits_and_per_image():
   # Two images: the second is the first with the probabilities reversed.
   logits2 = jnp.concatenate([logits, logits[:, :, ::-1]], 0)
   labels2 = jnp.concatenate([labels, labels[:, :, ::-1]], 0)
-  fn = jax.jit(lambda l, y: losses.ohem_ce(l, y, thresh=0.7, min_kept=4, per_image=True))
+  fn = jax.jit(lambda lg, y: losses.ohem_ce(lg, y, thresh=0.7, min_kept=4, per_image=True))
   # Per image, 3 pass 0.7 and min_kept 4 adds 0.8: 4 kept in each image.
   np.testing.assert_allclose(fn(logits2, labels2), _mean_nll([0.1, 0.3, 0.6, 0.8]), rtol=1e-5)
   # Over the batch 6 pass 0.7 >= 4: only those.
   np.testing.assert_allclose(
-      losses.ohem_ce(logits2, labels2, thresh=0.7, min_kept=4),
-      _mean_nll([0.1, 0.3, 0.6]), rtol=1e-5)
+    losses.ohem_ce(logits2, labels2, thresh=0.7, min_kept=4), _mean_nll([0.1, 0.3, 0.6]), rtol=1e-5
+  )
 
 
 def test_compose_cutmix_logits_labels_ignore():
@@ -183,7 +194,8 @@ def test_compose_cutmix_logits_labels_ignore():
   np.testing.assert_array_equal(out[..., 0], box.astype(jnp.float32))
   assert bool(jnp.all(out[..., 2] == out[..., 0]))
   ignore = pseudo_labels.compose_cutmix(
-      box, jnp.full((1, 2, 2), 255, jnp.int32), jnp.zeros((1, 2, 2), jnp.int32))
+    box, jnp.full((1, 2, 2), 255, jnp.int32), jnp.zeros((1, 2, 2), jnp.int32)
+  )
   np.testing.assert_array_equal(ignore, [[[255, 0], [0, 255]]])
   with pytest.raises(ValueError, match='compose_cutmix'):
     pseudo_labels.compose_cutmix(box, mixed, jnp.zeros((1, 2, 2, 4)))
@@ -196,5 +208,5 @@ def test_class_aware_mask_sees_composed_logits():
   mixed = logits_from_probs(np.array([[[[0.03, 0.97], [0.5, 0.5]]]]))
   box = jnp.array([[[True, False]]])
   composed = pseudo_labels.compose_cutmix(box, mixed, base)
-  np.testing.assert_array_equal(losses.class_aware_mask(composed), [[[True, False]]])
+  np.testing.assert_array_equal(pseudo_labels.class_aware_mask(composed), [[[True, False]]])
   np.testing.assert_array_equal(pseudo_labels.hard_labels(composed), [[[1, 0]]])

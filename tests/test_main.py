@@ -9,19 +9,23 @@ import sys
 import threading
 import time
 
+import fake_datasets
 import pytest
 
 from dssn_jax import train
-import fake_datasets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, 'configs'))
-                 if f.endswith('.py') and not f.startswith('_'))
+CONFIGS = sorted(
+  f[:-3]
+  for f in os.listdir(os.path.join(REPO, 'configs'))
+  if f.endswith('.py') and not f.startswith('_')
+)
 
 
 def load_config(name, arg=None):
   spec = importlib.util.spec_from_file_location(
-      f'configs_{name}', os.path.join(REPO, 'configs', f'{name}.py'))
+    f'configs_{name}', os.path.join(REPO, 'configs', f'{name}.py')
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
@@ -58,8 +62,11 @@ def test_configs_are_listed():
 @pytest.mark.parametrize('name', CONFIGS)
 def test_every_config_trains_two_steps(name, tmp_path):
   config = tiny(load_config(name))
-  makers = {'pascal': fake_datasets.make_pascal, 'cityscapes': fake_datasets.make_cityscapes,
-            'coco': fake_datasets.make_coco}
+  makers = {
+    'pascal': fake_datasets.make_pascal,
+    'cityscapes': fake_datasets.make_cityscapes,
+    'coco': fake_datasets.make_coco,
+  }
   if name in makers:
     root, splits = makers[name](str(tmp_path / 'data'), split=config.data.split)
     config.data.root, config.data.splits_dir = root, splits
@@ -79,15 +86,17 @@ def test_every_config_trains_two_steps(name, tmp_path):
 
 def _sigterm_when(workdir, step):
   """Sends SIGTERM to this process once metrics.jsonl reaches `step`."""
+
   def watch():
     path = os.path.join(workdir, 'metrics.jsonl')
     while True:
       if os.path.exists(path):
         with open(path) as f:
-          if any(json.loads(l)['step'] >= step for l in f if l.strip()):
+          if any(json.loads(line)['step'] >= step for line in f if line.strip()):
             os.kill(os.getpid(), signal.SIGTERM)
             return
       time.sleep(0.01)
+
   thread = threading.Thread(target=watch, daemon=True)
   thread.start()
   return thread
@@ -118,16 +127,30 @@ def test_stop_and_resume_matches_uninterrupted_run(tmp_path):
   assert ea[-1]['miou_teacher'] == pytest.approx(eb[-1]['miou_teacher'], abs=1e-6)
 
 
-@pytest.mark.parametrize('override,message', [
+@pytest.mark.parametrize(
+  'override,message',
+  [
     ('--config.train.stepz=3', 'stepz'),
     ('--config.train.lr=fast', 'lr'),
-])
+  ],
+)
 def test_bad_override_is_rejected_with_the_config_message(override, message, tmp_path):
   proc = subprocess.run(
-      [sys.executable, os.path.join(REPO, 'main.py'), '--config',
-       os.path.join(REPO, 'configs', 'digits.py'), '--workdir', str(tmp_path), override],
-      capture_output=True, text=True, timeout=120, cwd=REPO,
-      env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+    [
+      sys.executable,
+      os.path.join(REPO, 'main.py'),
+      '--config',
+      os.path.join(REPO, 'configs', 'digits.py'),
+      '--workdir',
+      str(tmp_path),
+      override,
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=REPO,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+  )
   assert proc.returncode != 0
   assert message in proc.stderr
   assert not os.path.exists(os.path.join(tmp_path, 'checkpoints'))

@@ -15,10 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dssn_jax import config_lib
-from dssn_jax import models
-from dssn_jax import optim
-from dssn_jax import parallel
+from dssn_jax import config_lib, models, optim, parallel
 from dssn_jax import train_step as ts
 from dssn_jax.train import initial_variables
 
@@ -41,9 +38,20 @@ def fixed_batch(batch=2, seed=0):
   box[1, 10:30, 2:14] = True
   y = rng.integers(0, NUM_CLASSES, shape).astype(np.int32)
   y[:, :, -3:] = 255
-  return dict(x=image(), y=y, u_w=image(), u_s1=image(), u_s2=image(), u_ignore=ignore,
-              box1=box, box2=box[::-1].copy(), m_w=image(), m_s1=image(), m_s2=image(),
-              m_ignore=ignore)
+  return dict(
+    x=image(),
+    y=y,
+    u_w=image(),
+    u_s1=image(),
+    u_s2=image(),
+    u_ignore=ignore,
+    box1=box,
+    box2=box[::-1].copy(),
+    m_w=image(),
+    m_s1=image(),
+    m_s2=image(),
+    m_ignore=ignore,
+  )
 
 
 def run(dtype, variables, batch, mesh):
@@ -97,8 +105,9 @@ def test_bf16_loss_within_one_percent_of_float32(runs):
 def test_bf16_program_computes_in_bf16(runs):
   _, _, f32_text = runs['float32']
   _, _, bf16_text = runs['bfloat16']
-  conv = lambda text, dt: any('convolution' in line and f'tensor<2x17x17x8x{dt}>' in line
-                              for line in text.splitlines())
+  conv = lambda text, dt: any(
+    'convolution' in line and f'tensor<2x17x17x8x{dt}>' in line for line in text.splitlines()
+  )
   # The stem convs (33 -> 17, 8 channels) of the teacher's forwards (batch 2).
   assert conv(bf16_text, 'bf16') and not conv(bf16_text, 'f32')
   assert conv(f32_text, 'f32') and not conv(f32_text, 'bf16')
@@ -106,9 +115,13 @@ def test_bf16_program_computes_in_bf16(runs):
 
 def test_bf16_state_and_metrics_stay_float32(runs):
   metrics, state, _ = runs['bfloat16']
-  trees = dict(params=state.params, batch_stats=state.batch_stats,
-               teacher_params=state.teacher_params,
-               teacher_batch_stats=state.teacher_batch_stats, opt_state=state.opt_state)
+  trees = dict(
+    params=state.params,
+    batch_stats=state.batch_stats,
+    teacher_params=state.teacher_params,
+    teacher_batch_stats=state.teacher_batch_stats,
+    opt_state=state.opt_state,
+  )
   for name, tree in trees.items():
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
     assert leaves, name

@@ -22,8 +22,7 @@ NUM_CLASSES = 5
 
 def random_variables(model, shape, seed=0):
   """`{'params', 'batch_stats'}` of `model` with random values (He-scaled kernels)."""
-  abstract = jax.eval_shape(model.init, jax.random.key(0),
-                            jax.ShapeDtypeStruct(shape, jnp.float32))
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct(shape, jnp.float32))
   rng = np.random.default_rng(seed)
 
   def fill(path, leaf):
@@ -39,11 +38,18 @@ def random_variables(model, shape, seed=0):
   return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def jitted(model, train=False, perturb=0):
   def run(variables, x, key):
-    return model.apply(variables, x, train=train, perturb=perturb,
-                       rngs={'dropout': key}, mutable=['batch_stats'] if train else False)
+    return model.apply(
+      variables,
+      x,
+      train=train,
+      perturb=perturb,
+      rngs={'dropout': key},
+      mutable=['batch_stats'] if train else False,
+    )
+
   return jax.jit(run)
 
 
@@ -74,11 +80,27 @@ def test_variable_names_and_dtypes():
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 33, 33, 3)))
   assert set(shapes['params']) == {'backbone', 'head', 'reduce', 'fuse', 'classifier'}
   backbone = shapes['params']['backbone']
-  assert {'stem_conv1', 'stem_bn1', 'stem_conv2', 'stem_bn2', 'stem_conv3', 'bn1',
-          'layer1_0', 'layer4_0'} <= set(backbone)
+  assert {
+    'stem_conv1',
+    'stem_bn1',
+    'stem_conv2',
+    'stem_bn2',
+    'stem_conv3',
+    'bn1',
+    'layer1_0',
+    'layer4_0',
+  } <= set(backbone)
   assert backbone['stem_conv3']['kernel'].shape == (3, 3, 8, 16)
-  assert set(backbone['layer2_0']) == {'conv1', 'bn1', 'conv2', 'bn2', 'conv3', 'bn3',
-                                       'downsample_conv', 'downsample_bn'}
+  assert set(backbone['layer2_0']) == {
+    'conv1',
+    'bn1',
+    'conv2',
+    'bn2',
+    'conv3',
+    'bn3',
+    'downsample_conv',
+    'downsample_bn',
+  }
   assert set(shapes['params']['head']) == {'b0', 'b1', 'b2', 'b3', 'b4', 'project'}
   assert shapes['params']['classifier']['bias'].shape == (NUM_CLASSES,)
   for leaf in jax.tree_util.tree_leaves(shapes):
@@ -118,7 +140,8 @@ def test_perturbed_forward(tiny):
   (plain, _), _ = jitted(model, train=True)(variables, x, key)
   assert diff(clean, plain) > 1e-3
   assert jax.tree_util.tree_structure(updates['batch_stats']) == jax.tree_util.tree_structure(
-      variables['batch_stats'])
+    variables['batch_stats']
+  )
   # Eval mode: running statistics, so the clean copy is the plain forward;
   # the dropout stays active.
   clean_eval, aux_eval = jitted(model, perturb=2)(variables, x, key)
@@ -137,8 +160,11 @@ def test_fp_bn_clean(tiny):
   (clean, aux), updates = jitted(model, train=True, perturb=2)(variables, x, key)
   (plain, _), plain_updates = jitted(model, train=True)(variables, x, key)
   np.testing.assert_allclose(clean, plain, atol=1e-5, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
-               updates['batch_stats'], plain_updates['batch_stats'])
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
+    updates['batch_stats'],
+    plain_updates['batch_stats'],
+  )
   assert float(jnp.max(jnp.abs(aux['perturbed'][0] - clean))) > 1e-2
   config = config_lib.base_config()
   config.model.fp_bn = 'mixed'
@@ -146,8 +172,8 @@ def test_fp_bn_clean(tiny):
     model_from_config(config)
   with pytest.raises(ValueError, match='fp_bn'):
     create_model('resnet_tiny', NUM_CLASSES, fp_bn='mixed').apply(
-        variables, x, train=True, perturb=2, rngs={'dropout': key},
-        mutable=['batch_stats'])
+      variables, x, train=True, perturb=2, rngs={'dropout': key}, mutable=['batch_stats']
+    )
 
 
 def test_dropout2d_drops_whole_channels():
@@ -172,8 +198,10 @@ def test_batchnorm_matches_torch_train_and_eval():
     tbn.weight.copy_(torch.tensor([1.5, 0.5, 2.0]))
     tbn.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
   bn = layers.BatchNorm(use_running_average=False)
-  variables = {'params': {'scale': jnp.array([1.5, 0.5, 2.0]), 'bias': jnp.array([0.1, -0.2, 0.3])},
-               'batch_stats': {'mean': jnp.zeros(3), 'var': jnp.ones(3)}}
+  variables = {
+    'params': {'scale': jnp.array([1.5, 0.5, 2.0]), 'bias': jnp.array([0.1, -0.2, 0.3])},
+    'batch_stats': {'mean': jnp.zeros(3), 'var': jnp.ones(3)},
+  }
   nchw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2)
   for batch in (x, x2):  # two updates of the running statistics
     tbn.train()
@@ -182,13 +210,20 @@ def test_batchnorm_matches_torch_train_and_eval():
     variables = {**variables, **updates}
     # atol: channel 2 (mean 10, std 0.2) amplifies float32 rounding by ~20.
     np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-5)
-    np.testing.assert_allclose(variables['batch_stats']['mean'], tbn.running_mean, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(variables['batch_stats']['var'], tbn.running_var, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      variables['batch_stats']['mean'], tbn.running_mean, rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+      variables['batch_stats']['var'], tbn.running_var, rtol=1e-5, atol=1e-6
+    )
   # The first update used the unbiased variance, not the biased one.
   n = x.shape[0] * x.shape[1] * x.shape[2]
   biased = x.reshape(-1, 3).var(0)
-  first = bn.apply({**variables, 'batch_stats': {'mean': jnp.zeros(3), 'var': jnp.ones(3)}},
-                   jnp.asarray(x), mutable=['batch_stats'])[1]['batch_stats']['var']
+  first = bn.apply(
+    {**variables, 'batch_stats': {'mean': jnp.zeros(3), 'var': jnp.ones(3)}},
+    jnp.asarray(x),
+    mutable=['batch_stats'],
+  )[1]['batch_stats']['var']
   np.testing.assert_allclose(first, 0.9 + 0.1 * biased * n / (n - 1), rtol=1e-5)
   tbn.eval()
   want = tbn(nchw(x2)).detach().permute(0, 2, 3, 1).numpy()
@@ -196,13 +231,26 @@ def test_batchnorm_matches_torch_train_and_eval():
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize('src,dst', [((1, 1), (5, 7)), ((7, 9), (25, 33)),
-                                     ((25, 33), (97, 131)), ((13, 17), (5, 6)),
-                                     ((4, 6), (1, 1)), ((6, 6), (6, 6))])
+@pytest.mark.parametrize(
+  'src,dst',
+  [
+    ((1, 1), (5, 7)),
+    ((7, 9), (25, 33)),
+    ((25, 33), (97, 131)),
+    ((13, 17), (5, 6)),
+    ((4, 6), (1, 1)),
+    ((6, 6), (6, 6)),
+  ],
+)
 def test_resize_matches_torch_align_corners(src, dst):
   x = np.random.default_rng(0).normal(size=(2, *src, 3)).astype(np.float32)
-  want = F.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=dst, mode='bilinear',
-                       align_corners=True).permute(0, 2, 3, 1).numpy()
+  want = (
+    F.interpolate(
+      torch.from_numpy(x).permute(0, 3, 1, 2), size=dst, mode='bilinear', align_corners=True
+    )
+    .permute(0, 2, 3, 1)
+    .numpy()
+  )
   got = layers.resize_bilinear(jnp.asarray(x), dst)
   assert got.shape == (2, *dst, 3)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
@@ -210,7 +258,7 @@ def test_resize_matches_torch_align_corners(src, dst):
 
 def relative_rms(got, want):
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-  return float(np.sqrt(np.mean((got - want) ** 2) / np.mean(want ** 2)))
+  return float(np.sqrt(np.mean((got - want) ** 2) / np.mean(want**2)))
 
 
 def test_bfloat16_forward_close_to_float32(tiny):
@@ -230,8 +278,10 @@ def test_bfloat16_forward_close_to_float32(tiny):
   (_, want_aux), want_updates = jitted(model, train=True)(variables, x, jax.random.key(0))
   assert got.dtype == jnp.float32
   assert relative_rms(aux['c1'], want_aux['c1']) < 0.03
-  for a, b in zip(jax.tree_util.tree_leaves(updates['batch_stats']['backbone']['layer1_0']),
-                  jax.tree_util.tree_leaves(want_updates['batch_stats']['backbone']['layer1_0'])):
+  for a, b in zip(
+    jax.tree_util.tree_leaves(updates['batch_stats']['backbone']['layer1_0']),
+    jax.tree_util.tree_leaves(want_updates['batch_stats']['backbone']['layer1_0']),
+  ):
     assert a.dtype == jnp.float32
     assert relative_rms(a, b) < 0.03
   assert all(a.dtype == jnp.float32 for a in jax.tree_util.tree_leaves(updates))
@@ -243,15 +293,21 @@ def test_remat_gives_the_same_gradients(tiny):
 
   def grads(model):
     def loss(params):
-      (logits, _), _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']},
-                                   x, train=True, mutable=['batch_stats'])
-      return jnp.mean(logits ** 2)
+      (logits, _), _ = model.apply(
+        {'params': params, 'batch_stats': variables['batch_stats']},
+        x,
+        train=True,
+        mutable=['batch_stats'],
+      )
+      return jnp.mean(logits**2)
+
     return jax.jit(jax.grad(loss))(variables['params'])
 
   plain = grads(create_model('resnet_tiny', NUM_CLASSES))
   remat = grads(create_model('resnet_tiny', NUM_CLASSES, remat=True))
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                         plain, remat)
+  jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), plain, remat
+  )
 
 
 def test_model_from_config():
@@ -272,12 +328,15 @@ def test_model_from_config():
   assert (full.aspp_features, full.low_level_features, full.decoder_features) == (256, 48, 256)
 
 
-@pytest.mark.parametrize('kwargs,match', [
+@pytest.mark.parametrize(
+  'kwargs,match',
+  [
     (dict(backbone='resnet18'), 'resnet18'),
     (dict(output_stride=4), 'output_stride=4'),
     (dict(dtype='float16'), 'float16'),
     (dict(num_classes=0), 'num_classes=0'),
-])
+  ],
+)
 def test_bad_options_are_named(kwargs, match):
   args = dict(backbone='resnet_tiny', num_classes=3)
   args.update(kwargs)

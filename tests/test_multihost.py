@@ -38,22 +38,23 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Tiny and short: small crops and sets, no eval before the last step, every
 # pixel pseudo-labeled, lr scaled (global batch 8 / reference 4 = 2x).
 ARGS = [
-    '--config', 'configs/digits.py',
-    '--config.train.steps=4',
-    '--config.train.log_every=1',
-    '--config.train.checkpoint_every=2',
-    '--config.train.eval_every=1000',
-    '--config.train.optimizer=sgd',  # Adam's first steps ~ sign(g): ill-conditioned to compare
-    '--config.train.warmup_steps=1',  # step 2 is a full DSSN step
-    '--config.model.width_multiplier=1',  # near-ties flip less in the narrow net
-    '--config.train.scale_lr_with_batch=True',
-    '--config.train.reference_batch_size=4',
-    '--config.data.crop_size=32',
-    '--config.data.digits.image_size=48',
-    '--config.data.digits.num_unlabeled=64',
-    '--config.data.digits.num_val=4',
-    '--config.loss.pseudo_label=fixed',
-    '--config.loss.threshold=0.0',
+  '--config',
+  'configs/digits.py',
+  '--config.train.steps=4',
+  '--config.train.log_every=1',
+  '--config.train.checkpoint_every=2',
+  '--config.train.eval_every=1000',
+  '--config.train.optimizer=sgd',  # Adam's first steps ~ sign(g): ill-conditioned to compare
+  '--config.train.warmup_steps=1',  # step 2 is a full DSSN step
+  '--config.model.width_multiplier=1',  # near-ties flip less in the narrow net
+  '--config.train.scale_lr_with_batch=True',
+  '--config.train.reference_batch_size=4',
+  '--config.data.crop_size=32',
+  '--config.data.digits.image_size=48',
+  '--config.data.digits.num_unlabeled=64',
+  '--config.data.digits.num_val=4',
+  '--config.loss.pseudo_label=fixed',
+  '--config.loss.threshold=0.0',
 ]
 TOLERANCE = 5e-4
 IGNORED = ('images_per_sec',)  # wall-clock, not a result
@@ -64,15 +65,24 @@ def _env(tmp_path, devices=None, cache=True):
   1-process runs, a persistent compilation cache they share. The 2-process
   run compiles afresh in both processes: a cache hit in one and a miss in
   the other would leave one waiting for the other past gloo's 30 s timeout."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHON=sys.executable,
-             XLA_FLAGS='--xla_backend_optimization_level=0')
-  for var in ('JAX_COMPILATION_CACHE_DIR', 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS',
-              'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'):
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    PYTHON=sys.executable,
+    XLA_FLAGS='--xla_backend_optimization_level=0',
+  )
+  for var in (
+    'JAX_COMPILATION_CACHE_DIR',
+    'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS',
+    'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES',
+  ):
     env.pop(var, None)
   if cache:
-    env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+    env.update(
+      JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+    )
   if devices:
     env['XLA_FLAGS'] += f' --xla_force_host_platform_device_count={devices}'
   return env
@@ -80,13 +90,19 @@ def _env(tmp_path, devices=None, cache=True):
 
 def _check(result, what):
   assert result.returncode == 0, (
-      f'{what} failed ({result.returncode}):\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}')
+    f'{what} failed ({result.returncode}):\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}'
+  )
 
 
 def _single_process(workdir, tmp_path):
   result = subprocess.run(
-      [sys.executable, str(ROOT / 'main.py'), *ARGS, '--workdir', str(workdir)],
-      cwd=ROOT, env=_env(tmp_path, devices=4), capture_output=True, text=True, timeout=900)
+    [sys.executable, str(ROOT / 'main.py'), *ARGS, '--workdir', str(workdir)],
+    cwd=ROOT,
+    env=_env(tmp_path, devices=4),
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   _check(result, f'1-process run in {workdir}')
   return result
 
@@ -108,7 +124,8 @@ def _assert_same_losses(got, want, steps, what, tolerance=TOLERANCE, other_rel=1
     for key in sorted(keys, key=lambda k: not k.startswith('loss')):
       tol = dict(abs=tolerance) if key.startswith('loss') else dict(rel=other_rel)
       assert got[step][key] == pytest.approx(want[step][key], **tol), (
-          f'{what}: step {step} {key}: {got[step][key]} vs {want[step][key]}')
+        f'{what}: step {step} {key}: {got[step][key]} vs {want[step][key]}'
+      )
 
 
 # Steps 1-2 (the warm-up step and the first full DSSN step) agree to 5e-4
@@ -138,19 +155,31 @@ def test_two_hosts_match_one_host_and_resume_on_one(tmp_path):
   assert all(want[s]['loss_s1'] > 0 and want[s]['loss_fp1'] > 0 for s in want)
 
   result = subprocess.run(
-      ['bash', str(ROOT / 'launch' / 'local_multihost.sh'), '2', '2', '--',
-       *ARGS, '--workdir', str(b)],
-      cwd=ROOT, env=_env(tmp_path, cache=False), capture_output=True, text=True,
-      timeout=900)
+    [
+      'bash',
+      str(ROOT / 'launch' / 'local_multihost.sh'),
+      '2',
+      '2',
+      '--',
+      *ARGS,
+      '--workdir',
+      str(b),
+    ],
+    cwd=ROOT,
+    env=_env(tmp_path, cache=False),
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   _check(result, '2-process run')
   out = result.stdout.splitlines()
   assert any(line.startswith('[0] ') and '4 devices, 2 processes' in line for line in out)
   # Only process 0 prints the log.
-  assert not any(line.startswith('[1] ') and 'devices' in line and 'processes' in line
-                 for line in out)
+  assert not any(
+    line.startswith('[1] ') and 'devices' in line and 'processes' in line for line in out
+  )
   _assert_same_losses(_train_lines(b), want, [1, 2], '2x2 vs 1x4')
-  _assert_same_losses(_train_lines(b), want, [3, 4], '2x2 vs 1x4', LATER_TOLERANCE,
-                      LATER_OTHER_REL)
+  _assert_same_losses(_train_lines(b), want, [3, 4], '2x2 vs 1x4', LATER_TOLERANCE, LATER_OTHER_REL)
   # Both processes wrote their part of each checkpoint (one iterator file each).
   data_files = sorted(p.name for p in (b / 'checkpoints' / '2').glob('data_*/*.json'))
   assert data_files == ['process_0-of-2.json', 'process_1-of-2.json']
@@ -161,11 +190,13 @@ def test_two_hosts_match_one_host_and_resume_on_one(tmp_path):
   assert 'resumed from' in result.stdout and 'at step 2' in result.stdout
   got = _train_lines(c)
   assert sorted(got) == [1, 2, 3, 4]  # steps 1-2 from B, 3-4 written by C
-  _assert_same_losses(got, want, [3, 4], 'resumed 1x4 from 2x2 vs 1x4', LATER_TOLERANCE,
-                      LATER_OTHER_REL)
+  _assert_same_losses(
+    got, want, [3, 4], 'resumed 1x4 from 2x2 vs 1x4', LATER_TOLERANCE, LATER_OTHER_REL
+  )
 
 
 # Host sharding of the training stream, without a distributed runtime.
+
 
 def _digits_config():
   spec = importlib.util.spec_from_file_location('configs_digits', ROOT / 'configs' / 'digits.py')
@@ -185,14 +216,15 @@ def test_hosts_read_their_slice_of_the_one_host_batches():
   one = pipeline.TrainData(c, seed=0, process_index=0, process_count=1)
   want = [one.local_batch() for _ in range(3)]
   for n in (2, 4):
-    hosts = [pipeline.TrainData(c, seed=0, process_index=p, process_count=n)
-             for p in range(n)]
+    hosts = [pipeline.TrainData(c, seed=0, process_index=p, process_count=n) for p in range(n)]
     for step in range(2):
       got = [h.local_batch() for h in hosts]
       for key in want[step]:
         np.testing.assert_array_equal(
-            np.concatenate([g[key] for g in got]), want[step][key],
-            err_msg=f'{n} hosts, step {step}, {key}')
+          np.concatenate([g[key] for g in got]),
+          want[step][key],
+          err_msg=f'{n} hosts, step {step}, {key}',
+        )
     states = [h.get_state() for h in hosts]
     assert all(state == states[0] for state in states)
     resumed = pipeline.TrainData(c, seed=0, process_index=0, process_count=1)
@@ -204,6 +236,7 @@ def test_hosts_read_their_slice_of_the_one_host_batches():
 
 # The lr/batch rule (config.train.scale_lr_with_batch), as launch/README.md
 # documents it: the global batch sets the rate, not the device count.
+
 
 def _schedule(batch, scale, epochs=None, steps=None):
   c = config_lib.base_config()

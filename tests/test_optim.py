@@ -7,13 +7,18 @@ import optax
 import pytest
 import torch
 
-from dssn_jax import config_lib
-from dssn_jax import optim
+from dssn_jax import config_lib, optim
 
 
 def schedule(total=10, lr=0.01, multi=10.0):
-  return config_lib.Schedule(total_steps=total, steps_per_epoch=total, warmup_steps=1,
-                             eval_every=total, lr=lr, head_lr=lr * multi)
+  return config_lib.Schedule(
+    total_steps=total,
+    steps_per_epoch=total,
+    warmup_steps=1,
+    eval_every=total,
+    lr=lr,
+    head_lr=lr * multi,
+  )
 
 
 def reference_lr(step, base, total, power=0.9):
@@ -27,14 +32,17 @@ def test_poly_schedule_follows_the_reference():
   want = [reference_lr(t, 0.01, 10) for t in range(10)]
   np.testing.assert_allclose(got, want, rtol=1e-6)
   assert got[0] == got[1] == pytest.approx(0.01)
-  assert got[2] == pytest.approx(0.01 * 0.9 ** 0.9)
+  assert got[2] == pytest.approx(0.01 * 0.9**0.9)
 
 
 def test_head_runs_at_lr_multi():
   sched = schedule(total=10, lr=0.01, multi=10.0)
   tx = optim.make_optimizer(sched, momentum=0.0, weight_decay=0.0)
-  params = {'backbone': {'w': jnp.zeros(3)}, 'head': {'w': jnp.zeros(2)},
-            'classifier': {'b': jnp.zeros(1)}}
+  params = {
+    'backbone': {'w': jnp.zeros(3)},
+    'head': {'w': jnp.zeros(2)},
+    'classifier': {'b': jnp.zeros(1)},
+  }
   grads = jax.tree.map(jnp.ones_like, params)
   state = tx.init(params)
   update = jax.jit(tx.update)
@@ -51,10 +59,13 @@ def _compare_with_torch(torch_opt, tx, total, lr, multi, steps=5, seed=0):
   each step, head at `multi`) and `tx` on the same gradients; asserts the
   parameters agree."""
   rng = np.random.default_rng(seed)
-  init = {'backbone': {'w': rng.normal(size=(4, 3)).astype(np.float32)},
-          'head': {'w': rng.normal(size=(5,)).astype(np.float32)}}
-  grads = [jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), init)
-           for _ in range(steps)]
+  init = {
+    'backbone': {'w': rng.normal(size=(4, 3)).astype(np.float32)},
+    'head': {'w': rng.normal(size=(5,)).astype(np.float32)},
+  }
+  grads = [
+    jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), init) for _ in range(steps)
+  ]
 
   tb = torch.nn.Parameter(torch.tensor(init['backbone']['w']))
   th = torch.nn.Parameter(torch.tensor(init['head']['w']))
@@ -80,8 +91,12 @@ def test_matches_torch_sgd_with_reference_lr_updates():
   """Five steps against torch.optim.SGD driven like the reference loop."""
   total, lr, multi = 8, 0.05, 10.0
   _compare_with_torch(
-      lambda groups: torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=1e-4),
-      optim.make_optimizer(schedule(total=total, lr=lr, multi=multi)), total, lr, multi)
+    lambda groups: torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=1e-4),
+    optim.make_optimizer(schedule(total=total, lr=lr, multi=multi)),
+    total,
+    lr,
+    multi,
+  )
 
 
 def test_reads_config_values():
@@ -108,9 +123,14 @@ def test_adamw_matches_torch_adamw_with_poly_lr_and_head_multiplier():
   config.train.optimizer = 'adamw'
   config.train.weight_decay = wd
   _compare_with_torch(
-      lambda groups: torch.optim.AdamW(groups, lr=lr, weight_decay=wd),
-      optim.make_optimizer(schedule(total=total, lr=lr, multi=multi), config),
-      total, lr, multi, steps=6, seed=1)
+    lambda groups: torch.optim.AdamW(groups, lr=lr, weight_decay=wd),
+    optim.make_optimizer(schedule(total=total, lr=lr, multi=multi), config),
+    total,
+    lr,
+    multi,
+    steps=6,
+    seed=1,
+  )
 
 
 def test_unknown_optimizer_is_named_in_the_error():

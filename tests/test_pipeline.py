@@ -2,19 +2,29 @@
 
 import collections
 
-from absl import flags
+import fake_datasets as fd
 import jax
 import numpy as np
 import pytest
+from absl import flags
 
-import fake_datasets as fd
 from dssn_jax import parallel
 from dssn_jax.data import pipeline
 
-SEMI_KEYS = {'x': (np.uint8, 3), 'y': (np.int32, 2), 'u_w': (np.uint8, 3),
-             'u_s1': (np.uint8, 3), 'u_s2': (np.uint8, 3), 'u_ignore': (np.int32, 2),
-             'box1': (np.bool_, 2), 'box2': (np.bool_, 2), 'm_w': (np.uint8, 3),
-             'm_s1': (np.uint8, 3), 'm_s2': (np.uint8, 3), 'm_ignore': (np.int32, 2)}
+SEMI_KEYS = {
+  'x': (np.uint8, 3),
+  'y': (np.int32, 2),
+  'u_w': (np.uint8, 3),
+  'u_s1': (np.uint8, 3),
+  'u_s2': (np.uint8, 3),
+  'u_ignore': (np.int32, 2),
+  'box1': (np.bool_, 2),
+  'box2': (np.bool_, 2),
+  'm_w': (np.uint8, 3),
+  'm_s1': (np.uint8, 3),
+  'm_s2': (np.uint8, 3),
+  'm_ignore': (np.int32, 2),
+}
 
 
 @pytest.fixture(scope='module')
@@ -69,7 +79,8 @@ def test_supervised_gives_only_labeled_views(voc):
   assert set(batches[0]) == {'x', 'y', 'x_id'}
   # An epoch is a pass over the labeled list (4 images, batch 2).
   assert sorted(np.concatenate([b['x_id'] for b in batches])) == sorted(
-      f'JPEGImages/2007_{i:06d}.jpg' for i in range(4))
+    f'JPEGImages/2007_{i:06d}.jpg' for i in range(4)
+  )
 
 
 def test_same_seed_same_batches_other_seed_differs(voc):
@@ -170,8 +181,10 @@ def test_eval_records_modes_and_host_padding(voc):
   np.testing.assert_array_equal(crops[2]['label'][:, :37], whole[2]['label'][5:45])
   assert (crops[2]['label'][:, 37:] == 255).all()
   # Two hosts: 2 records each, the second host's last one is padding.
-  shares = [list(pipeline.eval_records(config, 'sliding_window', process_index=i,
-                                       process_count=2)) for i in (0, 1)]
+  shares = [
+    list(pipeline.eval_records(config, 'sliding_window', process_index=i, process_count=2))
+    for i in (0, 1)
+  ]
   assert [len(s) for s in shares] == [2, 2]
   assert [r['id'] for r in shares[0]] == [whole[0]['id'], whole[2]['id']]
   assert shares[1][0]['id'] == whole[1]['id'] and shares[1][1]['id'] == ''

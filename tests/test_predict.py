@@ -3,16 +3,13 @@
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
-
-from dssn_jax import evaluate
-from dssn_jax import predict
-from dssn_jax.data.normalize import normalize
-
 from test_evaluate import TinySeg, make_workdir, run_module, tiny_variables
+
+from dssn_jax import evaluate, predict
+from dssn_jax.data.normalize import normalize
 
 PALETTE3 = np.array([[0, 0, 0], [200, 10, 10], [10, 200, 10]], np.uint8)
 
@@ -40,8 +37,9 @@ def test_predictor_slides_windows_over_larger_images(tiny):
   model, variables, predictor = tiny
   image = random_image(13, 30, seed=1)  # taller and wider than the 12 px crop
   assert predictor.needs_sliding(13, 30) and predictor.needs_sliding(5, 13)
-  probs = jax.jit(lambda x: evaluate.sliding_window_probs(
-      evaluate.model_logits_fn(model, variables), x, 12))(image[None])
+  probs = jax.jit(
+    lambda x: evaluate.sliding_window_probs(evaluate.model_logits_fn(model, variables), x, 12)
+  )(image[None])
   got = predictor(image)
   assert got.shape == (13, 30)
   np.testing.assert_array_equal(got, np.argmax(np.asarray(probs)[0], -1))
@@ -62,7 +60,11 @@ def test_predict_files_writes_palette_mask_and_overlay(tiny, tmp_path):
   out = tmp_path / 'out'
   written = predict.predict_files(predictor, paths, str(out), PALETTE3, alpha=0.5)
   assert sorted(os.path.basename(p) for p in written) == [
-      'small.png', 'small_overlay.png', 'wide.png', 'wide_overlay.png']
+    'small.png',
+    'small_overlay.png',
+    'wide.png',
+    'wide_overlay.png',
+  ]
   for name, image in images.items():
     h, w = image.shape[:2]
     with Image.open(out / f'{name}.png') as mask:
@@ -103,6 +105,7 @@ def test_bad_inputs_name_the_file(tiny, tmp_path):
 
 def test_command_line_on_a_workdir(tmp_path):
   from dssn_jax.data import sources
+
   config, _, _ = make_workdir(tmp_path / 'work')
   src = tmp_path / 'in'
   src.mkdir()
@@ -110,14 +113,20 @@ def test_command_line_on_a_workdir(tmp_path):
   Image.fromarray(random_image(30, 70, 5)).save(src / 'a.jpg')
   Image.fromarray(random_image(40, 60, 6)).save(src / 'b.png')
   out = tmp_path / 'out'
-  proc = run_module('dssn_jax.predict', f'--workdir={tmp_path / "work"}', f'--input={src}',
-                    f'--output={out}', '--model=student', '--checkpoint=latest')
+  proc = run_module(
+    'dssn_jax.predict',
+    f'--workdir={tmp_path / "work"}',
+    f'--input={src}',
+    f'--output={out}',
+    '--model=student',
+    '--checkpoint=latest',
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   palette = np.asarray(sources.palette(config))
   for name, (h, w) in (('a', (30, 70)), ('b', (40, 60))):
     with Image.open(out / f'{name}.png') as mask:
       assert mask.mode == 'P' and mask.size == (w, h)
-      colours = np.asarray(mask.getpalette()[:3 * len(palette)], np.uint8).reshape(-1, 3)
+      colours = np.asarray(mask.getpalette()[: 3 * len(palette)], np.uint8).reshape(-1, 3)
       np.testing.assert_array_equal(colours, palette)
       assert np.asarray(mask).max() < len(palette)
     with Image.open(out / f'{name}_overlay.png') as ov:

@@ -8,27 +8,46 @@ the mean +- std arithmetic, the per-seed gains and the machine-readable line.
 
 import re
 
-import pytest
-
 import benchmark_scripts
+import pytest
 
 bench = benchmark_scripts.load('semi_vs_supervised')
 
-LINE = re.compile(r'^semi_vs_supervised: labeled=(\d+) supervised=([0-9.]+) '
-                  r'dssn=([0-9.]+) gain=(-?[0-9.]+)$')
+LINE = re.compile(
+  r'^semi_vs_supervised: labeled=(\d+) supervised=([0-9.]+) '
+  r'dssn=([0-9.]+) gain=(-?[0-9.]+)$'
+)
 
 # (name, seed) -> best mIoU: supervised's student, DSSN's teacher.
-BEST = {('supervised', 0): 20.0, ('supervised', 1): 22.0, ('supervised', 2): 24.0,
-        ('dssn', 0): 26.0, ('dssn', 1): 27.0, ('dssn', 2): 31.0}
+BEST = {
+  ('supervised', 0): 20.0,
+  ('supervised', 1): 22.0,
+  ('supervised', 2): 24.0,
+  ('dssn', 0): 26.0,
+  ('dssn', 1): 27.0,
+  ('dssn', 2): 31.0,
+}
 
 
 def fake_run(name, method, overrides, seed, args):
   del overrides
   best = BEST[name, seed]
-  evals = [dict(step=100, miou=best - 5, miou_teacher=best - 4),
-           dict(step=200, miou=best, miou_teacher=best)]
-  return dict(name=name, method=method, labeled=args.labeled, seed=seed, wall=1.0,
-              evals=evals, best=best, miou=best, best_teacher=best, miou_teacher=best)
+  evals = [
+    dict(step=100, miou=best - 5, miou_teacher=best - 4),
+    dict(step=200, miou=best, miou_teacher=best),
+  ]
+  return dict(
+    name=name,
+    method=method,
+    labeled=args.labeled,
+    seed=seed,
+    wall=1.0,
+    evals=evals,
+    best=best,
+    miou=best,
+    best_teacher=best,
+    miou_teacher=best,
+  )
 
 
 def test_mean_std():
@@ -63,9 +82,10 @@ def test_main_reports_means_over_seeds(seeds, tmp_path, monkeypatch, capsys):
   assert float(gain) == pytest.approx(want_dssn - want_sup)
   assert (out / 'miou.png').stat().st_size > 0
   if len(ids) > 1:
-    assert lines[-2] == ('per-seed gains: seed0=6.00 seed1=5.00 seed2=7.00 '
-                         '(mean 6.00 +- 1.00, min 5.00)')
-    assert any('+-' in l and 'dssn' in l for l in lines)
+    assert lines[-2] == (
+      'per-seed gains: seed0=6.00 seed1=5.00 seed2=7.00 (mean 6.00 +- 1.00, min 5.00)'
+    )
+    assert any('+-' in line and 'dssn' in line for line in lines)
 
 
 @pytest.mark.parametrize('bad', ['0,x', '1,1'])

@@ -9,15 +9,16 @@ here by the PyTorch step, which needs no compile.
 import math
 import re
 
+import benchmark_scripts
 import numpy as np
 import pytest
 
-import benchmark_scripts
-
 step_speed = benchmark_scripts.load('step_speed')
 
-LINE = re.compile(r'^step_speed: backbone=(\S+) crop=(\d+) batch=(\d+) dtype=(\S+) '
-                  r'median_s=([0-9.]+) images_per_s=([0-9.]+)( .*)?$')
+LINE = re.compile(
+  r'^step_speed: backbone=(\S+) crop=(\d+) batch=(\d+) dtype=(\S+) '
+  r'median_s=([0-9.]+) images_per_s=([0-9.]+)( .*)?$'
+)
 TINY = ['--backbone', 'resnet_tiny', '--crop', '33', '--batch', '2', '--num-classes', '4']
 
 
@@ -57,15 +58,15 @@ def test_jax_run_prints_table_and_machine_line(capsys):
   assert row['flops'] > 1e6  # XLA counted the convolutions
   assert row['xla_bytes'] > row['xla_temp_bytes'] > 0
   header = next(line for line in out if line.split()[:2] == ['impl', 'remat'])
-  for column in ('compile_s', 'median_s', 'images/s', 'peak_mem', 'xla_mem', 'xla_temp',
-                 'TFLOP/s'):
+  for column in ('compile_s', 'median_s', 'images/s', 'peak_mem', 'xla_mem', 'xla_temp', 'TFLOP/s'):
     assert column in header
   assert any(line.startswith('# load average') for line in out)
 
 
 def test_torch_dssn_step_runs(capsys):
-  rows = step_speed.main(TINY + ['--torch-only', '--torch-threads', '1', '--steps', '1',
-                               '--warmup', '1'])
+  rows = step_speed.main(
+    TINY + ['--torch-only', '--torch-threads', '1', '--steps', '1', '--warmup', '1']
+  )
   out = capsys.readouterr().out.strip().splitlines()
   (row,) = rows
   assert row['impl'] == 'torch' and math.isfinite(row['loss']) and row['loss'] > 0
@@ -76,9 +77,23 @@ def test_torch_dssn_step_runs(capsys):
 
 
 def test_table_percent_of_peak_and_missing_values():
-  row = dict(impl='jax', remat=True, dtype='bfloat16', batch=4, devices=2, compile_s=10.0,
-             median_s=0.5, min_s=0.4, cpu_s=None, images_per_s=32.0, peak_bytes=None,
-             xla_bytes=3 * 2**30, xla_temp_bytes=2**29, flops=5e11, flops_per_s=1e12)
+  row = dict(
+    impl='jax',
+    remat=True,
+    dtype='bfloat16',
+    batch=4,
+    devices=2,
+    compile_s=10.0,
+    median_s=0.5,
+    min_s=0.4,
+    cpu_s=None,
+    images_per_s=32.0,
+    peak_bytes=None,
+    xla_bytes=3 * 2**30,
+    xla_temp_bytes=2**29,
+    flops=5e11,
+    flops_per_s=1e12,
+  )
   table = step_speed.format_table([row], peak_tflops=4.0)
   cells = table.splitlines()[1].split()
   assert cells[:4] == ['jax', 'yes', 'bfloat16', '4x2']
@@ -89,12 +104,15 @@ def test_table_percent_of_peak_and_missing_values():
   assert no_peak[-1] == 'n/a'
 
 
-@pytest.mark.parametrize('argv', [
+@pytest.mark.parametrize(
+  'argv',
+  [
     ['--compare-remat', '--remat'],
     ['--batch', '0'],
     ['--torch', '--method', 'unimatch'],
     ['--backbone', 'resnet18'],
-])
+  ],
+)
 def test_bad_flags_are_rejected(argv, capsys):
   with pytest.raises(SystemExit):
     step_speed.parse_args(argv)

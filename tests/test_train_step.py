@@ -7,7 +7,6 @@ small op compiles serves every variant).
 """
 
 import dataclasses
-import functools
 import json
 import os
 import subprocess
@@ -20,12 +19,7 @@ import numpy as np
 import optax
 import pytest
 
-from dssn_jax import config_lib
-from dssn_jax import losses
-from dssn_jax import models
-from dssn_jax import optim
-from dssn_jax import parallel
-from dssn_jax import pseudo_labels
+from dssn_jax import config_lib, losses, models, optim, parallel, pseudo_labels
 from dssn_jax import train_step as ts
 from dssn_jax.data.normalize import normalize
 
@@ -62,7 +56,7 @@ def make_batch(size, batch=2, seed=0, supervised=False):
     for i in range(batch):
       h, w = rng.integers(size // 4, size // 2 + 1, 2)
       top, left = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
-      out[i, top:top + h, left:left + w] = True
+      out[i, top : top + h, left : left + w] = True
     return out
 
   def ignore():
@@ -74,8 +68,18 @@ def make_batch(size, batch=2, seed=0, supervised=False):
   labels[:, :, -2:] = 255
   out = dict(x=image(), y=labels)
   if not supervised:
-    out.update(u_w=image(), u_s1=image(), u_s2=image(), u_ignore=ignore(), box1=box(),
-               box2=box(), m_w=image(), m_s1=image(), m_s2=image(), m_ignore=ignore())
+    out.update(
+      u_w=image(),
+      u_s1=image(),
+      u_s2=image(),
+      u_ignore=ignore(),
+      box1=box(),
+      box2=box(),
+      m_w=image(),
+      m_s1=image(),
+      m_s2=image(),
+      m_ignore=ignore(),
+    )
   return out
 
 
@@ -104,8 +108,7 @@ def initial_variables(model):
   """One random init per model, shared (params do not depend on image size)."""
   if model not in _INIT:
     # rbg draws compile several times faster than threefry's.
-    _INIT[model] = ts.create_train_state(model, optax.sgd(0.1),
-                                         jax.random.key(0, impl='rbg'), 33)
+    _INIT[model] = ts.create_train_state(model, optax.sgd(0.1), jax.random.key(0, impl='rbg'), 33)
   state = _INIT[model]
   return to_host({'params': state.params, 'batch_stats': state.batch_stats})
 
@@ -131,10 +134,12 @@ def run_steps(model, mesh, config, batch, steps, warmup_steps=1, steps_per_epoch
   settings = config_lib.resolve_method(config)
   schedule = make_schedule(config, warmup_steps, steps_per_epoch)
   tx = optim.make_optimizer(schedule, config)
-  state = ts.create_train_state(model, tx, jax.random.key(0), batch['x'].shape[1],
-                                variables=initial_variables(model))
-  step_fn = ts.make_train_step(model, tx, settings, schedule, mesh,
-                               ema_decay=config.train.ema_decay)
+  state = ts.create_train_state(
+    model, tx, jax.random.key(0), batch['x'].shape[1], variables=initial_variables(model)
+  )
+  step_fn = ts.make_train_step(
+    model, tx, settings, schedule, mesh, ema_decay=config.train.ema_decay
+  )
   batch = parallel.shard_batch(batch, mesh)
   states, metrics = [to_host(state)], []
   state = parallel.replicate(state, mesh)
@@ -155,17 +160,36 @@ def dssn65(model, mesh):
   return dict(batch=batch, config=config, **run_steps(model, mesh, config, batch, 2))
 
 
-DSSN_TERMS = {'loss', 'loss_x', 'loss_s1', 'loss_s2', 'loss_fp1', 'loss_fp2',
-              'loss_align_image', 'loss_align_feature', 'mask_ratio', 'lr', 'grad_norm'}
+DSSN_TERMS = {
+  'loss',
+  'loss_x',
+  'loss_s1',
+  'loss_s2',
+  'loss_fp1',
+  'loss_fp2',
+  'loss_align_image',
+  'loss_align_feature',
+  'mask_ratio',
+  'lr',
+  'grad_norm',
+}
 
 
 def total_of(m, settings, warm):
   """The weighted total from the reported terms."""
   s = settings
   strong = 0.0 if warm else s.strong
-  parts = {'loss_x': s.sup, 'loss_s': strong, 'loss_s1': strong, 'loss_s2': strong,
-           'loss_fp': s.fp, 'loss_fp1': s.fp, 'loss_fp2': s.fp,
-           'loss_align_image': s.align_image, 'loss_align_feature': s.align_feature}
+  parts = {
+    'loss_x': s.sup,
+    'loss_s': strong,
+    'loss_s1': strong,
+    'loss_s2': strong,
+    'loss_fp': s.fp,
+    'loss_fp1': s.fp,
+    'loss_fp2': s.fp,
+    'loss_align_image': s.align_image,
+    'loss_align_feature': s.align_feature,
+  }
   return sum(w * m[k] for k, w in parts.items() if k in m)
 
 
@@ -178,8 +202,9 @@ def test_dssn_step_65(dssn65):
     assert m['grad_norm'] > 0
     assert int(dssn65['states'][t + 1].step) == t + 1
   before, after = dssn65['states'][0], dssn65['states'][1]
-  changed = jax.tree.leaves(jax.tree.map(
-      lambda a, b: not np.array_equal(a, b), before.params, after.params))
+  changed = jax.tree.leaves(
+    jax.tree.map(lambda a, b: not np.array_equal(a, b), before.params, after.params)
+  )
   assert all(changed)  # every student parameter moved (weight decay at least)
 
 
@@ -200,9 +225,12 @@ def test_teacher_moves_only_by_ema(model, dssn65):
   assert_tree_equal(s1.teacher_batch_stats, s1.batch_stats)
   # Step 1: teacher = 0.996 * teacher + 0.004 * student, no gradient step.
   ema = lambda t, s: 0.996 * t + 0.004 * s
-  jax.tree.map(lambda got, t, s: np.testing.assert_allclose(got, ema(t, s), rtol=1e-6,
-                                                            atol=1e-7),
-               s2.teacher_params, s1.teacher_params, s2.params)
+  jax.tree.map(
+    lambda got, t, s: np.testing.assert_allclose(got, ema(t, s), rtol=1e-6, atol=1e-7),
+    s2.teacher_params,
+    s1.teacher_params,
+    s2.params,
+  )
   # BatchNorm: the teacher's own forwards (m_w, then u_w, batch statistics)
   # update its running statistics before the EMA blends in the student's.
   batch = dssn65['batch']
@@ -210,15 +238,22 @@ def test_teacher_moves_only_by_ema(model, dssn65):
   @jax.jit
   def teacher_forwards(params, stats):
     for key in ('m_w', 'u_w'):
-      _, updates = model.apply({'params': params, 'batch_stats': stats},
-                               normalize(batch[key]), train=True, mutable=['batch_stats'])
+      _, updates = model.apply(
+        {'params': params, 'batch_stats': stats},
+        normalize(batch[key]),
+        train=True,
+        mutable=['batch_stats'],
+      )
       stats = updates['batch_stats']
     return stats
 
   stats = to_host(teacher_forwards(s1.teacher_params, s1.teacher_batch_stats))
-  jax.tree.map(lambda got, t, s: np.testing.assert_allclose(got, ema(t, s), rtol=1e-5,
-                                                            atol=1e-6),
-               s2.teacher_batch_stats, stats, s2.batch_stats)
+  jax.tree.map(
+    lambda got, t, s: np.testing.assert_allclose(got, ema(t, s), rtol=1e-5, atol=1e-6),
+    s2.teacher_batch_stats,
+    stats,
+    s2.batch_stats,
+  )
 
 
 def test_reference_teacher_bn_switches_to_running_after_the_first_epoch(model, mesh):
@@ -230,9 +265,12 @@ def test_reference_teacher_bn_switches_to_running_after_the_first_epoch(model, m
   run = run_steps(model, mesh, config, make_batch(33), 2, steps_per_epoch=1)
   _, s1, s2 = run['states']
   ema = lambda t, s: 0.996 * t + 0.004 * s
-  jax.tree.map(lambda got, t, s: np.testing.assert_allclose(got, ema(t, s), rtol=1e-6,
-                                                            atol=1e-7),
-               s2.teacher_batch_stats, s1.teacher_batch_stats, s2.batch_stats)
+  jax.tree.map(
+    lambda got, t, s: np.testing.assert_allclose(got, ema(t, s), rtol=1e-6, atol=1e-7),
+    s2.teacher_batch_stats,
+    s1.teacher_batch_stats,
+    s2.batch_stats,
+  )
 
 
 def test_running_teacher_one_call_gives_the_two_calls_targets(model):
@@ -242,45 +280,63 @@ def test_running_teacher_one_call_gives_the_two_calls_targets(model):
   config.train.teacher_bn = 'running'
   settings = config_lib.resolve_method(config)
   schedule = make_schedule(config, warmup_steps=0)
-  state = ts.create_train_state(model, optax.sgd(0.1), jax.random.key(0), 33,
-                                variables=initial_variables(model))
+  state = ts.create_train_state(
+    model, optax.sgd(0.1), jax.random.key(0), 33, variables=initial_variables(model)
+  )
   # A teacher that differs from the student, with non-trivial statistics.
   state = state.replace(
-      teacher_params=jax.tree.map(lambda p: p * 1.1, state.params),
-      teacher_batch_stats=jax.tree.map(lambda v: v + 0.1, state.batch_stats))
+    teacher_params=jax.tree.map(lambda p: p * 1.1, state.params),
+    teacher_batch_stats=jax.tree.map(lambda v: v + 0.1, state.batch_stats),
+  )
   batch = make_batch(33, batch=3)
   rng = jax.random.key(3)
-  _, aux = ts.objective(state.params, state, batch, rng, model=model,
-                        settings=settings, schedule=schedule)
+  _, aux = ts.objective(
+    state.params, state, batch, rng, model=model, settings=settings, schedule=schedule
+  )
   assert_tree_equal(aux.teacher_batch_stats, state.teacher_batch_stats)
 
   teacher = {'params': state.teacher_params, 'batch_stats': state.teacher_batch_stats}
   t_m = model.apply(teacher, normalize(batch['m_w']), train=False)[0]
   t_w = model.apply(teacher, normalize(batch['u_w']), train=False)[0]
   x, u_w = normalize(batch['x']), normalize(batch['u_w'])
-  _, _, bs = ts._forward(model, state.params, state.batch_stats, jnp.concatenate([x, u_w]),
-                         train=True, perturb=settings.fp_branches,
-                         rng=jax.random.fold_in(rng, 0))
-  strong = normalize(jnp.concatenate([
-      pseudo_labels.compose_cutmix(batch[box], batch[m_s], batch[u_s])
-      for u_s, m_s, box in ts.VIEW_KEYS[:2]]))
+  _, _, bs = ts._forward(
+    model,
+    state.params,
+    state.batch_stats,
+    jnp.concatenate([x, u_w]),
+    train=True,
+    perturb=settings.fp_branches,
+    rng=jax.random.fold_in(rng, 0),
+  )
+  strong = normalize(
+    jnp.concatenate(
+      [
+        pseudo_labels.compose_cutmix(batch[box], batch[m_s], batch[u_s])
+        for u_s, m_s, box in ts.VIEW_KEYS[:2]
+      ]
+    )
+  )
   p_s = jnp.split(ts._forward(model, state.params, bs, strong, train=True)[0], 2)
   for k, (suffix, key) in enumerate((('1', 'box1'), ('2', 'box2'))):
     t_k = pseudo_labels.compose_cutmix(batch[key], t_m, t_w)
     valid = pseudo_labels.compose_cutmix(batch[key], batch['m_ignore'], batch['u_ignore']) != 255
     mask = pseudo_labels.confidence_mask(
-        t_k, settings.pseudo_label, threshold=settings.threshold,
-        high=settings.class_aware_high, scale=settings.class_aware_scale)
+      t_k,
+      settings.pseudo_label,
+      threshold=settings.threshold,
+      high=settings.class_aware_high,
+      scale=settings.class_aware_scale,
+    )
     want = losses.pseudo_label_ce(p_s[k], pseudo_labels.hard_labels(t_k), mask, valid)
-    np.testing.assert_allclose(float(aux.metrics['loss_s' + suffix]), float(want),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      float(aux.metrics['loss_s' + suffix]), float(want), rtol=1e-5, atol=1e-6
+    )
 
 
 METHOD_TERMS = {
-    'unimatch': {'loss', 'loss_x', 'loss_s1', 'loss_s2', 'loss_fp', 'mask_ratio', 'lr',
-                 'grad_norm'},
-    'fixmatch': {'loss', 'loss_x', 'loss_s', 'mask_ratio', 'lr', 'grad_norm'},
-    'supervised': {'loss', 'loss_x', 'lr', 'grad_norm'},
+  'unimatch': {'loss', 'loss_x', 'loss_s1', 'loss_s2', 'loss_fp', 'mask_ratio', 'lr', 'grad_norm'},
+  'fixmatch': {'loss', 'loss_x', 'loss_s', 'mask_ratio', 'lr', 'grad_norm'},
+  'supervised': {'loss', 'loss_x', 'lr', 'grad_norm'},
 }
 
 
@@ -290,25 +346,33 @@ def test_strong_view_bn_stats_flag(model):
   moves them on from there."""
   batch = make_batch(33, batch=2)
   rng = jax.random.key(4)
-  state = ts.create_train_state(model, optax.sgd(0.1), jax.random.key(0), 33,
-                                variables=initial_variables(model))
+  state = ts.create_train_state(
+    model, optax.sgd(0.1), jax.random.key(0), 33, variables=initial_variables(model)
+  )
   config = make_config()
   settings = config_lib.resolve_method(config)
   schedule = make_schedule(config, warmup_steps=0)
-  _, _, clean = ts._forward(model, state.params, state.batch_stats,
-                            jnp.concatenate([normalize(batch['x']), normalize(batch['u_w'])]),
-                            train=True, perturb=settings.fp_branches,
-                            rng=jax.random.fold_in(rng, 0))
+  _, _, clean = ts._forward(
+    model,
+    state.params,
+    state.batch_stats,
+    jnp.concatenate([normalize(batch['x']), normalize(batch['u_w'])]),
+    train=True,
+    perturb=settings.fp_branches,
+    rng=jax.random.fold_in(rng, 0),
+  )
   stats = {}
   for flag in (True, False):
     config.train.strong_view_bn_stats = flag
     settings = config_lib.resolve_method(config)
-    _, aux = ts.objective(state.params, state, batch, rng, model=model,
-                          settings=settings, schedule=schedule)
+    _, aux = ts.objective(
+      state.params, state, batch, rng, model=model, settings=settings, schedule=schedule
+    )
     stats[flag] = aux.batch_stats
   assert_tree_equal(stats[False], clean)
-  moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
-                                       stats[True], clean))
+  moved = jax.tree.leaves(
+    jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), stats[True], clean)
+  )
   assert max(moved) > 1e-4
 
 
@@ -317,13 +381,21 @@ def test_warmup_terms(model, warmup_terms):
   """Inside the warm-up, 'strong' (reference) leaves fp and alignment in the
   total; 'unlabeled' leaves only the supervised term."""
   batch = make_batch(33, batch=2)
-  state = ts.create_train_state(model, optax.sgd(0.1), jax.random.key(0), 33,
-                                variables=initial_variables(model))
+  state = ts.create_train_state(
+    model, optax.sgd(0.1), jax.random.key(0), 33, variables=initial_variables(model)
+  )
   config = make_config(pseudo_label='fixed', threshold=0.0)  # every pixel teaches
   config.train.warmup_terms = warmup_terms
   settings = config_lib.resolve_method(config)
-  total, aux = ts.objective(state.params, state, batch, jax.random.key(4), model=model,
-                            settings=settings, schedule=make_schedule(config, warmup_steps=1))
+  total, aux = ts.objective(
+    state.params,
+    state,
+    batch,
+    jax.random.key(4),
+    model=model,
+    settings=settings,
+    schedule=make_schedule(config, warmup_steps=1),
+  )
   m = {k: float(v) for k, v in aux.metrics.items()}
   assert m['loss_fp1'] > 0 and m['loss_align_feature'] > 0
   if warmup_terms == 'unlabeled':
@@ -338,13 +410,21 @@ def test_labeled_bn_separate(model):
   """'separate': the labeled loss is the supervised method's (x alone in its
   BN batch); 'joint' (reference) normalizes x together with u_w."""
   batch = make_batch(33, batch=2)
-  state = ts.create_train_state(model, optax.sgd(0.1), jax.random.key(0), 33,
-                                variables=initial_variables(model))
+  state = ts.create_train_state(
+    model, optax.sgd(0.1), jax.random.key(0), 33, variables=initial_variables(model)
+  )
   schedule = make_schedule(make_config(), warmup_steps=0)
 
   def loss_x(config):
-    _, aux = ts.objective(state.params, state, batch, jax.random.key(4), model=model,
-                          settings=config_lib.resolve_method(config), schedule=schedule)
+    _, aux = ts.objective(
+      state.params,
+      state,
+      batch,
+      jax.random.key(4),
+      model=model,
+      settings=config_lib.resolve_method(config),
+      schedule=schedule,
+    )
     return float(aux.metrics['loss_x'])
 
   sup = loss_x(make_config('supervised'))
@@ -389,25 +469,40 @@ def test_batch_missing_key_is_named(model):
   batch = make_batch(33)
   del batch['box2']
   # The batch is checked before anything runs: an empty state will do.
-  state = ts.TrainState(step=jnp.zeros((), jnp.int32), params={}, batch_stats={},
-                        teacher_params={}, teacher_batch_stats={}, opt_state=None)
+  state = ts.TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params={},
+    batch_stats={},
+    teacher_params={},
+    teacher_batch_stats={},
+    opt_state=None,
+  )
   with pytest.raises(ValueError, match='box2'):
-    ts.train_step(state, batch, jax.random.key(1), model=model, tx=tx, settings=settings,
-                  schedule=schedule)
-  fixmatch = dataclasses.replace(config_lib.resolve_method(make_config('fixmatch')),
-                                 align_image=0.01)
+    ts.train_step(
+      state, batch, jax.random.key(1), model=model, tx=tx, settings=settings, schedule=schedule
+    )
+  fixmatch = dataclasses.replace(
+    config_lib.resolve_method(make_config('fixmatch')), align_image=0.01
+  )
   with pytest.raises(ValueError, match='align_image'):
-    ts.train_step(state, make_batch(33), jax.random.key(1), model=model, tx=tx,
-                  settings=fixmatch, schedule=schedule)
+    ts.train_step(
+      state,
+      make_batch(33),
+      jax.random.key(1),
+      model=model,
+      tx=tx,
+      settings=fixmatch,
+      schedule=schedule,
+    )
 
 
 # Ablations: CPLG numbers chosen so that a random init selects some pixels
 # (the reference's 0.92 selects none before training).
 ABLATIONS = {
-    'align_image': (dict(align_image=0.0), {'loss_align_image'}),
-    'align_feature': (dict(align_feature=0.0), {'loss_align_feature'}),
-    'fp': (dict(fp=0.0), {'loss_fp1', 'loss_fp2'}),
-    'strong': (dict(strong=0.0), {'loss_s1', 'loss_s2'}),
+  'align_image': (dict(align_image=0.0), {'loss_align_image'}),
+  'align_feature': (dict(align_feature=0.0), {'loss_align_feature'}),
+  'fp': (dict(fp=0.0), {'loss_fp1', 'loss_fp2'}),
+  'strong': (dict(strong=0.0), {'loss_s1', 'loss_s2'}),
 }
 
 
@@ -417,14 +512,23 @@ def ablation_setup(model):
   config = make_config(class_aware_high=0.3, class_aware_scale=0.9)
   schedule = make_schedule(config, warmup_steps=0)
   tx = optim.make_optimizer(schedule, config)
-  state = ts.create_train_state(model, tx, jax.random.key(0), 33,
-                                variables=initial_variables(model))
+  state = ts.create_train_state(
+    model, tx, jax.random.key(0), 33, variables=initial_variables(model)
+  )
 
   def run(**loss):
     settings = config_lib.resolve_method(
-        make_config(class_aware_high=0.3, class_aware_scale=0.9, **loss))
-    total, aux = ts.objective(state.params, state, batch, jax.random.key(1), model=model,
-                              settings=settings, schedule=schedule)
+      make_config(class_aware_high=0.3, class_aware_scale=0.9, **loss)
+    )
+    total, aux = ts.objective(
+      state.params,
+      state,
+      batch,
+      jax.random.key(1),
+      model=model,
+      settings=settings,
+      schedule=schedule,
+    )
     return float(total), {k: np.asarray(v) for k, v in aux.metrics.items()}, aux
 
   base = run()
@@ -441,10 +545,15 @@ def test_ablation_removes_exactly_its_term(ablation_setup, flag):
   for key in got:
     np.testing.assert_array_equal(got[key], base[key], err_msg=key)  # to the last bit
   settings = config_lib.resolve_method(make_config(class_aware_high=0.3, class_aware_scale=0.9))
-  weight = {'align_image': settings.align_image, 'align_feature': settings.align_feature,
-            'fp': settings.fp, 'strong': settings.strong}[flag]
-  assert total == pytest.approx(base_total - weight * sum(float(base[k]) for k in removed),
-                                rel=1e-6)
+  weight = {
+    'align_image': settings.align_image,
+    'align_feature': settings.align_feature,
+    'fp': settings.fp,
+    'strong': settings.strong,
+  }[flag]
+  assert total == pytest.approx(
+    base_total - weight * sum(float(base[k]) for k in removed), rel=1e-6
+  )
   assert_tree_equal(aux.batch_stats, base_aux.batch_stats)
 
 
@@ -494,11 +603,16 @@ def test_one_vs_eight_devices():
   the order of that sum differs between one device and an all-reduce over
   eight: measured 4.5x over a 1e-5 bound on the momentum trace of
   `stem_conv1` with jax 0.10.2 on this CPU)."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=8')
   script = _MULTI_DEVICE_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
-  proc = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True,
-                        text=True, timeout=600, check=False)
+  proc = subprocess.run(
+    [sys.executable, '-c', script],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   m1, m8 = result['m1'], result['m8']

@@ -1,8 +1,8 @@
 """The augmentation ops against PIL (the reference's implementation) and the spec."""
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 import pytest
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from dssn_jax.data import transforms as T
 
@@ -24,9 +24,15 @@ PIL_IMG = Image.fromarray(IMG)
 
 
 @pytest.mark.parametrize('factor', [0.05, 0.5, 0.95, 1.4])
-@pytest.mark.parametrize('ours,enhancer', [
-    (T.brightness, ImageEnhance.Brightness), (T.contrast, ImageEnhance.Contrast),
-    (T.saturation, ImageEnhance.Color), (T.sharpness, ImageEnhance.Sharpness)])
+@pytest.mark.parametrize(
+  'ours,enhancer',
+  [
+    (T.brightness, ImageEnhance.Brightness),
+    (T.contrast, ImageEnhance.Contrast),
+    (T.saturation, ImageEnhance.Color),
+    (T.sharpness, ImageEnhance.Sharpness),
+  ],
+)
 def test_enhance_ops_match_pil(ours, enhancer, factor):
   d = _diff(ours(IMG, factor), enhancer(PIL_IMG).enhance(factor))
   assert d.max() <= 1 and d.mean() < 0.05
@@ -38,8 +44,7 @@ def test_exact_imageops():
   for bits in (4, 5, 6, 7, 8):
     np.testing.assert_array_equal(T.posterize(IMG, bits), ImageOps.posterize(PIL_IMG, bits))
   for threshold in (1, 100, 255, 256):
-    np.testing.assert_array_equal(T.solarize(IMG, threshold),
-                                  ImageOps.solarize(PIL_IMG, threshold))
+    np.testing.assert_array_equal(T.solarize(IMG, threshold), ImageOps.solarize(PIL_IMG, threshold))
 
 
 def test_flat_image_autocontrast_and_equalize_are_identity():
@@ -100,7 +105,7 @@ def test_pil_nearest_index_matches_pil_resize():
 def test_resize_window_matches_pil_bilinear(size_hw):
   oh, ow = size_hw
   top, left, h, w = 11, 23, min(100, oh - 11), min(120, ow - 23)
-  pil = np.asarray(PIL_IMG.resize((ow, oh), Image.BILINEAR))[top:top + h, left:left + w]
+  pil = np.asarray(PIL_IMG.resize((ow, oh), Image.BILINEAR))[top : top + h, left : left + w]
   d = _diff(T.resize_window(IMG, (oh, ow), top, left, h, w), pil)
   if oh > IMG.shape[0]:  # enlarging: the same bilinear interpolation
     assert d.max() <= 1
@@ -161,10 +166,9 @@ def test_hflip_off_never_flips_and_keeps_the_other_draws():
       assert cols1.mean() < cols2.mean()  # label 1 (left half) stays left
     # Same scale and crop: `on` is `off` or its mirror image.
     same = np.array_equal(on[0], off[0]) and np.array_equal(on[1], off[1])
-    mirror = (np.array_equal(on[0], off[0][:, ::-1])
-              and np.array_equal(on[1], off[1][:, ::-1]))
+    mirror = np.array_equal(on[0], off[0][:, ::-1]) and np.array_equal(on[1], off[1][:, ::-1])
     assert same or mirror
-    flipped += (not same)
+    flipped += not same
   assert 5 < flipped < 25
 
 
@@ -172,8 +176,7 @@ def test_crop_of_small_image_pads_right_bottom():
   image = np.full((20, 30, 3), 99, np.uint8)
   rng = np.random.default_rng(3)
   while True:  # find a draw without flip to check the side
-    out, pad = T.random_resized_crop(image, None, rng, 48, (1.0, 1.0),
-                                     mask_fill=T.UNLABELED_PAD)
+    out, pad = T.random_resized_crop(image, None, rng, 48, (1.0, 1.0), mask_fill=T.UNLABELED_PAD)
     if out[0, 0, 0] == 99:
       break
   assert (pad[:20, :30] == 0).all() and (pad[20:] == T.UNLABELED_PAD).all()
@@ -183,8 +186,9 @@ def test_crop_of_small_image_pads_right_bottom():
 
 def test_unlabeled_views_ignore_marks_exactly_the_padding():
   image = np.random.default_rng(0).integers(1, 256, (20, 30, 3), dtype=np.uint8)
-  views = T.unlabeled_views({'image': image}, np.random.default_rng(5), crop_size=40,
-                            scale_range=(1.0, 1.0), max_ops=3)
+  views = T.unlabeled_views(
+    {'image': image}, np.random.default_rng(5), crop_size=40, scale_range=(1.0, 1.0), max_ops=3
+  )
   assert set(views) == {'w', 's1', 's2', 'ignore', 'box1', 'box2'}
   assert views['ignore'].dtype == np.uint8
   assert (views['ignore'] == 255).sum() == 40 * 40 - 20 * 30
@@ -196,8 +200,9 @@ def test_unlabeled_views_ignore_marks_exactly_the_padding():
 def test_labeled_views_pad_label_255():
   image = np.full((10, 10, 3), 50, np.uint8)
   mask = np.full((10, 10), 3, np.uint8)
-  out = T.labeled_views({'image': image, 'mask': mask}, np.random.default_rng(0),
-                        crop_size=16, scale_range=(1.0, 1.0))
+  out = T.labeled_views(
+    {'image': image, 'mask': mask}, np.random.default_rng(0), crop_size=16, scale_range=(1.0, 1.0)
+  )
   assert (out['y'] == 3).sum() == 100 and (out['y'] == 255).sum() == 256 - 100
 
 

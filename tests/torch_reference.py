@@ -10,8 +10,8 @@ small networks; the defaults are the full ResNet-50 DeepLabV3+.
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class Bottleneck(nn.Module):
@@ -22,15 +22,17 @@ class Bottleneck(nn.Module):
     cout = planes * 4
     self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
     self.bn1 = nn.BatchNorm2d(planes)
-    self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=dilation,
-                           dilation=dilation, bias=False)
+    self.conv2 = nn.Conv2d(
+      planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False
+    )
     self.bn2 = nn.BatchNorm2d(planes)
     self.conv3 = nn.Conv2d(planes, cout, 1, bias=False)
     self.bn3 = nn.BatchNorm2d(cout)
     self.downsample = None
     if downsample:
-      self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                      nn.BatchNorm2d(cout))
+      self.downsample = nn.Sequential(
+        nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+      )
 
   def forward(self, x):
     y = F.relu(self.bn1(self.conv1(x)))
@@ -44,14 +46,25 @@ class ResNet(nn.Module):
   """Deep-stem (or torchvision 7x7-stem) ResNet; `dilate` replaces the
   strides of layer2..4. `forward` returns `(c1, c4)`."""
 
-  def __init__(self, blocks=(3, 4, 6, 3), widths=(64, 128, 256, 512), stem=64,
-               dilate=(False, False, True), deep_stem=True):
+  def __init__(
+    self,
+    blocks=(3, 4, 6, 3),
+    widths=(64, 128, 256, 512),
+    stem=64,
+    dilate=(False, False, True),
+    deep_stem=True,
+  ):
     super().__init__()
     if deep_stem:
       self.conv1 = nn.Sequential(
-          nn.Conv2d(3, stem, 3, 2, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(),
-          nn.Conv2d(stem, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(),
-          nn.Conv2d(stem, 2 * stem, 3, 1, 1, bias=False))
+        nn.Conv2d(3, stem, 3, 2, 1, bias=False),
+        nn.BatchNorm2d(stem),
+        nn.ReLU(),
+        nn.Conv2d(stem, stem, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(stem),
+        nn.ReLU(),
+        nn.Conv2d(stem, 2 * stem, 3, 1, 1, bias=False),
+      )
       cin = 2 * stem
     else:
       self.conv1 = nn.Conv2d(3, stem, 7, 2, 3, bias=False)
@@ -66,8 +79,9 @@ class ResNet(nn.Module):
       stage = []
       for j in range(n):
         if j == 0:
-          stage.append(Bottleneck(cin, planes, stride, first_dilation,
-                                  stride != 1 or cin != 4 * planes))
+          stage.append(
+            Bottleneck(cin, planes, stride, first_dilation, stride != 1 or cin != 4 * planes)
+          )
         else:
           stage.append(Bottleneck(4 * planes, planes, 1, dilation, False))
         cin = 4 * planes
@@ -81,24 +95,25 @@ class ResNet(nn.Module):
 
 
 def conv_bn_relu(cin, cout, k=1, dilation=1):
-  return nn.Sequential(nn.Conv2d(cin, cout, k, padding=dilation * (k - 1) // 2,
-                                 dilation=dilation, bias=False),
-                       nn.BatchNorm2d(cout), nn.ReLU())
+  return nn.Sequential(
+    nn.Conv2d(cin, cout, k, padding=dilation * (k - 1) // 2, dilation=dilation, bias=False),
+    nn.BatchNorm2d(cout),
+    nn.ReLU(),
+  )
 
 
 class Pooling(nn.Module):
-
   def __init__(self, cin, cout):
     super().__init__()
-    self.gap = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, cout, 1, bias=False),
-                             nn.BatchNorm2d(cout), nn.ReLU())
+    self.gap = nn.Sequential(
+      nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+    )
 
   def forward(self, x):
     return F.interpolate(self.gap(x), x.shape[-2:], mode='bilinear', align_corners=True)
 
 
 class ASPP(nn.Module):
-
   def __init__(self, cin, cout, rates=(6, 12, 18)):
     super().__init__()
     self.b0 = conv_bn_relu(cin, cout)
@@ -109,29 +124,36 @@ class ASPP(nn.Module):
     self.project = conv_bn_relu(5 * cout, cout)
 
   def forward(self, x):
-    return self.project(torch.cat([self.b0(x), self.b1(x), self.b2(x), self.b3(x),
-                                   self.b4(x)], 1))
+    return self.project(torch.cat([self.b0(x), self.b1(x), self.b2(x), self.b3(x), self.b4(x)], 1))
 
 
 class DeepLabV3Plus(nn.Module):
-
-  def __init__(self, num_classes, blocks=(3, 4, 6, 3), widths=(64, 128, 256, 512),
-               stem=64, aspp=256, low=48, decoder=256, dilate=(False, False, True),
-               deep_stem=True):
+  def __init__(
+    self,
+    num_classes,
+    blocks=(3, 4, 6, 3),
+    widths=(64, 128, 256, 512),
+    stem=64,
+    aspp=256,
+    low=48,
+    decoder=256,
+    dilate=(False, False, True),
+    deep_stem=True,
+  ):
     super().__init__()
     self.backbone = ResNet(blocks, widths, stem, dilate, deep_stem)
     self.head = ASPP(4 * widths[3], aspp)
     self.reduce = conv_bn_relu(4 * widths[0], low)
-    self.fuse = nn.Sequential(*conv_bn_relu(aspp + low, decoder, 3),
-                              *conv_bn_relu(decoder, decoder, 3))
+    self.fuse = nn.Sequential(
+      *conv_bn_relu(aspp + low, decoder, 3), *conv_bn_relu(decoder, decoder, 3)
+    )
     self.classifier = nn.Conv2d(decoder, num_classes, 1)
 
   def forward(self, x):
     c1, c4 = self.backbone(x)
     a = F.interpolate(self.head(c4), c1.shape[-2:], mode='bilinear', align_corners=True)
     f = self.fuse(torch.cat([self.reduce(c1), a], 1))
-    return F.interpolate(self.classifier(f), x.shape[-2:], mode='bilinear',
-                         align_corners=True)
+    return F.interpolate(self.classifier(f), x.shape[-2:], mode='bilinear', align_corners=True)
 
 
 def randomize(model: nn.Module, image_size: int = 65, seed: int = 0) -> nn.Module:

@@ -19,19 +19,19 @@ import concurrent.futures
 import dataclasses
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
-from absl import app
-from absl import flags
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
 from dssn_jax.data import sources
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-    'config', None, 'Experiment config file (configs/NAME.py[:ARG]).', lock_config=True)
+  'config', None, 'Experiment config file (configs/NAME.py[:ARG]).', lock_config=True
+)
 flags.DEFINE_integer('max_errors', 20, 'Errors listed in full (all are counted).')
 flags.DEFINE_integer('threads', min(8, os.cpu_count() or 1), 'Decoding threads.')
 
@@ -39,6 +39,7 @@ flags.DEFINE_integer('threads', min(8, os.cpu_count() or 1), 'Decoding threads.'
 @dataclasses.dataclass
 class SplitReport:
   """What reading one split found."""
+
   name: str
   count: int = 0
   min_hw: tuple[int, int] | None = None
@@ -50,8 +51,12 @@ class SplitReport:
   def add(self, record: dict) -> None:
     h, w = record['image'].shape[:2]
     self.count += 1
-    self.min_hw = (h, w) if self.min_hw is None else (min(self.min_hw[0], h), min(self.min_hw[1], w))
-    self.max_hw = (h, w) if self.max_hw is None else (max(self.max_hw[0], h), max(self.max_hw[1], w))
+    self.min_hw = (
+      (h, w) if self.min_hw is None else (min(self.min_hw[0], h), min(self.min_hw[1], w))
+    )
+    self.max_hw = (
+      (h, w) if self.max_hw is None else (max(self.max_hw[0], h), max(self.max_hw[1], w))
+    )
     if 'mask' in record:
       counts = np.bincount(record['mask'].ravel(), minlength=256)
       if self.pixels is None:
@@ -89,7 +94,8 @@ def _histogram_lines(reports: list[SplitReport], names: tuple[str, ...]) -> list
   if not labeled:
     return []
   header = f'  {"id":>3}  {"class":<20}' + ''.join(
-      f'  {r.name + " px%":>14}  {"images":>7}' for r in labeled)
+    f'  {r.name + " px%":>14}  {"images":>7}' for r in labeled
+  )
   lines = ['class pixel histogram:', header]
   ids = list(range(len(names))) + [sources.IGNORE]
   for i in ids:
@@ -106,8 +112,13 @@ def _histogram_lines(reports: list[SplitReport], names: tuple[str, ...]) -> list
   return lines
 
 
-def check_dataset(config: ml_collections.ConfigDict, *, threads: int = 4,
-                  max_errors: int = 20, out: Callable[[str], None] = print) -> bool:
+def check_dataset(
+  config: ml_collections.ConfigDict,
+  *,
+  threads: int = 4,
+  max_errors: int = 20,
+  out: Callable[[str], None] = print,
+) -> bool:
   """Validates every split of `config`'s dataset; prints a report.
 
   Returns:
@@ -115,17 +126,28 @@ def check_dataset(config: ml_collections.ConfigDict, *, threads: int = 4,
   """
   data = config.data
   splits = ('labeled', 'val') if config.method == 'supervised' else sources.SPLITS
-  where = {'pascal': f'root {data.root!r}, splits {data.splits_dir!r}, split {data.split!r}',
-           'folder': f'root {data.root!r}', 'tfds': f'tfds {data.tfds.name!r}'}
+  where = {
+    'pascal': f'root {data.root!r}, splits {data.splits_dir!r}, split {data.split!r}',
+    'folder': f'root {data.root!r}',
+    'tfds': f'tfds {data.tfds.name!r}',
+  }
   where['cityscapes'] = where['coco'] = where['pascal']
-  out(f'dataset {data.name}' + (f' ({where[data.name]})' if data.name in where else '')
-      + f', {data.num_classes} classes')
+  out(
+    f'dataset {data.name}'
+    + (f' ({where[data.name]})' if data.name in where else '')
+    + f', {data.num_classes} classes'
+  )
   reports = [check_split(config, split, threads) for split in splits]
   for r in reports:
-    sizes = (f'sizes (HxW) {r.min_hw[0]}x{r.min_hw[1]} .. {r.max_hw[0]}x{r.max_hw[1]}'
-             if r.count else 'no readable records')
-    out(f'  {r.name:<10} {r.count:>7} records  {sizes}'
-        + (f'  ({len(r.errors)} errors)' if r.errors else ''))
+    sizes = (
+      f'sizes (HxW) {r.min_hw[0]}x{r.min_hw[1]} .. {r.max_hw[0]}x{r.max_hw[1]}'
+      if r.count
+      else 'no readable records'
+    )
+    out(
+      f'  {r.name:<10} {r.count:>7} records  {sizes}'
+      + (f'  ({len(r.errors)} errors)' if r.errors else '')
+    )
   try:
     names = sources.class_names(config)
   except ValueError as e:
@@ -147,8 +169,9 @@ def check_dataset(config: ml_collections.ConfigDict, *, threads: int = 4,
 
 def main(argv):
   if len(argv) != 2 or argv[1] != 'check':
-    raise app.UsageError('usage: python -m dssn_jax.data check --config configs/X.py '
-                         '[--config.data.root=...]')
+    raise app.UsageError(
+      'usage: python -m dssn_jax.data check --config configs/X.py [--config.data.root=...]'
+    )
   if FLAGS.config is None:
     raise app.UsageError('--config is required')
   ok = check_dataset(FLAGS.config, threads=FLAGS.threads, max_errors=FLAGS.max_errors)

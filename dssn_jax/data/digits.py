@@ -39,12 +39,22 @@ CLASS_NAMES = ('background',) + tuple(f'digit {d}' for d in range(10))
 NUM_CLASSES = len(CLASS_NAMES)  # 11
 
 # Background black, then the ten digit classes (tab10 colours, all distinct).
-PALETTE = np.array([
+PALETTE = np.array(
+  [
     [0, 0, 0],
-    [31, 119, 180], [255, 127, 14], [44, 160, 44], [214, 39, 40],
-    [148, 103, 189], [140, 86, 75], [227, 119, 194], [127, 127, 127],
-    [188, 189, 34], [23, 190, 207],
-], dtype=np.uint8)
+    [31, 119, 180],
+    [255, 127, 14],
+    [44, 160, 44],
+    [214, 39, 40],
+    [148, 103, 189],
+    [140, 86, 75],
+    [227, 119, 194],
+    [127, 127, 127],
+    [188, 189, 34],
+    [23, 190, 207],
+  ],
+  dtype=np.uint8,
+)
 
 SPLITS = ('labeled', 'unlabeled', 'val')
 POOLS = ('train', 'val')
@@ -62,6 +72,7 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
   """sklearn's digits as float32 `(1797, 8, 8)` in [0, 1] (each sample's peak
   is 1) and int64 labels `(1797,)`. Loaded once per process."""
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+
   data = load_digits()
   images = data.images.astype(np.float32)
   images /= images.reshape(len(images), -1).max(axis=1)[:, None, None]
@@ -131,8 +142,9 @@ def _sample_color(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
   return (c + t * (target - c)).astype(np.float32)
 
 
-def _blend(image: np.ndarray, alpha: np.ndarray, color: np.ndarray,
-           box: tuple[int, int, int, int]) -> None:
+def _blend(
+  image: np.ndarray, alpha: np.ndarray, color: np.ndarray, box: tuple[int, int, int, int]
+) -> None:
   """In place: `image = image * (1 - alpha) + color * alpha` on the window
   `box` = (y0, y1, x0, x1) of `image`; `alpha` has the window's shape."""
   y0, y1, x0, x1 = box
@@ -149,8 +161,10 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
   coarse = rng.uniform(0.0, 255.0, (k, k, 3)).astype(np.float32)
   image = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
   ang = rng.uniform(0.0, 2.0 * np.pi)
-  ramp = (np.cos(ang) * np.arange(size, dtype=np.float32)[None, :]
-          + np.sin(ang) * np.arange(size, dtype=np.float32)[:, None]) / size
+  ramp = (
+    np.cos(ang) * np.arange(size, dtype=np.float32)[None, :]
+    + np.sin(ang) * np.arange(size, dtype=np.float32)[:, None]
+  ) / size
   strength = rng.uniform(-80.0, 80.0, 3).astype(np.float32)
   image += ramp[..., None] * strength
   gray = image @ _LUMA
@@ -158,8 +172,9 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
   return np.clip(image, 0.0, 255.0, out=image)
 
 
-def _draw_clutter(rng: np.random.Generator, image: np.ndarray,
-                  count: tuple[int, int] = (2, 5)) -> None:
+def _draw_clutter(
+  rng: np.random.Generator, image: np.ndarray, count: tuple[int, int] = (2, 5)
+) -> None:
   """In place: `count[0]..count[1]` non-digit items (curved strokes, arcs,
   blobs) of digit-like stroke width and colour, so that a bright stroke alone
   does not mean "digit"."""
@@ -180,27 +195,35 @@ def _draw_clutter(rng: np.random.Generator, image: np.ndarray,
       axes = tuple(int(v) for v in rng.uniform(size * 0.05, size * 0.2, 2))
       start = float(rng.uniform(0, 360))
       sweep = float(rng.uniform(60, 300))
-      cv2.ellipse(canvas, center, axes, float(rng.uniform(0, 180)), start,
-                  start + sweep, 255, thick, cv2.LINE_AA)
+      cv2.ellipse(
+        canvas,
+        center,
+        axes,
+        float(rng.uniform(0, 180)),
+        start,
+        start + sweep,
+        255,
+        thick,
+        cv2.LINE_AA,
+      )
     else:  # filled blob
       center = tuple(int(v) for v in rng.uniform(0, size, 2))
       axes = tuple(int(v) for v in rng.uniform(size * 0.02, size * 0.08, 2))
-      cv2.ellipse(canvas, center, axes, float(rng.uniform(0, 180)), 0, 360,
-                  255, -1, cv2.LINE_AA)
+      cv2.ellipse(canvas, center, axes, float(rng.uniform(0, 180)), 0, 360, 255, -1, cv2.LINE_AA)
     x0, y0, w, h = cv2.boundingRect(canvas)
     if w == 0 or h == 0:  # drawn entirely outside the image
       continue
     box = (y0, y0 + h, x0, x0 + w)
-    alpha = canvas[y0:y0 + h, x0:x0 + w].astype(np.float32) / 255.0
-    win = image[y0:y0 + h, x0:x0 + w]
+    alpha = canvas[y0 : y0 + h, x0 : x0 + w].astype(np.float32) / 255.0
+    win = image[y0 : y0 + h, x0 : x0 + w]
     sel = alpha > 0.5
     under = win[sel].mean(axis=0) if sel.any() else win.mean(axis=(0, 1))
     _blend(image, alpha, _sample_color(rng, under), box)
 
 
-def _digit_intensity(sample: int, size: float, center: tuple[float, float],
-                     angle: float, image_size: int
-                     ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+def _digit_intensity(
+  sample: int, size: float, center: tuple[float, float], angle: float, image_size: int
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
   """A sample's stroke intensity warped into the scene, on a window.
 
   The 8x8 sample is scaled to a `size` x `size` square, rotated by `angle`
@@ -217,10 +240,15 @@ def _digit_intensity(sample: int, size: float, center: tuple[float, float],
   y0, y1 = max(0, int(cy - half)), min(image_size, int(np.ceil(cy + half)) + 1)
   rot = cv2.getRotationMatrix2D((4.5, 4.5), angle, size / 8.0)  # about src centre
   rot[:, 2] += np.array([cx - x0, cy - y0]) - 4.5  # centre -> `center` in window
-  out = cv2.warpAffine(src, rot, (max(1, x1 - x0), max(1, y1 - y0)),
-                       flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_CONSTANT,
-                       borderValue=0)
-  out = out[:y1 - y0, :x1 - x0]
+  out = cv2.warpAffine(
+    src,
+    rot,
+    (max(1, x1 - x0), max(1, y1 - y0)),
+    flags=cv2.INTER_CUBIC,
+    borderMode=cv2.BORDER_CONSTANT,
+    borderValue=0,
+  )
+  out = out[: y1 - y0, : x1 - x0]
   return np.clip(out, 0.0, 1.0, out=out), (y0, y1, x0, x1)
 
 
@@ -229,8 +257,8 @@ def digit_intensity(placement: dict[str, Any], image_size: int) -> np.ndarray:
   intensity over the whole scene. The image is changed only where it is
   > 0.3, the mask where it is > 0.5 (`digit_mask`)."""
   inten, (y0, y1, x0, x1) = _digit_intensity(
-      placement['sample'], placement['size'], placement['center'],
-      placement['angle'], image_size)
+    placement['sample'], placement['size'], placement['center'], placement['angle'], image_size
+  )
   out = np.zeros((image_size, image_size), np.float32)
   out[y0:y1, x0:x1] = inten
   return out
@@ -252,15 +280,23 @@ class DigitScenes:
   stream (`train` for labeled and unlabeled, `val` for val).
   """
 
-  def __init__(self, split: str, num_scenes: int, *, offset: int = 0,
-               image_size: int = 96, tail: float = 0.7, max_digits: int = 4,
-               data_seed: int = 0, with_mask: bool | None = None,
-               clutter: tuple[int, int] = (2, 5)):
+  def __init__(
+    self,
+    split: str,
+    num_scenes: int,
+    *,
+    offset: int = 0,
+    image_size: int = 96,
+    tail: float = 0.7,
+    max_digits: int = 4,
+    data_seed: int = 0,
+    with_mask: bool | None = None,
+    clutter: tuple[int, int] = (2, 5),
+  ):
     if split not in SPLITS:
       raise ValueError(f'digits split {split!r} is not one of {SPLITS}')
     if int(num_scenes) < 0 or int(offset) < 0:
-      raise ValueError(
-          f'digits {split}: num_scenes={num_scenes} and offset={offset} must be >= 0')
+      raise ValueError(f'digits {split}: num_scenes={num_scenes} and offset={offset} must be >= 0')
     if int(image_size) < 32:
       raise ValueError(f'config.data.digits.image_size={image_size} must be >= 32')
     if int(max_digits) < 1:
@@ -284,11 +320,13 @@ class DigitScenes:
     return self.num_scenes
 
   def __repr__(self) -> str:
-    return (f'DigitScenes(split={self.split!r}, num_scenes={self.num_scenes}, '
-            f'offset={self.offset}, image_size={self.image_size}, '
-            f'tail={self.tail}, max_digits={self.max_digits}, '
-            f'data_seed={self.data_seed}, clutter={self.clutter}, '
-            f'with_mask={self.with_mask})')
+    return (
+      f'DigitScenes(split={self.split!r}, num_scenes={self.num_scenes}, '
+      f'offset={self.offset}, image_size={self.image_size}, '
+      f'tail={self.tail}, max_digits={self.max_digits}, '
+      f'data_seed={self.data_seed}, clutter={self.clutter}, '
+      f'with_mask={self.with_mask})'
+    )
 
   def _scene(self, index: Any) -> int:
     i = operator.index(index)
@@ -314,14 +352,14 @@ class DigitScenes:
     (px), `center` ((x, y) px), `angle` (degrees) and `color` (RGB floats)."""
     return self.render(index)[2]
 
-  def render(self, index: int, draw_digits: bool = True
-             ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+  def render(
+    self, index: int, draw_digits: bool = True
+  ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
     """Record `index` as `(image uint8 (S, S, 3), mask uint8 (S, S),
     placements)`. With `draw_digits=False`: the same scene without its digits
     (the background they were drawn on; mask all 0, no placements)."""
     scene = self._scene(index)
-    rng = np.random.default_rng(
-        [self.data_seed, _POOL_CODE[self.pool], scene, 20231])
+    rng = np.random.default_rng([self.data_seed, _POOL_CODE[self.pool], scene, 20231])
     size = self.image_size
     image = _background(rng, size)
     _draw_clutter(rng, image, self.clutter)
@@ -334,8 +372,9 @@ class DigitScenes:
     image = np.clip(image, 0.0, 255.0, out=image)
     return np.round(image).astype(np.uint8), mask, placements
 
-  def _draw_digits(self, rng: np.random.Generator, image: np.ndarray,
-                   mask: np.ndarray) -> list[dict[str, Any]]:
+  def _draw_digits(
+    self, rng: np.random.Generator, image: np.ndarray, mask: np.ndarray
+  ) -> list[dict[str, Any]]:
     """In place on `image` and `mask`; returns the placements."""
     size = self.image_size
     by_digit = _pool_by_digit(self.pool)
@@ -349,8 +388,10 @@ class DigitScenes:
       lo, hi = side * 0.45, size - side * 0.45
       for _ in range(5):
         center = rng.uniform(lo, hi, 2)
-        if all(np.hypot(*(center - np.asarray(p['center'])))
-               >= 0.4 * (side + p['size']) for p in placements):
+        if all(
+          np.hypot(*(center - np.asarray(p['center']))) >= 0.4 * (side + p['size'])
+          for p in placements
+        ):
           break
       angle = float(rng.uniform(-_MAX_ANGLE, _MAX_ANGLE))
       center = (float(center[0]), float(center[1]))
@@ -364,10 +405,17 @@ class DigitScenes:
       alpha = np.clip((inten - 0.3) * 2.5, 0.0, 1.0)
       _blend(image, alpha, color, box)
       mask[y0:y1, x0:x1][stroke] = digit + 1
-      placements.append({
-          'digit': digit, 'class': digit + 1, 'sample': sample, 'size': side,
-          'center': center, 'angle': angle,
-          'color': tuple(float(c) for c in color)})
+      placements.append(
+        {
+          'digit': digit,
+          'class': digit + 1,
+          'sample': sample,
+          'size': side,
+          'center': center,
+          'angle': angle,
+          'color': tuple(float(c) for c in color),
+        }
+      )
     return placements
 
 
@@ -378,16 +426,21 @@ def get_source(config, split: str) -> DigitScenes:
   num_classes = config.data.get('num_classes', NUM_CLASSES)
   if num_classes != NUM_CLASSES:
     raise ValueError(
-        f'config.data.num_classes={num_classes}, but the digits dataset has '
-        f'{NUM_CLASSES} classes (background + 10 digits)')
+      f'config.data.num_classes={num_classes}, but the digits dataset has '
+      f'{NUM_CLASSES} classes (background + 10 digits)'
+    )
   d = config.data.digits
   counts = dict(labeled=d.num_labeled, unlabeled=d.num_unlabeled, val=d.num_val)
   for key, value in counts.items():
     if int(value) < 0:
       raise ValueError(f'config.data.digits.num_{key}={value} must be >= 0')
   return DigitScenes(
-      split, int(counts[split]),
-      offset=int(d.num_labeled) if split == 'unlabeled' else 0,
-      image_size=int(d.image_size), tail=float(d.tail),
-      max_digits=int(d.max_digits), data_seed=int(d.data_seed),
-      clutter=tuple(d.get('clutter', (2, 5))))
+    split,
+    int(counts[split]),
+    offset=int(d.num_labeled) if split == 'unlabeled' else 0,
+    image_size=int(d.image_size),
+    tail=float(d.tail),
+    max_digits=int(d.max_digits),
+    data_seed=int(d.data_seed),
+    clutter=tuple(d.get('clutter', (2, 5))),
+  )

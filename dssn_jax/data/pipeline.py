@@ -44,8 +44,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from dssn_jax.data import sources
-from dssn_jax.data import transforms
+from dssn_jax.data import sources, transforms
 
 EVAL_MODES = ('original', 'center_crop', 'sliding_window')
 MIX_PARTNER = ('shuffled', 'same')
@@ -69,8 +68,9 @@ class LabeledViews:
     self.hflip = bool(hflip)
 
   def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    views = transforms.labeled_views(record, rng, crop_size=self.crop_size,
-                                     scale_range=self.scale_range, hflip=self.hflip)
+    views = transforms.labeled_views(
+      record, rng, crop_size=self.crop_size, scale_range=self.scale_range, hflip=self.hflip
+    )
     views['x_id'] = record['id']
     return views
 
@@ -82,8 +82,15 @@ class UnlabeledViews:
   ('m') needs none.
   """
 
-  def __init__(self, prefix: str, crop_size: int, scale_range, max_ops: int,
-               cutmix_p: float, hflip: bool = True):
+  def __init__(
+    self,
+    prefix: str,
+    crop_size: int,
+    scale_range,
+    max_ops: int,
+    cutmix_p: float,
+    hflip: bool = True,
+  ):
     self.prefix = prefix
     self.crop_size, self.scale_range = int(crop_size), tuple(scale_range)
     self.hflip = bool(hflip)
@@ -91,12 +98,23 @@ class UnlabeledViews:
 
   def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     views = transforms.unlabeled_views(
-        record, rng, crop_size=self.crop_size, scale_range=self.scale_range,
-        max_ops=self.max_ops, cutmix_p=self.cutmix_p, boxes=self.prefix == 'u',
-        hflip=self.hflip)
+      record,
+      rng,
+      crop_size=self.crop_size,
+      scale_range=self.scale_range,
+      max_ops=self.max_ops,
+      cutmix_p=self.cutmix_p,
+      boxes=self.prefix == 'u',
+      hflip=self.hflip,
+    )
     p = self.prefix
-    out = {f'{p}_w': views['w'], f'{p}_s1': views['s1'], f'{p}_s2': views['s2'],
-           f'{p}_ignore': views['ignore'], f'{p}_id': record['id']}
+    out = {
+      f'{p}_w': views['w'],
+      f'{p}_s1': views['s1'],
+      f'{p}_s2': views['s2'],
+      f'{p}_ignore': views['ignore'],
+      f'{p}_id': record['id'],
+    }
     if 'box1' in views:
       out['box1'], out['box2'] = views['box1'], views['box2']
     return out
@@ -113,11 +131,13 @@ def _worker_init(worker_index: int, worker_count: int) -> None:
   """Each worker process is one core: no OpenCV thread pool inside it."""
   del worker_index, worker_count
   import cv2  # pylint: disable=g-import-not-at-top
+
   cv2.setNumThreads(1)
 
 
-def _stream(source, *, length: int, order_seed: int, augment_seed: int,
-            transform) -> grain.MapDataset:
+def _stream(
+  source, *, length: int, order_seed: int, augment_seed: int, transform
+) -> grain.MapDataset:
   """An infinite, per-epoch shuffled, augmented record stream (all hosts').
 
   `length` is the epoch length; a shorter source is repeated (and cut) to it.
@@ -136,8 +156,9 @@ def _batch_sizes(config: ml_collections.ConfigDict, process_count: int) -> int:
   global_batch = int(config.data.batch_size)
   if global_batch <= 0 or global_batch % process_count:
     raise ValueError(
-        f'config.data.batch_size={global_batch} must be a positive multiple of the '
-        f'number of processes ({process_count})')
+      f'config.data.batch_size={global_batch} must be a positive multiple of the '
+      f'number of processes ({process_count})'
+    )
   return global_batch // process_count
 
 
@@ -159,6 +180,7 @@ def _check_train_config(config: ml_collections.ConfigDict) -> None:
 def _ensure_absl_flags_parsed() -> None:
   """grain's worker processes read absl flags; parse defaults if no app did."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
@@ -181,11 +203,19 @@ class TrainData:
     local_batch_size: samples per stream this host produces per step.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, mesh=None, *, seed: int,
-               process_index: int | None = None, process_count: int | None = None,
-               num_threads: int | None = None):
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    mesh=None,
+    *,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    num_threads: int | None = None,
+  ):
     if process_index is None or process_count is None:
       import jax  # pylint: disable=g-import-not-at-top
+
       process_index = jax.process_index() if process_index is None else process_index
       process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
@@ -198,14 +228,18 @@ class TrainData:
     mix_partner = data.get('mix_partner', 'shuffled')
     if mix_partner not in MIX_PARTNER:
       raise ValueError(
-          f'config.data.mix_partner={mix_partner!r} is not one of {", ".join(MIX_PARTNER)}')
+        f'config.data.mix_partner={mix_partner!r} is not one of {", ".join(MIX_PARTNER)}'
+      )
 
     labeled = sources.get_source(config, 'labeled')
     self.num_labeled = len(labeled)
     if self.num_labeled == 0:
       raise ValueError(f'the labeled split of {labeled!r} is empty')
-    geometry = dict(crop_size=data.crop_size, scale_range=tuple(data.scale_range),
-                    hflip=bool(data.get('hflip', True)))
+    geometry = dict(
+      crop_size=data.crop_size,
+      scale_range=tuple(data.scale_range),
+      hflip=bool(data.get('hflip', True)),
+    )
     if self.supervised:
       self.num_unlabeled = 0
       epoch = self.num_labeled
@@ -216,23 +250,39 @@ class TrainData:
         raise ValueError(f'the unlabeled split of {unlabeled!r} is empty')
     if epoch < self.local_batch_size * process_count:
       raise ValueError(
-          f'an epoch has {epoch} records, fewer than one global batch '
-          f'(config.data.batch_size={data.batch_size})')
-    streams = [_stream(
-        labeled, length=epoch, order_seed=derive_seed(seed, 'labeled', _ORDER),
+        f'an epoch has {epoch} records, fewer than one global batch '
+        f'(config.data.batch_size={data.batch_size})'
+      )
+    streams = [
+      _stream(
+        labeled,
+        length=epoch,
+        order_seed=derive_seed(seed, 'labeled', _ORDER),
         augment_seed=derive_seed(seed, 'labeled', _AUGMENT),
-        transform=LabeledViews(**geometry))]
+        transform=LabeledViews(**geometry),
+      )
+    ]
     if not self.supervised:
       strong = dict(max_ops=data.strong_ops, cutmix_p=data.cutmix_p)
-      streams.append(_stream(
-          unlabeled, length=epoch, order_seed=derive_seed(seed, 'unlabeled', _ORDER),
+      streams.append(
+        _stream(
+          unlabeled,
+          length=epoch,
+          order_seed=derive_seed(seed, 'unlabeled', _ORDER),
           augment_seed=derive_seed(seed, 'unlabeled', _AUGMENT),
-          transform=UnlabeledViews('u', **geometry, **strong)))
+          transform=UnlabeledViews('u', **geometry, **strong),
+        )
+      )
       mix_order = 'unlabeled' if mix_partner == 'same' else 'mix'
-      streams.append(_stream(
-          unlabeled, length=epoch, order_seed=derive_seed(seed, mix_order, _ORDER),
+      streams.append(
+        _stream(
+          unlabeled,
+          length=epoch,
+          order_seed=derive_seed(seed, mix_order, _ORDER),
           augment_seed=derive_seed(seed, 'mix', _AUGMENT),
-          transform=UnlabeledViews('m', **geometry, **strong)))
+          transform=UnlabeledViews('m', **geometry, **strong),
+        )
+      )
     ds = grain.experimental.ZipMapDataset(streams).map(_merge)
     # Host p of n takes chunks p, p + n, ...: its slice of every global batch.
     ds = ds.batch(self.local_batch_size, drop_remainder=True)
@@ -240,17 +290,19 @@ class TrainData:
     workers = int(data.workers)
     threads = num_threads if num_threads is not None else (1 if workers else 2)
     prefetch = max(1, int(data.prefetch))
-    it_ds = ds.to_iter_dataset(grain.ReadOptions(
-        num_threads=threads, prefetch_buffer_size=max(prefetch, threads)))
+    it_ds = ds.to_iter_dataset(
+      grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(prefetch, threads))
+    )
     if workers:
       _ensure_absl_flags_parsed()
       it_ds = it_ds.mp_prefetch(
-          grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch),
-          worker_init_fn=_worker_init)
+        grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch),
+        worker_init_fn=_worker_init,
+      )
     self._dataset = it_ds
     self._iterator = iter(it_ds)
 
-  def __iter__(self) -> 'TrainData':
+  def __iter__(self) -> TrainData:
     return self
 
   def local_batch(self) -> dict[str, np.ndarray]:
@@ -266,9 +318,11 @@ class TrainData:
     if self.mesh is None:
       raise ValueError('TrainData was built without a mesh; use local_batch()')
     from dssn_jax import parallel  # pylint: disable=g-import-not-at-top
+
     batch = self.local_batch()
     return parallel.shard_batch(
-        {k: v for k, v in batch.items() if not k.endswith('_id')}, self.mesh)
+      {k: v for k, v in batch.items() if not k.endswith('_id')}, self.mesh
+    )
 
   def checkpoint_items(self) -> dict[str, grain.DatasetIterator]:
     """Iterators for orbax (`grain.checkpoint.CheckpointSave/Restore`)."""
@@ -301,8 +355,11 @@ class EvalView:
   def __call__(self, index: int) -> dict[str, Any]:
     if index >= len(self.source):
       s = self.crop_size
-      return {'image': np.zeros((s, s, 3), np.uint8),
-              'label': np.full((s, s), sources.IGNORE, np.int32), 'id': ''}
+      return {
+        'image': np.zeros((s, s, 3), np.uint8),
+        'label': np.full((s, s), sources.IGNORE, np.int32),
+        'id': '',
+      }
     record = self.source[index]
     image, mask = record['image'], record['mask']
     if self.mode == 'center_crop':
@@ -310,9 +367,13 @@ class EvalView:
     return {'image': image, 'label': mask.astype(np.int32), 'id': record['id']}
 
 
-def eval_records(config: ml_collections.ConfigDict, mode: str | None = None, *,
-                 process_index: int | None = None,
-                 process_count: int | None = None) -> grain.MapDataset:
+def eval_records(
+  config: ml_collections.ConfigDict,
+  mode: str | None = None,
+  *,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> grain.MapDataset:
   """This host's share of the validation records for `mode`.
 
   Args:
@@ -330,10 +391,12 @@ def eval_records(config: ml_collections.ConfigDict, mode: str | None = None, *,
   """
   mode = mode or config.data.eval_mode
   if mode not in EVAL_MODES:
-    raise ValueError(f'eval mode {mode!r} (config.data.eval_mode) is not one of '
-                     f'{", ".join(EVAL_MODES)}')
+    raise ValueError(
+      f'eval mode {mode!r} (config.data.eval_mode) is not one of {", ".join(EVAL_MODES)}'
+    )
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
+
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   source = sources.get_source(config, 'val')

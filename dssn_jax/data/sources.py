@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import cv2
 import ml_collections
@@ -67,6 +68,7 @@ class Entry:
     label_map: '' or the name of a lookup table applied to the mask
       (`cityscapes`: labelIds -> train ids).
   """
+
   image: str
   mask: str | None
   origin: str
@@ -95,7 +97,8 @@ def read_image(path: str, origin: str) -> np.ndarray:
       return np.asarray(img.convert('RGB'))
   except Exception as e:  # pylint: disable=broad-except
     raise DatasetError(
-        f'cannot read image {path} (listed at {origin}): {type(e).__name__}: {e}') from None
+      f'cannot read image {path} (listed at {origin}): {type(e).__name__}: {e}'
+    ) from None
 
 
 def read_mask(path: str, origin: str) -> np.ndarray:
@@ -113,12 +116,14 @@ def read_mask(path: str, origin: str) -> np.ndarray:
       mask = np.asarray(img)
   except Exception as e:  # pylint: disable=broad-except
     raise DatasetError(
-        f'cannot read mask {path} (listed at {origin}): {type(e).__name__}: {e}') from None
+      f'cannot read mask {path} (listed at {origin}): {type(e).__name__}: {e}'
+    ) from None
   if mask.ndim == 3:
     if not all(np.array_equal(mask[..., 0], mask[..., c]) for c in range(1, min(3, mask.shape[2]))):
       raise DatasetError(
-          f'mask {path} (listed at {origin}) is a color image (mode {mode}); masks must '
-          'hold class ids (palette or grayscale PNG)')
+        f'mask {path} (listed at {origin}) is a color image (mode {mode}); masks must '
+        'hold class ids (palette or grayscale PNG)'
+      )
     mask = mask[..., 0]
   if mask.dtype != np.uint8:
     if mask.dtype == bool:
@@ -128,8 +133,9 @@ def read_mask(path: str, origin: str) -> np.ndarray:
       bad = values[(values < 0) | (values > 255)]
       if bad.size:
         raise DatasetError(
-            f'mask {path} (listed at {origin}) has values {bad[:10].tolist()} outside '
-            f'0..255 (mode {mode})')
+          f'mask {path} (listed at {origin}) has values {bad[:10].tolist()} outside '
+          f'0..255 (mode {mode})'
+        )
       mask = mask.astype(np.uint8)
   return np.ascontiguousarray(mask)
 
@@ -143,17 +149,20 @@ def check_mask_values(mask: np.ndarray, num_classes: int, path: str, origin: str
   values = np.unique(mask)
   bad = values[(values >= num_classes) & (values != IGNORE)]
   raise DatasetError(
-      f'mask {path} (listed at {origin}) has values {bad[:20].tolist()} outside '
-      f'[0, {num_classes}) and {IGNORE}; check config.data.num_classes={num_classes} '
-      'and the label mapping')
+    f'mask {path} (listed at {origin}) has values {bad[:20].tolist()} outside '
+    f'[0, {num_classes}) and {IGNORE}; check config.data.num_classes={num_classes} '
+    'and the label mapping'
+  )
 
 
-def check_same_size(image: np.ndarray, mask: np.ndarray, image_path: str,
-                    mask_path: str, origin: str) -> None:
+def check_same_size(
+  image: np.ndarray, mask: np.ndarray, image_path: str, mask_path: str, origin: str
+) -> None:
   if image.shape[:2] != mask.shape[:2]:
     raise DatasetError(
-        f'image {image_path} is {image.shape[1]}x{image.shape[0]} (WxH) but mask '
-        f'{mask_path} is {mask.shape[1]}x{mask.shape[0]} (listed at {origin})')
+      f'image {image_path} is {image.shape[1]}x{image.shape[0]} (WxH) but mask '
+      f'{mask_path} is {mask.shape[1]}x{mask.shape[0]} (listed at {origin})'
+    )
 
 
 def parse_label_map(spec: str) -> np.ndarray | None:
@@ -174,8 +183,7 @@ def parse_label_map(spec: str) -> np.ndarray | None:
     try:
       src, dst = (int(v) for v in part.split(':'))
     except ValueError:
-      raise ValueError(
-          f'label map {spec!r}: {part!r} is not "src:dst" with integers') from None
+      raise ValueError(f'label map {spec!r}: {part!r} is not "src:dst" with integers') from None
     if not (0 <= src <= 255 and 0 <= dst <= 255):
       raise ValueError(f'label map {spec!r}: {part!r} values must be in 0..255')
     lut[src] = dst
@@ -199,8 +207,9 @@ class FileSource:
     description: for `repr` and messages, e.g. `pascal/92/labeled`.
   """
 
-  def __init__(self, entries: Sequence[Entry], *, num_classes: int, with_mask: bool,
-               description: str):
+  def __init__(
+    self, entries: Sequence[Entry], *, num_classes: int, with_mask: bool, description: str
+  ):
     self._entries = list(entries)
     self._num_classes = int(num_classes)
     self._with_mask = with_mask
@@ -231,8 +240,7 @@ class FileSource:
     return record
 
 
-def read_split_file(path: str, root: str, *, with_mask: bool,
-                    label_map_fn=None) -> list[Entry]:
+def read_split_file(path: str, root: str, *, with_mask: bool, label_map_fn=None) -> list[Entry]:
   """Parses a split file of `image_path [mask_path]` lines relative to `root`.
 
   Args:
@@ -271,12 +279,20 @@ def read_split_file(path: str, root: str, *, with_mask: bool,
         mask, label_map = label_map_fn(mask)
       if not os.path.isfile(mask):
         missing.append(f'mask {mask} does not exist (listed at {origin}: {line!r})')
-    entries.append(Entry(image=image, mask=mask, origin=f'{origin} {line.strip()!r}',
-                         id=fields[0], label_map=label_map))
+    entries.append(
+      Entry(
+        image=image,
+        mask=mask,
+        origin=f'{origin} {line.strip()!r}',
+        id=fields[0],
+        label_map=label_map,
+      )
+    )
   if missing:
     more = f'\n  ... and {len(missing) - 10} more' if len(missing) > 10 else ''
-    raise DatasetError(f'{len(missing)} files listed in {path} are missing:\n  '
-                       + '\n  '.join(missing[:10]) + more)
+    raise DatasetError(
+      f'{len(missing)} files listed in {path} are missing:\n  ' + '\n  '.join(missing[:10]) + more
+    )
   if not entries:
     raise DatasetError(f'split file {path} is empty')
   return entries
@@ -285,7 +301,7 @@ def read_split_file(path: str, root: str, *, with_mask: bool,
 def _cityscapes_mask(path: str) -> tuple[str, str]:
   """Resolves a Cityscapes mask path: train ids as is, raw labelIds mapped."""
   if path.endswith('_labelTrainIds.png') and not os.path.isfile(path):
-    raw = path[:-len('_labelTrainIds.png')] + '_labelIds.png'
+    raw = path[: -len('_labelTrainIds.png')] + '_labelIds.png'
     if os.path.isfile(raw):
       return raw, 'cityscapes'
   if path.endswith('_labelIds.png'):
@@ -310,15 +326,17 @@ def _split_file_source(config: ml_collections.ConfigDict, split: str) -> FileSou
   else:
     split_dir = os.path.join(splits_dir, str(data.split))
     if not os.path.isdir(split_dir):
-      raise FileNotFoundError(
-          f'config.data.split={data.split!r}: {split_dir} does not exist')
+      raise FileNotFoundError(f'config.data.split={data.split!r}: {split_dir} does not exist')
     path = os.path.join(split_dir, f'{split}.txt')
   with_mask = split != 'unlabeled'
   label_map_fn = _cityscapes_mask if data.name == 'cityscapes' else None
   entries = read_split_file(path, root, with_mask=with_mask, label_map_fn=label_map_fn)
-  return FileSource(entries, num_classes=data.num_classes, with_mask=with_mask,
-                    description=f'{data.name}/{data.split}/{split}' if split != 'val'
-                    else f'{data.name}/val')
+  return FileSource(
+    entries,
+    num_classes=data.num_classes,
+    with_mask=with_mask,
+    description=f'{data.name}/{data.split}/{split}' if split != 'val' else f'{data.name}/val',
+  )
 
 
 def _under_root(config, value: str) -> str:
@@ -334,16 +352,19 @@ def _scan_images(directory: str, exclude_suffix: str = '') -> list[str]:
     dirnames.sort()
     for name in sorted(filenames):
       if name.lower().endswith(IMAGE_EXTENSIONS) and not (
-          exclude_suffix and name.endswith(exclude_suffix)):
+        exclude_suffix and name.endswith(exclude_suffix)
+      ):
         found.append(os.path.relpath(os.path.join(dirpath, name), directory))
   return found
 
 
 def _folder_source(config: ml_collections.ConfigDict, split: str) -> FileSource:
   f = config.data.folder
-  keys = {'labeled': ('labeled_images', 'labeled_masks'),
-          'val': ('val_images', 'val_masks'),
-          'unlabeled': ('unlabeled_images', None)}[split]
+  keys = {
+    'labeled': ('labeled_images', 'labeled_masks'),
+    'val': ('val_images', 'val_masks'),
+    'unlabeled': ('unlabeled_images', None),
+  }[split]
   image_key, mask_key = keys
   images = _under_root(config, f[image_key])
   if not images:
@@ -355,14 +376,17 @@ def _folder_source(config: ml_collections.ConfigDict, split: str) -> FileSource:
     entries = read_split_file(images, config.data.root, with_mask=False)
   else:
     _require_dir(images, f'config.data.folder.{image_key}')
-    masks = _require_dir(_under_root(config, f[mask_key]),
-                         f'config.data.folder.{mask_key}') if mask_key else None
+    masks = (
+      _require_dir(_under_root(config, f[mask_key]), f'config.data.folder.{mask_key}')
+      if mask_key
+      else None
+    )
     same_dir = masks is not None and os.path.samefile(images, masks)
     rel_paths = _scan_images(images, f.mask_suffix if same_dir else '')
     if not rel_paths:
       raise DatasetError(
-          f'config.data.folder.{image_key}: no images ({", ".join(IMAGE_EXTENSIONS)}) '
-          f'under {images}')
+        f'config.data.folder.{image_key}: no images ({", ".join(IMAGE_EXTENSIONS)}) under {images}'
+      )
     for rel in rel_paths:
       image = os.path.join(images, rel)
       origin = f'directory {images}'
@@ -371,11 +395,16 @@ def _folder_source(config: ml_collections.ConfigDict, split: str) -> FileSource:
         mask = os.path.join(masks, os.path.splitext(rel)[0] + f.mask_suffix)
         if not os.path.isfile(mask):
           raise DatasetError(
-              f'image {image} has no mask: {mask} does not exist '
-              f'(config.data.folder.{mask_key}, mask_suffix={f.mask_suffix!r})')
+            f'image {image} has no mask: {mask} does not exist '
+            f'(config.data.folder.{mask_key}, mask_suffix={f.mask_suffix!r})'
+          )
       entries.append(Entry(image=image, mask=mask, origin=origin, id=rel))
-  return FileSource(entries, num_classes=config.data.num_classes,
-                    with_mask=mask_key is not None, description=f'folder/{split}')
+  return FileSource(
+    entries,
+    num_classes=config.data.num_classes,
+    with_mask=mask_key is not None,
+    description=f'folder/{split}',
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -393,10 +422,21 @@ class TfdsSource:
     num_classes: for validating masks.
   """
 
-  def __init__(self, name: str, split: str, data_dir: str | None, *, start: int,
-               stop: int, image_key: str, mask_key: str | None,
-               label_map: np.ndarray | None, num_classes: int):
+  def __init__(
+    self,
+    name: str,
+    split: str,
+    data_dir: str | None,
+    *,
+    start: int,
+    stop: int,
+    image_key: str,
+    mask_key: str | None,
+    label_map: np.ndarray | None,
+    num_classes: int,
+  ):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
     self._source = tfds.data_source(name, split=split, data_dir=data_dir or None)
     self._name, self._split = name, split
     self._start, self._stop = start, stop
@@ -407,15 +447,14 @@ class TfdsSource:
     for key, value in (('image_key', image_key), ('mask_key', mask_key)):
       if value is not None and value not in features:
         raise DatasetError(
-            f'config.data.tfds.{key}={value!r} is not a feature of {name}; '
-            f'features: {features}')
+          f'config.data.tfds.{key}={value!r} is not a feature of {name}; features: {features}'
+        )
 
   def __len__(self) -> int:
     return self._stop - self._start
 
   def __repr__(self) -> str:
-    return (f'TfdsSource({self._name}, split={self._split!r}, '
-            f'examples {self._start}:{self._stop})')
+    return f'TfdsSource({self._name}, split={self._split!r}, examples {self._start}:{self._stop})'
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     if not 0 <= index < len(self):
@@ -428,8 +467,9 @@ class TfdsSource:
       image = image[..., None]
     if image.ndim != 3 or image.shape[2] not in (1, 3, 4) or image.dtype != np.uint8:
       raise DatasetError(
-          f'{origin}: feature {self._image_key!r} is {image.dtype} {image.shape}; '
-          'expected uint8 (H, W, 1|3|4)')
+        f'{origin}: feature {self._image_key!r} is {image.dtype} {image.shape}; '
+        'expected uint8 (H, W, 1|3|4)'
+      )
     if image.shape[2] == 1:
       image = np.repeat(image, 3, axis=2)
     image = np.ascontiguousarray(image[..., :3])
@@ -440,16 +480,15 @@ class TfdsSource:
         mask = mask[..., 0]
       if mask.ndim != 2:
         raise DatasetError(
-            f'{origin}: feature {self._mask_key!r} has shape {mask.shape}; expected (H, W[, 1])')
+          f'{origin}: feature {self._mask_key!r} has shape {mask.shape}; expected (H, W[, 1])'
+        )
       if mask.dtype != np.uint8:
         if mask.size and (mask.min() < 0 or mask.max() > 255):
-          raise DatasetError(
-              f'{origin}: feature {self._mask_key!r} has values outside 0..255')
+          raise DatasetError(f'{origin}: feature {self._mask_key!r} has values outside 0..255')
         mask = mask.astype(np.uint8)
       if self._label_map is not None:
         mask = self._label_map[mask]
-      check_same_size(image, mask, f'{origin} {self._image_key!r}',
-                      f'{self._mask_key!r}', origin)
+      check_same_size(image, mask, f'{origin} {self._image_key!r}', f'{self._mask_key!r}', origin)
       check_mask_values(mask, self._num_classes, f'{self._mask_key!r}', origin)
       record['mask'] = np.ascontiguousarray(mask)
     return record
@@ -460,21 +499,31 @@ def _tfds_source(config: ml_collections.ConfigDict, split: str) -> TfdsSource:
   if not t.name:
     raise ValueError('config.data.tfds.name is not set')
   tfds_split = t.val_split if split == 'val' else t.train_split
-  common = dict(image_key=t.image_key, label_map=parse_label_map(t.label_map),
-                num_classes=config.data.num_classes)
-  probe = TfdsSource(t.name, tfds_split, t.data_dir, start=0, stop=0,
-                     mask_key=None, **common)
+  common = dict(
+    image_key=t.image_key,
+    label_map=parse_label_map(t.label_map),
+    num_classes=config.data.num_classes,
+  )
+  probe = TfdsSource(t.name, tfds_split, t.data_dir, start=0, stop=0, mask_key=None, **common)
   total = len(probe._source)  # pylint: disable=protected-access
   start, stop = 0, total
   n = int(t.num_labeled)
   if split != 'val' and n:
     if not 0 < n < total:
       raise ValueError(
-          f'config.data.tfds.num_labeled={n} must be below the {total} examples of '
-          f'{t.name} split {tfds_split!r}')
+        f'config.data.tfds.num_labeled={n} must be below the {total} examples of '
+        f'{t.name} split {tfds_split!r}'
+      )
     start, stop = (0, n) if split == 'labeled' else (n, total)
-  return TfdsSource(t.name, tfds_split, t.data_dir, start=start, stop=stop,
-                    mask_key=None if split == 'unlabeled' else t.mask_key, **common)
+  return TfdsSource(
+    t.name,
+    tfds_split,
+    t.data_dir,
+    start=start,
+    stop=stop,
+    mask_key=None if split == 'unlabeled' else t.mask_key,
+    **common,
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -488,7 +537,8 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
   expected = _KNOWN_NUM_CLASSES.get(name)
   if expected is not None and config.data.num_classes != expected:
     raise ValueError(
-        f'config.data.num_classes={config.data.num_classes} but {name} has {expected} classes')
+      f'config.data.num_classes={config.data.num_classes} but {name} has {expected} classes'
+    )
   if not 0 < config.data.num_classes <= IGNORE:
     raise ValueError(f'config.data.num_classes={config.data.num_classes} must be in 1..255')
 
@@ -501,6 +551,7 @@ def get_source(config: ml_collections.ConfigDict, split: str):
   name = config.data.name
   if name == 'digits':
     from dssn_jax.data import digits  # pylint: disable=g-import-not-at-top
+
     return digits.get_source(config, split)
   if name == 'folder':
     return _folder_source(config, split)
@@ -518,8 +569,7 @@ def _names_from_key(value: str, key: str, num_classes: int) -> tuple[str, ...] |
   else:
     names = tuple(n.strip() for n in value.split(','))
   if len(names) != num_classes:
-    raise ValueError(
-        f'{key} gives {len(names)} names but config.data.num_classes={num_classes}')
+    raise ValueError(f'{key} gives {len(names)} names but config.data.num_classes={num_classes}')
   return names
 
 
@@ -531,6 +581,7 @@ def class_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     return classes.NAMES[name]
   if name == 'digits':
     from dssn_jax.data import digits  # pylint: disable=g-import-not-at-top
+
     return tuple(digits.CLASS_NAMES)
   key = f'config.data.{name}.class_names'
   names = _names_from_key(config.data[name].class_names, key, n)
@@ -542,5 +593,6 @@ def palette(config: ml_collections.ConfigDict) -> np.ndarray:
   _check_config(config)
   if config.data.name == 'digits':
     from dssn_jax.data import digits  # pylint: disable=g-import-not-at-top
+
     return np.asarray(digits.PALETTE, np.uint8)
   return classes.palette_for(config.data.name, config.data.num_classes)

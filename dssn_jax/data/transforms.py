@@ -58,8 +58,9 @@ def _gray(image: np.ndarray) -> np.ndarray:
 # Geometry.
 
 
-def sample_resize(height: int, width: int, rng: np.random.Generator,
-                  scale_range: tuple[float, float] = (0.5, 2.0)) -> tuple[int, int]:
+def sample_resize(
+  height: int, width: int, rng: np.random.Generator, scale_range: tuple[float, float] = (0.5, 2.0)
+) -> tuple[int, int]:
   """New `(height, width)`: long side `U{int(lo L), int(hi L)}`, aspect kept.
 
   Rounds the short side as the reference (`int(x + 0.5)`).
@@ -86,8 +87,9 @@ def pil_nearest_index(n_in: int, n_out: int) -> np.ndarray:
   return np.minimum(np.add.accumulate(steps).astype(np.int64), n_in - 1)
 
 
-def resize_window(image: np.ndarray, size_hw: tuple[int, int], top: int, left: int,
-                  height: int, width: int) -> np.ndarray:
+def resize_window(
+  image: np.ndarray, size_hw: tuple[int, int], top: int, left: int, height: int, width: int
+) -> np.ndarray:
   """The window `[top:top+height, left:left+width]` of `image` resized to `size_hw`.
 
   Bilinear: when enlarging, only the window is interpolated (a warp with the
@@ -97,32 +99,41 @@ def resize_window(image: np.ndarray, size_hw: tuple[int, int], top: int, left: i
   h, w = image.shape[:2]
   oh, ow = size_hw
   if (oh, ow) == (h, w):
-    return image[top:top + height, left:left + width]
+    return image[top : top + height, left : left + width]
   if oh * ow <= h * w:
     full = cv2.resize(image, (ow, oh), interpolation=cv2.INTER_AREA)
-    return full[top:top + height, left:left + width]
+    return full[top : top + height, left : left + width]
   sy, sx = h / oh, w / ow
-  matrix = np.array([[sx, 0.0, (left + 0.5) * sx - 0.5],
-                     [0.0, sy, (top + 0.5) * sy - 0.5]])
-  return cv2.warpAffine(image, matrix, (width, height),
-                        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                        borderMode=cv2.BORDER_REPLICATE)
+  matrix = np.array([[sx, 0.0, (left + 0.5) * sx - 0.5], [0.0, sy, (top + 0.5) * sy - 0.5]])
+  return cv2.warpAffine(
+    image,
+    matrix,
+    (width, height),
+    flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+    borderMode=cv2.BORDER_REPLICATE,
+  )
 
 
-def resize_window_nearest(mask: np.ndarray, size_hw: tuple[int, int], top: int,
-                          left: int, height: int, width: int) -> np.ndarray:
+def resize_window_nearest(
+  mask: np.ndarray, size_hw: tuple[int, int], top: int, left: int, height: int, width: int
+) -> np.ndarray:
   """Like `resize_window` for masks, with PIL's NEAREST (exact)."""
   h, w = mask.shape[:2]
-  rows = pil_nearest_index(h, size_hw[0])[top:top + height]
-  cols = pil_nearest_index(w, size_hw[1])[left:left + width]
+  rows = pil_nearest_index(h, size_hw[0])[top : top + height]
+  cols = pil_nearest_index(w, size_hw[1])[left : left + width]
   return mask[rows[:, None], cols[None, :]]
 
 
-def random_resized_crop(image: np.ndarray, mask: np.ndarray | None,
-                        rng: np.random.Generator, crop_size: int,
-                        scale_range: tuple[float, float] = (0.5, 2.0), *,
-                        mask_fill: int = IGNORE,
-                        hflip: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def random_resized_crop(
+  image: np.ndarray,
+  mask: np.ndarray | None,
+  rng: np.random.Generator,
+  crop_size: int,
+  scale_range: tuple[float, float] = (0.5, 2.0),
+  *,
+  mask_fill: int = IGNORE,
+  hflip: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
   """Rescale, pad right/bottom, random crop and random horizontal flip.
 
   Args:
@@ -163,11 +174,14 @@ def center_crop(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndar
   """
   h, w = image.shape[:2]
   top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
-  image, mask = image[top:top + size, left:left + size], mask[top:top + size, left:left + size]
+  image, mask = (
+    image[top : top + size, left : left + size],
+    mask[top : top + size, left : left + size],
+  )
   out = np.zeros((size, size, 3), np.uint8)
   out_mask = np.full((size, size), IGNORE, np.uint8)
-  out[:image.shape[0], :image.shape[1]] = image
-  out_mask[:mask.shape[0], :mask.shape[1]] = mask
+  out[: image.shape[0], : image.shape[1]] = image
+  out_mask[: mask.shape[0], : mask.shape[1]] = mask
   return out, out_mask
 
 
@@ -214,8 +228,9 @@ def grayscale(image: np.ndarray) -> np.ndarray:
 
 def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
   """`ImageFilter.GaussianBlur(radius=sigma)`: a Gaussian of std `sigma`."""
-  return cv2.GaussianBlur(image, (0, 0), sigmaX=sigma, sigmaY=sigma,
-                          borderType=cv2.BORDER_REPLICATE)
+  return cv2.GaussianBlur(
+    image, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REPLICATE
+  )
 
 
 def autocontrast(image: np.ndarray) -> np.ndarray:
@@ -273,9 +288,11 @@ def solarize(image: np.ndarray, threshold: int) -> np.ndarray:
 # Random composition.
 
 
-def color_jitter(image: np.ndarray, rng: np.random.Generator,
-                 strength: tuple[float, float, float, float] = (0.5, 0.5, 0.5, 0.25)
-                 ) -> np.ndarray:
+def color_jitter(
+  image: np.ndarray,
+  rng: np.random.Generator,
+  strength: tuple[float, float, float, float] = (0.5, 0.5, 0.5, 0.25),
+) -> np.ndarray:
   """torchvision `ColorJitter(b, c, s, h)`: the four adjustments in random order.
 
   Factors: brightness, contrast and saturation `U(1 - v, 1 + v)`, hue
@@ -283,8 +300,12 @@ def color_jitter(image: np.ndarray, rng: np.random.Generator,
   """
   b, c, s, h = strength
   order = rng.permutation(4)
-  factors = (rng.uniform(max(0.0, 1 - b), 1 + b), rng.uniform(max(0.0, 1 - c), 1 + c),
-             rng.uniform(max(0.0, 1 - s), 1 + s), rng.uniform(-h, h))
+  factors = (
+    rng.uniform(max(0.0, 1 - b), 1 + b),
+    rng.uniform(max(0.0, 1 - c), 1 + c),
+    rng.uniform(max(0.0, 1 - s), 1 + s),
+    rng.uniform(-h, h),
+  )
   ops = (brightness, contrast, saturation, hue_shift)
   for i in order:
     image = ops[i](image, factors[i])
@@ -301,18 +322,17 @@ def _ceil_at_least_1(x: float) -> int:
 
 # The reference's (DSSN `strong_img_aug`) op list and parameter draws.
 STRONG_OPS = (
-    ('identity', lambda im, rng: im),
-    ('autocontrast', lambda im, rng: autocontrast(im)),
-    ('equalize', lambda im, rng: equalize(im)),
-    ('blur', lambda im, rng: gaussian_blur(im, rng.uniform(0.1, 2.0))),
-    ('contrast', lambda im, rng: contrast(im, _factor(rng))),
-    ('brightness', lambda im, rng: brightness(im, _factor(rng))),
-    ('color', lambda im, rng: saturation(im, _factor(rng))),
-    ('sharpness', lambda im, rng: sharpness(im, _factor(rng))),
-    ('posterize', lambda im, rng: posterize(im, 8 - _ceil_at_least_1(4 * rng.random()))),
-    ('solarize', lambda im, rng: solarize(im, 256 - _ceil_at_least_1(255 * rng.random()))),
-    ('hue', lambda im, rng: hue_shift(
-        im, (0.5 * rng.random()) * (-1 if rng.random() < 0.5 else 1))),
+  ('identity', lambda im, rng: im),
+  ('autocontrast', lambda im, rng: autocontrast(im)),
+  ('equalize', lambda im, rng: equalize(im)),
+  ('blur', lambda im, rng: gaussian_blur(im, rng.uniform(0.1, 2.0))),
+  ('contrast', lambda im, rng: contrast(im, _factor(rng))),
+  ('brightness', lambda im, rng: brightness(im, _factor(rng))),
+  ('color', lambda im, rng: saturation(im, _factor(rng))),
+  ('sharpness', lambda im, rng: sharpness(im, _factor(rng))),
+  ('posterize', lambda im, rng: posterize(im, 8 - _ceil_at_least_1(4 * rng.random()))),
+  ('solarize', lambda im, rng: solarize(im, 256 - _ceil_at_least_1(255 * rng.random()))),
+  ('hue', lambda im, rng: hue_shift(im, (0.5 * rng.random()) * (-1 if rng.random() < 0.5 else 1))),
 )
 
 
@@ -337,9 +357,13 @@ def strong_view(image: np.ndarray, rng: np.random.Generator, max_ops: int) -> np
   return random_ops(image, rng, max_ops)
 
 
-def cutmix_box(size: int, rng: np.random.Generator, p: float = 0.5,
-               area: tuple[float, float] = (0.02, 0.4),
-               aspect: tuple[float, float] = (0.3, 1 / 0.3)) -> np.ndarray:
+def cutmix_box(
+  size: int,
+  rng: np.random.Generator,
+  p: float = 0.5,
+  area: tuple[float, float] = (0.02, 0.4),
+  aspect: tuple[float, float] = (0.3, 1 / 0.3),
+) -> np.ndarray:
   """Bool `(size, size)`: a random box with probability `p`, else all False.
 
   The area is drawn once; aspect and position are redrawn until the box
@@ -355,7 +379,7 @@ def cutmix_box(size: int, rng: np.random.Generator, p: float = 0.5,
     x, y = int(rng.integers(0, size)), int(rng.integers(0, size))
     if x + w <= size and y + h <= size:
       break
-  box[y:y + h, x:x + w] = True
+  box[y : y + h, x : x + w] = True
   return box
 
 
@@ -363,25 +387,41 @@ def cutmix_box(size: int, rng: np.random.Generator, p: float = 0.5,
 # Record-level views.
 
 
-def labeled_views(record: dict[str, Any], rng: np.random.Generator, *, crop_size: int,
-                  scale_range=(0.5, 2.0), hflip: bool = True) -> dict[str, np.ndarray]:
+def labeled_views(
+  record: dict[str, Any],
+  rng: np.random.Generator,
+  *,
+  crop_size: int,
+  scale_range=(0.5, 2.0),
+  hflip: bool = True,
+) -> dict[str, np.ndarray]:
   """`{'x': uint8 (S, S, 3), 'y': uint8 (S, S)}` (255 = ignore and padding)."""
-  x, y = random_resized_crop(record['image'], record['mask'], rng, crop_size,
-                             scale_range, mask_fill=IGNORE, hflip=hflip)
+  x, y = random_resized_crop(
+    record['image'], record['mask'], rng, crop_size, scale_range, mask_fill=IGNORE, hflip=hflip
+  )
   return {'x': x, 'y': y}
 
 
-def unlabeled_views(record: dict[str, Any], rng: np.random.Generator, *, crop_size: int,
-                    scale_range=(0.5, 2.0), max_ops: int = 3, cutmix_p: float = 0.5,
-                    boxes: bool = True, hflip: bool = True) -> dict[str, np.ndarray]:
+def unlabeled_views(
+  record: dict[str, Any],
+  rng: np.random.Generator,
+  *,
+  crop_size: int,
+  scale_range=(0.5, 2.0),
+  max_ops: int = 3,
+  cutmix_p: float = 0.5,
+  boxes: bool = True,
+  hflip: bool = True,
+) -> dict[str, np.ndarray]:
   """The weak view, two strong views, the ignore map and two cutmix boxes.
 
   Returns:
     `w`, `s1`, `s2`: uint8 `(S, S, 3)`; `ignore`: uint8 `(S, S)`, 255 where
     the crop was padded, else 0; with `boxes`, `box1`, `box2`: bool `(S, S)`.
   """
-  weak, pad = random_resized_crop(record['image'], None, rng, crop_size, scale_range,
-                                  mask_fill=UNLABELED_PAD, hflip=hflip)
+  weak, pad = random_resized_crop(
+    record['image'], None, rng, crop_size, scale_range, mask_fill=UNLABELED_PAD, hflip=hflip
+  )
   out = {'w': weak, 'ignore': np.where(pad == UNLABELED_PAD, IGNORE, 0).astype(np.uint8)}
   for k in ('1', '2'):
     out['s' + k] = strong_view(weak, rng, max_ops)

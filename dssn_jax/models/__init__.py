@@ -12,7 +12,8 @@ See `deeplabv3plus.DeepLabV3Plus` for what `aux` holds.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -23,9 +24,9 @@ from dssn_jax.models.resnet import BACKBONES, ResNet, create_resnet, scale_width
 # Decoder widths: the reference's for the full models; scaled down with the
 # backbone for `resnet_tiny`.
 HEAD_WIDTHS = {
-    'resnet50': dict(aspp_features=256, low_level_features=48, decoder_features=256),
-    'resnet101': dict(aspp_features=256, low_level_features=48, decoder_features=256),
-    'resnet_tiny': dict(aspp_features=32, low_level_features=8, decoder_features=32),
+  'resnet50': dict(aspp_features=256, low_level_features=48, decoder_features=256),
+  'resnet101': dict(aspp_features=256, low_level_features=48, decoder_features=256),
+  'resnet_tiny': dict(aspp_features=32, low_level_features=8, decoder_features=32),
 }
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -42,15 +43,23 @@ def parse_dtype(dtype: Any) -> Any:
   return dtype
 
 
-def create_model(backbone: str, num_classes: int, *, deep_stem: bool = True,
-                 output_stride: int = 16, dtype: Any = jnp.float32,
-                 dropout: float = 0.5, fp_bn: str = 'joint', remat: bool = False,
-                 aspp_features: int | None = None,
-                 low_level_features: int | None = None,
-                 decoder_features: int | None = None,
-                 atrous_rates: Sequence[int] = (6, 12, 18),
-                 stage_sizes: Sequence[int] | None = None,
-                 width_multiplier: float = 1.0) -> DeepLabV3Plus:
+def create_model(
+  backbone: str,
+  num_classes: int,
+  *,
+  deep_stem: bool = True,
+  output_stride: int = 16,
+  dtype: Any = jnp.float32,
+  dropout: float = 0.5,
+  fp_bn: str = 'joint',
+  remat: bool = False,
+  aspp_features: int | None = None,
+  low_level_features: int | None = None,
+  decoder_features: int | None = None,
+  atrous_rates: Sequence[int] = (6, 12, 18),
+  stage_sizes: Sequence[int] | None = None,
+  width_multiplier: float = 1.0,
+) -> DeepLabV3Plus:
   """DeepLabV3+ on a named ResNet backbone.
 
   Args:
@@ -77,17 +86,31 @@ def create_model(backbone: str, num_classes: int, *, deep_stem: bool = True,
     raise ValueError(f'num_classes={num_classes} must be positive')
   dtype = parse_dtype(dtype)
   widths = {k: scale_width(v, width_multiplier) for k, v in HEAD_WIDTHS[backbone].items()}
-  for key, value in (('aspp_features', aspp_features),
-                     ('low_level_features', low_level_features),
-                     ('decoder_features', decoder_features)):
+  for key, value in (
+    ('aspp_features', aspp_features),
+    ('low_level_features', low_level_features),
+    ('decoder_features', decoder_features),
+  ):
     if value is not None:
       widths[key] = int(value)
-  net = create_resnet(backbone, deep_stem=deep_stem, output_stride=output_stride,
-                      dtype=dtype, remat=remat, stage_sizes=stage_sizes,
-                      width_multiplier=width_multiplier)
-  return DeepLabV3Plus(backbone=net, num_classes=int(num_classes),
-                       atrous_rates=tuple(atrous_rates), dropout=float(dropout),
-                       fp_bn=fp_bn, dtype=dtype, **widths)
+  net = create_resnet(
+    backbone,
+    deep_stem=deep_stem,
+    output_stride=output_stride,
+    dtype=dtype,
+    remat=remat,
+    stage_sizes=stage_sizes,
+    width_multiplier=width_multiplier,
+  )
+  return DeepLabV3Plus(
+    backbone=net,
+    num_classes=int(num_classes),
+    atrous_rates=tuple(atrous_rates),
+    dropout=float(dropout),
+    fp_bn=fp_bn,
+    dtype=dtype,
+    **widths,
+  )
 
 
 def model_from_config(config) -> DeepLabV3Plus:
@@ -95,10 +118,23 @@ def model_from_config(config) -> DeepLabV3Plus:
   m = config.model
   fp_bn = config_lib.one_of('model.fp_bn', m.get('fp_bn', 'joint'), ('joint', 'clean'))
   return create_model(
-      m.backbone, config.data.num_classes, deep_stem=m.deep_stem,
-      output_stride=m.output_stride, dtype=m.dtype, dropout=m.dropout, fp_bn=fp_bn,
-      remat=config.train.remat, width_multiplier=m.get('width_multiplier', 1.0))
+    m.backbone,
+    config.data.num_classes,
+    deep_stem=m.deep_stem,
+    output_stride=m.output_stride,
+    dtype=m.dtype,
+    dropout=m.dropout,
+    fp_bn=fp_bn,
+    remat=config.train.remat,
+    width_multiplier=m.get('width_multiplier', 1.0),
+  )
 
 
-__all__ = ['DeepLabV3Plus', 'ResNet', 'create_model', 'model_from_config',
-           'parse_dtype', 'BACKBONES']
+__all__ = [
+  'DeepLabV3Plus',
+  'ResNet',
+  'create_model',
+  'model_from_config',
+  'parse_dtype',
+  'BACKBONES',
+]

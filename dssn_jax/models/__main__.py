@@ -38,24 +38,40 @@ def summary(backbone: str, num_classes: int, **options) -> dict[str, int]:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m dssn_jax.models', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--summary', metavar='BACKBONE', required=True,
-                      choices=sorted(BACKBONES), help='backbone to summarize')
+  parser = argparse.ArgumentParser(
+    prog='python -m dssn_jax.models',
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  parser.add_argument(
+    '--summary',
+    metavar='BACKBONE',
+    required=True,
+    choices=sorted(BACKBONES),
+    help='backbone to summarize',
+  )
   parser.add_argument('--num-classes', type=int, default=21)
   parser.add_argument('--output-stride', type=int, default=16, choices=(8, 16))
-  parser.add_argument('--torchvision-stem', action='store_true',
-                      help='7x7 stem instead of the deep stem')
+  parser.add_argument(
+    '--torchvision-stem', action='store_true', help='7x7 stem instead of the deep stem'
+  )
   args = parser.parse_args(argv)
-  counts = summary(args.summary, args.num_classes, output_stride=args.output_stride,
-                   deep_stem=not args.torchvision_stem)
-  print(f'DeepLabV3+ {args.summary}, {args.num_classes} classes, '
-        f'output stride {args.output_stride}')
+  counts = summary(
+    args.summary,
+    args.num_classes,
+    output_stride=args.output_stride,
+    deep_stem=not args.torchvision_stem,
+  )
+  print(
+    f'DeepLabV3+ {args.summary}, {args.num_classes} classes, output stride {args.output_stride}'
+  )
   for name, n in counts.items():
     if name not in ('total', 'batch_stats'):
       print(f'  {name:<12s} {n:>12,d}')
-  print(f'Total params: {counts["total"] / 1e6:.1f}M ({counts["total"]:,d}); '
-        f'BN running statistics: {counts["batch_stats"]:,d}')
+  print(
+    f'Total params: {counts["total"] / 1e6:.1f}M ({counts["total"]:,d}); '
+    f'BN running statistics: {counts["batch_stats"]:,d}'
+  )
   return 0
 
 

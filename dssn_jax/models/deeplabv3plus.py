@@ -18,7 +18,8 @@ Submodule names follow the reference's attributes: `backbone`, `head`
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -36,7 +37,7 @@ torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in'
 
 def torch_default_bias_init(fan_in: int):
   """torch's default Conv2d bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-  bound = 1.0 / fan_in ** 0.5
+  bound = 1.0 / fan_in**0.5
 
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
@@ -46,6 +47,7 @@ def torch_default_bias_init(fan_in: int):
 
 class ConvBNReLU(nn.Module):
   """conv (no bias) -> BN -> ReLU, children `conv` and `bn`."""
+
   features: int
   kernel_size: int = 1
   dilation: int = 1
@@ -55,8 +57,9 @@ class ConvBNReLU(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     k, d = self.kernel_size, self.dilation
-    x = self.conv(self.features, (k, k), padding=conv_padding(k, d),
-                  kernel_dilation=(d, d), name='conv')(x)
+    x = self.conv(
+      self.features, (k, k), padding=conv_padding(k, d), kernel_dilation=(d, d), name='conv'
+    )(x)
     return nn.relu(self.norm(name='bn')(x))
 
 
@@ -67,6 +70,7 @@ class ASPP(nn.Module):
   average pool -> 1x1 -> broadcast back), concatenated and projected by a
   1x1 conv (`project`), each conv followed by BN + ReLU.
   """
+
   features: int = 256
   rates: Sequence[int] = (6, 12, 18)
   conv: ModuleDef = nn.Conv
@@ -88,6 +92,7 @@ class ASPP(nn.Module):
 
 class Fuse(nn.Module):
   """The decoder's two 3x3 conv -> BN -> ReLU (`conv1`, `bn1`, `conv2`, `bn2`)."""
+
   features: int = 256
   conv: ModuleDef = nn.Conv
   norm: ModuleDef = layers.BatchNorm
@@ -119,6 +124,7 @@ class DeepLabV3Plus(nn.Module):
     dtype: compute dtype; params and BN statistics stay float32, logits are
       returned as float32.
   """
+
   backbone: nn.Module
   num_classes: int
   aspp_features: int = 256
@@ -154,11 +160,14 @@ class DeepLabV3Plus(nn.Module):
     if self.fp_bn not in ('joint', 'clean'):
       raise ValueError(f'fp_bn={self.fp_bn!r} must be joint or clean')
     n, h, w = x.shape[:3]
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             param_dtype=jnp.float32,
-                             kernel_init=torch_default_kernel_init)
-    norm = functools.partial(layers.BatchNorm, use_running_average=not train,
-                             dtype=self.dtype)
+    conv = functools.partial(
+      nn.Conv,
+      use_bias=False,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      kernel_init=torch_default_kernel_init,
+    )
+    norm = functools.partial(layers.BatchNorm, use_running_average=not train, dtype=self.dtype)
 
     head_norm = norm
     if perturb and self.fp_bn == 'clean':
@@ -171,16 +180,22 @@ class DeepLabV3Plus(nn.Module):
       lo = jnp.concatenate([c1, drop(jnp.concatenate([c1] * perturb))])
       hi = jnp.concatenate([c4, drop(jnp.concatenate([c4] * perturb))])
 
-    a = ASPP(self.aspp_features, self.atrous_rates, conv=conv, norm=head_norm,
-             name='head')(hi)
+    a = ASPP(self.aspp_features, self.atrous_rates, conv=conv, norm=head_norm, name='head')(hi)
     a = layers.resize_bilinear(a, lo.shape[1:3])
     r = ConvBNReLU(self.low_level_features, conv=conv, norm=head_norm, name='reduce')(lo)
-    f = Fuse(self.decoder_features, conv=conv, norm=head_norm,
-             name='fuse')(jnp.concatenate([r, a], axis=-1))
-    logits = nn.Conv(self.num_classes, (1, 1), use_bias=True, dtype=self.dtype,
-                     param_dtype=jnp.float32, kernel_init=torch_default_kernel_init,
-                     bias_init=torch_default_bias_init(self.decoder_features),
-                     name='classifier')(f)
+    f = Fuse(self.decoder_features, conv=conv, norm=head_norm, name='fuse')(
+      jnp.concatenate([r, a], axis=-1)
+    )
+    logits = nn.Conv(
+      self.num_classes,
+      (1, 1),
+      use_bias=True,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      kernel_init=torch_default_kernel_init,
+      bias_init=torch_default_bias_init(self.decoder_features),
+      name='classifier',
+    )(f)
     logits = layers.resize_bilinear(logits.astype(jnp.float32), (h, w))
 
     copies = jnp.split(logits, 1 + perturb) if perturb else [logits]

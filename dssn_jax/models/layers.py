@@ -19,7 +19,8 @@ All tensors are channels-last, `(N, H, W, C)`.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -46,6 +47,7 @@ class BatchNorm(nn.Module):
       running update) from the first `stats_rows` rows only and normalize
       every row with them; None: all rows.
   """
+
   use_running_average: bool = False
   momentum: float = 0.9
   epsilon: float = 1e-5
@@ -59,22 +61,21 @@ class BatchNorm(nn.Module):
     features = x.shape[-1]
     scale = self.param('scale', self.scale_init, (features,), jnp.float32)
     bias = self.param('bias', self.bias_init, (features,), jnp.float32)
-    ra_mean = self.variable('batch_stats', 'mean',
-                            lambda: jnp.zeros((features,), jnp.float32))
-    ra_var = self.variable('batch_stats', 'var',
-                           lambda: jnp.ones((features,), jnp.float32))
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((features,), jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((features,), jnp.float32))
 
     x32 = x.astype(jnp.float32)
     if self.use_running_average:
       mean, var = ra_mean.value, ra_var.value
     else:
       axes = tuple(range(x.ndim - 1))
-      rows = x32 if self.stats_rows is None else x32[:self.stats_rows]
+      rows = x32 if self.stats_rows is None else x32[: self.stats_rows]
       count = int(np.prod([rows.shape[a] for a in axes]))
       if count < 2 and not self.is_initializing():
         raise ValueError(
-            f'BatchNorm in train mode needs more than one value per channel; got'
-            f' input shape {x.shape} (torch raises the same)')
+          f'BatchNorm in train mode needs more than one value per channel; got'
+          f' input shape {x.shape} (torch raises the same)'
+        )
       mean = jnp.mean(rows, axis=axes)
       # Two-pass variance: no cancellation when |mean| >> std.
       var = jnp.mean(jnp.square(rows - mean), axis=axes)
@@ -138,6 +139,7 @@ class Dropout2d(nn.Module):
   survivors are scaled by `1 / (1 - rate)`. Draws from the `dropout` rng
   collection.
   """
+
   rate: float = 0.5
 
   @nn.compact
@@ -147,6 +149,6 @@ class Dropout2d(nn.Module):
     if deterministic or self.rate == 0.0:
       return x
     keep = jax.random.bernoulli(
-        self.make_rng('dropout'), 1.0 - self.rate, (x.shape[0], 1, 1, x.shape[-1]))
-    return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype),
-                     jnp.zeros((), x.dtype))
+      self.make_rng('dropout'), 1.0 - self.rate, (x.shape[0], 1, 1, x.shape[-1])
+    )
+    return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros((), x.dtype))

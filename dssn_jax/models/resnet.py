@@ -22,7 +22,8 @@ outputs `(c1, c2, c3, c4)` at strides 4, 8, 8|16, 8|16|32.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -55,6 +56,7 @@ class Bottleneck(nn.Module):
     downsample: whether the shortcut is a 1x1 conv + BN projection.
     conv, norm: partials of the conv and norm layers (dtype, mode, init).
   """
+
   planes: int
   strides: int = 1
   dilation: int = 1
@@ -67,21 +69,35 @@ class Bottleneck(nn.Module):
     out_features = self.planes * EXPANSION
     y = self.conv(self.planes, (1, 1), padding='VALID', name='conv1')(x)
     y = nn.relu(self.norm(name='bn1')(y))
-    y = self.conv(self.planes, (3, 3), strides=(self.strides, self.strides),
-                  padding=conv_padding(3, self.dilation),
-                  kernel_dilation=(self.dilation, self.dilation), name='conv2')(y)
+    y = self.conv(
+      self.planes,
+      (3, 3),
+      strides=(self.strides, self.strides),
+      padding=conv_padding(3, self.dilation),
+      kernel_dilation=(self.dilation, self.dilation),
+      name='conv2',
+    )(y)
     y = nn.relu(self.norm(name='bn2')(y))
     y = self.conv(out_features, (1, 1), padding='VALID', name='conv3')(y)
     y = self.norm(name='bn3')(y)
     if self.downsample:
-      x = self.conv(out_features, (1, 1), strides=(self.strides, self.strides),
-                    padding='VALID', name='downsample_conv')(x)
+      x = self.conv(
+        out_features,
+        (1, 1),
+        strides=(self.strides, self.strides),
+        padding='VALID',
+        name='downsample_conv',
+      )(x)
       x = self.norm(name='downsample_bn')(x)
     return nn.relu(y + x)
 
 
-def stage_plan(stage_sizes: Sequence[int], widths: Sequence[int], in_features: int,
-               replace_stride_with_dilation: Sequence[bool]):
+def stage_plan(
+  stage_sizes: Sequence[int],
+  widths: Sequence[int],
+  in_features: int,
+  replace_stride_with_dilation: Sequence[bool],
+):
   """The per-block settings of the four stages (torchvision's `_make_layer`).
 
   Returns:
@@ -89,12 +105,14 @@ def stage_plan(stage_sizes: Sequence[int], widths: Sequence[int], in_features: i
   """
   if len(stage_sizes) != 4 or len(widths) != 4:
     raise ValueError(
-        f'stage_sizes={tuple(stage_sizes)} and widths={tuple(widths)} must have'
-        ' 4 entries (layer1..layer4)')
+      f'stage_sizes={tuple(stage_sizes)} and widths={tuple(widths)} must have'
+      ' 4 entries (layer1..layer4)'
+    )
   if len(replace_stride_with_dilation) != 3:
     raise ValueError(
-        'replace_stride_with_dilation must have 3 entries (layer2..layer4), got'
-        f' {tuple(replace_stride_with_dilation)}')
+      'replace_stride_with_dilation must have 3 entries (layer2..layer4), got'
+      f' {tuple(replace_stride_with_dilation)}'
+    )
   dilate = (False,) + tuple(bool(d) for d in replace_stride_with_dilation)
   plan, dilation, features = [], 1, in_features
   for i, (blocks, planes) in enumerate(zip(stage_sizes, widths)):
@@ -127,6 +145,7 @@ class ResNet(nn.Module):
     dtype: compute dtype; parameters stay float32.
     remat: recompute each bottleneck in the backward pass (saves memory).
   """
+
   stage_sizes: Sequence[int]
   widths: Sequence[int] = (64, 128, 256, 512)
   stem_width: int = 64
@@ -137,10 +156,14 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             param_dtype=jnp.float32, kernel_init=conv_kernel_init)
-    norm = functools.partial(layers.BatchNorm, use_running_average=not train,
-                             dtype=self.dtype)
+    conv = functools.partial(
+      nn.Conv,
+      use_bias=False,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      kernel_init=conv_kernel_init,
+    )
+    norm = functools.partial(layers.BatchNorm, use_running_average=not train, dtype=self.dtype)
     x = x.astype(self.dtype)
     w = self.stem_width
     if self.deep_stem:
@@ -157,24 +180,31 @@ class ResNet(nn.Module):
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
     block_cls = nn.remat(Bottleneck) if self.remat else Bottleneck
-    plan = stage_plan(self.stage_sizes, self.widths, stem_features,
-                      self.replace_stride_with_dilation)
+    plan = stage_plan(
+      self.stage_sizes, self.widths, stem_features, self.replace_stride_with_dilation
+    )
     outputs = []
     for i, stage in enumerate(plan):
       for j, (planes, strides, dilation, downsample) in enumerate(stage):
-        x = block_cls(planes=planes, strides=strides, dilation=dilation,
-                      downsample=downsample, conv=conv, norm=norm,
-                      name=f'layer{i + 1}_{j}')(x)
+        x = block_cls(
+          planes=planes,
+          strides=strides,
+          dilation=dilation,
+          downsample=downsample,
+          conv=conv,
+          norm=norm,
+          name=f'layer{i + 1}_{j}',
+        )(x)
       outputs.append(x)
     return tuple(outputs)
 
 
 # name -> (stage_sizes, widths, stem_width)
 BACKBONES: dict[str, tuple[tuple[int, ...], tuple[int, ...], int]] = {
-    'resnet50': ((3, 4, 6, 3), (64, 128, 256, 512), 64),
-    'resnet101': ((3, 4, 23, 3), (64, 128, 256, 512), 64),
-    # The same architecture, narrow and one block per stage: fast on CPU.
-    'resnet_tiny': ((1, 1, 1, 1), (8, 16, 32, 64), 8),
+  'resnet50': ((3, 4, 6, 3), (64, 128, 256, 512), 64),
+  'resnet101': ((3, 4, 23, 3), (64, 128, 256, 512), 64),
+  # The same architecture, narrow and one block per stage: fast on CPU.
+  'resnet_tiny': ((1, 1, 1, 1), (8, 16, 32, 64), 8),
 }
 
 
@@ -193,10 +223,16 @@ def scale_width(width: int, multiplier: float) -> int:
   return max(1, int(round(width * float(multiplier))))
 
 
-def create_resnet(name: str, *, deep_stem: bool = True, output_stride: int = 16,
-                  dtype: Any = jnp.float32, remat: bool = False,
-                  stage_sizes: Sequence[int] | None = None,
-                  width_multiplier: float = 1.0) -> ResNet:
+def create_resnet(
+  name: str,
+  *,
+  deep_stem: bool = True,
+  output_stride: int = 16,
+  dtype: Any = jnp.float32,
+  remat: bool = False,
+  stage_sizes: Sequence[int] | None = None,
+  width_multiplier: float = 1.0,
+) -> ResNet:
   """A ResNet by name (`resnet50`, `resnet101`, `resnet_tiny`).
 
   `stage_sizes` overrides the number of blocks per stage (e.g. reduced-depth
@@ -209,7 +245,11 @@ def create_resnet(name: str, *, deep_stem: bool = True, output_stride: int = 16,
   widths = tuple(scale_width(w, width_multiplier) for w in widths)
   stem_width = scale_width(stem_width, width_multiplier)
   return ResNet(
-      stage_sizes=tuple(stage_sizes) if stage_sizes is not None else sizes,
-      widths=widths, stem_width=stem_width, deep_stem=deep_stem,
-      replace_stride_with_dilation=dilation_for_output_stride(output_stride),
-      dtype=dtype, remat=remat)
+    stage_sizes=tuple(stage_sizes) if stage_sizes is not None else sizes,
+    widths=widths,
+    stem_width=stem_width,
+    deep_stem=deep_stem,
+    replace_stride_with_dilation=dilation_for_output_stride(output_stride),
+    dtype=dtype,
+    remat=remat,
+  )
