@@ -249,6 +249,7 @@ def create_dpt(
   freeze_backbone: bool = False,
   depth: int | None = None,
   taps: Sequence[int] | None = None,
+  ffn: str | None = None,
   features: int | None = None,
   out_channels: Sequence[int] | None = None,
   attention: str | None = None,
@@ -264,6 +265,8 @@ def create_dpt(
     remat: rematerialize each transformer block in the backward pass.
     freeze_backbone: no gradient through the encoder.
     depth, taps: a reduced-depth encoder (tests); None keeps the named one.
+    ffn: 'mlp' | 'swiglu' instead of the named encoder's (tests: a narrow
+      SwiGLU encoder); None keeps it.
     features, out_channels: head widths; None keeps the named ones.
     attention: `jax.nn.dot_product_attention` implementation (None: XLA's choice).
   """
@@ -279,7 +282,7 @@ def create_dpt(
   if out_channels is not None:
     size['out_channels'] = tuple(int(c) for c in out_channels)
   encoder = create_encoder(
-    backbone, depth=depth, taps=taps, dtype=dtype, remat=remat, attention=attention
+    backbone, depth=depth, taps=taps, ffn=ffn, dtype=dtype, remat=remat, attention=attention
   )
   head = DPTHead(int(num_classes), size['features'], tuple(size['out_channels']), dtype, name=None)
   return DPTSegmenter(encoder, head, float(dropout), bool(freeze_backbone))
