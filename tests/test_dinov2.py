@@ -11,7 +11,6 @@ import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import torch
 import torch_dinov2_reference as ref
