@@ -45,6 +45,13 @@ def tiny(swiglu=False):
   )
 
 
+@functools.cache
+def jitted(model):
+  """`model.apply`, compiled once per model and input shape (one XLA program
+  instead of hundreds of op-by-op dispatches)."""
+  return jax.jit(model.apply, static_argnames=('train', 'perturb'))
+
+
 def images(n=2, h=42, w=56, seed=0):
   return jnp.asarray(np.random.default_rng(seed).normal(size=(n, h, w, 3)), jnp.float32)
 
@@ -65,7 +72,7 @@ def rel_err(a, b):
 def test_forward_contract():
   _, model, variables = tiny()
   assert set(variables) == {'params'}  # no BatchNorm, no batch_stats
-  logits, aux = model.apply(variables, images(), train=True)
+  logits, aux = jitted(model)(variables, images(), train=True)
   assert logits.shape == (2, 42, 56, C) and logits.dtype == jnp.float32
   assert aux['perturbed'] == ()
   assert [f.shape for f in aux['features']] == [(2, 3, 4, 32)] * 4
@@ -81,7 +88,7 @@ def test_tiny_matches_torch_at_a_non_square_size():
   """float32 both sides; see test_dinov2_parity for the tolerance."""
   tm, model, variables = tiny()
   x = images(h=70, w=42)
-  assert rel_err(model.apply(variables, x)[0], torch_logits(tm, x)) < 1e-4
+  assert rel_err(jitted(model)(variables, x)[0], torch_logits(tm, x)) < 1e-4
 
 
 def test_feature_masks_are_the_head_on_masked_features():
@@ -92,8 +99,8 @@ def test_feature_masks_are_the_head_on_masked_features():
   x = images()
   m = 2.0 * jax.random.bernoulli(jax.random.key(1), 0.5, (2, 32)).astype(jnp.float32)
   masks = jnp.stack([m, 2.0 - m])
-  logits, aux = model.apply(variables, x, feature_masks=masks)
-  plain, plain_aux = model.apply(variables, x)
+  logits, aux = jitted(model)(variables, x, feature_masks=masks)
+  plain, plain_aux = jitted(model)(variables, x)
   np.testing.assert_allclose(logits, plain, rtol=1e-5, atol=1e-5)
   for j in range(2):
     masked = [f * masks[j][:, None, None, :] for f in plain_aux['features']]
@@ -101,7 +108,7 @@ def test_feature_masks_are_the_head_on_masked_features():
     want = layers.resize_bilinear(want, (42, 56))
     np.testing.assert_allclose(aux['perturbed'][j], want, rtol=1e-5, atol=1e-5)
   # Masks of ones give the clean prediction.
-  _, ones = model.apply(variables, x, feature_masks=jnp.ones((1, 2, 32)))
+  _, ones = jitted(model)(variables, x, feature_masks=jnp.ones((1, 2, 32)))
   np.testing.assert_allclose(ones['perturbed'][0], plain, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match='feature_masks must be'):
     model.apply(variables, x, feature_masks=jnp.ones((1, 3, 32)))
@@ -110,7 +117,7 @@ def test_feature_masks_are_the_head_on_masked_features():
 def test_perturb_is_channel_dropout_from_the_dropout_rng():
   _, model, variables = tiny()
   x = images()
-  run = lambda key: model.apply(variables, x, perturb=2, rngs={'dropout': jax.random.key(key)})
+  run = lambda key: jitted(model)(variables, x, perturb=2, rngs={'dropout': jax.random.key(key)})
   logits, aux = run(0)
   assert len(aux['perturbed']) == 2
   assert rel_err(aux['perturbed'][0], logits) > 1e-2
@@ -119,7 +126,7 @@ def test_perturb_is_channel_dropout_from_the_dropout_rng():
   assert rel_err(run(1)[1]['perturbed'][0], aux['perturbed'][0]) > 1e-2
   # dropout 0: every copy is the clean prediction.
   none = create_model('dinov2_tiny', C, dropout=0.0)
-  clean, aux0 = none.apply(variables, x, perturb=1, rngs={'dropout': jax.random.key(0)})
+  clean, aux0 = jitted(none)(variables, x, perturb=1, rngs={'dropout': jax.random.key(0)})
   np.testing.assert_allclose(aux0['perturbed'][0], clean, rtol=1e-5, atol=1e-5)
 
 
@@ -129,8 +136,8 @@ def test_bfloat16_compute():
   _, _, variables = tiny()
   bf16 = create_model('dinov2_tiny', C, dtype='bfloat16')
   f32 = create_model('dinov2_tiny', C)
-  lo, _ = bf16.apply(variables, images())
-  hi, _ = f32.apply(variables, images())
+  lo, _ = jitted(bf16)(variables, images())
+  hi, _ = jitted(f32)(variables, images())
   assert lo.dtype == jnp.float32
   assert rel_err(lo, hi) < 5e-2
 
@@ -139,7 +146,7 @@ def grads(model, variables, x):
   def loss(p):
     return jnp.mean(model.apply({'params': p}, x, train=True)[0] ** 2)
 
-  return jax.grad(loss)(variables['params'])
+  return jax.jit(jax.grad(loss))(variables['params'])
 
 
 def test_remat_gives_the_same_gradients():
@@ -321,7 +328,7 @@ def test_whole_checkpoint_with_module_prefix_and_ema(tmp_path):
   assert_same_tree(got, whole)
   got_ema = convert.from_torch(str(path), backbone='dinov2_tiny', ema=True)
   x = images()
-  assert rel_err(model.apply(got_ema, x)[0], torch_logits(ema, x)) < 1e-4
+  assert rel_err(jitted(model)(got_ema, x)[0], torch_logits(ema, x)) < 1e-4
 
 
 def test_key_mismatches_are_reported_together():
@@ -354,7 +361,7 @@ def test_convert_cli_detects_whole_checkpoints(tmp_path, capsys):
   assert_same_tree(convert.load_npz(str(tmp_path / 'v2.npz')), whole)
 
   dssn = torch_reference.DeepLabV3Plus(
-    3, widths=(8, 16, 32, 64), stem=8, aspp=32, low=8, decoder=32
+    3, blocks=(1, 1, 1, 1), widths=(8, 16, 32, 64), stem=8, aspp=32, low=8, decoder=32
   )
   r = tmp_path / 'dssn_best.pth'
   torch.save({'model': {'module.' + k: v for k, v in dssn.state_dict().items()}}, r)
