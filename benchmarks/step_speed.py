@@ -5,6 +5,9 @@ r"""Speed of one training iteration: compile time, step time, memory, FLOP/s.
         --dtype bfloat16 --peak-tflops 989        # H100 SXM dense bf16 peak
     python benchmarks/step_speed.py --compare-remat     # with and without remat
     python benchmarks/step_speed.py --torch             # also the PyTorch step
+    python benchmarks/step_speed.py --backbone dinov2_small --crop 126 --method supervised
+    python benchmarks/step_speed.py --backbone dinov2_base --crop 518 --batch 4 \
+        --method unimatch --levers     # XLA memory of float32 / bf16 / remat / frozen
     XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution \
         python benchmarks/step_speed.py --torch       # CPU: Eigen convolutions
 
@@ -32,6 +35,14 @@ the docs/design.md layout. It reports
 - `GFLOP`, `TFLOP/s`, `%peak`: FLOPs of one step on one device from XLA's
   cost analysis of the compiled program, divided by `median_s`, and that
   rate's fraction of `--peak-tflops`.
+
+The backbones are those of `dssn_jax.models.registry` (ResNet + DeepLabV3+,
+DINOv2 + DPT). `--freeze-backbone` sets `config.train.freeze_backbone`
+(no gradient, no optimizer state for the encoder). `--levers` only compiles
+(nothing runs: the sizes of interest do not run on a CPU) the step four
+times, float32, bfloat16, float32 with remat and float32 with a frozen
+backbone, and prints XLA's memory estimate of each; `--compile-only` does
+that for the one configuration given.
 
 `--compare-remat` runs the step without and with `config.train.remat`, each
 in its own process so the device's peak memory belongs to one program. (On
@@ -74,6 +85,7 @@ sys.path.insert(0, ROOT)
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from dssn_jax import config_lib, models, optim, parallel
 from dssn_jax import train_step as ts_lib
+from dssn_jax.models import registry
 from dssn_jax.models.resnet import BACKBONES
 from dssn_jax.train import initial_variables
 
@@ -85,7 +97,7 @@ JSON_PREFIX = 'step_speed_json: '
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--backbone', default='resnet50', choices=('resnet50', 'resnet101', 'resnet_tiny'))
+  p.add_argument('--backbone', default='resnet50', choices=registry.backbone_names())
   p.add_argument('--crop', type=int, default=161, help='square crop side')
   p.add_argument(
     '--batch',
@@ -108,6 +120,15 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument(
     '--compare-remat', action='store_true', help='run without and with remat (one process each)'
   )
+  p.add_argument('--freeze-backbone', action='store_true', help='config.train.freeze_backbone=True')
+  p.add_argument(
+    '--compile-only', action='store_true', help='compile and report memory; run nothing'
+  )
+  p.add_argument(
+    '--levers',
+    action='store_true',
+    help='compile only: float32, bfloat16, remat, frozen backbone (memory of each)',
+  )
   p.add_argument('--torch', action='store_true', help='also time the PyTorch step')
   p.add_argument('--torch-only', action='store_true', help='time only the PyTorch step')
   p.add_argument(
@@ -127,6 +148,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error('--compare-remat runs both settings; leave out --remat')
   if (args.torch or args.torch_only) and args.method != 'dssn':
     p.error(f'the PyTorch step is the dssn iteration only, not --method={args.method}')
+  if (args.torch or args.torch_only) and args.backbone not in BACKBONES:
+    p.error(f'the PyTorch step is the ResNet DeepLabV3+ iteration only, not {args.backbone}')
+  if args.levers and (args.remat or args.freeze_backbone or args.compare_remat):
+    p.error('--levers builds every setting; leave out --remat, --freeze-backbone, --compare-remat')
   return args
 
 
@@ -191,6 +216,7 @@ def make_config(args: argparse.Namespace, remat: bool):
   config.data.num_classes = args.num_classes
   config.data.crop_size = args.crop
   config.train.remat = bool(remat)
+  config.train.freeze_backbone = bool(args.freeze_backbone)
   config.train.steps = 100_000  # a long schedule: lr stays ~constant
   return config
 
@@ -258,6 +284,7 @@ def _base_info(
     dtype=args.dtype,
     method=args.method,
     remat=bool(remat),
+    frozen=bool(args.freeze_backbone),
     devices=devices,
     device=device,
     images=images_per_step(args.batch * devices, args.method),
@@ -281,7 +308,8 @@ def prepare_jax(args: argparse.Namespace, remat: bool) -> Step:
   model = models.model_from_config(config)
   tx = optim.make_optimizer(schedule, config)
   # Params do not depend on the image size: initialize on a small one.
-  variables = initial_variables(config, model, jax.random.key(0), min(args.crop, 65))
+  init_size = min(args.crop, registry.family_of(args.backbone).init_size)
+  variables = initial_variables(config, model, jax.random.key(0), init_size)
   state = ts_lib.create_train_state(model, tx, jax.random.key(0), args.crop, variables=variables)
   state = parallel.replicate(state, mesh)
   local = synthetic_batch(
@@ -492,6 +520,7 @@ def format_table(rows: list[dict[str, Any]], peak_tflops: float | None) -> str:
   head = (
     'impl',
     'remat',
+    'frozen',
     'dtype',
     'batch',
     'compile_s',
@@ -515,6 +544,7 @@ def format_table(rows: list[dict[str, Any]], peak_tflops: float | None) -> str:
       (
         r['impl'],
         'yes' if r['remat'] else 'no',
+        'yes' if r.get('frozen') else 'no',
         r['dtype'],
         f'{r["batch"]}x{r["devices"]}',
         _fmt(r['compile_s'], digits=1),
@@ -545,27 +575,31 @@ def machine_line(r: dict[str, Any]) -> str:
 
 def _child(args: argparse.Namespace, remat: bool) -> dict[str, Any]:
   """Runs one jax measurement in a fresh process and returns its row."""
-  argv = [
-    sys.executable,
-    os.path.abspath(__file__),
-    '--json',
-    '--backbone',
-    args.backbone,
-    '--crop',
-    str(args.crop),
-    '--batch',
-    str(args.batch),
-    '--dtype',
-    args.dtype,
-    '--method',
-    args.method,
-    '--num-classes',
-    str(args.num_classes),
-    '--steps',
-    str(args.steps),
-    '--warmup',
-    str(args.warmup),
-  ] + (['--remat'] if remat else [])
+  argv = (
+    [
+      sys.executable,
+      os.path.abspath(__file__),
+      '--json',
+      '--backbone',
+      args.backbone,
+      '--crop',
+      str(args.crop),
+      '--batch',
+      str(args.batch),
+      '--dtype',
+      args.dtype,
+      '--method',
+      args.method,
+      '--num-classes',
+      str(args.num_classes),
+      '--steps',
+      str(args.steps),
+      '--warmup',
+      str(args.warmup),
+    ]
+    + (['--remat'] if remat else [])
+    + (['--freeze-backbone'] if args.freeze_backbone else [])
+  )
   proc = subprocess.run(argv, capture_output=True, text=True, check=False)
   rows = [
     json.loads(line[len(JSON_PREFIX) :])
@@ -579,8 +613,52 @@ def _child(args: argparse.Namespace, remat: bool) -> dict[str, Any]:
   return rows[-1]
 
 
+def memory_line(r: dict[str, Any]) -> str:
+  return (
+    f'step_speed_mem: backbone={r["backbone"]} crop={r["crop"]} batch={r["batch"]} '
+    f'dtype={r["dtype"]} remat={int(r["remat"])} frozen={int(r["frozen"])} '
+    f'method={r["method"]} xla_mem_gib={_fmt(r["xla_bytes"], 2**30, 3)} '
+    f'xla_temp_gib={_fmt(r["xla_temp_bytes"], 2**30, 3)} compile_s={r["compile_s"]:.1f}'
+  )
+
+
+LEVERS = (
+  ('float32', dict(dtype='float32', remat=False, freeze_backbone=False)),
+  ('bfloat16', dict(dtype='bfloat16', remat=False, freeze_backbone=False)),
+  ('remat', dict(dtype='float32', remat=True, freeze_backbone=False)),
+  ('frozen', dict(dtype='float32', remat=False, freeze_backbone=True)),
+)
+
+
+def compile_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+  """Compile-only rows (`--levers`: one per lever; else the given setting)."""
+  settings = LEVERS if args.levers else (('given', {}),)
+  rows = []
+  for _, change in settings:
+    a = copy.copy(args)
+    for k, v in change.items():
+      setattr(a, k, v)
+    info = prepare_jax(a, a.remat).info
+    rows.append(
+      dict(info, median_s=None, min_s=None, cpu_s=None, images_per_s=None, flops_per_s=None)
+    )
+  return rows
+
+
 def main(argv=None) -> list[dict[str, Any]]:
   args = parse_args(argv)
+  if args.levers or args.compile_only:
+    load_before = os.getloadavg()
+    rows = compile_rows(args)
+    print(
+      f'# {args.method} step compiled (not run): {args.backbone}, crop {args.crop}, '
+      f'{args.batch} labeled + {0 if args.method == "supervised" else args.batch} unlabeled'
+      f' per device; load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}'
+    )
+    print(format_table(rows, args.peak_tflops))
+    for r in rows:
+      print(memory_line(r), flush=True)
+    return rows
   if args.json:  # a --compare-remat child: one row as JSON
     rows = time_steps([prepare_jax(args, args.remat)], args.warmup, args.steps)
     print(JSON_PREFIX + json.dumps(rows[0]), flush=True)

@@ -91,9 +91,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
-  c.model.backbone = 'resnet101'  # resnet50 | resnet101 | resnet_tiny
+  # resnet50 | resnet101 | resnet_tiny | dinov2_small | dinov2_base | dinov2_large
+  # | dinov2_giant | dinov2_tiny (dssn_jax.models.registry)
+  c.model.backbone = 'resnet101'
   c.model.pretrained = ''  # path of backbone weights (.pth / .npz); '' = random init
-  c.model.pretrained_layout = 'dssn'  # dssn | torchvision | timm
+  # dssn | torchvision | timm | model (ResNet); dinov2 | timm_dinov2 | hf_dinov2
+  # | unimatch_v2 (DINOv2); auto: detected from the keys
+  c.model.pretrained_layout = 'dssn'
   c.model.deep_stem = True  # False: torchvision 7x7 stem
   c.model.output_stride = 16  # 16 or 8
   c.model.width_multiplier = 1.0  # scales every backbone and head width
@@ -206,7 +210,10 @@ def base_config() -> ml_collections.ConfigDict:
   # them from the labeled and weak views only (the strong forward still
   # normalizes with its own batch statistics).
   c.train.strong_view_bn_stats = True
-  c.train.remat = False
+  c.train.remat = False  # rematerialize each residual / transformer block
+  # No gradient and no optimizer state for the backbone (UniMatch V2's
+  # lock_backbone); DINOv2 models also stop the backward pass at the encoder.
+  c.train.freeze_backbone = False
   c.train.log_every = 20
   c.train.eval_every = config_dict.placeholder(int)  # None: once per epoch
   c.train.checkpoint_every = 500

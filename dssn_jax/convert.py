@@ -18,10 +18,18 @@ classifier `fc.*` are ignored; any other missing, unexpected or mis-shaped
 key is reported, all of them in one `ConversionError`.
 
     python -m dssn_jax.convert resnet101.pth r101.npz --layout dssn
+    python -m dssn_jax.convert best.pth model.npz     # layout detected from the keys
+
+The layouts of every backbone family come from `dssn_jax.models.registry`;
+the DINOv2 ones (`dinov2`, `timm_dinov2`, `hf_dinov2`, `unimatch_v2`) are
+described and converted in `dssn_jax.models.dinov2_weights`. Without
+`--layout` (`layout=None`) the layout is detected from the keys, and a file
+no family recognises fails with the layouts listed.
 
 `.pth` files are read with `torch.load(..., weights_only=True)` (a pickle
 from the internet can run code); torch is imported only here, and only when
-a `.pth` is read (the `convert` extra).
+a `.pth` is read (the `convert` extra). `.safetensors` files (Hugging Face)
+are read with `safetensors.numpy`, without torch.
 """
 
 from __future__ import annotations
@@ -122,26 +130,54 @@ def _to_numpy(value) -> np.ndarray:
   return np.asarray(value)
 
 
-def read_state_dict(src) -> dict[str, Any]:
-  """A state dict from a path (`.pth`, read safely) or a mapping.
+def read_state_dict(src, ema: bool = False) -> dict[str, Any]:
+  """A state dict from a path (`.pth` read safely, `.safetensors`) or a mapping.
 
   Checkpoints saved as `{'model': state_dict, ...}` (the reference's
-  `latest.pth`/`best.pth`) or `{'state_dict': ...}` are unwrapped.
+  `latest.pth`/`best.pth`) or `{'state_dict': ...}` are unwrapped; with
+  `ema=True`, UniMatch V2's `model_ema` is taken instead of `model`.
   """
   if isinstance(src, (str, os.PathLike)):
     path = os.fspath(src)
     if not os.path.exists(path):
       raise FileNotFoundError(f'no weights file {path}')
-    import torch  # pylint: disable=g-import-not-at-top
+    if path.endswith('.safetensors'):
+      try:
+        from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+      except ImportError:
+        raise ImportError(
+          f'reading {path} needs the safetensors package (pip install safetensors)'
+        ) from None
+      src = load_file(path)
+    else:
+      import torch  # pylint: disable=g-import-not-at-top
 
-    src = torch.load(path, map_location='cpu', weights_only=True)
+      src = torch.load(path, map_location='cpu', weights_only=True)
   if not isinstance(src, Mapping):
     raise ConversionError(f'expected a state dict (a mapping), got {type(src).__name__}')
-  for wrapper in ('model', 'state_dict'):
+  wrappers = ('model_ema',) if ema else ('model', 'state_dict')
+  for wrapper in wrappers:
     if isinstance(src.get(wrapper), Mapping):
       src = src[wrapper]
       break
+  else:
+    if ema:
+      raise ConversionError(
+        f'ema=True but the checkpoint has no model_ema (keys {sorted(src)[:8]})'
+      )
   return dict(src)
+
+
+def detect_resnet_layout(state: Mapping[str, Any]) -> str | None:
+  """The ResNet-family layout the keys look like, or None."""
+  state = _strip_module_prefix(dict(state))
+  if any(k.startswith('backbone.layer1.') for k in state):
+    return 'model'
+  if 'layer1.0.conv1.weight' not in state:
+    return None
+  if 'conv1.0.weight' in state:
+    return 'timm' if 'fc.weight' in state else 'dssn'
+  return 'torchvision' if 'conv1.weight' in state else None
 
 
 def _strip_module_prefix(state: dict[str, Any]) -> dict[str, Any]:
@@ -255,53 +291,62 @@ def from_torch(
   path_or_state_dict,
   backbone: str | None = None,
   num_classes: int | None = None,
-  layout: str = 'dssn',
+  layout: str | None = None,
   deep_stem: bool | None = None,
+  ema: bool = False,
   **model_options,
 ) -> dict[str, Any]:
-  """Converts PyTorch weights into our variables.
+  """Converts PyTorch (or safetensors) weights into our variables.
 
   Args:
-    path_or_state_dict: a `.pth` path or a state dict.
-    backbone: `resnet50` | `resnet101` | `resnet_tiny`; None infers 50/101
-      from the number of layer3 blocks.
-    num_classes: classes of the `model` layout's classifier (None: read from
-      `classifier.weight`); unused by the backbone layouts.
-    layout: `dssn` | `timm` | `torchvision` (backbone only) | `model`.
-    deep_stem: None follows the layout (torchvision: 7x7; `model`: whatever
-      the state dict holds; else deep).
-    **model_options: more `create_model` options (head widths, stage_sizes).
+    path_or_state_dict: a `.pth` / `.safetensors` path or a state dict (a
+      whole checkpoint dict is unwrapped, see `read_state_dict`).
+    backbone: a registered backbone name; None infers it from the keys
+      (ResNet: 50/101 from the layer3 blocks; DINOv2: from width and depth).
+    num_classes: classes of a whole-model layout (None: read from its last
+      conv); unused by the backbone layouts.
+    layout: a registered layout (`dssn`, `timm`, `torchvision`, `model`,
+      `dinov2`, `timm_dinov2`, `hf_dinov2`, `unimatch_v2`); None detects it
+      from the keys.
+    deep_stem: ResNet only; None follows the layout (torchvision: 7x7;
+      `model`: whatever the state dict holds; else deep).
+    ema: take UniMatch V2's `model_ema` from a whole checkpoint.
+    **model_options: more `create_model` options (head widths, stage_sizes,
+      depth and taps of a reduced DINOv2).
 
   Returns:
-    `{'params', 'batch_stats'}` (numpy float32): the backbone subtree
-    (what sits under `backbone` in the model's variables) for the backbone
-    layouts, the whole model's variables for `model`.
+    numpy float32 variables: the backbone subtree (what sits under
+    `backbone` in the model's variables) for the backbone layouts, the whole
+    model's for `model` / `unimatch_v2`. ResNets have `params` and
+    `batch_stats`, DINOv2 models `params` only.
   """
-  from dssn_jax.models import create_model  # pylint: disable=g-import-not-at-top
+  from dssn_jax.models import create_model, registry  # pylint: disable=g-import-not-at-top
 
-  if layout not in LAYOUTS:
-    raise ValueError(f'layout={layout!r} must be one of {", ".join(LAYOUTS)}')
-  state = read_state_dict(path_or_state_dict)
-  if layout == 'model':
-    state = _strip_module_prefix(state)
-  prefix = 'backbone.' if layout == 'model' else ''
-  if deep_stem is None:
-    if layout == 'torchvision':
-      deep_stem = False
-    elif layout == 'model':
-      deep_stem = f'{prefix}conv1.weight' not in state
-    else:
-      deep_stem = True
+  if layout is not None:
+    registry.find_layout(layout)  # a clear error for an unknown name
+  state = read_state_dict(path_or_state_dict, ema=ema)
+  if layout is None:
+    layout = registry.detect_layout(state)
+  family, lay = registry.find_layout(layout)
   if backbone is None:
-    backbone = _infer_backbone(state, prefix)
+    backbone = family.infer_backbone(state, layout)
+  elif registry.family_of(backbone) is not family:
+    raise ConversionError(
+      f'layout {layout!r} holds {family.name} weights but backbone {backbone!r} is a'
+      f' {registry.family_of(backbone).name}; layouts of that family:'
+      f' {", ".join(x.name for x in registry.family_of(backbone).layouts)}'
+    )
   if num_classes is None:
-    num_classes = _infer_num_classes(state) if layout == 'model' else 1
-  model = create_model(backbone, num_classes, deep_stem=deep_stem, **model_options)
-  x = jax.ShapeDtypeStruct((1, 65, 65, 3), jnp.float32)
-  template = jax.eval_shape(model.init, jax.random.key(0), x)
-  if layout in BACKBONE_LAYOUTS:
-    template = {c: template[c]['backbone'] for c in ('params', 'batch_stats')}
-  return convert_state_dict(state, template, layout)
+    num_classes = family.infer_num_classes(state, layout) if lay.part == 'model' else 1
+  options = family.convert_options(state, layout)
+  if deep_stem is not None:
+    options['deep_stem'] = deep_stem
+  options.update(model_options)
+  model = create_model(backbone, num_classes, **options)
+  template = registry.variable_shapes(model, backbone)
+  if lay.part == 'backbone':
+    template = {c: v['backbone'] for c, v in template.items() if 'backbone' in v}
+  return family.convert(state, template, layout)
 
 
 def save_npz(variables: Mapping[str, Any], path: str) -> str:
@@ -325,27 +370,37 @@ def load_npz(path: str) -> dict[str, Any]:
 
 
 def load_pretrained(
-  variables: Mapping[str, Any], path: str, layout: str = 'dssn', backbone: str | None = None
+  variables: Mapping[str, Any],
+  path: str,
+  layout: str | None = 'dssn',
+  backbone: str | None = None,
 ) -> dict[str, Any]:
   """Returns `variables` with the backbone replaced by pretrained weights.
 
   Args:
-    variables: the model's freshly initialized `{'params', 'batch_stats'}`.
-    path: a `.pth` (converted with `layout`) or a `.npz` from
-      `python -m dssn_jax.convert` (a backbone tree or a whole model, whose
-      backbone is taken).
-    layout: layout of a `.pth` file.
-    backbone: the backbone's name, for error messages.
+    variables: the model's freshly initialized variables (`params`, and
+      `batch_stats` for the ResNets).
+    path: a `.pth` / `.safetensors` (converted with `layout`) or a `.npz`
+      from `python -m dssn_jax.convert` (a backbone tree or a whole model,
+      whose backbone is taken).
+    layout: layout of a `.pth`; a whole-model layout (`model`,
+      `unimatch_v2`) contributes its backbone; None or 'auto': detected
+      from the keys.
+    backbone: the backbone's name, for error messages and to check that
+      the layout is of its family.
 
   Raises:
     ConversionError: listing every key whose name or shape does not match.
   """
-  target = {c: variables[c]['backbone'] for c in ('params', 'batch_stats')}
+  from dssn_jax.models import registry  # pylint: disable=g-import-not-at-top
+
+  collections = [c for c in variables if 'backbone' in variables[c]]
+  target = {c: variables[c]['backbone'] for c in collections}
   what = f'{backbone} backbone' if backbone else 'backbone'
   if path.endswith('.npz'):
     loaded = load_npz(path)
     if 'backbone' in loaded['params']:
-      loaded = {c: loaded.get(c, {}).get('backbone', {}) for c in ('params', 'batch_stats')}
+      loaded = {c: loaded.get(c, {}).get('backbone', {}) for c in collections}
     want = {(c,) + p: v.shape for c in target for p, v in _flatten(target[c])}
     have = {(c,) + p: v.shape for c in loaded for p, v in _flatten(loaded[c])}
     problems = [f'missing {"/".join(k)} {want[k]}' for k in sorted(set(want) - set(have))]
@@ -358,21 +413,29 @@ def load_pretrained(
     if problems:
       raise ConversionError(f'{path} does not fit the {what}:\n  ' + '\n  '.join(problems))
   else:
-    if layout not in BACKBONE_LAYOUTS + ('model',):
-      raise ValueError(f'layout={layout!r} must be one of {", ".join(LAYOUTS)}')
     state = read_state_dict(path)
-    if layout == 'model':
+    if layout in (None, 'auto'):
+      layout = registry.detect_layout(state)
+    family, lay = registry.find_layout(layout)
+    if backbone is not None and registry.family_of(backbone) is not family:
+      raise ConversionError(
+        f'{path}: layout {layout!r} holds {family.name} weights but the backbone {backbone!r}'
+        f' is a {registry.family_of(backbone).name}; set config.model.pretrained_layout to one'
+        f' of {", ".join(x.name for x in registry.family_of(backbone).layouts)} (or auto)'
+      )
+    if lay.part == 'model':
       state = {
         k[len('backbone.') :]: v
         for k, v in _strip_module_prefix(state).items()
         if k.startswith('backbone.')
       }
+      layout = lay.backbone_layout
     try:
-      loaded = convert_state_dict(state, target, layout)
+      loaded = family.convert(state, target, layout)
     except ConversionError as e:
       raise ConversionError(f'{path} does not fit the {what}: {e}') from None
   out = {k: dict(v) for k, v in variables.items()}
-  for c in ('params', 'batch_stats'):
+  for c in collections:
     out[c]['backbone'] = jax.tree_util.tree_map(
       lambda new, old: jnp.asarray(new, old.dtype), loaded[c], target[c]
     )
@@ -380,28 +443,49 @@ def load_pretrained(
 
 
 def main(argv=None) -> int:
+  from dssn_jax.models import registry  # pylint: disable=g-import-not-at-top
+
+  layouts = '; '.join(
+    f'{lay.name}: {lay.description}' for f in registry.FAMILIES.values() for lay in f.layouts
+  )
   parser = argparse.ArgumentParser(
     prog='python -m dssn_jax.convert',
-    description='Convert a PyTorch state dict (.pth) into dssn_jax variables (.npz).',
+    description='Convert a PyTorch state dict (.pth) or Hugging Face .safetensors into'
+    ' dssn_jax variables (.npz).',
   )
-  parser.add_argument('src', help='the .pth file')
+  parser.add_argument('src', help='the .pth / .safetensors file')
   parser.add_argument('out', help='output .npz path')
-  parser.add_argument('--layout', default='dssn', choices=LAYOUTS)
   parser.add_argument(
-    '--backbone', default=None, help='resnet50 | resnet101 (default: inferred from the keys)'
+    '--layout',
+    default=None,
+    choices=registry.layout_names(),
+    help=f'default: detected from the keys. {layouts}',
+  )
+  parser.add_argument(
+    '--backbone',
+    default=None,
+    choices=registry.backbone_names(),
+    help='default: inferred from the keys',
   )
   parser.add_argument(
     '--num-classes',
     type=int,
     default=None,
-    help='classes of a whole model (default: from classifier.weight)',
+    help='classes of a whole model (default: from its last conv)',
+  )
+  parser.add_argument(
+    '--ema', action='store_true', help="a UniMatch V2 checkpoint's model_ema instead of model"
   )
   args = parser.parse_args(argv)
   try:
+    state = read_state_dict(args.src, ema=args.ema)
+    if args.layout is None:
+      args.layout = registry.detect_layout(state)
+      print(f'layout {args.layout} (detected from the keys)')
     variables = from_torch(
-      args.src, backbone=args.backbone, num_classes=args.num_classes, layout=args.layout
+      state, backbone=args.backbone, num_classes=args.num_classes, layout=args.layout
     )
-  except (ValueError, FileNotFoundError) as e:  # ConversionError is a ValueError
+  except (ValueError, FileNotFoundError, ImportError) as e:  # ConversionError is a ValueError
     print(f'error: {e}', file=sys.stderr)
     return 1
   path = save_npz(variables, args.out)

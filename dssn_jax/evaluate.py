@@ -457,8 +457,9 @@ def load_weights(path: str, config: ml_collections.ConfigDict) -> dict[str, Any]
   """`{'params', 'batch_stats'}` of a whole model from `.npz` or reference `.pth`.
 
   A `.pth` may be a bare state dict or a reference checkpoint dict holding it
-  under `model` (DSSN's `best.pth` / `t_best.pth`) or `state_dict`; it is
-  converted with `dssn_jax.convert.from_torch(layout='model')`.
+  under `model` (DSSN's `best.pth` / `t_best.pth`, UniMatch V2's `best.pth`)
+  or `state_dict`; it is converted with `dssn_jax.convert.from_torch`, whose
+  layout (`model`, `unimatch_v2`) is detected from the keys.
   """
   from dssn_jax import convert  # pylint: disable=g-import-not-at-top
 
@@ -472,7 +473,7 @@ def load_weights(path: str, config: ml_collections.ConfigDict) -> dict[str, Any]
   if importlib.util.find_spec('torch') is None:
     raise ImportError(f'reading {path} needs PyTorch (pip install "dssn-jax[convert]")')
   return convert.from_torch(
-    path, backbone=config.model.backbone, num_classes=int(config.data.num_classes), layout='model'
+    path, backbone=config.model.backbone, num_classes=int(config.data.num_classes), layout=None
   )
 
 

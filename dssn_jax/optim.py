@@ -86,6 +86,7 @@ def make_optimizer(
   weight_decay: float | None = None,
   poly_power: float | None = None,
   optimizer: str | None = None,
+  freeze_backbone: bool | None = None,
 ) -> optax.GradientTransformation:
   """The reference optimizer: backbone at `schedule.lr`, head at `schedule.head_lr`.
 
@@ -97,6 +98,9 @@ def make_optimizer(
       defaults 0.9, 1e-4, 0.9 (the reference).
     optimizer: 'sgd' (the reference) or 'adamw' (momentum unused); explicit
       wins over `config.train.optimizer`, default 'sgd'.
+    freeze_backbone: the backbone group gets zero updates and keeps no
+      optimizer state (`optax.set_to_zero`); explicit wins over
+      `config.train.freeze_backbone`, default False.
   Returns:
     An optax transformation over the model's `params` dict.
   """
@@ -127,6 +131,7 @@ def make_optimizer(
       return optax.adamw(rate, weight_decay=weight_decay)
     return torch_sgd(rate, momentum, weight_decay)
 
-  return optax.multi_transform(
-    {BACKBONE: group(schedule.lr), HEAD: group(schedule.head_lr)}, param_labels
-  )
+  if freeze_backbone is None:
+    freeze_backbone = bool(config.train.freeze_backbone) if config is not None else False
+  backbone = optax.set_to_zero() if freeze_backbone else group(schedule.lr)
+  return optax.multi_transform({BACKBONE: backbone, HEAD: group(schedule.head_lr)}, param_labels)

@@ -115,7 +115,7 @@ def initial_variables(config: ml_collections.ConfigDict, model, rng: jax.Array, 
   seed = jax.random.randint(rng, (), 0, jnp.iinfo(jnp.int32).max)
   init_key = jax.random.key(seed, impl='rbg')
   variables = jax.jit(lambda r: model.init(r, dummy, train=False))(init_key)
-  variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+  variables = {k: variables[k] for k in ('params', 'batch_stats') if k in variables}
   if config.model.pretrained:
     from dssn_jax import convert  # pylint: disable=g-import-not-at-top
 

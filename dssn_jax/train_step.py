@@ -128,7 +128,7 @@ def _forward(model, params, batch_stats, images, *, train: bool, perturb: int = 
     (logits, aux), updates = model.apply(
       variables, images, train=True, perturb=perturb, rngs=rngs, mutable=['batch_stats']
     )
-    return logits, aux, updates['batch_stats']
+    return logits, aux, updates.get('batch_stats', batch_stats)  # none without BatchNorm
   logits, aux = model.apply(variables, images, train=False, perturb=perturb, rngs=rngs)
   return logits, aux, batch_stats
 

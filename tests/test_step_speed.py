@@ -117,3 +117,29 @@ def test_bad_flags_are_rejected(argv, capsys):
   with pytest.raises(SystemExit):
     step_speed.parse_args(argv)
   assert 'error' in capsys.readouterr().err
+
+
+def test_backbones_come_from_the_registry():
+  from dssn_jax.models import registry
+
+  for name in registry.backbone_names():
+    assert step_speed.parse_args(['--backbone', name]).backbone == name
+  with pytest.raises(SystemExit):
+    step_speed.parse_args(['--backbone', 'dinov2_small', '--torch'])
+
+
+def test_levers_compile_only_report_memory(capsys):
+  """`--levers` on the DINOv2 test encoder: four compiled programs, none run."""
+  rows = step_speed.main(
+    ['--backbone', 'dinov2_tiny', '--crop', '28', '--batch', '1', '--num-classes', '4']
+    + ['--method', 'supervised', '--levers']
+  )
+  out = capsys.readouterr().out
+  assert [(r['dtype'], r['remat'], r['frozen']) for r in rows] == [
+    ('float32', False, False),
+    ('bfloat16', False, False),
+    ('float32', True, False),
+    ('float32', False, True),
+  ]
+  assert all(r['xla_bytes'] > 0 and r['median_s'] is None for r in rows)
+  assert out.count('step_speed_mem: backbone=dinov2_tiny') == 4

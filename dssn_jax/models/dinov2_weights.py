@@ -1,0 +1,231 @@
+"""PyTorch / safetensors weights -> DINOv2 + DPT variables.
+
+Four layouts a UniMatch V2 user holds, each first renamed to the DINOv2
+hub names, then mapped onto our parameters by one rule:
+
+| layout | file | keys |
+| --- | --- | --- |
+| `dinov2` | `dinov2_vits14_pretrain.pth` ... (UniMatch V2's `pretrained/dinov2_*.pth`) | `cls_token`, `pos_embed`, `mask_token`, `patch_embed.proj.*`, `blocks.{i}.{norm1,attn.qkv,attn.proj,ls1.gamma,norm2,mlp.fc1,mlp.fc2,ls2.gamma}` (giant `mlp.w12`, `mlp.w3`), `norm.*` |
+| `timm_dinov2` | timm `vit_{small,base,large,giant}_patch14_dinov2` | the hub names without `mask_token`; giant's packed SwiGLU is `mlp.fc1` / `mlp.fc2` |
+| `hf_dinov2` | Hugging Face `Dinov2Model` (`model.safetensors`) | `embeddings.{cls_token,mask_token,position_embeddings,patch_embeddings.projection}`, `encoder.layer.{i}.attention.attention.{query,key,value}`, `attention.output.dense`, `layer_scale{1,2}.lambda1`, `mlp.{fc1,fc2}` (giant `mlp.weights_in`, `mlp.weights_out`), `norm1`, `norm2`, `layernorm` (optional `dinov2.` prefix) |
+| `unimatch_v2` | a whole UniMatch V2 checkpoint (`best.pth`: `model` or `model_ema`) | `backbone.*` (hub names), `head.*` (optional `module.` prefix) |
+
+The first three are encoder weights (what `config.model.pretrained` loads);
+`unimatch_v2` is the whole segmenter. Hub name -> our path: `blocks.{i}` ->
+`blocks_{i}`, `weight` -> `kernel` (Dense: transposed to `(in, out)`; conv:
+`(O, I, kh, kw)` -> `(kh, kw, I, O)`; the DPT's transposed convs
+`resize_layers.{0,1}`: `(I, O, kh, kw)` -> `(kh, kw, I, O)`), LayerNorm
+`weight` -> `scale`; head: `head.scratch.{layerK_rn,refinenetK}` ->
+`head/{layerK_rn,refinenetK}`, `head.scratch.output_conv.{0,2}` ->
+`head/output_conv{1,2}`, `head.{projects,resize_layers}.{i}` ->
+`head/{projects,resize_layers}_{i}`. The stored 37x37 position grid is
+kept; the model resizes it at run time as the authors' does.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from dssn_jax.convert import ConversionError, _flatten, _set, _to_numpy
+
+ENCODER_LAYOUTS = ('dinov2', 'timm_dinov2', 'hf_dinov2')
+MODEL_LAYOUTS = ('unimatch_v2',)
+
+_HEAD_SCRATCH = re.compile(r'^(layer\d_rn|refinenet\d)$')
+_INDEXED = re.compile(r'^(blocks|projects|resize_layers)_(\d+)$')
+_LEAVES = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'gamma': 'gamma'}
+
+
+def torch_key(path: tuple[str, ...]) -> str:
+  """Our variable path -> the hub / UniMatch V2 state-dict key."""
+  *modules, leaf = path
+  parts = []
+  in_head = bool(modules) and modules[0] == 'head'
+  for m in modules:
+    if (g := _INDEXED.match(m)) is not None:
+      parts.append(f'{g.group(1)}.{g.group(2)}')
+    elif in_head and _HEAD_SCRATCH.match(m):
+      parts.append(f'scratch.{m}')
+    elif in_head and m in ('output_conv1', 'output_conv2'):
+      parts.append(f'scratch.output_conv.{0 if m == "output_conv1" else 2}')
+    else:
+      parts.append(m)
+  parts.append(_LEAVES.get(leaf, leaf))  # cls_token, pos_embed, mask_token as they are
+  return '.'.join(parts)
+
+
+def _to_ours(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+  """A torch tensor (numpy) -> our layout of the leaf at `path`."""
+  if path[-1] != 'kernel':
+    return value
+  if value.ndim == 2:
+    return value.T
+  if value.ndim == 4:
+    transposed = any(m in ('resize_layers_0', 'resize_layers_1') for m in path)
+    return value.transpose(2, 3, 0, 1) if transposed else value.transpose(2, 3, 1, 0)
+  return value
+
+
+def _from_timm(state: dict[str, Any], template: Mapping[str, Any]) -> dict[str, Any]:
+  out = dict(state)
+  swiglu = 'w12' in template.get('blocks_0', {}).get('mlp', {})
+  if swiglu:
+    for key in list(out):
+      g = re.match(r'^(blocks\.\d+\.mlp\.)fc([12])\.(weight|bias)$', key)
+      if g:
+        out[f'{g.group(1)}{"w12" if g.group(2) == "1" else "w3"}.{g.group(3)}'] = out.pop(key)
+  if 'mask_token' not in out and 'mask_token' in template:  # timm drops it; torch inits zeros
+    out['mask_token'] = np.zeros(template['mask_token'].shape, np.float32)
+  return out
+
+
+_HF_RENAMES = (
+  (r'^embeddings\.cls_token$', 'cls_token'),
+  (r'^embeddings\.mask_token$', 'mask_token'),
+  (r'^embeddings\.position_embeddings$', 'pos_embed'),
+  (r'^embeddings\.patch_embeddings\.projection\.', 'patch_embed.proj.'),
+  (r'^encoder\.layer\.(\d+)\.attention\.output\.dense\.', r'blocks.\1.attn.proj.'),
+  (r'^encoder\.layer\.(\d+)\.layer_scale([12])\.lambda1$', r'blocks.\1.ls\2.gamma'),
+  (r'^encoder\.layer\.(\d+)\.mlp\.weights_in\.', r'blocks.\1.mlp.w12.'),
+  (r'^encoder\.layer\.(\d+)\.mlp\.weights_out\.', r'blocks.\1.mlp.w3.'),
+  (r'^encoder\.layer\.(\d+)\.(norm1|norm2|mlp\.fc1|mlp\.fc2)\.', r'blocks.\1.\2.'),
+  (r'^layernorm\.', 'norm.'),
+)
+_HF_QKV = re.compile(
+  r'^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$'
+)
+
+
+def _from_hf(state: dict[str, Any]) -> dict[str, Any]:
+  """Hugging Face `Dinov2Model` names -> hub names; q, k, v concatenated into qkv."""
+  if state and all(k.startswith('dinov2.') for k in state):
+    state = {k[len('dinov2.') :]: v for k, v in state.items()}
+  out, qkv = {}, {}
+  for key, value in state.items():
+    if (g := _HF_QKV.match(key)) is not None:
+      qkv.setdefault((g.group(1), g.group(3)), {})[g.group(2)] = value
+      continue
+    for pattern, repl in _HF_RENAMES:
+      new, n = re.subn(pattern, repl, key)
+      if n:
+        out[new] = value
+        break
+    else:
+      out[key] = value  # left for the unexpected-key report
+  for (i, leaf), parts in qkv.items():
+    if set(parts) == {'query', 'key', 'value'}:
+      out[f'blocks.{i}.attn.qkv.{leaf}'] = np.concatenate(
+        [_to_numpy(parts[p]) for p in ('query', 'key', 'value')]
+      )
+    else:  # incomplete: report the pieces that are there
+      for p, value in parts.items():
+        out[f'encoder.layer.{i}.attention.attention.{p}.{leaf}'] = value
+  return out
+
+
+def _strip(state: dict[str, Any], prefix: str) -> dict[str, Any]:
+  if state and all(k.startswith(prefix) for k in state):
+    return {k[len(prefix) :]: v for k, v in state.items()}
+  return state
+
+
+def to_hub_names(state: Mapping[str, Any], template: Mapping[str, Any], layout: str) -> dict:
+  """Renames a state dict of `layout` to the hub / UniMatch V2 names."""
+  state = dict(state)
+  if layout == 'dinov2':
+    return state
+  if layout == 'timm_dinov2':
+    return _from_timm(state, template)
+  if layout == 'hf_dinov2':
+    return _from_hf(state)
+  if layout == 'unimatch_v2':
+    return _strip(state, 'module.')
+  raise ValueError(f'layout={layout!r} must be one of {", ".join(ENCODER_LAYOUTS + MODEL_LAYOUTS)}')
+
+
+def convert_state_dict(
+  state: Mapping[str, Any], template: Mapping[str, Any], layout: str
+) -> dict[str, Any]:
+  """Fills `template`'s params from a state dict of `layout`.
+
+  Args:
+    state: key -> tensor or array.
+    template: `{'params': ...}` (arrays or `ShapeDtypeStruct`s): the
+      encoder's subtree for the encoder layouts, the whole segmenter's for
+      `unimatch_v2`.
+    layout: `dinov2`, `timm_dinov2`, `hf_dinov2` or `unimatch_v2`.
+
+  Returns:
+    `{'params': ...}` of float32 numpy arrays shaped like `template`.
+
+  Raises:
+    ConversionError: listing every missing, unexpected and mis-shaped key.
+  """
+  params = template['params']
+  state = to_hub_names(state, params, layout)
+  used, missing, misshaped, out = set(), [], [], {}
+  for path, leaf in _flatten(params):
+    key = torch_key(path)
+    if key not in state:
+      missing.append(f'{key} (for params/{"/".join(path)}, shape {tuple(leaf.shape)})')
+      continue
+    used.add(key)
+    raw = _to_numpy(state[key])
+    value = _to_ours(path, raw)
+    if tuple(value.shape) != tuple(leaf.shape):
+      misshaped.append(
+        f'{key}: {tuple(raw.shape)} does not fit params/{"/".join(path)} {tuple(leaf.shape)}'
+      )
+      continue
+    _set(out, ('params',) + path, np.asarray(value, np.float32))
+  unexpected = sorted(k for k in state if k not in used)
+  if missing or unexpected or misshaped:
+    lines = [f'state dict does not match the model (layout {layout!r}):']
+    for title, keys in (
+      ('missing', missing),
+      ('unexpected', unexpected),
+      ('mis-shaped', misshaped),
+    ):
+      if keys:
+        lines.append(f'  {len(keys)} {title} key(s):')
+        lines.extend(f'    {k}' for k in keys)
+    raise ConversionError('\n'.join(lines))
+  return out
+
+
+def detect(state: Mapping[str, Any]) -> str | None:
+  """The DINOv2-family layout the keys look like, or None."""
+  keys = set(state)
+  if any(k.startswith(('module.backbone.blocks.', 'backbone.blocks.')) for k in keys):
+    return 'unimatch_v2'
+  if any(re.match(r'^(dinov2\.)?encoder\.layer\.\d+\.attention\.attention\.', k) for k in keys):
+    return 'hf_dinov2'
+  if 'blocks.0.attn.qkv.weight' in keys and 'pos_embed' in keys:
+    return 'dinov2' if 'mask_token' in keys else 'timm_dinov2'
+  return None
+
+
+def encoder_dims(state: Mapping[str, Any], layout: str) -> tuple[int, int]:
+  """`(dim, depth)` of the encoder a state dict holds."""
+  state = to_hub_names(state, {}, layout)
+  prefix = 'backbone.' if layout in MODEL_LAYOUTS else ''
+  if f'{prefix}cls_token' not in state:
+    raise ConversionError(f'no {prefix}cls_token in the state dict; pass backbone=')
+  dim = int(_to_numpy(state[f'{prefix}cls_token']).shape[-1])
+  blocks = {
+    int(g.group(1)) for k in state if (g := re.match(re.escape(prefix) + r'blocks\.(\d+)\.', k))
+  }
+  return dim, (max(blocks) + 1 if blocks else 0)
+
+
+def num_classes_of(state: Mapping[str, Any]) -> int:
+  """Classes of a whole UniMatch V2 checkpoint (its last output conv)."""
+  state = _strip(dict(state), 'module.')
+  key = 'head.scratch.output_conv.2.weight'
+  if key not in state:
+    raise ConversionError(f'no {key} in the state dict; pass num_classes=')
+  return int(_to_numpy(state[key]).shape[0])
