@@ -67,7 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.comp_drop_kept = 0.5
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = 'pascal'  # pascal | cityscapes | coco | folder | tfds | digits
+  c.data.name = 'pascal'  # a dssn_jax.data.datasets name: pascal | cityscapes | coco | ade20k | folder | tfds | digits
   c.data.root = ''
   c.data.splits_dir = ''
   c.data.split = '92'
@@ -118,6 +118,9 @@ def base_config() -> ml_collections.ConfigDict:
       class_names='',
     )
   )
+  # ADE20K's label convention: 'authors' (UniMatch V2's annotations, train ids
+  # 0..149) | 'raw' (ADEChallengeData2016: 0 = ignore, 1..150 -> 0..149).
+  c.data.ade20k = ml_collections.ConfigDict(dict(labels='authors'))
   c.data.digits = ml_collections.ConfigDict(
     dict(
       image_size=96,
@@ -201,6 +204,33 @@ def apply_unimatch_v2_recipe(c: ml_collections.ConfigDict) -> ml_collections.Con
   c.train.poly_power = 0.9
   c.train.ema_decay = 0.996
   c.data.eval_resize_multiple = 14
+  c.data.strong_ops = 0  # color jitter, grayscale, blur, cutmix only
+  return c
+
+
+def dinov2_recipe(
+  c: ml_collections.ConfigDict,
+  backbone: str,
+  *,
+  crop: int,
+  epochs: float,
+  batch: int,
+  freeze_backbone: bool = False,
+) -> ml_collections.ConfigDict:
+  """A dataset config switched to UniMatch V2's DINOv2/DPT recipe.
+
+  `batch` is the global labeled batch (the authors' per-GPU batch x 4 GPUs);
+  `freeze_backbone` is their `lock_backbone` (`config.train.freeze_backbone`,
+  read by the DINOv2 model's optimizer). Any method runs on it; `dssn` keeps
+  its own losses, CPLG and warm-up.
+  """
+  apply_unimatch_v2_recipe(c)
+  c.model.backbone = backbone
+  c.model.pretrained = f'pretrained/{backbone}.pth'
+  c.data.crop_size = crop
+  c.data.batch_size = batch
+  c.train.epochs = float(epochs)
+  c.train.freeze_backbone = bool(freeze_backbone)
   return c
 
 

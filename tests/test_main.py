@@ -66,6 +66,7 @@ def test_every_config_trains_two_steps(name, tmp_path):
     'pascal': fake_datasets.make_pascal,
     'cityscapes': fake_datasets.make_cityscapes,
     'coco': fake_datasets.make_coco,
+    'ade20k': fake_datasets.make_ade20k,
   }
   if name in makers:
     root, splits = makers[name](str(tmp_path / 'data'), split=config.data.split)
