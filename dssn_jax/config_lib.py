@@ -92,6 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
   # nearest multiple of this per side, predict, resize the logits back
   # (UniMatch V2's ViTs: 14). 0 = whole image as is (ResNet, the default).
   c.data.eval_resize_multiple = 0
+  # sliding_window mode: 'truncate' (UniMatch V1 / DSSN: border windows cut
+  # short) | 'shift' (UniMatch V2: the last window ends at the border, whole).
+  c.data.eval_window_edges = 'truncate'
   c.data.eval_crop_size = config_dict.placeholder(int)  # None: crop_size
   # Source-specific settings (read only by that source).
   c.data.folder = ml_collections.ConfigDict(
@@ -204,6 +207,7 @@ def apply_unimatch_v2_recipe(c: ml_collections.ConfigDict) -> ml_collections.Con
   c.train.poly_power = 0.9
   c.train.ema_decay = 0.996
   c.data.eval_resize_multiple = 14
+  c.data.eval_window_edges = 'shift'
   c.data.strong_ops = 0  # color jitter, grayscale, blur, cutmix only
   return c
 

@@ -19,7 +19,9 @@ Three modes, as the reference runs them:
                   running past the border is truncated, not shifted, so an
                   image smaller than the window still gets a window at every
                   start below its size. Softmax probabilities are summed over
-                  windows, then argmax (Cityscapes).
+                  windows, then argmax (Cityscapes). With
+                  `config.data.eval_window_edges='shift'` (UniMatch V2) the
+                  last window of a row or column ends at the border instead.
 
 The forward is jitted once per input shape (jit's cache), one program serving
 both student and teacher. Each host evaluates its own records on its local
@@ -125,9 +127,22 @@ def sliding_window_stride(window: int) -> int:
   return stride
 
 
-def window_starts(size: int, stride: int) -> list[int]:
-  """Window starts along one axis: 0, stride, 2*stride, ... below `size`."""
-  return list(range(0, size, stride))
+def window_starts(size: int, stride: int, window: int | None = None, shift: bool = False):
+  """Window starts along one axis.
+
+  `shift=False` (UniMatch V1 / DSSN): 0, stride, 2*stride, ... below `size`,
+  the last windows truncated at the border. `shift=True` (UniMatch V2): the
+  same, but the last start is `size - window`, so every window is whole (a
+  ViT needs its sides to stay multiples of 14); one window when `size <= window`.
+  """
+  if not shift:
+    return list(range(0, size, stride))
+  if size <= window:
+    return [0]
+  starts = [0]
+  while starts[-1] != size - window:
+    starts.append(min(starts[-1] + stride, size - window))
+  return starts
 
 
 def sliding_window_probs(
@@ -135,6 +150,7 @@ def sliding_window_probs(
   images: jax.Array,
   window: int,
   stride: int | None = None,
+  shift: bool = False,
 ) -> jax.Array:
   """Softmax probabilities summed over the reference's sliding windows.
 
@@ -148,12 +164,15 @@ def sliding_window_probs(
     images: `(B, H, W, ...)`, passed to `logits_fn` as sliced.
     window: window side (the crop size).
     stride: default `int(window * 2 / 3)`.
+    shift: the last windows end at the border instead of being truncated
+      (`window_starts`; UniMatch V2).
   Returns:
     float32 `(B, H, W, C)`.
   """
   stride = sliding_window_stride(window) if stride is None else int(stride)
   b, h, w = images.shape[:3]
-  positions = [(r, c) for r in window_starts(h, stride) for c in window_starts(w, stride)]
+  rows, cols = window_starts(h, stride, window, shift), window_starts(w, stride, window, shift)
+  positions = [(r, c) for r in rows for c in cols]
   groups: dict[tuple[int, int], list[tuple[int, int]]] = collections.defaultdict(list)
   for r, c in positions:
     groups[(min(h, r + window) - r, min(w, c + window) - c)].append((r, c))
@@ -214,6 +233,7 @@ def predict_labels(
   sliding: bool,
   window: int | None = None,
   resize_multiple: int = 0,
+  shift_windows: bool = False,
 ) -> jax.Array:
   """Argmax labels of uint8 `(B, H, W, 3)` images -> int32 `(B, H, W)`.
 
@@ -229,7 +249,7 @@ def predict_labels(
   if sliding:
     if window is None:
       raise ValueError('sliding-window prediction needs a window size')
-    scores = sliding_window_probs(logits_fn, images, window)
+    scores = sliding_window_probs(logits_fn, images, window, shift=shift_windows)
   else:
     scores = logits_fn(images)
   return jnp.argmax(scores, axis=-1).astype(jnp.int32)
@@ -260,6 +280,7 @@ def _eval_step(
   sliding,
   window,
   resize_multiple,
+  shift_windows,
   num_classes,
   ignore_index,
 ):
@@ -269,7 +290,13 @@ def _eval_step(
   share one compiled program per input shape.
   """
   pred = predict_labels(
-    model, variables, images, sliding=sliding, window=window, resize_multiple=resize_multiple
+    model,
+    variables,
+    images,
+    sliding=sliding,
+    window=window,
+    resize_multiple=resize_multiple,
+    shift_windows=shift_windows,
   )
   return cm + confusion_matrix(pred, labels, num_classes, ignore_index)
 
@@ -333,6 +360,10 @@ class Evaluator:
     self.ignore_index = int(config.data.ignore_index)
     self.window = int(config.data.eval_crop_size or config.data.crop_size)
     self.resize_multiple = int(config.data.eval_resize_multiple) if self.mode == 'original' else 0
+    if config.data.eval_window_edges not in ('truncate', 'shift'):
+      raise ValueError(
+        f'config.data.eval_window_edges={config.data.eval_window_edges!r} must be truncate or shift'
+      )
     if self.window < 2:
       raise ValueError(f'evaluation crop size {self.window} must be at least 2')
     self._records = records
@@ -353,6 +384,7 @@ class Evaluator:
       sliding=self.mode == 'sliding_window',
       window=self.window,
       resize_multiple=self.resize_multiple,
+      shift_windows=config.data.eval_window_edges == 'shift',
       num_classes=self.num_classes,
       ignore_index=self.ignore_index,
     )

@@ -103,9 +103,18 @@ class Predictor:
     resize_multiple: > 0 (`config.data.eval_resize_multiple`, UniMatch V2's
       ViTs): every image is predicted whole, resized to the nearest multiple
       of it per side and back, never in windows.
+    shift_windows: the last sliding windows end at the border, whole
+      (`config.data.eval_window_edges='shift'`, UniMatch V2).
   """
 
-  def __init__(self, model, variables: Any, crop_size: int, resize_multiple: int = 0):
+  def __init__(
+    self,
+    model,
+    variables: Any,
+    crop_size: int,
+    resize_multiple: int = 0,
+    shift_windows: bool = False,
+  ):
     self.crop_size = int(crop_size)
     self.resize_multiple = int(resize_multiple)
     evaluate.sliding_window_stride(self.crop_size)  # validates the size
@@ -118,6 +127,7 @@ class Predictor:
         sliding=sliding,
         window=self.crop_size,
         resize_multiple=0 if sliding else self.resize_multiple,
+        shift_windows=shift_windows,
       ),
       static_argnums=(2,),
     )
@@ -187,7 +197,11 @@ def run(
   crop = int(config.data.eval_crop_size or config.data.crop_size)
   palette = check_palette(sources.palette(config), int(config.data.num_classes))
   predictor = Predictor(
-    models.model_from_config(config), chosen, crop, int(config.data.eval_resize_multiple)
+    models.model_from_config(config),
+    chosen,
+    crop,
+    int(config.data.eval_resize_multiple),
+    config.data.eval_window_edges == 'shift',
   )
   return predict_files(predictor, paths, output, palette, alpha)
 

@@ -392,3 +392,39 @@ def test_eval_resize_to_a_multiple_of_14_matches_torch():
   direct = model.apply({'params': params}, evaluate.normalize(images))[0]
   np.testing.assert_array_equal(np.asarray(plain), np.asarray(direct))
   assert config_lib.base_config().data.eval_resize_multiple == 0
+
+
+def authors_v2_windows(size, window, stride):
+  """UniMatch V2's `evaluate` loop over one axis (`supervised.py`)."""
+  starts, pos = [], 0
+  while True:
+    starts.append(pos)
+    if pos == size - window:
+      break
+    pos = min(pos + stride, size - window)
+  return starts
+
+
+def test_shifted_sliding_windows_follow_unimatch_v2():
+  for size in (1024, 2048, 800, 799):
+    want = authors_v2_windows(size, 798, int(798 * 2 / 3))
+    assert evaluate.window_starts(size, int(798 * 2 / 3), 798, shift=True) == want, size
+  assert evaluate.window_starts(2048, 532, 798, shift=True) == [0, 532, 1064, 1250]
+  assert evaluate.window_starts(500, 532, 798, shift=True) == [0]
+  # Probabilities: every window whole, summed where they overlap.
+  h, w, win = 20, 31, 14
+  images = np.random.default_rng(0).normal(size=(1, h, w, 3)).astype(np.float32)
+
+  def logits_fn(x):
+    assert x.shape[1:3] == (win, win)  # never truncated
+    return jnp.concatenate([x, -x], axis=-1)
+
+  got = np.asarray(evaluate.sliding_window_probs(logits_fn, images, win, shift=True))
+  want = np.zeros((1, h, w, 6))
+  stride = int(win * 2 / 3)
+  for r in authors_v2_windows(h, win, stride):
+    for c in authors_v2_windows(w, win, stride):
+      crop = images[:, r : r + win, c : c + win]
+      want[:, r : r + win, c : c + win] += jax.nn.softmax(np.concatenate([crop, -crop], -1), -1)
+  # float32 softmax sums of at most 4 windows.
+  np.testing.assert_allclose(got, want, atol=1e-6)
