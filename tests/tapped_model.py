@@ -32,9 +32,12 @@ class TinyTapped(nn.Module):
   @nn.compact
   def __call__(self, x, train=False, perturb=0, feature_masks=None, perturb_masks=None):
     del train
-    f = nn.relu(nn.Conv(self.feature_dim, (3, 3), padding=1, name='backbone')(x))
-    head = nn.Conv(self.feature_dim, (3, 3), padding=1, name='head')
-    classifier = nn.Conv(self.num_classes, (1, 1), name='classifier')
+    # Random biases: with zero ones a sample whose channels are all dropped
+    # would give class-constant logits (a zero std in DSSN's alignment).
+    bias = nn.initializers.normal(0.5)
+    f = nn.relu(nn.Conv(self.feature_dim, (3, 3), padding=1, bias_init=bias, name='backbone')(x))
+    head = nn.Conv(self.feature_dim, (3, 3), padding=1, bias_init=bias, name='head')
+    classifier = nn.Conv(self.num_classes, (1, 1), bias_init=bias, name='classifier')
 
     def decode(feat):
       return classifier(nn.relu(head(feat)))

@@ -238,7 +238,15 @@ def test_unimatch_v2_step_blends_the_teacher_with_its_keep_rate():
   [
     ('unimatch_v2', {'loss.threshold': 0.4}),
     ('dssn', {'loss.class_aware_high': 0.3, 'loss.class_aware_scale': 0.9}),
-    ('dssn', {'model.fp_masks': 'complementary', 'model.comp_drop': True}),
+    (
+      'dssn',
+      {
+        'model.fp_masks': 'complementary',
+        'model.comp_drop': True,
+        'loss.class_aware_high': 0.3,
+        'loss.class_aware_scale': 0.9,
+      },
+    ),
   ],
 )
 def test_grad_accum_gives_the_full_batch_update(method, overrides):
