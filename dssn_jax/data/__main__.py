@@ -26,6 +26,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from dssn_jax import methods
 from dssn_jax.data import datasets, sources
 
 FLAGS = flags.FLAGS
@@ -125,7 +126,8 @@ def check_dataset(
     True when no record had a problem.
   """
   data = config.data
-  splits = ('labeled', 'val') if config.method == 'supervised' else sources.SPLITS
+  unlabeled = methods.get(config.method).unlabeled
+  splits = sources.SPLITS if unlabeled else ('labeled', 'val')
   where = datasets.get(data.name).where(config)
   out(f'dataset {data.name}' + (f' ({where})' if where else '') + f', {data.num_classes} classes')
   reports = [check_split(config, split, threads) for split in splits]

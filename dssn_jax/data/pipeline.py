@@ -225,10 +225,10 @@ class TrainData:
     _check_train_config(config)
     data = config.data
     self.mesh = mesh
-    self.supervised = config.method == 'supervised'
-    self.local_batch_size = _batch_sizes(config, process_count)
-    from dssn_jax import config_lib  # pylint: disable=g-import-not-at-top
+    from dssn_jax import config_lib, methods  # pylint: disable=g-import-not-at-top
 
+    self.supervised = not methods.get(config.method).unlabeled  # labeled stream only
+    self.local_batch_size = _batch_sizes(config, process_count)
     mix_partner = config_lib.resolve_mix_partner(config)
 
     labeled = sources.get_source(config, 'labeled')
