@@ -235,7 +235,11 @@ def normalized(images):
 
 
 def split_micro(tree, k: int):
-  """Leading axis `B` -> `(k, B/k)` on every leaf (scalars are broadcast)."""
+  """Leading axis `B` -> `(k, B/k)` on every leaf (scalars are broadcast).
+
+  Micro-batch j holds samples j, j + k, j + 2k, ...: strided, so that with
+  the batch sharded on `data` each micro-batch still spans every device.
+  """
 
   def one(x):
     x = jnp.asarray(x)
@@ -245,7 +249,7 @@ def split_micro(tree, k: int):
       raise ValueError(
         f'config.train.grad_accum={k} does not divide the batch axis of size {x.shape[0]}'
       )
-    return x.reshape((k, x.shape[0] // k) + x.shape[1:])
+    return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
 
   return jax.tree.map(one, tree)
 
@@ -255,4 +259,4 @@ def map_micro(fn, tree, k: int):
   if k == 1:
     return fn(tree)
   out = jax.lax.map(fn, split_micro(tree, k))
-  return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), out)
+  return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:]), out)
