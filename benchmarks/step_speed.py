@@ -91,7 +91,7 @@ from dssn_jax.train import initial_variables
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-METHODS = ('dssn', 'unimatch', 'fixmatch', 'supervised')
+METHODS = config_lib.METHODS  # the method registry
 JSON_PREFIX = 'step_speed_json: '
 
 

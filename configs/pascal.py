@@ -5,10 +5,26 @@ r"""DSSN on PASCAL VOC 2012 (+SBD for the blended splits): the published recipe.
         --config.data.root=/data/VOC2012 --config.data.splits_dir=/data/splits/pascal \
         --config.model.pretrained=pretrained/resnet101.pth
 
+UniMatch V2 (DINOv2-B, published 86.3 mIoU with 92 labels):
+
+    python main.py --config configs/pascal.py:split=92,backbone=dinov2_base,method=unimatch_v2 \
+        --workdir runs/voc_92_uv2_b \
+        --config.data.root=/data/VOC2012 --config.data.splits_dir=/data/splits/pascal \
+        --config.model.pretrained=pretrained/dinov2_base.pth
+
+DSSN on DINOv2 (new; no published number): the same with `method=dssn`.
+
 ARG (`k=v,...`; a bare value sets `split`):
   split     92 | 183 | 366 | 732 | 1464 (classic) | 1_16 | 1_8 | 1_4 | 1_2 (blended)
-  backbone  resnet101 (published) | resnet50
-  method    dssn | unimatch | fixmatch | supervised
+  backbone  resnet101 (published) | resnet50 | dinov2_small | dinov2_base | dinov2_large
+  method    dssn | unimatch | fixmatch | supervised | unimatch_v2
+
+With a `dinov2_*` backbone the recipe is UniMatch V2's `configs/pascal.yaml`
+(`config_lib.dinov2_recipe`): crop 518, 60 epochs, global batch 16 (4 GPUs
+x 4), AdamW lr 5e-6 with the head at 40x, weight decay 0.01, CE, threshold
+0.95, encoder trained (`lock_backbone: False`), whole-image evaluation
+resized to multiples of 14. On one 24 GB GPU add
+`--config.train.grad_accum=4` (README, "UniMatch V2 on one GPU").
 
 Reference recipe (spec "Hyperparameters (VOC)"): crop 513, 100 epochs,
 global batch 8 labeled + 8 unlabeled (4 GPUs x 2), SGD lr 0.002 with the
@@ -47,4 +63,6 @@ def get_config(arg=None):
   c.train.warmup_steps = 1
   c.train.log_every = 50
   c.train.checkpoint_every = 1000
+  if args['backbone'].startswith('dinov2'):
+    config_lib.dinov2_recipe(c, args['backbone'], crop=518, epochs=60, batch=16)
   return c

@@ -185,11 +185,27 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """Reads `DIR/config.json` back into a ConfigDict (tuples become lists)."""
+  """Reads `DIR/config.json` back into a ConfigDict (tuples become lists).
+
+  Keys `base_config` defines that the file lacks (a workdir written before
+  they existed) get their defaults, so readers never need `config.get`.
+  """
+  from dssn_jax import config_lib  # pylint: disable=g-import-not-at-top
+
   path = epath.Path(workdir) / 'config.json'
   if not path.exists():
     raise FileNotFoundError(f'{path} does not exist: is {workdir!r} a dssn_jax workdir?')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  saved = json.loads(path.read_text())
+
+  def fill(into, defaults):
+    for key, value in defaults.items():
+      if key not in into:
+        into[key] = value
+      elif isinstance(value, dict) and isinstance(into[key], dict):
+        fill(into[key], value)
+
+  fill(saved, json.loads(config_lib.base_config().to_json_best_effort()))
+  return ml_collections.ConfigDict(saved)
 
 
 def resolve_step(checkpointer: Checkpointer, which: str | int) -> int:

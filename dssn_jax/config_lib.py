@@ -27,59 +27,12 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-METHODS = ('dssn', 'unimatch', 'fixmatch', 'supervised')
+from dssn_jax import methods as methods_lib
 
-# Spec "Presets": what each method reduces to.
-METHOD_PRESETS: dict[str, dict[str, Any]] = {
-  'dssn': dict(
-    sup=0.5,
-    strong=0.125,
-    fp=0.125,
-    align_image=0.005,
-    align_feature=0.005,
-    fp_branches=2,
-    strong_views=2,
-    pseudo_label='class_aware',
-    threshold=0.95,
-    teacher='ema',
-  ),
-  'unimatch': dict(
-    sup=0.5,
-    strong=0.125,
-    fp=0.25,
-    align_image=0.0,
-    align_feature=0.0,
-    fp_branches=1,
-    strong_views=2,
-    pseudo_label='fixed',
-    threshold=0.95,
-    teacher='student',
-  ),
-  'fixmatch': dict(
-    sup=0.5,
-    strong=0.5,
-    fp=0.0,
-    align_image=0.0,
-    align_feature=0.0,
-    fp_branches=0,
-    strong_views=1,
-    pseudo_label='fixed',
-    threshold=0.95,
-    teacher='student',
-  ),
-  'supervised': dict(
-    sup=1.0,
-    strong=0.0,
-    fp=0.0,
-    align_image=0.0,
-    align_feature=0.0,
-    fp_branches=0,
-    strong_views=0,
-    pseudo_label='fixed',
-    threshold=0.95,
-    teacher='student',
-  ),
-}
+# The methods and their presets live in `dssn_jax.methods` (one module per
+# method, each with its `PRESET`); these are views of that registry.
+METHODS = methods_lib.names()
+METHOD_PRESETS: dict[str, dict[str, Any]] = {n: methods_lib.get(n).preset for n in METHODS}
 
 LOSS_WEIGHTS = ('sup', 'strong', 'fp', 'align_image', 'align_feature')
 
@@ -107,9 +60,18 @@ def base_config() -> ml_collections.ConfigDict:
   # and perturbed rows) | clean (statistics from the clean rows only).
   c.model.fp_bn = 'joint'
   c.model.fp_branches = config_dict.placeholder(int)  # None: method preset
+  # Models with tapped features (model.feature_dim: DINOv2/DPT): the fp
+  # branches' channel masks, 'independent' (DSSN's Dropout2d, each branch its
+  # own mask) | 'complementary' (m and 2 - m); None: method preset.
+  c.model.fp_masks = config_dict.placeholder(str)
+  # UniMatch V2's complementary dropout of the two strong views' tapped
+  # features (None: method preset; on for unimatch_v2 only) and the fraction
+  # of pairs it leaves undropped.
+  c.model.comp_drop = config_dict.placeholder(bool)
+  c.model.comp_drop_kept = 0.5
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = 'pascal'  # pascal | cityscapes | coco | folder | tfds | digits
+  c.data.name = 'pascal'  # a dssn_jax.data.datasets name: pascal | cityscapes | coco | ade20k | folder | tfds | digits
   c.data.root = ''
   c.data.splits_dir = ''
   c.data.split = '92'
@@ -123,11 +85,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.hflip = True  # random horizontal flip p=0.5 (False: never, e.g. digits)
   c.data.strong_ops = 3  # RandAugment-style ops per strong view, k ~ U{1..n}; 0 = off
   c.data.cutmix_p = 0.5
-  # Mix partner of the cutmix: 'shuffled' = an independently ordered pass over
-  # the unlabeled list (spec); 'same' = the reference code's zip of one
-  # loader with itself, i.e. the same image with other random views.
-  c.data.mix_partner = 'shuffled'
+  # Mix partner of the cutmix (None: method preset): 'same' = the reference
+  # code's zip of one loader with itself, i.e. the same image with other
+  # random views (dssn, unimatch, fixmatch); 'shuffled' = an independently
+  # ordered pass over the unlabeled list; 'reversed' = the batch reversed,
+  # no partner stream (unimatch_v2 only).
+  c.data.mix_partner = config_dict.placeholder(str)
   c.data.eval_mode = 'original'  # original | center_crop | sliding_window
+  # 'original' mode only: resize each image (bilinear, align corners) to the
+  # nearest multiple of this per side, predict, resize the logits back
+  # (UniMatch V2's ViTs: 14). 0 = whole image as is (ResNet, the default).
+  c.data.eval_resize_multiple = 0
+  # sliding_window mode: 'truncate' (UniMatch V1 / DSSN: border windows cut
+  # short) | 'shift' (UniMatch V2: the last window ends at the border, whole).
+  c.data.eval_window_edges = 'truncate'
   c.data.eval_crop_size = config_dict.placeholder(int)  # None: crop_size
   # Source-specific settings (read only by that source).
   c.data.folder = ml_collections.ConfigDict(
@@ -154,6 +125,9 @@ def base_config() -> ml_collections.ConfigDict:
       class_names='',
     )
   )
+  # ADE20K's label convention: 'authors' (UniMatch V2's annotations, train ids
+  # 0..149) | 'raw' (ADEChallengeData2016: 0 = ignore, 1..150 -> 0..149).
+  c.data.ade20k = ml_collections.ConfigDict(dict(labels='authors'))
   c.data.digits = ml_collections.ConfigDict(
     dict(
       image_size=96,
@@ -190,6 +164,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.scale_lr_with_batch = False
   c.train.reference_batch_size = 8  # global labeled batch the lr was tuned for
   c.train.ema_decay = 0.996
+  # Micro-batches per global batch: one optimizer update from the summed
+  # gradients, equal to the full-batch update (models without BatchNorm).
+  c.train.grad_accum = 1
   # Warm-up (DSSN only): strong-view terms off and EMA keep rate 0 while
   # step < warmup.
   c.train.warmup_steps = 1  # VOC reference: the first iteration only
@@ -222,6 +199,52 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def apply_unimatch_v2_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The optimization and evaluation of UniMatch V2's runs (every dataset).
+
+  AdamW (betas 0.9/0.999, weight decay 0.01), encoder lr 5e-6 and everything
+  else at 40x, poly decay 0.9, EMA keep rate capped at 0.996, and the
+  `original` evaluation with each image resized to a multiple of 14. The
+  dataset configs set crop, epochs, batch, loss and `freeze_backbone`.
+  """
+  c.train.optimizer = 'adamw'
+  c.train.weight_decay = 0.01
+  c.train.lr = 5e-6
+  c.train.lr_multi = 40.0
+  c.train.poly_power = 0.9
+  c.train.ema_decay = 0.996
+  c.data.eval_resize_multiple = 14
+  c.data.eval_window_edges = 'shift'
+  c.data.strong_ops = 0  # color jitter, grayscale, blur, cutmix only
+  return c
+
+
+def dinov2_recipe(
+  c: ml_collections.ConfigDict,
+  backbone: str,
+  *,
+  crop: int,
+  epochs: float,
+  batch: int,
+  freeze_backbone: bool = False,
+) -> ml_collections.ConfigDict:
+  """A dataset config switched to UniMatch V2's DINOv2/DPT recipe.
+
+  `batch` is the global labeled batch (the authors' per-GPU batch x 4 GPUs);
+  `freeze_backbone` is their `lock_backbone` (`config.train.freeze_backbone`,
+  read by the DINOv2 model's optimizer). Any method runs on it; `dssn` keeps
+  its own losses, CPLG and warm-up.
+  """
+  apply_unimatch_v2_recipe(c)
+  c.model.backbone = backbone
+  c.model.pretrained = f'pretrained/{backbone}.pth'
+  c.data.crop_size = crop
+  c.data.batch_size = batch
+  c.train.epochs = float(epochs)
+  c.train.freeze_backbone = bool(freeze_backbone)
+  return c
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodSettings:
   """The resolved, hashable view of a method and its loss terms.
@@ -250,6 +273,13 @@ class MethodSettings:
   strong_view_bn_stats: bool = True  # strong-view forward updates running BN stats
   warmup_terms: str = 'strong'  # terms the warm-up switches off: strong | unlabeled
   labeled_bn: str = 'joint'  # clean forward: concat(x, u_w) (joint) or x, u_w apart
+  mix_partner: str = 'same'  # same | shuffled | reversed (data pipeline and step)
+  ema_schedule: str = 'warmup'  # warmup (DSSN) | unimatch_v2 | student (no EMA)
+  comp_drop: bool = False  # complementary dropout of the strong views
+  comp_drop_kept: float = 0.5  # fraction of strong-view pairs left undropped
+  fp_masks: str = 'independent'  # fp branch masks on tapped features
+  dropout: float = 0.5  # channel dropout rate of independent fp masks
+  grad_accum: int = 1  # micro-batches per global batch
 
 
 def one_of(key: str, value, options: tuple[str, ...]):
@@ -261,9 +291,7 @@ def one_of(key: str, value, options: tuple[str, ...]):
 
 def resolve_method(config: ml_collections.ConfigDict) -> MethodSettings:
   """Fills the method's defaults into every placeholder; explicit values win."""
-  if config.method not in METHOD_PRESETS:
-    raise ValueError(f'config.method={config.method!r} is not one of {", ".join(METHODS)}')
-  preset = METHOD_PRESETS[config.method]
+  preset = methods_lib.get(config.method).preset
 
   def pick(value, key):
     return preset[key] if value is None else value
@@ -272,19 +300,32 @@ def resolve_method(config: ml_collections.ConfigDict) -> MethodSettings:
     'loss.pseudo_label', pick(config.loss.pseudo_label, 'pseudo_label'), ('class_aware', 'fixed')
   )
   one_of('train.teacher_bn', config.train.teacher_bn, ('reference', 'batch', 'running'))
-  warmup_terms = one_of(
-    'train.warmup_terms', config.train.get('warmup_terms', 'strong'), ('strong', 'unlabeled')
-  )
-  labeled_bn = one_of(
-    'train.labeled_bn', config.train.get('labeled_bn', 'joint'), ('joint', 'separate')
-  )
+  warmup_terms = one_of('train.warmup_terms', config.train.warmup_terms, ('strong', 'unlabeled'))
+  labeled_bn = one_of('train.labeled_bn', config.train.labeled_bn, ('joint', 'separate'))
   one_of('loss.sup_type', config.loss.sup_type, ('ce', 'ohem'))
+  fp_masks = one_of(
+    'model.fp_masks', pick(config.model.fp_masks, 'fp_masks'), ('independent', 'complementary')
+  )
   fp_branches = pick(config.model.fp_branches, 'fp_branches')
   weights = {k: float(pick(config.loss[k], k)) for k in LOSS_WEIGHTS}
   if fp_branches == 0:
     weights['fp'] = 0.0
   if fp_branches < 2:
     weights['align_feature'] = 0.0
+  grad_accum = int(config.train.grad_accum)
+  if grad_accum < 1:
+    raise ValueError(f'config.train.grad_accum={grad_accum} must be >= 1')
+  if grad_accum > 1 and config.loss.sup_type == 'ohem':
+    raise ValueError(
+      f"config.train.grad_accum={grad_accum} with loss.sup_type='ohem': OHEM keeps a number "
+      'of pixels per image whose count is known only after the forward, so micro-batches '
+      'cannot share its denominator; use grad_accum=1 or sup_type=ce'
+    )
+  if grad_accum > 1 and int(config.data.batch_size) % grad_accum:
+    raise ValueError(
+      f'config.train.grad_accum={grad_accum} does not divide '
+      f'config.data.batch_size={config.data.batch_size}'
+    )
   return MethodSettings(
     method=config.method,
     **weights,
@@ -300,10 +341,30 @@ def resolve_method(config: ml_collections.ConfigDict) -> MethodSettings:
     ohem_thresh=float(config.loss.ohem_thresh),
     ohem_min_kept=int(config.loss.ohem_min_kept),
     ignore_index=int(config.data.ignore_index),
-    strong_view_bn_stats=bool(config.train.get('strong_view_bn_stats', True)),
+    strong_view_bn_stats=bool(config.train.strong_view_bn_stats),
     warmup_terms=warmup_terms,
     labeled_bn=labeled_bn,
+    mix_partner=resolve_mix_partner(config),
+    ema_schedule=preset['ema_schedule'],
+    comp_drop=bool(pick(config.model.comp_drop, 'comp_drop')),
+    comp_drop_kept=float(config.model.comp_drop_kept),
+    fp_masks=fp_masks,
+    dropout=float(config.model.dropout),
+    grad_accum=grad_accum,
   )
+
+
+def resolve_mix_partner(config: ml_collections.ConfigDict) -> str:
+  """`config.data.mix_partner`, or the method's preset when unset.
+
+  'reversed' (the batch reversed, no partner stream) is UniMatch V2's rule
+  and the only one it takes; the other methods take 'same' or 'shuffled'.
+  """
+  preset = methods_lib.get(config.method).preset
+  value = config.data.mix_partner
+  value = preset['mix_partner'] if value is None else value
+  options = ('reversed',) if preset['mix_partner'] == 'reversed' else ('same', 'shuffled')
+  return one_of('data.mix_partner', value, options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,8 +400,8 @@ def resolve_steps(config: ml_collections.ConfigDict, num_unlabeled: int) -> Sche
   total = int(steps) if steps is not None else int(math.ceil(epochs * steps_per_epoch))
   if total <= 0:
     raise ValueError(f'training length resolves to {total} steps; it must be positive')
-  if config.method != 'dssn':
-    warmup = 0  # UniMatch / FixMatch have no warm-up
+  if not methods_lib.get(config.method).warmup:
+    warmup = 0  # only DSSN has a warm-up
   elif config.train.warmup_epochs is not None:
     warmup = int(round(config.train.warmup_epochs * steps_per_epoch))
   else:

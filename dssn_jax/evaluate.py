@@ -8,7 +8,10 @@ per-image or per-batch scores.
 
 Three modes, as the reference runs them:
 
-  original        whole image, no resize (VOC, COCO).
+  original        whole image, no resize (VOC, COCO); with
+                  `config.data.eval_resize_multiple=m > 0` (UniMatch V2's
+                  ViTs: 14) each image is resized (bilinear, align corners)
+                  to `int(side / m + 0.5) * m` per side and the logits back.
   center_crop     the central `eval_crop_size` crop (the data pipeline cuts
                   it; records larger than the crop are cut here the same way).
   sliding_window  windows of `eval_crop_size` at row/column starts
@@ -16,7 +19,9 @@ Three modes, as the reference runs them:
                   running past the border is truncated, not shifted, so an
                   image smaller than the window still gets a window at every
                   start below its size. Softmax probabilities are summed over
-                  windows, then argmax (Cityscapes).
+                  windows, then argmax (Cityscapes). With
+                  `config.data.eval_window_edges='shift'` (UniMatch V2) the
+                  last window of a row or column ends at the border instead.
 
 The forward is jitted once per input shape (jit's cache), one program serving
 both student and teacher. Each host evaluates its own records on its local
@@ -48,6 +53,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dssn_jax.data.normalize import normalize
+from dssn_jax.models import layers
 
 MODES = ('original', 'center_crop', 'sliding_window')
 MODEL_NAMES = ('student', 'teacher')
@@ -121,9 +127,22 @@ def sliding_window_stride(window: int) -> int:
   return stride
 
 
-def window_starts(size: int, stride: int) -> list[int]:
-  """Window starts along one axis: 0, stride, 2*stride, ... below `size`."""
-  return list(range(0, size, stride))
+def window_starts(size: int, stride: int, window: int | None = None, shift: bool = False):
+  """Window starts along one axis.
+
+  `shift=False` (UniMatch V1 / DSSN): 0, stride, 2*stride, ... below `size`,
+  the last windows truncated at the border. `shift=True` (UniMatch V2): the
+  same, but the last start is `size - window`, so every window is whole (a
+  ViT needs its sides to stay multiples of 14); one window when `size <= window`.
+  """
+  if not shift:
+    return list(range(0, size, stride))
+  if size <= window:
+    return [0]
+  starts = [0]
+  while starts[-1] != size - window:
+    starts.append(min(starts[-1] + stride, size - window))
+  return starts
 
 
 def sliding_window_probs(
@@ -131,6 +150,7 @@ def sliding_window_probs(
   images: jax.Array,
   window: int,
   stride: int | None = None,
+  shift: bool = False,
 ) -> jax.Array:
   """Softmax probabilities summed over the reference's sliding windows.
 
@@ -144,12 +164,15 @@ def sliding_window_probs(
     images: `(B, H, W, ...)`, passed to `logits_fn` as sliced.
     window: window side (the crop size).
     stride: default `int(window * 2 / 3)`.
+    shift: the last windows end at the border instead of being truncated
+      (`window_starts`; UniMatch V2).
   Returns:
     float32 `(B, H, W, C)`.
   """
   stride = sliding_window_stride(window) if stride is None else int(stride)
   b, h, w = images.shape[:3]
-  positions = [(r, c) for r in window_starts(h, stride) for c in window_starts(w, stride)]
+  rows, cols = window_starts(h, stride, window, shift), window_starts(w, stride, window, shift)
+  positions = [(r, c) for r in rows for c in cols]
   groups: dict[tuple[int, int], list[tuple[int, int]]] = collections.defaultdict(list)
   for r, c in positions:
     groups[(min(h, r + window) - r, min(w, c + window) - c)].append((r, c))
@@ -172,29 +195,61 @@ def sliding_window_probs(
   return total
 
 
-def model_logits_fn(model, variables) -> Callable[[jax.Array], jax.Array]:
-  """uint8 `(N, H, W, 3)` images -> float32 logits of the model in eval mode."""
+def resized_size(h: int, w: int, multiple: int) -> tuple[int, int]:
+  """UniMatch V2's input size: each side to its nearest multiple, `int(s / m + 0.5) * m`."""
+  size = (int(h / multiple + 0.5) * multiple, int(w / multiple + 0.5) * multiple)
+  if min(size) < multiple:
+    raise ValueError(f'image {h}x{w} is too small to resize to a multiple of {multiple}')
+  return size
+
+
+def model_logits_fn(model, variables, resize_multiple: int = 0) -> Callable[[jax.Array], jax.Array]:
+  """uint8 `(N, H, W, 3)` images -> float32 logits `(N, H, W, C)` in eval mode.
+
+  `resize_multiple > 0` (UniMatch V2's `original` mode, 14 for its ViTs): the
+  normalized image is resized (bilinear, align corners) to the nearest
+  multiple of it per side (`resized_size`), and the logits back to `(H, W)`.
+  """
 
   def fn(images):
-    logits, _ = model.apply(variables, normalize(images), train=False)
-    return logits.astype(jnp.float32)
+    x = normalize(images)
+    h, w = x.shape[1:3]
+    if resize_multiple:
+      x = layers.resize_bilinear(x, resized_size(h, w, resize_multiple))
+    logits, _ = model.apply(variables, x, train=False)
+    logits = logits.astype(jnp.float32)
+    if resize_multiple:
+      logits = layers.resize_bilinear(logits, (h, w))
+    return logits
 
   return fn
 
 
 def predict_labels(
-  model, variables, images: jax.Array, *, sliding: bool, window: int | None = None
+  model,
+  variables,
+  images: jax.Array,
+  *,
+  sliding: bool,
+  window: int | None = None,
+  resize_multiple: int = 0,
+  shift_windows: bool = False,
 ) -> jax.Array:
   """Argmax labels of uint8 `(B, H, W, 3)` images -> int32 `(B, H, W)`.
 
-  `sliding=False`: one whole-image forward; `sliding=True`: the reference's
-  sliding windows of side `window`. Traceable (use inside `jit`).
+  `sliding=False`: one whole-image forward (resized to a multiple of
+  `resize_multiple` and back when it is > 0); `sliding=True`: the
+  reference's sliding windows of side `window`. Traceable (use inside `jit`).
   """
-  logits_fn = model_logits_fn(model, variables)
+  if sliding and resize_multiple:
+    raise ValueError(
+      'config.data.eval_resize_multiple applies to the original mode, not sliding_window'
+    )
+  logits_fn = model_logits_fn(model, variables, resize_multiple)
   if sliding:
     if window is None:
       raise ValueError('sliding-window prediction needs a window size')
-    scores = sliding_window_probs(logits_fn, images, window)
+    scores = sliding_window_probs(logits_fn, images, window, shift=shift_windows)
   else:
     scores = logits_fn(images)
   return jnp.argmax(scores, axis=-1).astype(jnp.int32)
@@ -215,13 +270,34 @@ def center_crop(image: np.ndarray, label: np.ndarray, size: int):
 # The evaluator.
 
 
-def _eval_step(variables, cm, images, labels, *, model, sliding, window, num_classes, ignore_index):
+def _eval_step(
+  variables,
+  cm,
+  images,
+  labels,
+  *,
+  model,
+  sliding,
+  window,
+  resize_multiple,
+  shift_windows,
+  num_classes,
+  ignore_index,
+):
   """Adds one model's confusion matrix of one batch to `cm`.
 
   One model per call: the variables are an argument, so student and teacher
   share one compiled program per input shape.
   """
-  pred = predict_labels(model, variables, images, sliding=sliding, window=window)
+  pred = predict_labels(
+    model,
+    variables,
+    images,
+    sliding=sliding,
+    window=window,
+    resize_multiple=resize_multiple,
+    shift_windows=shift_windows,
+  )
   return cm + confusion_matrix(pred, labels, num_classes, ignore_index)
 
 
@@ -281,8 +357,13 @@ class Evaluator:
         f'{", ".join(MODES)}'
       )
     self.num_classes = int(config.data.num_classes)
-    self.ignore_index = int(config.data.get('ignore_index', 255))
-    self.window = int(config.data.get('eval_crop_size') or config.data.crop_size)
+    self.ignore_index = int(config.data.ignore_index)
+    self.window = int(config.data.eval_crop_size or config.data.crop_size)
+    self.resize_multiple = int(config.data.eval_resize_multiple) if self.mode == 'original' else 0
+    if config.data.eval_window_edges not in ('truncate', 'shift'):
+      raise ValueError(
+        f'config.data.eval_window_edges={config.data.eval_window_edges!r} must be truncate or shift'
+      )
     if self.window < 2:
       raise ValueError(f'evaluation crop size {self.window} must be at least 2')
     self._records = records
@@ -302,6 +383,8 @@ class Evaluator:
       model=model,
       sliding=self.mode == 'sliding_window',
       window=self.window,
+      resize_multiple=self.resize_multiple,
+      shift_windows=config.data.eval_window_edges == 'shift',
       num_classes=self.num_classes,
       ignore_index=self.ignore_index,
     )

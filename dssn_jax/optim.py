@@ -121,7 +121,7 @@ def make_optimizer(
   weight_decay = pick(weight_decay, 'weight_decay', 1e-4)
   poly_power = pick(poly_power, 'poly_power', 0.9)
   if optimizer is None:
-    optimizer = config.train.get('optimizer', 'sgd') if config is not None else 'sgd'
+    optimizer = config.train.optimizer if config is not None else 'sgd'
   if optimizer not in OPTIMIZERS:
     raise ValueError(f'config.train.optimizer={optimizer!r} must be one of {OPTIMIZERS}')
 

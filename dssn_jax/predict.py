@@ -100,20 +100,41 @@ class Predictor:
     model: flax module with the `(logits, aux)` eval API.
     variables: `{'params', 'batch_stats'}`.
     crop_size: the window; larger images use sliding windows.
+    resize_multiple: > 0 (`config.data.eval_resize_multiple`, UniMatch V2's
+      ViTs): every image is predicted whole, resized to the nearest multiple
+      of it per side and back, never in windows.
+    shift_windows: the last sliding windows end at the border, whole
+      (`config.data.eval_window_edges='shift'`, UniMatch V2).
   """
 
-  def __init__(self, model, variables: Any, crop_size: int):
+  def __init__(
+    self,
+    model,
+    variables: Any,
+    crop_size: int,
+    resize_multiple: int = 0,
+    shift_windows: bool = False,
+  ):
     self.crop_size = int(crop_size)
+    self.resize_multiple = int(resize_multiple)
     evaluate.sliding_window_stride(self.crop_size)  # validates the size
     self._variables = jax.device_put(variables)
     self._fn = jax.jit(
       lambda v, x, sliding: evaluate.predict_labels(
-        model, v, x, sliding=sliding, window=self.crop_size
+        model,
+        v,
+        x,
+        sliding=sliding,
+        window=self.crop_size,
+        resize_multiple=0 if sliding else self.resize_multiple,
+        shift_windows=shift_windows,
       ),
       static_argnums=(2,),
     )
 
   def needs_sliding(self, height: int, width: int) -> bool:
+    if self.resize_multiple:
+      return False
     return height > self.crop_size or width > self.crop_size
 
   def __call__(self, image: np.ndarray) -> np.ndarray:
@@ -173,9 +194,15 @@ def run(
   chosen = variables.get(which_model)
   if chosen is None:  # converted weights hold one model
     chosen = next(iter(variables.values()))
-  crop = int(config.data.get('eval_crop_size') or config.data.crop_size)
+  crop = int(config.data.eval_crop_size or config.data.crop_size)
   palette = check_palette(sources.palette(config), int(config.data.num_classes))
-  predictor = Predictor(models.model_from_config(config), chosen, crop)
+  predictor = Predictor(
+    models.model_from_config(config),
+    chosen,
+    crop,
+    int(config.data.eval_resize_multiple),
+    config.data.eval_window_edges == 'shift',
+  )
   return predict_files(predictor, paths, output, palette, alpha)
 
 

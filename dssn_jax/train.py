@@ -147,7 +147,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   parallel.check_batch_divisible(config.data.batch_size, mesh, 'config.data.batch_size')
 
   data = pipeline.TrainData(config, mesh, seed=config.seed)
-  epoch_size = data.num_labeled if settings.method == 'supervised' else data.num_unlabeled
+  epoch_size = data.num_labeled if data.supervised else data.num_unlabeled
   schedule = config_lib.resolve_steps(config, epoch_size)
   _log(
     f'{settings.method}: {data.num_labeled} labeled, {data.num_unlabeled} unlabeled; '
@@ -226,7 +226,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   )
   pending: list[dict[str, jax.Array]] = []
   t_log, n_log = time.perf_counter(), 0
-  images_per_step = config.data.batch_size * (1 if settings.method == 'supervised' else 2)
+  images_per_step = config.data.batch_size * (1 if data.supervised else 2)
   preempted = False
   step = start
   with _Preemption() as preemption:

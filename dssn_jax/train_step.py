@@ -1,46 +1,27 @@
-"""The train state and one pure, data-parallel DSSN training iteration.
+"""The train state and one pure, data-parallel training iteration.
 
-`train_step(state, batch, rng, ...)` follows the reference iteration (spec
-"One training iteration"):
+`train_step(state, batch, rng, ...)` runs the iteration of
+`settings.method`, whose terms live in its own module of `dssn_jax.methods`
+(docs/method.md gives each method's equations and where each term lives):
 
-1. teacher forward on the mix partner's weak view `m_w` -> `T_m`;
-2. cutmix of the strong views: `u_sk <- where(box_k, m_sk, u_sk)`;
-3. student forward on concat(x, u_w) with `fp_branches` perturbed decoder
-   copies -> `P_x, P_w, P_fp1, P_fp2` (`labeled_bn='separate'`: x alone,
-   then u_w, so the labeled images are normalized by their own batch);
-4. student forward on concat(u_s1, u_s2) -> `P_s1, P_s2` (the student's
-   BatchNorm statistics are threaded through both forwards);
-5. labels and CPLG mask of the fp branches from the detached `P_w`;
-6. teacher forward on `u_w` -> `T_w`; per view `T_k = where(box_k, T_m, T_w)`,
-   labels `argmax T_k`, mask CPLG(`T_k`), ignore `where(box_k, m_ignore, u_ignore)`;
-7. the loss terms and their weighted sum (`settings` weights; strong-view
-   terms, or with `warmup_terms='unlabeled'` every unlabeled term,
-   multiplied by 0 while `step < warmup_steps`);
-8. SGD step;
-9. EMA of the teacher's params and BatchNorm statistics, keep rate 0 during
-   the warm-up (the teacher becomes the student), `ema_decay` after.
+1. `methods.value_and_grad`: the method's `prepare` (teacher targets,
+   cutmix composition, random masks, global loss denominators; no gradient)
+   once over the global batch, then its `loss` and gradient over
+   `config.train.grad_accum` micro-batches, summed;
+2. the optimizer step;
+3. the teacher's EMA, keep rate from `methods.ema_keep` (DSSN: 0 during the
+   warm-up, `ema_decay` after; UniMatch V2: `min(1 - 1/(step + 1),
+   ema_decay)`; methods without an EMA teacher: 0, the teacher tracks the
+   student), on params and BatchNorm statistics.
 
-Teacher BatchNorm (`settings.teacher_bn`): with `batch`, the teacher's
+Teacher BatchNorm (`settings.teacher_bn`, DSSN): with `batch`, the teacher's
 forwards use batch statistics and so update its running statistics, in the
 order m_w then u_w, before the EMA blends in the student's; `running` uses
 the running statistics (which then change only through the EMA). The
 reference does both: its teacher runs in train mode until the first
 end-of-epoch evaluation calls `model_tea.eval()`, which its loop never
 undoes. `reference` (the default) reproduces that: batch statistics while
-`step < schedule.steps_per_epoch`, running statistics after. With running
-statistics BatchNorm is per sample, so steps 1 and 6 run as one teacher call
-on concat(m_w, u_w): the same logits, one pass instead of two.
-
-Methods with `settings.teacher == 'student'` (UniMatch, FixMatch) take the
-mix partner's targets from a no-gradient student forward with running
-statistics, and the weak view's from the detached clean branch `P_w`; their
-`teacher_*` fields track the student (keep rate 0), so "teacher" evaluation
-evaluates the student.
-
-A loss weight of 0 removes its term from the program: the second student
-forward runs only if `strong` or `align_image` is on, the teacher forwards
-only if `strong` is on, the perturbed decoder copies only if `fp` or
-`align_feature` is on.
+`step < schedule.steps_per_epoch`, running statistics after.
 
 With `sup_type='ohem'`, `L_x` picks its hard pixels per image (`min_kept`
 each), as the reference's Cityscapes R-101 runs did with one image per GPU;
@@ -63,12 +44,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dssn_jax import losses, optim, parallel, pseudo_labels
+from dssn_jax import methods, optim, parallel
 from dssn_jax.config_lib import MethodSettings, Schedule
-from dssn_jax.data.normalize import normalize
+from dssn_jax.methods import common
 
-SEMI_KEYS = ('x', 'y', 'u_w', 'u_ignore', 'm_w', 'm_ignore')
-VIEW_KEYS = (('u_s1', 'm_s1', 'box1'), ('u_s2', 'm_s2', 'box2'))
+SEMI_KEYS, VIEW_KEYS = common.SEMI_KEYS, common.VIEW_KEYS
+LossAux = common.LossAux
+_forward = common.forward
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -120,65 +102,8 @@ def create_train_state(
   )
 
 
-def _forward(model, params, batch_stats, images, *, train: bool, perturb: int = 0, rng=None):
-  """One model call -> (logits, aux, batch_stats after the call)."""
-  rngs = {'dropout': rng} if perturb else {}
-  variables = {'params': params, 'batch_stats': batch_stats}
-  if train:
-    (logits, aux), updates = model.apply(
-      variables, images, train=True, perturb=perturb, rngs=rngs, mutable=['batch_stats']
-    )
-    return logits, aux, updates.get('batch_stats', batch_stats)  # none without BatchNorm
-  logits, aux = model.apply(variables, images, train=False, perturb=perturb, rngs=rngs)
-  return logits, aux, batch_stats
-
-
-def _check(batch: dict[str, Any], settings: MethodSettings) -> None:
-  if settings.method == 'supervised':
-    need = ('x', 'y')
-  else:
-    need = SEMI_KEYS + sum(VIEW_KEYS[: settings.strong_views], ())
-  missing = [k for k in need if k not in batch]
-  if missing:
-    raise ValueError(
-      f'train batch for method {settings.method!r} lacks {", ".join(missing)}'
-      f' (has {", ".join(sorted(batch))})'
-    )
-  if settings.align_image > 0 and settings.strong_views < 2:
-    raise ValueError(
-      f'loss.align_image={settings.align_image} needs two strong views; '
-      f'method {settings.method!r} has {settings.strong_views}'
-    )
-  if settings.align_feature > 0 and settings.fp_branches < 2:
-    raise ValueError(
-      f'loss.align_feature={settings.align_feature} needs two fp branches; '
-      f'fp_branches={settings.fp_branches}'
-    )
-  if settings.fp > 0 and settings.fp_branches < 1:
-    raise ValueError(f'loss.fp={settings.fp} needs fp_branches >= 1')
-
-
-def _suffixes(n: int) -> list[str]:
-  """Metric name suffixes: '' for a single term, '1', '2', ... otherwise."""
-  return [''] if n == 1 else [str(i + 1) for i in range(n)]
-
-
 def _ema(keep, teacher, student):
   return jax.tree.map(lambda t, s: keep * t + (1.0 - keep) * s, teacher, student)
-
-
-class LossAux(flax.struct.PyTreeNode):
-  """What `objective` returns beside the total loss.
-
-  Attributes:
-    batch_stats: the student's BatchNorm statistics after its forwards.
-    teacher_batch_stats: the teacher's after its own forwards (before EMA).
-    metrics: float32 scalars, each computed term and `mask_ratio`.
-  """
-
-  batch_stats: Any
-  teacher_batch_stats: Any
-  metrics: dict[str, jax.Array]
 
 
 def objective(
@@ -191,181 +116,20 @@ def objective(
   settings: MethodSettings,
   schedule: Schedule,
 ) -> tuple[jax.Array, LossAux]:
-  """The iteration's total loss as a function of the student's `params`.
+  """The whole batch's total loss as a function of the student's `params`.
 
-  Steps 1-7 of the module docstring. The teacher (or eval-mode student)
-  forwards read `state`, not `params`, so no gradient reaches them.
+  The method's `prepare` and `loss` on one micro-batch (the whole batch).
+  The teacher (or eval-mode student) forwards read `state`, not `params`, so
+  no gradient reaches them.
 
-  Args:
-    params: the student's params (differentiated).
-    state: the train state (BatchNorm statistics, teacher, step).
-    batch, rng, model, settings, schedule: as in `train_step`.
   Returns:
     `(total, LossAux)`; the metrics hold each computed term unweighted
     (strong terms also while the warm-up leaves them out of the total) and,
     for semi-supervised methods, `mask_ratio`.
   """
-  s = settings
-  _check(batch, s)
-  warm = state.step < schedule.warmup_steps
-  ignore = s.ignore_index
-  semi = s.method != 'supervised'
-  views = s.strong_views if semi else 0
-  strong_terms = semi and s.strong > 0 and views > 0
-  strong_forward = semi and views > 0 and (s.strong > 0 or s.align_image > 0)
-  perturb = s.fp_branches if semi and (s.fp > 0 or s.align_feature > 0) else 0
-  dropout_rng = jax.random.fold_in(rng, 0)
-  terms, weighted = {}, []
-
-  def sup_loss(logits, labels):
-    if s.sup_type == 'ohem':
-      return losses.ohem_ce(
-        logits, labels, s.ohem_thresh, s.ohem_min_kept, ignore_index=ignore, per_image=True
-      )
-    return losses.supervised_ce(logits, labels, ignore_index=ignore)
-
-  def mask_of(logits):
-    return pseudo_labels.confidence_mask(
-      logits,
-      s.pseudo_label,
-      threshold=s.threshold,
-      high=s.class_aware_high,
-      scale=s.class_aware_scale,
-    )
-
-  x, y = normalize(batch['x']), batch['y']
-  if not semi:
-    logits_x, _, bs = _forward(model, params, state.batch_stats, x, train=True)
-    if s.sup > 0:
-      terms['loss_x'] = sup_loss(logits_x, y)
-      weighted.append(s.sup * terms['loss_x'])
-    total = sum(weighted, jnp.float32(0.0))
-    return total, LossAux(bs, state.teacher_batch_stats, terms)
-
-  u_w = normalize(batch['u_w'])
-  # 1. Mix partner targets: EMA teacher, or the student in eval mode.
-  teacher_bs = state.teacher_batch_stats
-
-  def teacher_targets(stats):
-    """EMA teacher on (m_w, u_w) -> (T_m, T_w, its batch_stats after).
-
-    With batch-statistics BN the two calls run in turn, m_w first (each
-    normalized by its own batch, the statistics threaded as in the
-    reference). With running statistics BN is per sample, so one call on
-    both views gives the same logits at half the kernel launches.
-    """
-
-    def sequential():
-      t_m, _, new = _forward(model, state.teacher_params, stats, m_w, train=True)
-      t_w, _, new = _forward(model, state.teacher_params, new, u_w, train=True)
-      return t_m, t_w, new
-
-    def batched():
-      both, _, _ = _forward(
-        model, state.teacher_params, stats, jnp.concatenate([m_w, u_w]), train=False
-      )
-      t_m, t_w = jnp.split(both, 2)
-      return t_m, t_w, stats
-
-    if s.teacher_bn == 'reference':
-      return jax.lax.cond(state.step < schedule.steps_per_epoch, sequential, batched)
-    return sequential() if s.teacher_bn == 'batch' else batched()
-
-  if strong_terms:
-    m_w = normalize(batch['m_w'])
-    if s.teacher == 'ema':
-      t_m, t_w, teacher_bs = teacher_targets(teacher_bs)
-      t_w = jax.lax.stop_gradient(t_w)
-    elif s.teacher == 'student':
-      t_m, _, _ = _forward(model, state.params, state.batch_stats, m_w, train=False)
-      t_w = None  # the student's own weak-view prediction, below
-    else:
-      raise ValueError(f'settings.teacher={s.teacher!r} must be ema or student')
-    t_m = jax.lax.stop_gradient(t_m)
-
-  # 2. Cutmix of the strong images (uint8, then normalized).
-  if strong_forward:
-    mixed = [
-      pseudo_labels.compose_cutmix(batch[box], batch[m_s], batch[u_s])
-      for u_s, m_s, box in VIEW_KEYS[:views]
-    ]
-    strong_images = normalize(jnp.concatenate(mixed))
-
-  # 3. Student on concat(x, u_w), clean and perturbed decoder copies (or,
-  # with `labeled_bn='separate'`, on x and then u_w, each its own BN batch).
-  n_x = x.shape[0]
-  if s.labeled_bn == 'separate':
-    p_x, _, bs = _forward(model, params, state.batch_stats, x, train=True)
-    p_w, aux, bs = _forward(model, params, bs, u_w, train=True, perturb=perturb, rng=dropout_rng)
-    p_w = jax.lax.stop_gradient(p_w)
-    p_fp = list(aux['perturbed'])
-  else:
-    logits, aux, bs = _forward(
-      model,
-      params,
-      state.batch_stats,
-      jnp.concatenate([x, u_w]),
-      train=True,
-      perturb=perturb,
-      rng=dropout_rng,
-    )
-    p_x, p_w = logits[:n_x], jax.lax.stop_gradient(logits[n_x:])
-    p_fp = [p[n_x:] for p in aux['perturbed']]
-
-  # 4. Student on the strong views, its BatchNorm statistics threaded on
-  # (or, with `strong_view_bn_stats=False`, left as the clean views set them).
-  p_s = []
-  if strong_forward:
-    logits_s, _, bs_s = _forward(model, params, bs, strong_images, train=True)
-    if s.strong_view_bn_stats:
-      bs = bs_s
-    p_s = jnp.split(logits_s, views)
-
-  # 5. Targets of the fp branches: the detached clean weak-view prediction.
-  valid_w = batch['u_ignore'] != ignore
-  mask_w = mask_of(p_w)
-  labels_w = pseudo_labels.hard_labels(p_w)
-  terms['mask_ratio'] = jnp.sum(mask_w & valid_w).astype(jnp.float32) / jnp.maximum(
-    jnp.sum(valid_w).astype(jnp.float32), 1.0
+  return methods.objective(
+    params, state, batch, rng, model=model, settings=settings, schedule=schedule
   )
-
-  # 7. Loss terms (6., the weak-view teacher forward, just before its use).
-  if s.sup > 0:
-    terms['loss_x'] = sup_loss(p_x, y)
-    weighted.append(s.sup * terms['loss_x'])
-
-  if strong_terms:
-    if t_w is None:
-      t_w = p_w
-    strong_weight = jnp.where(warm, 0.0, s.strong)
-    for k, suffix in enumerate(_suffixes(views)):
-      box = batch[VIEW_KEYS[k][2]]
-      t_k = pseudo_labels.compose_cutmix(box, t_m, t_w)
-      valid_k = pseudo_labels.compose_cutmix(box, batch['m_ignore'], batch['u_ignore']) != ignore
-      term = losses.pseudo_label_ce(p_s[k], pseudo_labels.hard_labels(t_k), mask_of(t_k), valid_k)
-      terms['loss_s' + suffix] = term
-      weighted.append(strong_weight * term)
-
-  # The other unlabeled terms: on from step 0 (reference), or gated like the
-  # strong ones with `warmup_terms='unlabeled'`.
-  def gated(weight):
-    return jnp.where(warm, 0.0, weight) if s.warmup_terms == 'unlabeled' else weight
-
-  if s.fp > 0:
-    for p, suffix in zip(p_fp, _suffixes(len(p_fp))):
-      term = losses.pseudo_label_ce(p, labels_w, mask_w, valid_w)
-      terms['loss_fp' + suffix] = term
-      weighted.append(gated(s.fp) * term)
-
-  if s.align_image > 0:
-    terms['loss_align_image'] = losses.alignment_loss(p_s[0], p_s[1])
-    weighted.append(gated(s.align_image) * terms['loss_align_image'])
-  if s.align_feature > 0:
-    terms['loss_align_feature'] = losses.alignment_loss(p_fp[0], p_fp[1])
-    weighted.append(gated(s.align_feature) * terms['loss_align_feature'])
-
-  total = sum(weighted, jnp.float32(0.0))
-  return total, LossAux(bs, teacher_bs, terms)
 
 
 def train_step(
@@ -401,19 +165,15 @@ def train_step(
     terms reported also while the warm-up leaves them out), `mask_ratio`,
     `lr` (backbone) and `grad_norm`.
   """
-  loss_fn = functools.partial(
-    objective, state=state, batch=batch, rng=rng, model=model, settings=settings, schedule=schedule
+  (total, aux), grads = methods.value_and_grad(
+    state, batch, rng, model=model, settings=settings, schedule=schedule
   )
-  (total, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
 
-  # 9. EMA teacher; keep rate 0 during the warm-up. Methods without an EMA
-  # teacher keep it equal to the student.
-  if settings.teacher == 'ema':
-    keep = jnp.where(state.step < schedule.warmup_steps, 0.0, jnp.float32(ema_decay))
-  else:
-    keep = jnp.float32(0.0)
+  # EMA teacher: the method's keep rate (0 for methods without an EMA teacher,
+  # which then track the student).
+  keep = methods.ema_keep(settings, schedule, state.step, ema_decay)
   new_state = state.replace(
     step=state.step + 1,
     params=params,

@@ -150,6 +150,35 @@ def make_coco(
   return root, splits
 
 
+def make_ade20k(
+  base: str, *, n_labeled=3, n_unlabeled=4, n_val=2, split='1_64', raw=False, seed=0
+) -> tuple[str, str]:
+  """UniMatch V2's ADE20K layout: images/{training,validation}/ADE_*.jpg,
+  annotations/... (150 classes). `raw=True` writes the official convention
+  (0 = ignore, classes 1..150) instead of the authors' train ids and 255."""
+  rng = np.random.default_rng(seed)
+  root, splits = os.path.join(base, 'ade20k'), os.path.join(base, 'splits', 'ade20k')
+  lines = []
+  for i in range(n_labeled + n_unlabeled + n_val):
+    val = i >= n_labeled + n_unlabeled
+    folder = 'validation' if val else 'training'
+    name = f'ADE_{"val" if val else "train"}_{i:08d}'
+    h, w = SIZES[i % len(SIZES)]
+    mask = _mask(rng, h, w, 150)
+    mask[0, 0] = 149  # the last class occurs
+    if raw:
+      mask = np.where(mask == 255, 0, mask + 1).astype(np.uint8)
+    save_image(os.path.join(root, 'images', folder, f'{name}.jpg'), _image(rng, h, w))
+    save_mask(os.path.join(root, 'annotations', folder, f'{name}.png'), mask, palette=False)
+    lines.append(f'images/{folder}/{name}.jpg annotations/{folder}/{name}.png')
+  write_lines(os.path.join(splits, split, 'labeled.txt'), lines[:n_labeled])
+  write_lines(
+    os.path.join(splits, split, 'unlabeled.txt'), lines[n_labeled : n_labeled + n_unlabeled]
+  )
+  write_lines(os.path.join(splits, 'val.txt'), lines[n_labeled + n_unlabeled :])
+  return root, splits
+
+
 def make_folder(base: str, *, n_labeled=3, n_unlabeled=5, n_val=2, num_classes=4, seed=0) -> str:
   """A user's folders: images/ + masks/ (nested), unlabeled/ without masks, val."""
   rng = np.random.default_rng(seed)
@@ -178,8 +207,10 @@ def config_for(
   c.data.name = name
   c.data.root = root
   c.data.splits_dir = splits_dir
-  c.data.num_classes = {'pascal': 21, 'cityscapes': 19, 'coco': 81}.get(name, 4)
-  c.data.split = {'pascal': '92', 'cityscapes': '1_16', 'coco': '1_512'}.get(name, '')
+  c.data.num_classes = {'pascal': 21, 'cityscapes': 19, 'coco': 81, 'ade20k': 150}.get(name, 4)
+  c.data.split = {'pascal': '92', 'cityscapes': '1_16', 'coco': '1_512', 'ade20k': '1_64'}.get(
+    name, ''
+  )
   c.data.crop_size = 48
   c.data.batch_size = 2
   c.data.workers = 0

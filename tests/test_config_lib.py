@@ -107,3 +107,51 @@ def test_parse_arg():
   assert config_lib.parse_arg('labeled=40', method='dssn', labeled=20)['labeled'] == 40
   with pytest.raises(ValueError, match="unknown config argument 'splt'"):
     config_lib.parse_arg('splt=92', split='92')
+
+
+def _load(name, arg):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location(f'cfg_{name}', f'{root}/configs/{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+# The authors' configs/*.yaml (crop, epochs, batch per GPU x 4 GPUs).
+UNIMATCH_V2_YAML = {
+  'pascal': (518, 60, 16, 'ce'),
+  'cityscapes': (798, 180, 8, 'ohem'),
+  'ade20k': (518, 60, 8, 'ce'),
+  'coco': (518, 20, 16, 'ce'),
+}
+
+
+def test_dinov2_configs_reproduce_the_authors_yaml():
+  for name, (crop, epochs, batch, sup) in UNIMATCH_V2_YAML.items():
+    c = _load(name, 'backbone=dinov2_base,method=unimatch_v2')
+    assert (c.data.crop_size, c.train.epochs, c.data.batch_size) == (crop, epochs, batch), name
+    assert c.loss.sup_type == sup, name
+    assert (c.train.optimizer, c.train.lr, c.train.lr_multi) == ('adamw', 5e-6, 40.0), name
+    assert (c.train.weight_decay, c.train.poly_power, c.train.ema_decay) == (0.01, 0.9, 0.996)
+    assert c.train.freeze_backbone is False, name  # the logged runs: lock_backbone False
+    assert c.model.pretrained == 'pretrained/dinov2_base.pth'
+    s = config_lib.resolve_method(c)
+    assert (s.sup, s.strong, s.threshold, s.comp_drop, s.mix_partner) == (
+      0.5,
+      0.25,
+      0.95,
+      True,
+      'reversed',
+    )
+    if name == 'cityscapes':
+      assert (c.data.eval_mode, c.data.eval_window_edges) == ('sliding_window', 'shift')
+      assert (c.loss.ohem_thresh, c.loss.ohem_min_kept) == (0.7, 100000)  # 200000 per 2 images
+    else:
+      assert (c.data.eval_mode, c.data.eval_resize_multiple) == ('original', 14)
+  # The ResNet recipes keep their meaning.
+  voc = _load('pascal', 'split=92')
+  assert (voc.data.crop_size, voc.train.optimizer, voc.data.eval_resize_multiple) == (513, 'sgd', 0)
+  assert config_lib.resolve_method(voc).mix_partner == 'same'

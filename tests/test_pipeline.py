@@ -96,6 +96,7 @@ def test_same_seed_same_batches_other_seed_differs(voc):
 def test_epoch_covers_lists_and_hosts_are_disjoint(voc):
   # Two hosts, global batch 2 (1 each): one epoch of 10 unlabeled = 5 steps.
   config = _config(voc)
+  config.data.mix_partner = 'shuffled'  # the default, 'same', reads the unlabeled order
   ids = collections.defaultdict(list)
   for index in (0, 1):
     data = pipeline.TrainData(config, seed=0, process_index=index, process_count=2)

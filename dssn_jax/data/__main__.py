@@ -26,7 +26,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dssn_jax.data import sources
+from dssn_jax import methods
+from dssn_jax.data import datasets, sources
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -125,18 +126,10 @@ def check_dataset(
     True when no record had a problem.
   """
   data = config.data
-  splits = ('labeled', 'val') if config.method == 'supervised' else sources.SPLITS
-  where = {
-    'pascal': f'root {data.root!r}, splits {data.splits_dir!r}, split {data.split!r}',
-    'folder': f'root {data.root!r}',
-    'tfds': f'tfds {data.tfds.name!r}',
-  }
-  where['cityscapes'] = where['coco'] = where['pascal']
-  out(
-    f'dataset {data.name}'
-    + (f' ({where[data.name]})' if data.name in where else '')
-    + f', {data.num_classes} classes'
-  )
+  unlabeled = methods.get(config.method).unlabeled
+  splits = sources.SPLITS if unlabeled else ('labeled', 'val')
+  where = datasets.get(data.name).where(config)
+  out(f'dataset {data.name}' + (f' ({where})' if where else '') + f', {data.num_classes} classes')
   reports = [check_split(config, split, threads) for split in splits]
   for r in reports:
     sizes = (

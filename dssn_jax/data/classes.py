@@ -141,7 +141,7 @@ COCO = (
   'toothbrush',
 )
 
-_CITYSCAPES_COLORS = (
+CITYSCAPES_COLORS = (
   (128, 64, 128),
   (244, 35, 232),
   (70, 70, 70),
@@ -209,13 +209,3 @@ def cityscapes_label_lut() -> np.ndarray:
   for label_id, train_id in CITYSCAPES_ID_TO_TRAIN_ID.items():
     lut[label_id] = train_id
   return lut
-
-
-NAMES = {'pascal': PASCAL, 'cityscapes': CITYSCAPES, 'coco': COCO}
-
-
-def palette_for(name: str, num_classes: int) -> np.ndarray:
-  """Palette of a named dataset, or the VOC color map for any other."""
-  if name == 'cityscapes':
-    return np.asarray(_CITYSCAPES_COLORS, np.uint8)
-  return voc_colormap(num_classes)

@@ -423,7 +423,7 @@ def get_source(config, split: str) -> DigitScenes:
   """The `labeled`, `unlabeled` or `val` split from `config.data.digits`."""
   if split not in SPLITS:
     raise ValueError(f'digits split {split!r} is not one of {SPLITS}')
-  num_classes = config.data.get('num_classes', NUM_CLASSES)
+  num_classes = config.data.num_classes
   if num_classes != NUM_CLASSES:
     raise ValueError(
       f'config.data.num_classes={num_classes}, but the digits dataset has '
@@ -442,5 +442,5 @@ def get_source(config, split: str) -> DigitScenes:
     tail=float(d.tail),
     max_digits=int(d.max_digits),
     data_seed=int(d.data_seed),
-    clutter=tuple(d.get('clutter', (2, 5))),
+    clutter=tuple(d.clutter),
   )

@@ -7,10 +7,12 @@ reshuffled grain `MapDataset`:
   unlabeled list, so one epoch is one pass over the unlabeled list, as in
   the reference; views `x`, `y`.
 - unlabeled: views `u_w`, `u_s1`, `u_s2`, `u_ignore`, `box1`, `box2`.
-- mix partner: the unlabeled list in an independent order, views `m_w`,
-  `m_s1`, `m_s2`, `m_ignore`. (`config.data.mix_partner='same'`, if set,
-  reproduces the reference exactly: its loader iterates the unlabeled
-  sampler twice, so the partner is the same image with other random views.)
+- mix partner: views `m_w`, `m_s1`, `m_s2`, `m_ignore` of the unlabeled
+  list. `config.data.mix_partner='same'` (the default of dssn, unimatch and
+  fixmatch) reproduces the reference: its loader iterates the unlabeled
+  sampler twice, so the partner is the same image with other random views;
+  `'shuffled'` reads the list in an independent order; `'reversed'`
+  (unimatch_v2) has no partner stream: the step pairs the batch reversed.
 
 Augmentations use grain's per-record `random_map` rng, drawn from the
 record's position in the global stream, so a seed fixes every batch whatever
@@ -47,7 +49,7 @@ import numpy as np
 from dssn_jax.data import sources, transforms
 
 EVAL_MODES = ('original', 'center_crop', 'sliding_window')
-MIX_PARTNER = ('shuffled', 'same')
+MIX_PARTNER = ('same', 'shuffled', 'reversed')
 
 # Seed derivation tags: one independent seed per (stream, purpose).
 _ORDER, _AUGMENT = 0, 1
@@ -223,13 +225,11 @@ class TrainData:
     _check_train_config(config)
     data = config.data
     self.mesh = mesh
-    self.supervised = config.method == 'supervised'
+    from dssn_jax import config_lib, methods  # pylint: disable=g-import-not-at-top
+
+    self.supervised = not methods.get(config.method).unlabeled  # labeled stream only
     self.local_batch_size = _batch_sizes(config, process_count)
-    mix_partner = data.get('mix_partner', 'shuffled')
-    if mix_partner not in MIX_PARTNER:
-      raise ValueError(
-        f'config.data.mix_partner={mix_partner!r} is not one of {", ".join(MIX_PARTNER)}'
-      )
+    mix_partner = config_lib.resolve_mix_partner(config)
 
     labeled = sources.get_source(config, 'labeled')
     self.num_labeled = len(labeled)
@@ -238,7 +238,7 @@ class TrainData:
     geometry = dict(
       crop_size=data.crop_size,
       scale_range=tuple(data.scale_range),
-      hflip=bool(data.get('hflip', True)),
+      hflip=bool(data.hflip),
     )
     if self.supervised:
       self.num_unlabeled = 0
@@ -273,16 +273,17 @@ class TrainData:
           transform=UnlabeledViews('u', **geometry, **strong),
         )
       )
-      mix_order = 'unlabeled' if mix_partner == 'same' else 'mix'
-      streams.append(
-        _stream(
-          unlabeled,
-          length=epoch,
-          order_seed=derive_seed(seed, mix_order, _ORDER),
-          augment_seed=derive_seed(seed, 'mix', _AUGMENT),
-          transform=UnlabeledViews('m', **geometry, **strong),
+      if mix_partner != 'reversed':  # 'reversed': the step pairs the batch with itself
+        mix_order = 'unlabeled' if mix_partner == 'same' else 'mix'
+        streams.append(
+          _stream(
+            unlabeled,
+            length=epoch,
+            order_seed=derive_seed(seed, mix_order, _ORDER),
+            augment_seed=derive_seed(seed, 'mix', _AUGMENT),
+            transform=UnlabeledViews('m', **geometry, **strong),
+          )
         )
-      )
     ds = grain.experimental.ZipMapDataset(streams).map(_merge)
     # Host p of n takes chunks p, p + n, ...: its slice of every global batch.
     ds = ds.batch(self.local_batch_size, drop_remainder=True)

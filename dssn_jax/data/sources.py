@@ -9,14 +9,16 @@ grain's `MapDataset.source` and its worker processes need). Records are
 and unlabeled records have no `mask`: unlabeled images never need one.
 Masks hold train ids in `[0, num_classes)` and 255 (ignore).
 
+Datasets register in `dssn_jax.data.datasets` (name -> source builder,
+classes, palette, splits); the builders of the shared layouts live here.
 Layouts (`config.data.name`):
 
-- `pascal`, `cityscapes`, `coco`: `config.data.root` plus the UniMatch/DSSN
+- `pascal`, `cityscapes`, `coco`, `ade20k`: `config.data.root` plus the UniMatch/DSSN
   split files under `config.data.splits_dir`: `<split>/labeled.txt`,
   `<split>/unlabeled.txt` and `val.txt`, one `image_path mask_path` pair per
   line, relative to the root (`JPEGImages/x.jpg SegmentationClass/x.png`,
   `leftImg8bit/... gtFine/..._labelTrainIds.png`, `train2017/x.jpg
-  masks/x.png`). Cityscapes masks may also be raw `_labelIds.png` files
+  masks/x.png`, `images/training/x.jpg annotations/training/x.png`). Cityscapes masks may also be raw `_labelIds.png` files
   (mapped to the 19 train ids); a listed `_labelTrainIds.png` that does not
   exist falls back to its `_labelIds.png` sibling.
 - `folder`: directories of images and masks matched by relative path and
@@ -46,10 +48,8 @@ from PIL import Image
 from dssn_jax.data import classes
 
 SPLITS = ('labeled', 'unlabeled', 'val')
-NAMES = ('pascal', 'cityscapes', 'coco', 'folder', 'tfds', 'digits')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp', '.ppm')
 IGNORE = 255
-_KNOWN_NUM_CLASSES = {'pascal': 21, 'cityscapes': 19, 'coco': 81}
 
 
 class DatasetError(ValueError):
@@ -193,6 +193,14 @@ def parse_label_map(spec: str) -> np.ndarray | None:
 _LUTS = {'cityscapes': classes.cityscapes_label_lut()}
 
 
+def register_label_map(name: str, lut: np.ndarray) -> None:
+  """Makes `(256,)` uint8 table `lut` usable as an `Entry.label_map` named `name`."""
+  lut = np.asarray(lut, np.uint8)
+  if lut.shape != (256,):
+    raise ValueError(f'label map {name!r} must be a (256,) table, got shape {lut.shape}')
+  _LUTS[name] = lut
+
+
 # ----------------------------------------------------------------------------
 # File-based sources.
 
@@ -298,7 +306,7 @@ def read_split_file(path: str, root: str, *, with_mask: bool, label_map_fn=None)
   return entries
 
 
-def _cityscapes_mask(path: str) -> tuple[str, str]:
+def cityscapes_mask(path: str) -> tuple[str, str]:
   """Resolves a Cityscapes mask path: train ids as is, raw labelIds mapped."""
   if path.endswith('_labelTrainIds.png') and not os.path.isfile(path):
     raw = path[: -len('_labelTrainIds.png')] + '_labelIds.png'
@@ -317,7 +325,11 @@ def _require_dir(value: str, key: str) -> str:
   return value
 
 
-def _split_file_source(config: ml_collections.ConfigDict, split: str) -> FileSource:
+def split_file_source(
+  config: ml_collections.ConfigDict, split: str, *, label_map_fn=None
+) -> FileSource:
+  """The UniMatch/DSSN layout: `root` plus `splits_dir/<split>/{labeled,unlabeled}.txt`
+  and `splits_dir/val.txt`; `label_map_fn` as in `read_split_file`."""
   data = config.data
   root = _require_dir(data.root, 'config.data.root')
   splits_dir = _require_dir(data.splits_dir, 'config.data.splits_dir')
@@ -329,7 +341,6 @@ def _split_file_source(config: ml_collections.ConfigDict, split: str) -> FileSou
       raise FileNotFoundError(f'config.data.split={data.split!r}: {split_dir} does not exist')
     path = os.path.join(split_dir, f'{split}.txt')
   with_mask = split != 'unlabeled'
-  label_map_fn = _cityscapes_mask if data.name == 'cityscapes' else None
   entries = read_split_file(path, root, with_mask=with_mask, label_map_fn=label_map_fn)
   return FileSource(
     entries,
@@ -358,7 +369,7 @@ def _scan_images(directory: str, exclude_suffix: str = '') -> list[str]:
   return found
 
 
-def _folder_source(config: ml_collections.ConfigDict, split: str) -> FileSource:
+def folder_source(config: ml_collections.ConfigDict, split: str) -> FileSource:
   f = config.data.folder
   keys = {
     'labeled': ('labeled_images', 'labeled_masks'),
@@ -494,7 +505,7 @@ class TfdsSource:
     return record
 
 
-def _tfds_source(config: ml_collections.ConfigDict, split: str) -> TfdsSource:
+def tfds_source(config: ml_collections.ConfigDict, split: str) -> TfdsSource:
   t = config.data.tfds
   if not t.name:
     raise ValueError('config.data.tfds.name is not set')
@@ -530,34 +541,27 @@ def _tfds_source(config: ml_collections.ConfigDict, split: str) -> TfdsSource:
 # Entry points.
 
 
-def _check_config(config: ml_collections.ConfigDict) -> None:
+def _dataset(config: ml_collections.ConfigDict):
+  """The registered dataset of `config`, after checking `num_classes` against it."""
+  from dssn_jax.data import datasets  # pylint: disable=g-import-not-at-top
+
   name = config.data.name
-  if name not in NAMES:
-    raise ValueError(f'config.data.name={name!r} is not one of {", ".join(NAMES)}')
-  expected = _KNOWN_NUM_CLASSES.get(name)
+  dataset = datasets.get(name)
+  expected = dataset.num_classes
   if expected is not None and config.data.num_classes != expected:
     raise ValueError(
       f'config.data.num_classes={config.data.num_classes} but {name} has {expected} classes'
     )
   if not 0 < config.data.num_classes <= IGNORE:
     raise ValueError(f'config.data.num_classes={config.data.num_classes} must be in 1..255')
+  return dataset
 
 
 def get_source(config: ml_collections.ConfigDict, split: str):
   """The random-access source of `split` (labeled | unlabeled | val)."""
   if split not in SPLITS:
     raise ValueError(f'split {split!r} is not one of {", ".join(SPLITS)}')
-  _check_config(config)
-  name = config.data.name
-  if name == 'digits':
-    from dssn_jax.data import digits  # pylint: disable=g-import-not-at-top
-
-    return digits.get_source(config, split)
-  if name == 'folder':
-    return _folder_source(config, split)
-  if name == 'tfds':
-    return _tfds_source(config, split)
-  return _split_file_source(config, split)
+  return _dataset(config).source(config, split)
 
 
 def _names_from_key(value: str, key: str, num_classes: int) -> tuple[str, ...] | None:
@@ -573,26 +577,19 @@ def _names_from_key(value: str, key: str, num_classes: int) -> tuple[str, ...] |
   return names
 
 
+def names_from_config(config: ml_collections.ConfigDict, section: str) -> tuple[str, ...]:
+  """`config.data.<section>.class_names` (a file or a comma list), or class_0, ..."""
+  n = config.data.num_classes
+  key = f'config.data.{section}.class_names'
+  names = _names_from_key(config.data[section].class_names, key, n)
+  return names or tuple(f'class_{i}' for i in range(n))
+
+
 def class_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """Names of the `config.data.num_classes` classes, indexed by train id."""
-  _check_config(config)
-  name, n = config.data.name, config.data.num_classes
-  if name in classes.NAMES:
-    return classes.NAMES[name]
-  if name == 'digits':
-    from dssn_jax.data import digits  # pylint: disable=g-import-not-at-top
-
-    return tuple(digits.CLASS_NAMES)
-  key = f'config.data.{name}.class_names'
-  names = _names_from_key(config.data[name].class_names, key, n)
-  return names or tuple(f'class_{i}' for i in range(n))
+  return tuple(_dataset(config).class_names(config))
 
 
 def palette(config: ml_collections.ConfigDict) -> np.ndarray:
   """`(num_classes, 3)` uint8 colors, indexed by train id."""
-  _check_config(config)
-  if config.data.name == 'digits':
-    from dssn_jax.data import digits  # pylint: disable=g-import-not-at-top
-
-    return np.asarray(digits.PALETTE, np.uint8)
-  return classes.palette_for(config.data.name, config.data.num_classes)
+  return np.asarray(_dataset(config).palette(config), np.uint8)

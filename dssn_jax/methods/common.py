@@ -1,0 +1,262 @@
+"""Shared pieces of the methods' iterations: forwards, teacher targets,
+cutmix composition, random feature masks, loss terms, micro-batching.
+
+Every method splits its iteration in two (see `dssn_jax.methods`):
+
+- `prepare(state, batch, rng, ctx) -> (prepared, teacher_batch_stats)`: what
+  needs no gradient, computed once over the whole global batch: teacher
+  targets, cutmix-composed images, every random mask, and the global
+  denominators of the loss terms;
+- `loss(params, state, micro, ctx) -> (total, LossAux)`: the student's
+  forwards and the weighted loss terms on one micro-batch (the whole batch
+  when `grad_accum` is 1).
+
+A term is `numerator / denominator` with the denominator taken over the
+global batch (`prepared['den_*']`), so the micro-batches' totals, gradients
+and metrics add up to the full batch's exactly (for models without
+BatchNorm; BatchNorm models run one micro-batch).
+
+Random masks come from the sample's global position (`fold_in(key, index)`),
+so the number of micro-batches changes none of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from dssn_jax import losses, pseudo_labels
+from dssn_jax.data.normalize import normalize
+
+SEMI_KEYS = ('x', 'y', 'u_w', 'u_ignore', 'm_w', 'm_ignore')
+VIEW_KEYS = (('u_s1', 'm_s1', 'box1'), ('u_s2', 'm_s2', 'box2'))
+
+
+class LossAux(flax.struct.PyTreeNode):
+  """What a method's loss returns beside the total.
+
+  Attributes:
+    batch_stats: the student's BatchNorm statistics after its forwards.
+    teacher_batch_stats: the teacher's after its own forwards (before EMA).
+    metrics: float32 scalars, each computed term and `mask_ratio`.
+  """
+
+  batch_stats: Any
+  teacher_batch_stats: Any
+  metrics: dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """The static arguments every method function gets."""
+
+  model: Any
+  settings: Any  # config_lib.MethodSettings
+  schedule: Any  # config_lib.Schedule
+
+
+def forward(
+  model,
+  params,
+  batch_stats,
+  images,
+  *,
+  train: bool,
+  perturb: int = 0,
+  rng=None,
+  feature_masks=None,
+  perturb_masks=None,
+):
+  """One model call -> (logits, aux, batch_stats after the call).
+
+  `feature_masks` `(N, D)` / `perturb_masks` `(k, N, D)` are passed only when
+  given (models without `feature_dim` do not take them).
+  """
+  rngs = {'dropout': rng} if perturb and rng is not None else {}
+  kwargs = {}
+  if feature_masks is not None:
+    kwargs['feature_masks'] = feature_masks
+  if perturb_masks is not None:
+    kwargs['perturb_masks'] = perturb_masks
+  variables = {'params': params, 'batch_stats': batch_stats}
+  if train:
+    (logits, aux), updates = model.apply(
+      variables, images, train=True, perturb=perturb, rngs=rngs, mutable=['batch_stats'], **kwargs
+    )
+    return logits, aux, updates.get('batch_stats', batch_stats)
+  logits, aux = model.apply(variables, images, train=False, perturb=perturb, rngs=rngs, **kwargs)
+  return logits, aux, batch_stats
+
+
+def feature_dim(model) -> int | None:
+  """Channels `D` of the model's tapped features, or None when the model
+  draws its own perturbation masks (DeepLabV3+) and takes no masks."""
+  return getattr(model, 'feature_dim', None)
+
+
+def check_keys(batch: dict[str, Any], need, method: str) -> None:
+  missing = [k for k in need if k not in batch]
+  if missing:
+    raise ValueError(
+      f'train batch for method {method!r} lacks {", ".join(missing)}'
+      f' (has {", ".join(sorted(batch))})'
+    )
+
+
+def suffixes(n: int) -> list[str]:
+  """Metric name suffixes: '' for a single term, '1', '2', ... otherwise."""
+  return [''] if n == 1 else [str(i + 1) for i in range(n)]
+
+
+# ----------------------------------------------------------------------------
+# Random feature masks, drawn from global batch positions.
+
+
+def _per_sample(key, n: int, fn):
+  """`fn(fold_in(key, i))` for i in 0..n-1, stacked: one draw per global index."""
+  return jax.vmap(lambda i: fn(jax.random.fold_in(key, i)))(jnp.arange(n))
+
+
+def channel_dropout_masks(key, n: int, dim: int, rate: float = 0.5) -> jax.Array:
+  """Dropout2d masks `(n, dim)`: 0 with prob `rate`, else `1/(1-rate)`."""
+  keep = _per_sample(key, n, lambda k: jax.random.bernoulli(k, 1.0 - rate, (dim,)))
+  return keep.astype(jnp.float32) / (1.0 - rate)
+
+
+def complementary_masks(key, n: int, dim: int, kept_fraction: float = 0.5):
+  """UniMatch V2's complementary dropout for `n` pairs -> (m, 2 - m), each `(n, dim)`.
+
+  `m = 2 * Bernoulli(0.5)` per (pair, channel); `int(n * kept_fraction)` pairs,
+  chosen by a random permutation of the global pair indices, keep all
+  channels (both masks 1). The authors draw per GPU (their batch of 4 pairs
+  keeps 2); here the draw covers the global batch.
+  """
+  m = 2.0 * _per_sample(
+    jax.random.fold_in(key, 0), n, lambda k: jax.random.bernoulli(k, 0.5, (dim,))
+  )
+  m = m.astype(jnp.float32)
+  num_kept = int(n * kept_fraction)
+  order = jax.random.permutation(jax.random.fold_in(key, 1), n)
+  kept = jnp.zeros((n,), bool).at[order[:num_kept]].set(True)
+  m = jnp.where(kept[:, None], 1.0, m)
+  return m, jnp.where(kept[:, None], 1.0, 2.0 - m)
+
+
+# ----------------------------------------------------------------------------
+# Loss terms with global denominators.
+
+
+def count(mask) -> jax.Array:
+  return jnp.sum(jnp.asarray(mask).astype(jnp.float32))
+
+
+def ce_term(logits, labels, den, ignore_index: int) -> jax.Array:
+  """`sum(CE over labels != ignore) / den` (L_x with CE)."""
+  valid = (labels != ignore_index).astype(jnp.float32)
+  ce = losses.cross_entropy_map(logits, labels)
+  return jnp.sum(ce * valid) / jnp.maximum(den, 1.0)
+
+
+def sup_term(logits, labels, den, settings) -> jax.Array:
+  """L_x: CE over the labeled pixels, or OHEM CE (per image, `min_kept` each)."""
+  if settings.sup_type == 'ohem':
+    return losses.ohem_ce(
+      logits,
+      labels,
+      settings.ohem_thresh,
+      settings.ohem_min_kept,
+      ignore_index=settings.ignore_index,
+      per_image=True,
+    )
+  return ce_term(logits, labels, den, settings.ignore_index)
+
+
+def pseudo_term(logits, labels, mask, valid, den) -> jax.Array:
+  """`sum(CE * (mask & valid)) / den` with `den` the global count of valid pixels."""
+  ce = losses.cross_entropy_map(logits, labels)
+  return jnp.sum(ce * (mask & valid).astype(jnp.float32)) / jnp.maximum(den, 1.0)
+
+
+def align_term(a, b, den) -> jax.Array:
+  """Dual-level alignment: `sum((z(a) - z(b))^2) / den`, den = global element count."""
+  d = losses.standardize(a) - losses.standardize(b)
+  return jnp.sum(jnp.square(d)) / den
+
+
+def mask_of(logits, settings):
+  """The pseudo-label selection rule of `settings` (CPLG or fixed threshold)."""
+  return pseudo_labels.confidence_mask(
+    logits,
+    settings.pseudo_label,
+    threshold=settings.threshold,
+    high=settings.class_aware_high,
+    scale=settings.class_aware_scale,
+  )
+
+
+def compose(box, partner, base):
+  """Cutmix composition: `partner` inside `box`, `base` outside."""
+  return pseudo_labels.compose_cutmix(box, partner, base)
+
+
+def mixed_strong_images(batch, views: int, partner: str = 'batch'):
+  """The cutmixed strong views, uint8 `(views * B, H, W, 3)` concatenated.
+
+  `partner='batch'`: the mix-partner batch's strong view (`m_sk`, DSSN /
+  UniMatch); `'reversed'`: the same view of the batch reversed (UniMatch V2).
+  """
+  out = []
+  for u_s, m_s, box in VIEW_KEYS[:views]:
+    other = batch[m_s] if partner == 'batch' else batch[u_s][::-1]
+    out.append(compose(batch[box], other, batch[u_s]))
+  return jnp.concatenate(out)
+
+
+def valid_pixels(batch, ignore_index: int, views: int, partner: str = 'batch'):
+  """Valid maps of the weak view and of each cutmixed strong view."""
+  valid_w = batch['u_ignore'] != ignore_index
+  valid = []
+  for _, _, box in VIEW_KEYS[:views]:
+    other = batch['m_ignore'] if partner == 'batch' else batch['u_ignore'][::-1]
+    valid.append(compose(batch[box], other, batch['u_ignore']) != ignore_index)
+  return valid_w, valid
+
+
+def normalized(images):
+  return normalize(images)
+
+
+# ----------------------------------------------------------------------------
+# Micro-batching.
+
+
+def split_micro(tree, k: int):
+  """Leading axis `B` -> `(k, B/k)` on every leaf (scalars are broadcast).
+
+  Micro-batch j holds samples j, j + k, j + 2k, ...: strided, so that with
+  the batch sharded on `data` each micro-batch still spans every device.
+  """
+
+  def one(x):
+    x = jnp.asarray(x)
+    if x.ndim == 0:
+      return jnp.broadcast_to(x, (k,))
+    if x.shape[0] % k:
+      raise ValueError(
+        f'config.train.grad_accum={k} does not divide the batch axis of size {x.shape[0]}'
+      )
+    return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+
+  return jax.tree.map(one, tree)
+
+
+def map_micro(fn, tree, k: int):
+  """`fn` over k micro-batches of `tree` (no gradient), outputs re-joined on axis 0."""
+  if k == 1:
+    return fn(tree)
+  out = jax.lax.map(fn, split_micro(tree, k))
+  return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:]), out)

@@ -1,0 +1,318 @@
+"""DSSN (ACM MM 2023): dual-level Siamese structure with an EMA teacher.
+
+The iteration (docs/method.md "DSSN"):
+
+1. EMA teacher on the mix partner's weak view `m_w` -> `T_m` and on `u_w`
+   -> `T_w` (batch-statistics BN: two calls, m_w first; running: one call);
+2. per strong view k: `T_k = where(box_k, T_m, T_w)`, labels `argmax T_k`,
+   mask CPLG(`T_k`), valid `where(box_k, m_ignore, u_ignore) != 255`;
+   the strong images `where(box_k, m_sk, u_sk)`;
+3. student on concat(x, u_w) with `fp_branches` perturbed copies of its
+   features -> `P_x, P_w, P_fp1, P_fp2` (`labeled_bn='separate'`: x, then u_w);
+4. student on concat(u_s1, u_s2) -> `P_s1, P_s2`;
+5. fp targets: `argmax P_w` (detached), mask CPLG(`P_w`);
+6. total `sup*L_x + strong*(L_s1+L_s2) + fp*(L_fp1+L_fp2) + align_image*L_img
+   + align_feature*L_feat`, strong terms (or, `warmup_terms='unlabeled'`,
+   every unlabeled term) weighted 0 while `step < warmup_steps`;
+7. (train_step) optimizer step; EMA with keep rate 0 in the warm-up, then
+   `ema_decay`.
+
+A loss weight of 0 removes its term from the program: the strong forward
+runs only if `strong` or `align_image` is on, the teacher only if `strong`
+is on, the perturbed copies only if `fp` or `align_feature` is on.
+
+On a model with tapped features (`model.feature_dim`, the DINOv2/DPT family)
+the fp branches' channel masks are drawn here from global batch positions:
+`fp_masks='independent'` (DSSN's Dropout2d, p = `model.dropout`, each branch
+its own) or `'complementary'` (`m`, `2 - m`); `comp_drop=True` adds UniMatch
+V2's complementary dropout to the strong views' forward.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dssn_jax.methods import common
+
+PRESET = dict(
+  sup=0.5,
+  strong=0.125,
+  fp=0.125,
+  align_image=0.005,
+  align_feature=0.005,
+  fp_branches=2,
+  strong_views=2,
+  pseudo_label='class_aware',
+  threshold=0.95,
+  teacher='ema',
+  mix_partner='same',
+  ema_schedule='warmup',
+  comp_drop=False,
+  fp_masks='independent',
+)
+
+
+def flags(s):
+  """Which forwards and terms the settings switch on."""
+  views = s.strong_views
+  return dict(
+    views=views,
+    strong_terms=s.strong > 0 and views > 0,
+    strong_forward=views > 0 and (s.strong > 0 or s.align_image > 0),
+    perturb=s.fp_branches if (s.fp > 0 or s.align_feature > 0) else 0,
+  )
+
+
+def check(batch, s) -> None:
+  common.check_keys(batch, common.SEMI_KEYS + sum(common.VIEW_KEYS[: s.strong_views], ()), s.method)
+  if s.align_image > 0 and s.strong_views < 2:
+    raise ValueError(
+      f'loss.align_image={s.align_image} needs two strong views; '
+      f'method {s.method!r} has {s.strong_views}'
+    )
+  if s.align_feature > 0 and s.fp_branches < 2:
+    raise ValueError(
+      f'loss.align_feature={s.align_feature} needs two fp branches; fp_branches={s.fp_branches}'
+    )
+  if s.fp > 0 and s.fp_branches < 1:
+    raise ValueError(f'loss.fp={s.fp} needs fp_branches >= 1')
+
+
+def teacher_logits(state, batch, ctx):
+  """EMA teacher on (m_w, u_w) -> (T_m, T_w, its batch_stats after).
+
+  With batch-statistics BN the two calls run in turn, m_w first (each
+  normalized by its own batch, the statistics threaded as in the reference).
+  With running statistics BN is per sample, so one call on both views gives
+  the same logits at half the kernel launches.
+  """
+  model, s = ctx.model, ctx.settings
+  m_w, u_w = common.normalized(batch['m_w']), common.normalized(batch['u_w'])
+  stats = state.teacher_batch_stats
+
+  def sequential():
+    t_m, _, new = common.forward(model, state.teacher_params, stats, m_w, train=True)
+    t_w, _, new = common.forward(model, state.teacher_params, new, u_w, train=True)
+    return t_m, t_w, new
+
+  def batched():
+    both, _, _ = common.forward(
+      model, state.teacher_params, stats, jnp.concatenate([m_w, u_w]), train=False
+    )
+    t_m, t_w = jnp.split(both, 2)
+    return t_m, t_w, stats
+
+  if s.teacher_bn == 'reference':
+    return jax.lax.cond(state.step < ctx.schedule.steps_per_epoch, sequential, batched)
+  return sequential() if s.teacher_bn == 'batch' else batched()
+
+
+def view_targets(t_m, t_w, batch, s, views):
+  """Per strong view: composed hard labels and selection masks (CPLG or fixed)."""
+  out = {}
+  for k in range(views):
+    t_k = common.compose(batch[common.VIEW_KEYS[k][2]], t_m, t_w)
+    out[f'labels_s{k}'] = jnp.argmax(t_k, axis=-1).astype(jnp.int32)
+    out[f'mask_s{k}'] = common.mask_of(t_k, s)
+  return out
+
+
+def fp_masks(key, model, s, n: int, perturb: int):
+  """Channel masks `(perturb, n, D)` of the fp branches, or None (model draws)."""
+  dim = common.feature_dim(model)
+  if dim is None or not perturb:
+    if s.fp_masks == 'complementary' and perturb:
+      raise ValueError(
+        "model.fp_masks='complementary' needs a model with tapped features "
+        '(model.feature_dim, the DINOv2/DPT family)'
+      )
+    return None
+  if s.fp_masks == 'complementary':
+    if perturb != 2:
+      raise ValueError(f"model.fp_masks='complementary' needs fp_branches=2, got {perturb}")
+    m, m2 = common.complementary_masks(key, n, dim, kept_fraction=0.0)
+    return jnp.stack([m, m2])
+  keys = jax.random.split(key, perturb)
+  return jnp.stack([common.channel_dropout_masks(k, n, dim, s.dropout) for k in keys])
+
+
+def strong_feature_masks(key, model, s, n: int):
+  """UniMatch V2's complementary dropout on concat(u_s1, u_s2), `(2n, D)`, or None."""
+  if not s.comp_drop:
+    return None
+  if s.strong_views != 2:
+    raise ValueError(f'comp_drop needs two strong views; method {s.method!r} has {s.strong_views}')
+  dim = common.feature_dim(model)
+  if dim is None:
+    raise ValueError(
+      'comp_drop (complementary dropout of the strong views) needs a model with tapped '
+      'features (model.feature_dim, the DINOv2/DPT family)'
+    )
+  m, m2 = common.complementary_masks(key, n, dim, s.comp_drop_kept)
+  return jnp.concatenate([m, m2])
+
+
+def prepare_views(state, batch, rng, ctx):
+  """What every UniMatch-family method prepares: images, valid maps, global
+  denominators, strong views (cutmixed with the mix-partner batch) and the
+  random feature masks."""
+  del state
+  s, model = ctx.settings, ctx.model
+  check(batch, s)
+  f = flags(s)
+  views, n = f['views'], batch['u_w'].shape[0]
+  valid_w, valid_s = common.valid_pixels(batch, s.ignore_index, views)
+  out = {
+    'x': batch['x'],
+    'y': batch['y'],
+    'u_w': batch['u_w'],
+    'valid_w': valid_w,
+    'den_x': common.count(batch['y'] != s.ignore_index),
+    'den_w': common.count(valid_w),
+  }
+  if f['strong_forward']:
+    out['strong'] = jnp.stack(jnp.split(common.mixed_strong_images(batch, views), views), 1)
+    masks = strong_feature_masks(jax.random.fold_in(rng, 2), model, s, n)
+    if masks is not None:
+      out['strong_masks'] = jnp.stack(jnp.split(masks, 2), 1)
+  if f['strong_terms']:
+    for k in range(views):
+      out[f'valid_s{k}'] = valid_s[k]
+      out[f'den_s{k}'] = common.count(valid_s[k])
+  masks = fp_masks(jax.random.fold_in(rng, 1), model, s, n, f['perturb'])
+  if masks is not None:
+    out['fp_masks'] = jnp.moveaxis(masks, 0, 1)  # (n, perturb, D): sliceable by sample
+  return out
+
+
+def prepare(state, batch, rng, ctx):
+  """Steps 1-2: the EMA teacher's targets per strong view, plus `prepare_views`."""
+  s, model = ctx.settings, ctx.model
+  out = prepare_views(state, batch, rng, ctx)
+  views = flags(s)['views']
+  teacher_bs = state.teacher_batch_stats
+  if flags(s)['strong_terms']:
+    if s.grad_accum == 1:
+      t_m, t_w, teacher_bs = teacher_logits(state, batch, ctx)
+      targets = view_targets(t_m, t_w, batch, s, views)
+    else:  # BN-free model: per-sample teacher, run per micro-batch
+
+      def one(mb):
+        both = common.normalized(jnp.concatenate([mb['m_w'], mb['u_w']]))
+        logits, _, _ = common.forward(
+          model, state.teacher_params, state.teacher_batch_stats, both, train=False
+        )
+        t_m, t_w = jnp.split(logits, 2)
+        return view_targets(t_m, t_w, mb, s, views)
+
+      keys = ['m_w', 'u_w'] + [b for _, _, b in common.VIEW_KEYS[:views]]
+      targets = common.map_micro(one, {k: batch[k] for k in keys}, s.grad_accum)
+    out.update(jax.lax.stop_gradient(targets))
+  return out, teacher_bs
+
+
+def strong_target(mb, p_w, k: int, s):
+  """Labels and mask of strong view k: prepared by the EMA teacher, or (UniMatch,
+  FixMatch) composed here from the eval-mode student's `T_m` and `P_w`."""
+  if 't_m' in mb:
+    t_k = common.compose(mb[f'box_s{k}'], mb['t_m'], p_w)
+    return jnp.argmax(t_k, axis=-1).astype(jnp.int32), common.mask_of(t_k, s)
+  return mb[f'labels_s{k}'], mb[f'mask_s{k}']
+
+
+def loss(params, state, mb, rng, ctx):
+  """The weighted terms on one micro-batch `mb` of `prepare`'s output."""
+  s, model = ctx.settings, ctx.model
+  f = flags(s)
+  views, perturb = f['views'], f['perturb']
+  warm = state.step < ctx.schedule.warmup_steps
+  dropout_rng = jax.random.fold_in(rng, 0)
+  x, u_w, y = common.normalized(mb['x']), common.normalized(mb['u_w']), mb['y']
+  n_x = x.shape[0]
+  terms, weighted = {}, []
+  perturb_masks = None
+  if 'fp_masks' in mb:  # model takes masks: ones for the labeled rows
+    fp = jnp.moveaxis(mb['fp_masks'], 1, 0)
+    perturb_masks = fp
+    if s.labeled_bn != 'separate':
+      perturb_masks = jnp.concatenate([jnp.ones((perturb, n_x) + fp.shape[2:]), fp], axis=1)
+
+  # 3. Student on concat(x, u_w) with perturbed copies (or x, then u_w).
+  if s.labeled_bn == 'separate':
+    p_x, _, bs = common.forward(model, params, state.batch_stats, x, train=True)
+    p_w, aux, bs = common.forward(
+      model,
+      params,
+      bs,
+      u_w,
+      train=True,
+      perturb=perturb,
+      rng=dropout_rng,
+      perturb_masks=perturb_masks,
+    )
+    p_w = jax.lax.stop_gradient(p_w)
+    p_fp = list(aux['perturbed'])
+  else:
+    logits, aux, bs = common.forward(
+      model,
+      params,
+      state.batch_stats,
+      jnp.concatenate([x, u_w]),
+      train=True,
+      perturb=perturb,
+      rng=dropout_rng,
+      perturb_masks=perturb_masks,
+    )
+    p_x, p_w = logits[:n_x], jax.lax.stop_gradient(logits[n_x:])
+    p_fp = [p[n_x:] for p in aux['perturbed']]
+
+  # 4. Student on the cutmixed strong views.
+  p_s = []
+  if f['strong_forward']:
+    strong = mb['strong']
+    images = common.normalized(jnp.concatenate([strong[:, k] for k in range(views)]))
+    fmasks = None
+    if 'strong_masks' in mb:
+      fmasks = jnp.concatenate([mb['strong_masks'][:, k] for k in range(2)])
+    logits_s, _, bs_s = common.forward(model, params, bs, images, train=True, feature_masks=fmasks)
+    if s.strong_view_bn_stats:
+      bs = bs_s
+    p_s = jnp.split(logits_s, views)
+
+  # 5. fp targets from the detached clean weak-view prediction.
+  valid_w = mb['valid_w']
+  mask_w = common.mask_of(p_w, s)
+  labels_w = jnp.argmax(p_w, axis=-1).astype(jnp.int32)
+  terms['mask_ratio'] = common.count(mask_w & valid_w) / jnp.maximum(mb['den_w'], 1.0)
+
+  # 6. Loss terms.
+  if s.sup > 0:
+    terms['loss_x'] = common.sup_term(p_x, y, mb['den_x'], s)
+    weighted.append(s.sup * terms['loss_x'])
+  if f['strong_terms']:
+    strong_weight = jnp.where(warm, 0.0, s.strong)
+    for k, suffix in enumerate(common.suffixes(views)):
+      labels, mask = strong_target(mb, p_w, k, s)
+      term = common.pseudo_term(p_s[k], labels, mask, mb[f'valid_s{k}'], mb[f'den_s{k}'])
+      terms['loss_s' + suffix] = term
+      weighted.append(strong_weight * term)
+
+  def gated(weight):  # other unlabeled terms: on from step 0, or gated too
+    return jnp.where(warm, 0.0, weight) if s.warmup_terms == 'unlabeled' else weight
+
+  if s.fp > 0:
+    for p, suffix in zip(p_fp, common.suffixes(len(p_fp))):
+      term = common.pseudo_term(p, labels_w, mask_w, valid_w, mb['den_w'])
+      terms['loss_fp' + suffix] = term
+      weighted.append(gated(s.fp) * term)
+  if s.align_image > 0:
+    den = p_s[0].size * s.grad_accum  # every element of the global batch
+    terms['loss_align_image'] = common.align_term(p_s[0], p_s[1], den)
+    weighted.append(gated(s.align_image) * terms['loss_align_image'])
+  if s.align_feature > 0:
+    den = p_fp[0].size * s.grad_accum
+    terms['loss_align_feature'] = common.align_term(p_fp[0], p_fp[1], den)
+    weighted.append(gated(s.align_feature) * terms['loss_align_feature'])
+  total = sum(weighted, jnp.float32(0.0))
+  return total, common.LossAux(bs, state.teacher_batch_stats, terms)

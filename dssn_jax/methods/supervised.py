@@ -1,0 +1,46 @@
+"""Supervised baseline: `L_x` on the labeled images only."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from dssn_jax.methods import common
+
+PRESET = dict(
+  sup=1.0,
+  strong=0.0,
+  fp=0.0,
+  align_image=0.0,
+  align_feature=0.0,
+  fp_branches=0,
+  strong_views=0,
+  pseudo_label='fixed',
+  threshold=0.95,
+  teacher='student',
+  mix_partner='same',
+  ema_schedule='student',
+  comp_drop=False,
+  fp_masks='independent',
+)
+
+
+def prepare(state, batch, rng, ctx):
+  del rng
+  s = ctx.settings
+  common.check_keys(batch, ('x', 'y'), s.method)
+  out = {'x': batch['x'], 'y': batch['y'], 'den_x': common.count(batch['y'] != s.ignore_index)}
+  return out, state.teacher_batch_stats
+
+
+def loss(params, state, mb, rng, ctx):
+  del rng
+  s = ctx.settings
+  logits, _, bs = common.forward(
+    ctx.model, params, state.batch_stats, common.normalized(mb['x']), train=True
+  )
+  terms = {}
+  total = jnp.float32(0.0)
+  if s.sup > 0:
+    terms['loss_x'] = common.sup_term(logits, mb['y'], mb['den_x'], s)
+    total = s.sup * terms['loss_x']
+  return total, common.LossAux(bs, state.teacher_batch_stats, terms)

@@ -1,0 +1,131 @@
+"""UniMatch V2 (TPAMI 2025): EMA teacher, cutmix with the batch reversed,
+complementary dropout of the two strong views.
+
+The iteration (docs/method.md "UniMatch V2", the authors' `unimatch_v2.py`):
+
+1. EMA teacher (eval mode, no gradient) on `u_w` -> confidence
+   `conf = max softmax` and labels `argmax`;
+2. cutmix partner = the global batch reversed: `u_sk` takes `u_sk[::-1]`
+   inside `box_k`; labels, confidences and ignore maps take their `[::-1]`
+   inside the box (no mix-partner batch, no teacher call on a partner);
+3. student on x -> `P_x`; student on concat(u_s1, u_s2) with complementary
+   dropout of its tapped features (pairs `m`, `2 - m` per image and
+   channel, `m = 2 Bernoulli(0.5)`; half of the pairs undropped) -> `P_s1, P_s2`;
+4. `L_x` = CE (or OHEM); `L_sk = sum(CE * (conf_k >= 0.95) * valid_k) / count(valid_k)`;
+5. total `(L_x + (L_s1 + L_s2) / 2) / 2`: effective weights sup 0.5, strong 0.25;
+6. (train_step) AdamW step; EMA keep rate `min(1 - 1/(step + 1), 0.996)`.
+
+The reversal runs over the *global* batch (the authors reverse each GPU's
+batch of 4; the pairing differs, not its distribution). With
+`grad_accum > 1` the targets and the cutmixed images are composed over the
+global batch before it is split, so the pairs cross micro-batches freely.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dssn_jax.methods import common, dssn
+
+PRESET = dict(
+  sup=0.5,
+  strong=0.25,
+  fp=0.0,
+  align_image=0.0,
+  align_feature=0.0,
+  fp_branches=0,
+  strong_views=2,
+  pseudo_label='fixed',
+  threshold=0.95,
+  teacher='ema',
+  mix_partner='reversed',
+  ema_schedule='unimatch_v2',
+  comp_drop=True,
+  fp_masks='independent',
+)
+
+KEYS = ('x', 'y', 'u_w', 'u_s1', 'u_s2', 'u_ignore', 'box1', 'box2')
+
+
+def check(batch, s) -> None:
+  common.check_keys(batch, KEYS, s.method)
+  if s.pseudo_label != 'fixed':
+    raise ValueError(f"method 'unimatch_v2' uses loss.pseudo_label='fixed', got {s.pseudo_label!r}")
+  for key in ('fp', 'align_image', 'align_feature'):
+    if getattr(s, key) > 0:
+      raise ValueError(f"method 'unimatch_v2' has no {key} term; loss.{key} must be 0")
+
+
+def prepare(state, batch, rng, ctx):
+  """Steps 1-2 and the dropout masks, over the global batch (no gradient)."""
+  s, model = ctx.settings, ctx.model
+  check(batch, s)
+  n = batch['u_w'].shape[0]
+
+  def one(mb):
+    logits, _, _ = common.forward(
+      model,
+      state.teacher_params,
+      state.teacher_batch_stats,
+      common.normalized(mb['u_w']),
+      train=False,
+    )
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.max(probs, axis=-1), jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  conf, labels = jax.lax.stop_gradient(common.map_micro(one, {'u_w': batch['u_w']}, s.grad_accum))
+  ignore = batch['u_ignore']
+  valid_w = ignore != s.ignore_index
+  out = {
+    'x': batch['x'],
+    'y': batch['y'],
+    'den_x': common.count(batch['y'] != s.ignore_index),
+    'mask_ratio': common.count((conf >= s.threshold) & valid_w)
+    / jnp.maximum(common.count(valid_w), 1.0),
+  }
+  strong = common.mixed_strong_images(batch, 2, partner='reversed')
+  out['strong'] = jnp.stack(jnp.split(strong, 2), 1)  # (n, 2, H, W, 3)
+  for k, (_, _, box) in enumerate(common.VIEW_KEYS):
+    b = batch[box]
+    valid_k = common.compose(b, ignore[::-1], ignore) != s.ignore_index
+    out[f'labels_s{k}'] = common.compose(b, labels[::-1], labels)
+    out[f'mask_s{k}'] = common.compose(b, conf[::-1], conf) >= s.threshold
+    out[f'valid_s{k}'] = valid_k
+    out[f'den_s{k}'] = common.count(valid_k)
+  masks = dssn.strong_feature_masks(jax.random.fold_in(rng, 2), model, s, n)
+  if masks is not None:
+    out['strong_masks'] = jnp.stack(jnp.split(masks, 2), 1)  # (n, 2, D)
+  return out, state.teacher_batch_stats
+
+
+def loss(params, state, mb, rng, ctx):
+  """Steps 3-5 on one micro-batch."""
+  del rng
+  s, model = ctx.settings, ctx.model
+  p_x, _, bs = common.forward(
+    model, params, state.batch_stats, common.normalized(mb['x']), train=True
+  )
+  strong = common.normalized(jnp.concatenate([mb['strong'][:, 0], mb['strong'][:, 1]]))
+  fmasks = None
+  if 'strong_masks' in mb:
+    fmasks = jnp.concatenate([mb['strong_masks'][:, 0], mb['strong_masks'][:, 1]])
+  logits_s, _, bs_s = common.forward(model, params, bs, strong, train=True, feature_masks=fmasks)
+  if s.strong_view_bn_stats:
+    bs = bs_s
+  p_s = jnp.split(logits_s, 2)
+  # mask_ratio is a global statistic: each micro-batch reports its share.
+  terms = {'mask_ratio': mb['mask_ratio'] / s.grad_accum}
+  weighted = []
+  if s.sup > 0:
+    terms['loss_x'] = common.sup_term(p_x, mb['y'], mb['den_x'], s)
+    weighted.append(s.sup * terms['loss_x'])
+  if s.strong > 0:
+    for k in range(2):
+      term = common.pseudo_term(
+        p_s[k], mb[f'labels_s{k}'], mb[f'mask_s{k}'], mb[f'valid_s{k}'], mb[f'den_s{k}']
+      )
+      terms[f'loss_s{k + 1}'] = term
+      weighted.append(s.strong * term)
+  total = sum(weighted, jnp.float32(0.0))
+  return total, common.LossAux(bs, state.teacher_batch_stats, terms)

@@ -1,0 +1,438 @@
+"""The method registry on a tiny BatchNorm-free model with tapped features:
+UniMatch V2 against a PyTorch rendering of the authors' iteration, the EMA
+keep-rate schedule, gradient accumulation, random masks, mix partners and
+the evaluation resize."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from tapped_model import TinyTapped, init, torch_module
+
+from dssn_jax import config_lib, evaluate, methods, optim
+from dssn_jax import train_step as ts
+from dssn_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD
+from dssn_jax.methods import common
+from dssn_jax.methods import unimatch_v2 as uv2
+
+C = 3  # classes
+SIZE = 12
+
+
+def make_config(method, **overrides):
+  c = config_lib.base_config()
+  c.method = method
+  c.data.num_classes = C
+  c.data.crop_size = SIZE
+  c.data.batch_size = 8
+  c.train.steps = 10
+  for key, value in overrides.items():
+    section, name = key.split('.')
+    c[section][name] = value
+  return c
+
+
+def make_batch(n=8, size=SIZE, seed=0):
+  rng = np.random.default_rng(seed)
+  image = lambda: rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+  def box():
+    out = np.zeros((n, size, size), bool)
+    for i in range(n):
+      if rng.random() < 0.75:
+        h, w = rng.integers(2, size // 2 + 1, 2)
+        t, left = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
+        out[i, t : t + h, left : left + w] = True
+    return out
+
+  ignore = np.zeros((n, size, size), np.int32)
+  for i in range(n):
+    ignore[i, size - 1 - i % 3 :, :] = 255  # padded rows, different per image
+  y = rng.integers(0, C, (n, size, size)).astype(np.int32)
+  y[:, :, -1] = 255
+  return dict(
+    x=image(), y=y, u_w=image(), u_s1=image(), u_s2=image(), u_ignore=ignore,
+    box1=box(), box2=box(), m_w=image(), m_s1=image(), m_s2=image(), m_ignore=ignore[::-1].copy(),
+  )  # fmt: skip
+
+
+def state_for(model, tx, seed=0, teacher_scale=1.3, step=0):
+  params = init(model, SIZE, seed)
+  state = ts.create_train_state(model, tx, None, SIZE, variables={'params': params})
+  # A teacher that differs from the student, so its targets are its own.
+  teacher = jax.tree.map(lambda p: p * teacher_scale, state.params)
+  return state.replace(teacher_params=teacher, step=jnp.int32(step))
+
+
+# ----------------------------------------------------------------------------
+# UniMatch V2 against the authors' iteration, rendered in PyTorch.
+
+
+def torch_unimatch_v2(model, params, teacher_params, batch, strong_masks, thresh=0.95):
+  """The authors' loop body (`unimatch_v2.py`), on the same inputs and masks."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+
+  del model
+  mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+  std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+  img = lambda k: (torch.from_numpy(batch[k]).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+  net, ema = torch_module(params), torch_module(teacher_params)
+  img_x, mask_x = img('x'), torch.from_numpy(batch['y']).long()
+  img_u_w, img_u_s1, img_u_s2 = img('u_w'), img('u_s1'), img('u_s2')
+  ignore_mask = torch.from_numpy(batch['u_ignore']).long()
+  cutmix_box1 = torch.from_numpy(batch['box1']).long()
+  cutmix_box2 = torch.from_numpy(batch['box2']).long()
+  with torch.no_grad():
+    pred_u_w = ema(img_u_w).detach()
+    conf_u_w = pred_u_w.softmax(dim=1).max(dim=1)[0]
+    mask_u_w = pred_u_w.argmax(dim=1)
+  b1 = cutmix_box1.unsqueeze(1).expand(img_u_s1.shape) == 1
+  b2 = cutmix_box2.unsqueeze(1).expand(img_u_s2.shape) == 1
+  img_u_s1[b1] = img_u_s1.flip(0)[b1]
+  img_u_s2[b2] = img_u_s2.flip(0)[b2]
+  pred_x = net(img_x)
+  dropout_mask = torch.from_numpy(np.asarray(strong_masks))
+  pred_u_s1, pred_u_s2 = net(torch.cat((img_u_s1, img_u_s2)), dropout_mask).chunk(2)
+
+  def composed(box, value):
+    out = value.clone()
+    out[box == 1] = value.flip(0)[box == 1]
+    return out
+
+  criterion_l = torch.nn.CrossEntropyLoss(ignore_index=255)
+  criterion_u = torch.nn.CrossEntropyLoss(reduction='none')
+  loss_x = criterion_l(pred_x, mask_x)
+  losses = []
+  for pred, box in ((pred_u_s1, cutmix_box1), (pred_u_s2, cutmix_box2)):
+    mask, conf, ign = composed(box, mask_u_w), composed(box, conf_u_w), composed(box, ignore_mask)
+    loss = criterion_u(pred, mask) * ((conf >= thresh) & (ign != 255))
+    losses.append(loss.sum() / (ign != 255).sum().item())
+  loss = (loss_x + (losses[0] + losses[1]) / 2.0) / 2.0
+  loss.backward()
+  del F
+  grads = {
+    name: {
+      'kernel': layer.weight.grad.numpy().transpose(2, 3, 1, 0),
+      'bias': layer.bias.grad.numpy(),
+    }
+    for name, layer in (
+      ('backbone', net.backbone),
+      ('head', net.head),
+      ('classifier', net.classifier),
+    )
+  }
+  return float(loss), float(loss_x), [float(v) for v in losses], grads
+
+
+def test_unimatch_v2_matches_the_authors_iteration_in_torch():
+  pytest.importorskip('torch')
+  model = TinyTapped(C)
+  config = make_config('unimatch_v2', **{'loss.threshold': 0.4})  # some pixels pass at init
+  settings = config_lib.resolve_method(config)
+  schedule = config_lib.resolve_steps(config, 80)
+  state = state_for(model, optax.sgd(0.0))
+  batch = make_batch()
+  rng = jax.random.key(7)
+  ctx = common.Context(model, settings, schedule)
+  prepared, _ = uv2.prepare(state, batch, rng, ctx)
+  # The masks: pairs (m, 2 - m) with m in {0, 2}; int(8 / 2) pairs undropped.
+  m1, m2 = np.asarray(prepared['strong_masks'][:, 0]), np.asarray(prepared['strong_masks'][:, 1])
+  np.testing.assert_array_equal(m1 + m2, 2.0)
+  kept = np.all(m1 == 1.0, axis=1)
+  assert kept.sum() == 4 and np.all(np.isin(m1[~kept], (0.0, 2.0)))
+  (total, aux), grads = methods.value_and_grad(
+    state, batch, rng, model=model, settings=settings, schedule=schedule
+  )
+  ref_total, ref_x, ref_s, ref_grads = torch_unimatch_v2(
+    model,
+    jax.device_get(state.params),
+    jax.device_get(state.teacher_params),
+    batch,
+    np.concatenate([m1, m2]),
+    thresh=0.4,
+  )
+  assert 0.0 < float(aux.metrics['loss_s1']) and 0.0 < float(aux.metrics['loss_s2'])
+  # Same float32 arithmetic in two frameworks: losses of order 1 agree to
+  # ~1e-6; gradients to 1e-5 of their largest magnitude.
+  assert float(total) == pytest.approx(ref_total, rel=1e-5)
+  assert float(aux.metrics['loss_x']) == pytest.approx(ref_x, rel=1e-5)
+  assert float(aux.metrics['loss_s1']) == pytest.approx(ref_s[0], rel=1e-5)
+  assert float(aux.metrics['loss_s2']) == pytest.approx(ref_s[1], rel=1e-5)
+  scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(ref_grads))
+  jax.tree.map(
+    lambda g, r: np.testing.assert_allclose(np.asarray(g), r, atol=1e-5 * scale, rtol=0),
+    grads,
+    ref_grads,
+  )
+
+
+def test_unimatch_v2_optimizer_is_the_authors_adamw():
+  """AdamW (0.9, 0.999, wd 0.01), encoder 5e-6, head x40: the first update of a
+  fresh AdamW is `-lr * (g / (|g| + eps) + wd * p)`."""
+  config = make_config('unimatch_v2')
+  config_lib.apply_unimatch_v2_recipe(config)
+  schedule = config_lib.resolve_steps(config, 80)
+  assert (schedule.lr, schedule.head_lr) == (5e-6, 5e-6 * 40)
+  tx = optim.make_optimizer(schedule, config)
+  params = {'backbone': {'w': jnp.array([1.0, -2.0])}, 'head': {'w': jnp.array([0.5, 3.0])}}
+  grads = {'backbone': {'w': jnp.array([0.3, -0.1])}, 'head': {'w': jnp.array([-2.0, 0.7])}}
+  updates, _ = tx.update(grads, tx.init(params), params)
+  for group, lr in (('backbone', 5e-6), ('head', 2e-4)):
+    g, p = np.asarray(grads[group]['w'], np.float64), np.asarray(params[group]['w'], np.float64)
+    want = -lr * (g / (np.abs(g) + 1e-8) + 0.01 * p)
+    # optax computes Adam's bias correction 1 - 0.999 in float32 (relative
+    # error ~3e-5 of v, half of it after the square root); torch in float64.
+    np.testing.assert_allclose(np.asarray(updates[group]['w']), want, rtol=5e-5)
+
+
+def test_ema_keep_rate_schedule():
+  """UniMatch V2: min(1 - 1/(it + 1), 0.996), 0 at the first iteration; DSSN:
+  0 during the warm-up, then ema_decay; student methods: 0."""
+  schedule = config_lib.resolve_steps(make_config('dssn'), 80)
+  s_v2 = config_lib.resolve_method(make_config('unimatch_v2'))
+  for step in (0, 1, 2, 9, 248, 249, 250, 1000):
+    got = float(methods.ema_keep(s_v2, schedule, step, 0.996))
+    assert got == pytest.approx(min(1 - 1 / (step + 1), 0.996), rel=1e-6), step
+  s_dssn = config_lib.resolve_method(make_config('dssn'))
+  warm = dataclasses.replace(schedule, warmup_steps=3)
+  assert [float(methods.ema_keep(s_dssn, warm, t, 0.99)) for t in (0, 2, 3)] == [
+    0.0,
+    0.0,
+    pytest.approx(0.99),
+  ]
+  s_um = config_lib.resolve_method(make_config('unimatch'))
+  assert float(methods.ema_keep(s_um, schedule, 50, 0.996)) == 0.0
+
+
+def test_unimatch_v2_step_blends_the_teacher_with_its_keep_rate():
+  model = TinyTapped(C)
+  config = make_config('unimatch_v2', **{'train.optimizer': 'adamw'})
+  settings = config_lib.resolve_method(config)
+  schedule = config_lib.resolve_steps(config, 80)
+  tx = optim.make_optimizer(schedule, config)
+  state = state_for(model, tx, step=5)
+  new, metrics = ts.train_step(
+    state, make_batch(), jax.random.key(1), model=model, tx=tx, settings=settings,
+    schedule=schedule,
+  )  # fmt: skip
+  keep = 1 - 1 / 6
+  jax.tree.map(
+    lambda got, t, s: np.testing.assert_allclose(got, keep * t + (1 - keep) * s, rtol=1e-6),
+    new.teacher_params,
+    state.teacher_params,
+    new.params,
+  )
+  assert set(metrics) == {'loss', 'loss_x', 'loss_s1', 'loss_s2', 'mask_ratio', 'lr', 'grad_norm'}
+
+
+# ----------------------------------------------------------------------------
+# Gradient accumulation.
+
+
+@pytest.mark.parametrize(
+  'method,overrides',
+  [
+    ('unimatch_v2', {'loss.threshold': 0.4}),
+    ('dssn', {'loss.class_aware_high': 0.3, 'loss.class_aware_scale': 0.9}),
+    (
+      'dssn',
+      {
+        'model.fp_masks': 'complementary',
+        'model.comp_drop': True,
+        'loss.class_aware_high': 0.3,
+        'loss.class_aware_scale': 0.9,
+      },
+    ),
+  ],
+)
+def test_grad_accum_gives_the_full_batch_update(method, overrides):
+  model = TinyTapped(C)
+  batch = make_batch()
+  out = {}
+  for k in (1, 4):
+    config = make_config(method, **overrides, **{'train.grad_accum': k})
+    settings = config_lib.resolve_method(config)
+    schedule = dataclasses.replace(config_lib.resolve_steps(config, 80), warmup_steps=0)
+    tx = optim.make_optimizer(schedule, config)
+    state = state_for(model, tx)
+    step = jax.jit(
+      lambda st, b, r, settings=settings, schedule=schedule, tx=tx: ts.train_step(
+        st, b, r, model=model, tx=tx, settings=settings, schedule=schedule
+      )
+    )
+    new, metrics = step(state, batch, jax.random.key(3))
+    out[k] = jax.device_get((new, metrics))
+  (new1, m1), (new4, m4) = out[1], out[4]
+  assert m1.keys() == m4.keys()
+  for key in m1:
+    if key.startswith('loss') or key == 'mask_ratio':
+      assert float(m1[key]) > 0.0, key
+    # Same terms summed in another order (float32): 1e-5 relative.
+    assert float(m4[key]) == pytest.approx(float(m1[key]), rel=1e-5, abs=1e-7), key
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+    (new4.params, new4.teacher_params),
+    (new1.params, new1.teacher_params),
+  )
+
+
+def test_grad_accum_refuses_batchnorm_models():
+  from dssn_jax import models  # pylint: disable=g-import-not-at-top
+
+  model = models.create_model('resnet_tiny', C)
+  config = make_config('dssn', **{'train.grad_accum': 2})
+  settings = config_lib.resolve_method(config)
+  schedule = config_lib.resolve_steps(config, 80)
+  tx = optim.make_optimizer(schedule, config)
+  state = ts.create_train_state(model, tx, jax.random.key(0, impl='rbg'), SIZE)
+  with pytest.raises(ValueError, match='BatchNorm'):
+    jax.eval_shape(
+      lambda st: ts.train_step(
+        st, make_batch(), jax.random.key(0), model=model, tx=tx, settings=settings,
+        schedule=schedule,
+      ),
+      state,
+    )  # fmt: skip
+
+
+def test_grad_accum_checks():
+  with pytest.raises(ValueError, match='grad_accum=3 does not divide'):
+    config_lib.resolve_method(make_config('unimatch_v2', **{'train.grad_accum': 3}))
+  with pytest.raises(ValueError, match='ohem'):
+    config_lib.resolve_method(
+      make_config('unimatch_v2', **{'train.grad_accum': 2, 'loss.sup_type': 'ohem'})
+    )
+
+
+# ----------------------------------------------------------------------------
+# Masks, mix partners, flags.
+
+
+def test_masks_come_from_global_positions():
+  """A sample's masks depend on its global index only, not on the batch it
+  sits in: the first 4 of a batch of 8 get the masks of a batch of 4."""
+  key = jax.random.key(5)
+  a = common.channel_dropout_masks(key, 8, 16)
+  b = common.channel_dropout_masks(key, 4, 16)
+  np.testing.assert_array_equal(a[:4], b)
+  assert set(np.unique(np.asarray(a))) == {0.0, 2.0}
+  m, m2 = common.complementary_masks(key, 8, 16, kept_fraction=0.0)
+  np.testing.assert_array_equal(np.asarray(m) + np.asarray(m2), 2.0)
+
+
+def test_mix_partner_defaults_live_in_the_presets():
+  for method, want in (
+    ('dssn', 'same'),
+    ('unimatch', 'same'),
+    ('fixmatch', 'same'),
+    ('unimatch_v2', 'reversed'),
+  ):
+    assert config_lib.resolve_mix_partner(make_config(method)) == want
+    assert config_lib.resolve_method(make_config(method)).mix_partner == want
+  assert config_lib.resolve_mix_partner(
+    make_config('dssn', **{'data.mix_partner': 'shuffled'})
+  ) == ('shuffled')
+  with pytest.raises(ValueError, match="mix_partner='reversed'"):
+    config_lib.resolve_mix_partner(make_config('dssn', **{'data.mix_partner': 'reversed'}))
+  with pytest.raises(ValueError, match="mix_partner='same'"):
+    config_lib.resolve_mix_partner(make_config('unimatch_v2', **{'data.mix_partner': 'same'}))
+
+
+def test_dssn_feature_mask_flags_on_the_tapped_model():
+  """fp_masks='complementary' gives the two fp branches m and 2 - m;
+  comp_drop adds UniMatch V2's pairs to the strong views; both need a model
+  with tapped features."""
+  model = TinyTapped(C)
+  config = make_config('dssn', **{'model.fp_masks': 'complementary', 'model.comp_drop': True})
+  settings = config_lib.resolve_method(config)
+  ctx = common.Context(model, settings, config_lib.resolve_steps(config, 80))
+  state = state_for(model, optax.sgd(0.0))
+  prepared, _ = methods.get('dssn').prepare(state, make_batch(), jax.random.key(0), ctx)
+  fp = np.asarray(prepared['fp_masks'])  # (n, 2, D)
+  np.testing.assert_array_equal(fp[:, 0] + fp[:, 1], 2.0)
+  sm = np.asarray(prepared['strong_masks'])
+  np.testing.assert_array_equal(sm[:, 0] + sm[:, 1], 2.0)
+  assert np.all(sm[:, 0] == 1.0, axis=1).sum() == 4
+  default = config_lib.resolve_method(make_config('dssn'))
+  assert (default.fp_masks, default.comp_drop) == ('independent', False)
+
+  class NoTaps:  # a model without feature_dim (DeepLabV3+)
+    pass
+
+  ctx = common.Context(NoTaps(), settings, ctx.schedule)
+  with pytest.raises(ValueError, match='feature_dim'):
+    methods.get('dssn').prepare(state, make_batch(), jax.random.key(0), ctx)
+
+
+def test_method_registry_is_the_one_list():
+  assert set(config_lib.METHODS) == {'dssn', 'unimatch', 'fixmatch', 'supervised', 'unimatch_v2'}
+  assert config_lib.METHODS == methods.names()
+  with pytest.raises(ValueError, match='not one of'):
+    methods.get('meanteacher')
+
+
+# ----------------------------------------------------------------------------
+# Evaluation resize.
+
+
+def test_eval_resize_to_a_multiple_of_14_matches_torch():
+  torch = pytest.importorskip('torch')
+  F = torch.nn.functional
+  assert evaluate.resized_size(500, 375, 14) == (504, 378)
+  assert evaluate.resized_size(20, 27, 14) == (14, 28)  # 1.43 -> 1, 1.93 -> 2
+  model = TinyTapped(C)
+  params = init(model, SIZE)
+  images = np.random.default_rng(0).integers(0, 256, (2, 20, 27, 3), dtype=np.uint8)
+  got = evaluate.model_logits_fn(model, {'params': params}, resize_multiple=14)(images)
+  x = torch.from_numpy(np.asarray(evaluate.normalize(images))).permute(0, 3, 1, 2)
+  x = F.interpolate(x, (14, 28), mode='bilinear', align_corners=True)
+  with torch.no_grad():
+    logits = torch_module(jax.device_get(params))(x)
+  want = F.interpolate(logits, (20, 27), mode='bilinear', align_corners=True)
+  # Two float32 programs of the same arithmetic, logits of order 1.
+  np.testing.assert_allclose(np.asarray(got), want.permute(0, 2, 3, 1).numpy(), atol=1e-5)
+  # 0 (the default, ResNet): the model sees the image as is.
+  plain = evaluate.model_logits_fn(model, {'params': params})(images)
+  direct = model.apply({'params': params}, evaluate.normalize(images))[0]
+  np.testing.assert_array_equal(np.asarray(plain), np.asarray(direct))
+  assert config_lib.base_config().data.eval_resize_multiple == 0
+
+
+def authors_v2_windows(size, window, stride):
+  """UniMatch V2's `evaluate` loop over one axis (`supervised.py`)."""
+  starts, pos = [], 0
+  while True:
+    starts.append(pos)
+    if pos == size - window:
+      break
+    pos = min(pos + stride, size - window)
+  return starts
+
+
+def test_shifted_sliding_windows_follow_unimatch_v2():
+  for size in (1024, 2048, 800, 799):
+    want = authors_v2_windows(size, 798, int(798 * 2 / 3))
+    assert evaluate.window_starts(size, int(798 * 2 / 3), 798, shift=True) == want, size
+  assert evaluate.window_starts(2048, 532, 798, shift=True) == [0, 532, 1064, 1250]
+  assert evaluate.window_starts(500, 532, 798, shift=True) == [0]
+  # Probabilities: every window whole, summed where they overlap.
+  h, w, win = 20, 31, 14
+  images = np.random.default_rng(0).normal(size=(1, h, w, 3)).astype(np.float32)
+
+  def logits_fn(x):
+    assert x.shape[1:3] == (win, win)  # never truncated
+    return jnp.concatenate([x, -x], axis=-1)
+
+  got = np.asarray(evaluate.sliding_window_probs(logits_fn, images, win, shift=True))
+  want = np.zeros((1, h, w, 6))
+  stride = int(win * 2 / 3)
+  for r in authors_v2_windows(h, win, stride):
+    for c in authors_v2_windows(w, win, stride):
+      crop = images[:, r : r + win, c : c + win]
+      want[:, r : r + win, c : c + win] += jax.nn.softmax(np.concatenate([crop, -crop], -1), -1)
+  # float32 softmax sums of at most 4 windows.
+  np.testing.assert_allclose(got, want, atol=1e-6)
