@@ -205,7 +205,7 @@ def test_failed_save_is_reported_and_keeps_the_previous_checkpoints(tmp_path, mo
 def _exploding(steps, **train):
   """AdamW at lr 1e30: step 1 is finite and throws the params to ~1e30, so
   step 2's forward overflows and its loss is NaN."""
-  config = tiny(load_config('digits:method=supervised'), steps)
+  config = tiny(load_config('digits', 'method=supervised'), steps)
   config.train.lr = 1e30
   config.train.checkpoint_every = 1
   for key, value in train.items():

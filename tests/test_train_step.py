@@ -476,10 +476,14 @@ def test_nonfinite_step_leaves_the_state_unchanged(model):
     functools.partial(ts.train_step, model=model, tx=tx, settings=settings, schedule=schedule)
   )
   batch = make_batch(33, supervised=True)
-  state = ts.create_train_state(model, tx, jax.random.key(0), 33, variables=initial_variables(model))
+  state = ts.create_train_state(
+    model, tx, jax.random.key(0), 33, variables=initial_variables(model)
+  )
   good, m = step_fn(state, batch, jax.random.key(1))
   assert float(m['nonfinite']) == 0.0 and np.isfinite(float(m['loss']))
-  assert not np.array_equal(good.params['classifier']['kernel'], state.params['classifier']['kernel'])
+  assert not np.array_equal(
+    good.params['classifier']['kernel'], state.params['classifier']['kernel']
+  )
 
   params = jax.tree.map(jnp.copy, good.params)
   params['classifier']['bias'] = params['classifier']['bias'].at[0].set(jnp.nan)

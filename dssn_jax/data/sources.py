@@ -43,6 +43,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from dssn_jax.cli import UserError
 from dssn_jax.data import classes
 
 SPLITS = ('labeled', 'unlabeled', 'val')
@@ -52,7 +53,7 @@ IGNORE = 255
 _KNOWN_NUM_CLASSES = {'pascal': 21, 'cityscapes': 19, 'coco': 81}
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
   """Bad data: the message names the file and where it was listed."""
 
 
