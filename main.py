@@ -9,10 +9,10 @@ Multi-host (Cloud TPU pods, SLURM, Open MPI) is detected by
 --num_processes and --process_id on every process (see launch/README.md).
 """
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from dssn_jax import xla_flags
+from dssn_jax import cli, xla_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -38,18 +38,18 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   xla_flags.set_default_cpu_flags()  # before anything imports jax
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}', exitcode=2)
+  cli.quiet_library_logs()  # orbax logs every save at INFO
   from dssn_jax import distributed  # pylint: disable=g-import-not-at-top
 
   distributed.initialize(
     FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, force=FLAGS.distributed
   )
-  from dssn_jax import train  # pylint: disable=g-import-not-at-top
+  from dssn_jax import checkpoint, train  # pylint: disable=g-import-not-at-top
 
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  with checkpoint.WorkdirLock(FLAGS.workdir):  # one run per workdir
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(cli.guarded(main), flags_parser=cli.parse_flags)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import sys
 from typing import Any
 
 import jax
@@ -27,8 +29,20 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from dssn_jax import config_lib
+from dssn_jax.cli import UserError
+
 STATE = 'state'
 BEST_METRIC = 'miou_teacher'
+DAMAGED = 'checkpoints_damaged'  # beside `checkpoints/`: checkpoints that failed to restore
+
+
+class CheckpointError(UserError):
+  """A checkpoint could not be written, or none in a workdir restores."""
+
+
+class WorkdirInUse(UserError):
+  """Another live run holds the workdir's lock."""
 
 
 def _grain_checkpoint():
@@ -112,10 +126,78 @@ class Checkpointer:
       gc = _grain_checkpoint()
       for name, it in self.data_items.items():
         items[f'data_{name}'] = gc.CheckpointSave(it)
-    # Every save carries metrics (maybe empty) so orbax persists them.
-    self.manager.save(
-      step, args=ocp.args.Composite(**items), metrics=dict(metrics or {}), force=True
+    # Every save carries metrics (maybe empty) so orbax persists them. The
+    # write is asynchronous: its errors surface here at the next save, or in
+    # `wait`/`close`.
+    try:
+      self.manager.save(
+        step, args=ocp.args.Composite(**items), metrics=dict(metrics or {}), force=True
+      )
+    except Exception as e:  # noqa: BLE001 (any failure of the file system)
+      raise self._save_error(e) from e
+
+  def _save_error(self, error: BaseException) -> CheckpointError:
+    root = epath.Path(self.directory)
+    steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
+    kept = f'the checkpoints at steps {steps} are intact' if steps else 'no checkpoint was written'
+    return CheckpointError(
+      f'writing a checkpoint to {self.directory} failed ({type(error).__name__}: {error}); '
+      f'{kept}. Free space or fix permissions, then run again to resume.'
     )
+
+  def restore_newest(self, abstract_state: Any) -> tuple[Any, jax.Array, int] | None:
+    """Restores the newest checkpoint that restores; None if there is none.
+
+    A newer checkpoint that fails to restore (a truncated file, say) is
+    moved to `DIR/checkpoints_damaged/<step>` with a warning once an older
+    one has restored. If none restores, nothing is moved and the error lists
+    each checkpoint and why.
+
+    Returns:
+      `(train_state, rng, step)` or None when the directory holds none.
+    Raises:
+      CheckpointError: no checkpoint restores.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    failures = []
+    for step in steps:
+      try:
+        state, rng = self.restore(step, abstract_state)
+      except Exception as e:  # noqa: BLE001 (tensorstore raises plain Exception)
+        failures.append((step, f'{type(e).__name__}: {str(e).splitlines()[0][:300]}'))
+        continue
+      for bad, why in failures:
+        moved = self._move_aside(bad)
+        print(
+          f'warning: checkpoint step {bad} does not restore ({why}); moved to {moved}; '
+          f'resuming from step {step}',
+          file=sys.stderr,
+          flush=True,
+        )
+      if failures:
+        self.manager.reload()
+      return state, rng, step
+    if failures:
+      lines = '\n'.join(f'  step {step}: {why}' for step, why in failures)
+      raise CheckpointError(f'no checkpoint in {self.directory} restores:\n{lines}')
+    return None
+
+  def _move_aside(self, step: int) -> str:
+    """Moves a step folder to `../checkpoints_damaged/` (process 0); returns where."""
+    source = epath.Path(self.directory) / str(step)
+    target_dir = epath.Path(self.directory).parent / DAMAGED
+    target = target_dir / str(step)
+    if jax.process_index() == 0:
+      target_dir.mkdir(parents=True, exist_ok=True)
+      n = 1
+      while target.exists():
+        target, n = target_dir / f'{step}.{n}', n + 1
+      source.rename(target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+      multihost_utils.sync_global_devices(f'dssn_jax_move_aside_{step}')
+    return str(target)
 
   def restore(
     self, step: int, abstract_state: Any, restore_data: bool = True
@@ -141,11 +223,16 @@ class Checkpointer:
     return tree['train_state'], jax.random.wrap_key_data(tree['rng'])
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise self._save_error(e) from e
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 def read_iterator_state(item_dir) -> Any:
@@ -171,6 +258,126 @@ def read_iterator_state(item_dir) -> Any:
       f'{jax.process_count()} processes'
     )
   return states[0]
+
+
+def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
+  """Refuses to resume a workdir with a config that changes state or data.
+
+  Only when `DIR/checkpoints/` holds a checkpoint and `DIR/config.json`
+  exists (a run killed before its first checkpoint starts afresh).
+
+  Returns:
+    The allowed changes, `config.key: saved -> new` each, for the log.
+  Raises:
+    config_lib.ConfigError: listing each refused key with both values.
+  """
+  path = epath.Path(workdir) / 'config.json'
+  ckpts = epath.Path(workdir) / 'checkpoints'
+  has_ckpt = ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())
+  if not (has_ckpt and path.exists()):
+    return []
+  saved = json.loads(path.read_text())
+  new = json.loads(config.to_json_best_effort())
+  refused, allowed = config_lib.resume_changes(saved, new)
+  if refused:
+    raise config_lib.ConfigError(
+      f'{workdir} holds checkpoints of another config; these keys change the train state '
+      'or the data (use a new --workdir, or the saved values):\n  ' + '\n  '.join(refused)
+    )
+  return allowed
+
+
+class WorkdirLock:
+  """One run per workdir: `DIR/lock` holds the owner's pid, host and start time.
+
+  `acquire` creates it atomically; a lock whose process is gone (same host,
+  no such pid, or the pid now belongs to a process started later) is taken
+  over, a live one refused with `WorkdirInUse` naming the process. Object
+  store workdirs (`gs://...`) are not locked (no atomic create). Only
+  process 0 of a multi-process run takes the lock.
+  """
+
+  def __init__(self, workdir: str):
+    self.path = None if '://' in str(workdir) else os.path.join(_absolute(workdir), 'lock')
+    self.held = False
+
+  @staticmethod
+  def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), else None."""
+    try:
+      with open(f'/proc/{pid}/stat') as f:
+        return f.read().rsplit(')', 1)[1].split()[19]
+    except (OSError, IndexError):
+      return None
+
+  def _owner_alive(self, owner: dict[str, Any]) -> bool:
+    if owner.get('host') != socket.gethostname():
+      return True  # cannot tell: assume alive
+    pid = int(owner.get('pid', -1))
+    try:
+      os.kill(pid, 0)
+    except ProcessLookupError:
+      return False
+    except PermissionError:
+      return True
+    started = owner.get('start_time')
+    return started is None or self._start_time(pid) in (None, started)
+
+  def acquire(self) -> str | None:
+    """Takes the lock; returns a note when a stale lock was taken over."""
+    if self.path is None or jax.process_index() != 0:
+      return None
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    me = {
+      'pid': os.getpid(),
+      'host': socket.gethostname(),
+      'start_time': self._start_time(os.getpid()),
+      'argv': ' '.join(sys.argv),
+    }
+    note = None
+    for _ in range(2):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        try:
+          with open(self.path) as f:
+            owner = json.load(f)
+        except (OSError, ValueError):
+          owner = {}
+        if owner and self._owner_alive(owner):
+          raise WorkdirInUse(
+            f'{os.path.dirname(self.path)} is in use by process {owner.get("pid")} on '
+            f'{owner.get("host")} ({owner.get("argv", "?")}); wait for it or stop it, or '
+            f'delete {self.path} if that process is gone'
+          ) from None
+        note = (
+          f'took over the lock of process {owner.get("pid", "?")} on '
+          f'{owner.get("host", "?")}, which is gone'
+        )
+        os.remove(self.path)
+        continue
+      with os.fdopen(fd, 'w') as f:
+        json.dump(me, f)
+      self.held = True
+      return note
+    raise WorkdirInUse(f'could not take {self.path}: another run took it first')
+
+  def release(self) -> None:
+    if self.held:
+      self.held = False
+      try:
+        os.remove(self.path)
+      except FileNotFoundError:
+        pass
+
+  def __enter__(self):
+    note = self.acquire()
+    if note:
+      print(f'warning: {note}', file=sys.stderr, flush=True)
+    return self
+
+  def __exit__(self, *exc):
+    self.release()
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:

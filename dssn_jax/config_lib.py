@@ -28,6 +28,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from dssn_jax import methods as methods_lib
+from dssn_jax.cli import UserError
 
 # The methods and their presets live in `dssn_jax.methods` (one module per
 # method, each with its `PRESET`); these are views of that registry.
@@ -35,6 +36,10 @@ METHODS = methods_lib.names()
 METHOD_PRESETS: dict[str, dict[str, Any]] = {n: methods_lib.get(n).preset for n in METHODS}
 
 LOSS_WEIGHTS = ('sup', 'strong', 'fp', 'align_image', 'align_feature')
+
+
+class ConfigError(UserError, ValueError):
+  """A config value that cannot work; the message names key, value and range."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -196,6 +201,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 2
   c.train.eval_student = True
+  # A step whose loss or gradient is not finite applies no update. 'stop':
+  # the run ends with an error (the newest checkpoint is the last good
+  # state); 'skip': training goes on, failing after `nonfinite_max_skips`
+  # such steps in a row.
+  c.train.nonfinite = 'stop'
+  c.train.nonfinite_max_skips = 10
   return c
 
 
@@ -285,12 +296,14 @@ class MethodSettings:
 def one_of(key: str, value, options: tuple[str, ...]):
   """`value` if it is one of `options`, else a ValueError naming `config.<key>`."""
   if value not in options:
-    raise ValueError(f'config.{key}={value!r} must be one of {", ".join(options)}')
+    raise ConfigError(f'config.{key}={value!r} must be one of {", ".join(options)}')
   return value
 
 
 def resolve_method(config: ml_collections.ConfigDict) -> MethodSettings:
   """Fills the method's defaults into every placeholder; explicit values win."""
+  if config.method not in METHODS:
+    raise ConfigError(f'config.method={config.method!r} is not one of {", ".join(METHODS)}')
   preset = methods_lib.get(config.method).preset
 
   def pick(value, key):
@@ -391,15 +404,15 @@ def resolve_steps(config: ml_collections.ConfigDict, num_unlabeled: int) -> Sche
   """
   batch = int(config.data.batch_size)
   if batch <= 0:
-    raise ValueError(f'config.data.batch_size={batch} must be positive')
+    raise ConfigError(f'config.data.batch_size={batch} must be positive')
   steps_per_epoch = max(1, num_unlabeled // batch)
   steps, epochs = config.train.steps, config.train.epochs
   if steps is None and epochs is None:
-    raise ValueError('set config.train.steps or config.train.epochs')
+    raise ConfigError('set config.train.steps or config.train.epochs')
   # Both set: steps wins, so `--config.train.steps=N` shortens any config.
   total = int(steps) if steps is not None else int(math.ceil(epochs * steps_per_epoch))
   if total <= 0:
-    raise ValueError(f'training length resolves to {total} steps; it must be positive')
+    raise ConfigError(f'training length resolves to {total} steps; it must be positive')
   if not methods_lib.get(config.method).warmup:
     warmup = 0  # only DSSN has a warm-up
   elif config.train.warmup_epochs is not None:
@@ -449,3 +462,181 @@ def parse_arg(arg: str | None, **defaults) -> dict[str, Any]:
     else:
       out[key] = kind(value)
   return out
+
+
+# Ranges of the numeric keys: key -> (low, high, low_open, high_open, what).
+# None leaves a side unbounded.
+_RANGES: dict[str, tuple[float | None, float | None, bool, bool, str]] = {
+  **{f'loss.{k}': (0.0, None, False, False, 'a loss weight') for k in LOSS_WEIGHTS},
+  'loss.threshold': (0.0, 1.0, False, False, 'a confidence threshold'),
+  'loss.class_aware_high': (0.0, 1.0, False, False, 'a confidence threshold'),
+  'loss.class_aware_scale': (0.0, 1.0, False, False, 'a scale of confidences'),
+  'loss.ohem_thresh': (0.0, 1.0, False, False, 'a probability threshold'),
+  'loss.ohem_min_kept': (0, None, False, False, 'a pixel count'),
+  'train.ema_decay': (0.0, 1.0, False, True, 'an EMA keep rate'),
+  'train.momentum': (0.0, 1.0, False, True, 'a momentum'),
+  'train.lr': (0.0, None, True, False, 'a learning rate'),
+  'train.lr_multi': (0.0, None, True, False, 'a learning-rate factor'),
+  'train.weight_decay': (0.0, None, False, False, 'a weight decay'),
+  'train.poly_power': (0.0, None, False, False, 'a schedule power'),
+  'train.reference_batch_size': (1, None, False, False, 'a batch size'),
+  'train.steps': (1, None, False, False, 'a step count'),
+  'train.epochs': (0.0, None, True, False, 'an epoch count'),
+  'train.warmup_steps': (0, None, False, False, 'a step count'),
+  'train.warmup_epochs': (0.0, None, False, False, 'an epoch count'),
+  'train.log_every': (1, None, False, False, 'a step count'),
+  'train.eval_every': (1, None, False, False, 'a step count'),
+  'train.checkpoint_every': (1, None, False, False, 'a step count'),
+  'train.keep_checkpoints': (1, None, False, False, 'a checkpoint count'),
+  'train.nonfinite_max_skips': (1, None, False, False, 'a step count'),
+  'model.dropout': (0.0, 1.0, False, True, 'a dropout rate'),
+  'model.width_multiplier': (0.0, None, True, False, 'a width factor'),
+  'model.fp_branches': (0, 2, False, False, 'a branch count'),
+  'data.num_classes': (1, 255, False, False, 'a class count (255 is the ignore label)'),
+  'data.ignore_index': (0, 255, False, False, 'a uint8 label'),
+  'data.batch_size': (1, None, False, False, 'a batch size'),
+  'data.workers': (0, None, False, False, 'a process count'),
+  'data.prefetch': (1, None, False, False, 'a batch count'),
+  'data.strong_ops': (0, None, False, False, 'an op count'),
+  'data.cutmix_p': (0.0, 1.0, False, False, 'a probability'),
+}
+
+# String keys and their choices (those `resolve_method` does not check).
+_CHOICES: dict[str, tuple[str, ...]] = {
+  'method': METHODS,
+  'model.fp_bn': ('joint', 'clean'),
+  'data.mix_partner': ('shuffled', 'same'),
+  'data.eval_mode': ('original', 'center_crop', 'sliding_window'),
+  'train.optimizer': ('sgd', 'adamw'),
+  'train.nonfinite': ('stop', 'skip'),
+}
+
+
+def _get(config: ml_collections.ConfigDict, key: str):
+  node = config
+  for part in key.split('.'):
+    node = node[part]
+  return node
+
+
+def _range_text(low, high, low_open, high_open) -> str:
+  if high is None:
+    return f'> {low}' if low_open else f'>= {low}'
+  return f'in {"(" if low_open else "["}{low}, {high}{")" if high_open else "]"}'
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Refuses impossible values before anything compiles.
+
+  Checks every numeric key of `_RANGES` (None placeholders pass), the
+  string choices, the output stride and that the crops hold at least one
+  output-stride cell, and the method settings (`resolve_method`).
+
+  Raises:
+    ConfigError: one line per problem, each naming key, value and the
+      allowed range.
+  """
+  problems = []
+  for key, (low, high, low_open, high_open, what) in _RANGES.items():
+    value = _get(config, key)
+    if value is None:
+      continue
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+      ok = value > low if low_open else value >= low
+    if ok and high is not None:
+      ok = value < high if high_open else value <= high
+    if not ok:
+      problems.append(
+        f'config.{key}={value!r} must be {_range_text(low, high, low_open, high_open)} ({what})'
+      )
+  from dssn_jax import models  # pylint: disable=g-import-not-at-top
+
+  choices = {
+    **_CHOICES,
+    'model.backbone': tuple(models.BACKBONES),
+    'model.dtype': tuple(models.DTYPES),
+  }
+  for key, options in choices.items():
+    value = _get(config, key)
+    if value not in options:
+      problems.append(f'config.{key}={value!r} must be one of {", ".join(options)}')
+  stride = config.model.output_stride
+  if stride not in (8, 16):
+    problems.append(f'config.model.output_stride={stride!r} must be 8 or 16')
+  else:
+    for key in ('data.crop_size', 'data.eval_crop_size'):
+      value = _get(config, key)
+      if value is not None and (not isinstance(value, int) or value < stride):
+        problems.append(
+          f'config.{key}={value!r} must be an integer >= {stride} (config.model.output_stride)'
+        )
+  low, high = (tuple(config.data.scale_range) + (None, None))[:2]
+  if not (isinstance(low, (int, float)) and isinstance(high, (int, float)) and 0 < low <= high):
+    problems.append(
+      f'config.data.scale_range={tuple(config.data.scale_range)!r} must be (low, high) '
+      'with 0 < low <= high'
+    )
+  if config.train.steps is None and config.train.epochs is None:
+    problems.append('config.train.steps and config.train.epochs are both unset: set one')
+  if not problems and config.method in METHOD_PRESETS:
+    try:
+      resolve_method(config)
+    except ConfigError as e:
+      problems.append(str(e))
+  if problems:
+    raise ConfigError('\n'.join(problems))
+
+
+# Resuming a workdir: keys that shape the train state or the data stream
+# (prefixes) must equal the checkpoint's; inside them, the `RESUME_FREE`
+# ones (paths, worker counts, evaluation) may change. Every other key may
+# change and is noted in the log.
+RESUME_FIXED = ('method', 'seed', 'model', 'data', 'train.optimizer')
+RESUME_FREE = (
+  'model.pretrained',
+  'model.pretrained_layout',
+  'data.root',
+  'data.splits_dir',
+  'data.workers',
+  'data.prefetch',
+  'data.eval_mode',
+  'data.eval_crop_size',
+  'data.folder',
+  'data.tfds.data_dir',
+)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+  return any(key == p or key.startswith(p + '.') for p in prefixes)
+
+
+def resume_changes(saved: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
+  """Compares a workdir's `config.json` with the config resuming it.
+
+  Args:
+    saved, new: the two configs as JSON-like dicts (tuples as lists).
+  Returns:
+    `(refused, allowed)`: lines `key: saved -> new`, the first for keys of
+    `RESUME_FIXED` (not `RESUME_FREE`), the second for the rest.
+  """
+  a, b = _flatten(saved), _flatten(new)
+  refused, allowed = [], []
+  for key in sorted(set(a) | set(b)):
+    old, value = a.get(key, '<unset>'), b.get(key, '<unset>')
+    if old == value:
+      continue
+    line = f'config.{key}: {old!r} -> {value!r}'
+    fixed = _under(key, RESUME_FIXED) and not _under(key, RESUME_FREE)
+    (refused if fixed else allowed).append(line)
+  return refused, allowed

@@ -487,7 +487,7 @@ def main(argv=None) -> int:
     )
   except (ValueError, FileNotFoundError, ImportError) as e:  # ConversionError is a ValueError
     print(f'error: {e}', file=sys.stderr)
-    return 1
+    return 2  # a user error (cli.USER_ERROR_STATUS)
   path = save_npz(variables, args.out)
   n = sum(v.size for _, v in _flatten(variables['params']))
   print(f'wrote {path}: {n / 1e6:.2f}M params ({args.layout} layout)')

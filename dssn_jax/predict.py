@@ -230,7 +230,10 @@ def main(argv):
   from absl import app, flags  # pylint: disable=g-import-not-at-top
 
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}', exitcode=2)
+  from dssn_jax import cli  # pylint: disable=g-import-not-at-top
+
+  cli.quiet_library_logs()
   f = flags.FLAGS
   written = run(
     input_path=f.input,
@@ -248,5 +251,7 @@ def main(argv):
 if __name__ == '__main__':
   from absl import app  # pylint: disable=g-import-not-at-top
 
+  from dssn_jax import cli  # pylint: disable=g-import-not-at-top
+
   _define_flags()
-  app.run(main)
+  app.run(cli.guarded(main), flags_parser=cli.parse_flags)

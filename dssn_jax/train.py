@@ -30,6 +30,7 @@ from etils import epath
 from dssn_jax import checkpoint as ckpt_lib
 from dssn_jax import config_lib, evaluate, models, optim, parallel
 from dssn_jax import train_step as ts_lib
+from dssn_jax.cli import UserError
 from dssn_jax.data import pipeline
 
 
@@ -99,6 +100,65 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+class NonFiniteError(UserError):
+  """Training met a non-finite loss or gradient and stopped."""
+
+
+class _NonFiniteGuard:
+  """Reads the step's `nonfinite` metric where the loop fetches metrics.
+
+  The compiled step already left the variables unchanged on such a step;
+  this decides whether the run goes on (`config.train.nonfinite`).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.mode = config.train.nonfinite
+    self.max_skips = int(config.train.nonfinite_max_skips)
+    self.consecutive = 0
+    self.total = 0
+
+  def any_in(self, pending: list[dict[str, jax.Array]]) -> bool:
+    """Whether a not yet logged step was non-finite ('stop' mode only, else False)."""
+    if self.mode != 'stop' or not pending:
+      return False
+    return bool(np.any(jax.device_get([m['nonfinite'] for m in pending])))
+
+  def scan(self, fetched: list[dict[str, Any]], last_step: int) -> list[str]:
+    """Counts the non-finite steps of a fetched window; one line per such step."""
+    lines = []
+    first = last_step - len(fetched) + 1
+    for i, m in enumerate(fetched):
+      if m['nonfinite'] > 0:
+        self.consecutive += 1
+        self.total += 1
+        bad = [k for k, v in m.items() if k != 'nonfinite' and not np.isfinite(v)]
+        lines.append(f'step {first + i}: non-finite {", ".join(bad)}; update skipped')
+      else:
+        self.consecutive = 0
+    return lines
+
+  def check(self, lines: list[str], checkpointer) -> None:
+    """Raises NonFiniteError if the run must stop."""
+    if not lines:
+      return
+    newest = checkpointer.latest_step()
+    kept = (
+      f'the newest checkpoint (step {newest}) holds the last good state'
+      if newest is not None
+      else 'no checkpoint was written'
+    )
+    if self.mode == 'stop':
+      raise NonFiniteError(
+        f'{lines[0]}; stopped ({kept}). Lower config.train.lr or check the data, or pass '
+        '--config.train.nonfinite=skip to skip such steps'
+      )
+    if self.consecutive >= self.max_skips:
+      raise NonFiniteError(
+        f'{self.consecutive} non-finite steps in a row (config.train.nonfinite_max_skips='
+        f'{self.max_skips}), the last {lines[-1]}; stopped ({kept})'
+      )
+
+
 def _log(msg: str) -> None:
   if jax.process_index() == 0:
     print(msg, flush=True)
@@ -140,7 +200,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     A summary dict: last and best mIoU of student and teacher (percent),
     the final step, and whether the run stopped early on SIGTERM.
   """
+  config_lib.validate(config)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  for change in ckpt_lib.check_resume_config(workdir, config):
+    _log(f'resuming with a changed {change}')
   ckpt_lib.save_config(workdir, config)
   mesh = parallel.make_mesh()
   settings = config_lib.resolve_method(config)
@@ -170,12 +233,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     keep=config.train.keep_checkpoints,
     data_items=data.checkpoint_items(),
   )
-  start = checkpointer.latest_step()
-  if start is not None:
-    abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-    )
-    state, train_rng = checkpointer.restore(start, abstract)
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+  )
+  restored = checkpointer.restore_newest(abstract)
+  if restored is not None:
+    state, train_rng, start = restored
     _log(f'resumed from {checkpointer.directory} at step {start}')
   start = int(jax.device_get(state.step))
 
@@ -229,6 +292,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   images_per_step = config.data.batch_size * (1 if data.supervised else 2)
   preempted = False
   step = start
+  guard = _NonFiniteGuard(config)
+
+  def shutdown():  # before an error leaves the loop: finish the checkpoint in flight
+    bar.close()
+    try:
+      checkpointer.close()
+    finally:
+      data.close()
+      writer.close()
+
   with _Preemption() as preemption:
     while step < schedule.total_steps:
       batch = next(data)
@@ -237,10 +310,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       n_log += 1
       pending.append(metrics)
       bar.update(1)
-      if step % config.train.log_every == 0 or step == schedule.total_steps:
+      eval_now = step % schedule.eval_every == 0 or step == schedule.total_steps
+      save_now = eval_now or step % config.train.checkpoint_every == 0 or preemption.requested
+      if (
+        step % config.train.log_every == 0
+        or step == schedule.total_steps
+        or (save_now and guard.any_in(pending))  # never save past a non-finite step
+      ):
         fetched = jax.device_get(pending)  # the only host sync of the loop
-        mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        bad_lines = guard.scan(fetched, step)
+        good = [m for m in fetched if m['nonfinite'] == 0] or fetched
+        mean = {k: float(np.mean([m[k] for m in good])) for k in fetched[0] if k != 'nonfinite'}
         mean['lr'] = float(fetched[-1]['lr'])
+        mean['skipped'] = len(bad_lines)
         elapsed = time.perf_counter() - t_log
         record = {
           'step': step,
@@ -253,13 +335,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           {k: f'{v:.3f}' for k, v in mean.items() if k in ('loss', 'loss_x', 'mask_ratio')}
         )
         pending, t_log, n_log = [], time.perf_counter(), 0
-      eval_now = step % schedule.eval_every == 0 or step == schedule.total_steps
+        for line in bad_lines:
+          if jax.process_index() == 0:
+            bar.write(line)
+        try:
+          guard.check(bad_lines, checkpointer)
+        except NonFiniteError:
+          shutdown()
+          raise
       eval_record = run_eval(step) if eval_now else None
-      if eval_now or step % config.train.checkpoint_every == 0 or preemption.requested:
+      if save_now or preemption.requested:  # SIGTERM may arrive during the evaluation
         metrics_for_ckpt = None
         if eval_record is not None and eval_record['miou_teacher'] is not None:
           metrics_for_ckpt = {ckpt_lib.BEST_METRIC: float(eval_record['miou_teacher'])}
-        checkpointer.save(step, state, train_rng, metrics=metrics_for_ckpt)
+        try:
+          checkpointer.save(step, state, train_rng, metrics=metrics_for_ckpt)
+        except ckpt_lib.CheckpointError:
+          shutdown()
+          raise
       if preemption.requested:
         preempted = True
         _log(f'SIGTERM: saved step {step}, exiting')

@@ -163,28 +163,38 @@ def train_step(
     term (`loss_x`, `loss_s1`/`loss_s2` or `loss_s`, `loss_fp1`/`loss_fp2` or
     `loss_fp`, `loss_align_image`, `loss_align_feature`; unweighted, strong
     terms reported also while the warm-up leaves them out), `mask_ratio`,
-    `lr` (backbone) and `grad_norm`.
+    `lr` (backbone), `grad_norm` and `nonfinite` (1.0 when the loss, a term
+    or the gradient norm was not finite: the step then left the variables
+    unchanged and only advanced `step`).
   """
   (total, aux), grads = methods.value_and_grad(
     state, batch, rng, model=model, settings=settings, schedule=schedule
   )
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
 
   # EMA teacher: the method's keep rate (0 for methods without an EMA teacher,
   # which then track the student).
   keep = methods.ema_keep(settings, schedule, state.step, ema_decay)
-  new_state = state.replace(
-    step=state.step + 1,
+  updated = state.replace(
     params=params,
     batch_stats=aux.batch_stats,
     teacher_params=_ema(keep, state.teacher_params, params),
     teacher_batch_stats=_ema(keep, aux.teacher_batch_stats, aux.batch_stats),
     opt_state=opt_state,
   )
+  # Non-finite guard: a step whose loss, any term or the gradient norm is
+  # not finite leaves every variable as it was (only `step` advances); the
+  # loop reads `nonfinite` with the other metrics.
+  finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+  for value in aux.metrics.values():
+    finite &= jnp.all(jnp.isfinite(value))
+  new_state = jax.lax.cond(finite, lambda: updated, lambda: state).replace(step=state.step + 1)
   lr = optim.poly_schedule(schedule.lr, schedule.total_steps, poly_power)(state.step)
-  metrics = {'loss': total, **aux.metrics, 'lr': lr, 'grad_norm': optax.tree.norm(grads)}
+  metrics = {'loss': total, **aux.metrics, 'lr': lr, 'grad_norm': grad_norm}
   metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+  metrics['nonfinite'] = jnp.where(finite, 0.0, 1.0).astype(jnp.float32)
   return new_state, metrics
 
 

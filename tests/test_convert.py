@@ -229,5 +229,5 @@ def test_cli_and_load_pretrained(tiny_torch, tmp_path, capsys):
 def test_cli_reports_bad_file(tmp_path, capsys):
   pth = tmp_path / 'bad.pth'
   torch.save({'conv1.weight': torch.zeros(1)}, pth)
-  assert convert.main([str(pth), str(tmp_path / 'o.npz'), '--backbone', 'resnet_tiny']) == 1
+  assert convert.main([str(pth), str(tmp_path / 'o.npz'), '--backbone', 'resnet_tiny']) == 2
   assert 'conv1.weight' in capsys.readouterr().err

@@ -7,6 +7,7 @@ small op compiles serves every variant).
 """
 
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -172,6 +173,7 @@ DSSN_TERMS = {
   'mask_ratio',
   'lr',
   'grad_norm',
+  'nonfinite',
 }
 
 
@@ -333,10 +335,11 @@ def test_running_teacher_one_call_gives_the_two_calls_targets(model):
     )
 
 
+COMMON = {'loss', 'loss_x', 'lr', 'grad_norm', 'nonfinite'}
 METHOD_TERMS = {
-  'unimatch': {'loss', 'loss_x', 'loss_s1', 'loss_s2', 'loss_fp', 'mask_ratio', 'lr', 'grad_norm'},
-  'fixmatch': {'loss', 'loss_x', 'loss_s', 'mask_ratio', 'lr', 'grad_norm'},
-  'supervised': {'loss', 'loss_x', 'lr', 'grad_norm'},
+  'unimatch': COMMON | {'loss_s1', 'loss_s2', 'loss_fp', 'mask_ratio'},
+  'fixmatch': COMMON | {'loss_s', 'mask_ratio'},
+  'supervised': COMMON,
 }
 
 
@@ -459,6 +462,37 @@ def test_other_methods_step_65(model, mesh, method):
   # No EMA teacher: it tracks the student.
   assert_tree_equal(s1.teacher_params, s1.params)
   assert_tree_equal(s1.teacher_batch_stats, s1.batch_stats)
+
+
+def test_nonfinite_step_leaves_the_state_unchanged(model):
+  """A step whose loss is NaN (here from a NaN classifier bias) reports
+  `nonfinite` and keeps every variable; only `step` advances. A finite step
+  reports 0 and moves the params."""
+  config = make_config('supervised')
+  settings = config_lib.resolve_method(config)
+  schedule = make_schedule(config, warmup_steps=0)
+  tx = optim.make_optimizer(schedule, config)
+  step_fn = jax.jit(
+    functools.partial(ts.train_step, model=model, tx=tx, settings=settings, schedule=schedule)
+  )
+  batch = make_batch(33, supervised=True)
+  state = ts.create_train_state(
+    model, tx, jax.random.key(0), 33, variables=initial_variables(model)
+  )
+  good, m = step_fn(state, batch, jax.random.key(1))
+  assert float(m['nonfinite']) == 0.0 and np.isfinite(float(m['loss']))
+  assert not np.array_equal(
+    good.params['classifier']['kernel'], state.params['classifier']['kernel']
+  )
+
+  params = jax.tree.map(jnp.copy, good.params)
+  params['classifier']['bias'] = params['classifier']['bias'].at[0].set(jnp.nan)
+  bad = good.replace(params=params)
+  after, m = step_fn(bad, batch, jax.random.key(2))
+  assert float(m['nonfinite']) == 1.0 and not np.isfinite(float(m['loss']))
+  assert int(after.step) == int(bad.step) + 1
+  # Unchanged bit for bit (NaN positions included): the update was not applied.
+  assert_tree_equal(after.replace(step=bad.step), bad)
 
 
 def test_batch_missing_key_is_named(model):

@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dssn_jax import methods
+from dssn_jax import cli, config_lib, methods
 from dssn_jax.data import datasets, sources
 
 FLAGS = flags.FLAGS
@@ -163,13 +163,16 @@ def check_dataset(
 def main(argv):
   if len(argv) != 2 or argv[1] != 'check':
     raise app.UsageError(
-      'usage: python -m dssn_jax.data check --config configs/X.py [--config.data.root=...]'
+      'usage: python -m dssn_jax.data check --config configs/X.py [--config.data.root=...]',
+      exitcode=2,
     )
   if FLAGS.config is None:
-    raise app.UsageError('--config is required')
+    raise app.UsageError('--config is required', exitcode=2)
+  cli.quiet_library_logs()
+  config_lib.validate(FLAGS.config)
   ok = check_dataset(FLAGS.config, threads=FLAGS.threads, max_errors=FLAGS.max_errors)
   sys.exit(0 if ok else 1)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(cli.guarded(main), flags_parser=cli.parse_flags)

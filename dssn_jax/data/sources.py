@@ -45,6 +45,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from dssn_jax.cli import UserError
 from dssn_jax.data import classes
 
 SPLITS = ('labeled', 'unlabeled', 'val')
@@ -52,7 +53,7 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp', '
 IGNORE = 255
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
   """Bad data: the message names the file and where it was listed."""
 
 
