@@ -5,8 +5,6 @@ r"""Speed of one training iteration: compile time, step time, memory, FLOP/s.
         --dtype bfloat16 --peak-tflops 989        # H100 SXM dense bf16 peak
     python benchmarks/step_speed.py --compare-remat     # with and without remat
     python benchmarks/step_speed.py --torch             # also the PyTorch step
-    XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution \
-        python benchmarks/step_speed.py --torch       # CPU: Eigen convolutions
 
 Builds the full `train_step` of `--method` (default DSSN: two teacher
 forwards, the student forward with two perturbed decoder copies, the student
@@ -48,9 +46,11 @@ The last line is machine-readable:
 
     step_speed: backbone=B crop=C batch=N dtype=D median_s=S images_per_s=I ...
 
-XLA flags are read when jax starts: set `XLA_FLAGS` in the environment. The
-table header prints them, the device and the load average (on a shared CPU,
-timings move with the load).
+The script applies `main.py`'s default XLA:CPU flags
+(`dssn_jax.xla_flags`) so that it measures the program `main.py` runs; an
+`XLA_FLAGS` of your own that sets the same option wins. The table header
+prints the flags, the device and the load average (on a shared CPU, timings
+move with the load).
 """
 
 from __future__ import annotations
@@ -65,13 +65,17 @@ import sys
 import time
 from typing import Any
 
-import jax
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from dssn_jax import xla_flags
+
+xla_flags.set_default_cpu_flags()  # the program main.py runs
+
+import jax
+import numpy as np
+
 from dssn_jax import config_lib, models, optim, parallel
 from dssn_jax import train_step as ts_lib
 from dssn_jax.models.resnet import BACKBONES

@@ -397,6 +397,9 @@ def main(argv=None) -> int:
     help='classes of a whole model (default: from classifier.weight)',
   )
   args = parser.parse_args(argv)
+  from dssn_jax import xla_flags  # pylint: disable=g-import-not-at-top
+
+  xla_flags.set_default_cpu_flags()
   try:
     variables = from_torch(
       args.src, backbone=args.backbone, num_classes=args.num_classes, layout=args.layout

@@ -204,6 +204,9 @@ def main(argv):
 
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from dssn_jax import xla_flags  # pylint: disable=g-import-not-at-top
+
+  xla_flags.set_default_cpu_flags()
   f = flags.FLAGS
   written = run(
     input_path=f.input,

@@ -174,6 +174,9 @@ def main(argv):
     )
   if FLAGS.config is None:
     raise app.UsageError('--config is required')
+  from dssn_jax import xla_flags  # pylint: disable=g-import-not-at-top
+
+  xla_flags.set_default_cpu_flags()
   ok = check_dataset(FLAGS.config, threads=FLAGS.threads, max_errors=FLAGS.max_errors)
   sys.exit(0 if ok else 1)
 

@@ -56,6 +56,9 @@ def main(argv=None) -> int:
     '--torchvision-stem', action='store_true', help='7x7 stem instead of the deep stem'
   )
   args = parser.parse_args(argv)
+  from dssn_jax import xla_flags  # pylint: disable=g-import-not-at-top
+
+  xla_flags.set_default_cpu_flags()
   counts = summary(
     args.summary,
     args.num_classes,
