@@ -540,7 +540,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--train-steps', type=int, default=100)
   p.add_argument('--train-backbone', default='resnet101')
   p.add_argument('--train-val', type=int, default=100, help='validation scenes of the run')
-  p.add_argument('--train-timeout-s', type=float, default=200.0)
+  p.add_argument('--train-timeout-s', type=float, default=240.0)
   p.add_argument(
     '--train-devices', type=int, default=0, help='devices the run sees (default: from jax)'
   )

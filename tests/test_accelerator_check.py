@@ -90,7 +90,7 @@ def test_whole_check_at_a_tiny_size(tmp_path):
       '--steps', '1', '--warmup', '0', '--eval-sizes', '20x30,30x20', '--eval-images', '2',
       '--input-images', '4', '--input-seconds', '0.3', '--train-steps', '3',
       '--train-backbone', 'resnet_tiny', '--train-val', '4', '--train-devices', '1',
-      '--budget-s', '1200', '--dinov2-crop', '42',
+      '--budget-s', '1500', '--dinov2-crop', '42', '--train-timeout-s', '900',
     ]
   )  # fmt: skip
   saved = json.loads((out / 'accelerator_check.json').read_text())
@@ -110,3 +110,25 @@ def test_whole_check_at_a_tiny_size(tmp_path):
   md = (out / 'accelerator_check.md').read_text()
   assert '## Train step' in md and '## Training run' in md and report['elapsed_s'] > 0
   assert os.path.exists(out / 'train_run' / 'metrics.jsonl')
+
+
+def test_needs_no_tensorflow_datasets_or_torch():
+  """The check (and the training/eval code it runs) imports neither TF, TFDS nor torch."""
+  import subprocess
+  import sys
+
+  code = (
+    'import sys; sys.path.insert(0, "benchmarks"); import accelerator_check, step_speed, '
+    'data_throughput; import dssn_jax.train, dssn_jax.evaluate, dssn_jax.data.sources; '
+    'print([m for m in ("tensorflow", "tensorflow_datasets", "torch") if m in sys.modules])'
+  )
+  out = subprocess.run(
+    [sys.executable, '-c', code],
+    capture_output=True,
+    text=True,
+    cwd=benchmark_scripts.ROOT,
+    env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=benchmark_scripts.ROOT),
+    timeout=300,
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip().splitlines()[-1] == '[]'
