@@ -356,9 +356,9 @@ def training_run(args, out_dir: str, dtype: str, timeout_s: float) -> dict[str, 
   n_dev = args.train_devices
   cmd = [
     sys.executable,
-    os.path.join(ROOT, 'main.py'),
+    'main.py',  # run in ROOT
     '--config',
-    os.path.join(ROOT, 'configs', 'digits.py'),
+    'configs/digits.py',
     '--workdir',
     workdir,
     f'--config.train.steps={args.train_steps}',

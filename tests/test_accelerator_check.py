@@ -86,7 +86,7 @@ def test_whole_check_at_a_tiny_size(tmp_path):
   out = tmp_path / 'check'
   report = check.main(
     [
-      '--out', str(out), '--backbone', 'resnet_tiny', '--crop', '33', '--batches', '1',
+      '--out', str(out), '--backbone', 'resnet_tiny', '--crop', '33', '--batches', '2',
       '--steps', '1', '--warmup', '0', '--eval-sizes', '20x30,30x20', '--eval-images', '2',
       '--input-images', '4', '--input-seconds', '0.3', '--train-steps', '3',
       '--train-backbone', 'resnet_tiny', '--train-val', '4', '--train-devices', '1',
