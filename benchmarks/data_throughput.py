@@ -4,6 +4,20 @@ r"""Throughput of the data pipelines vs a PIL implementation of the reference's.
     python benchmarks/data_throughput.py --crops 513 --workers 0,2 --seconds 5
     python benchmarks/data_throughput.py --root /data/VOC2012 \
         --splits_dir /data/splits/pascal --split 92     # a real VOC tree
+    python benchmarks/data_throughput.py --recipes voc,cityscapes --step-s 0.1,0.3 \
+        --devices 1,8                                   # CPU cost of a training step
+
+`--recipes`: the input work of one training step. For each recipe (`voc`:
+VOC-sized JPEGs, crop 513; `cityscapes`: 1024x2048 PNGs, crop 801; both
+with the reference's rescale range 0.5-2.0, generated images) it measures
+samples per CPU-second of the three streams a DSSN step reads, each in
+this process (no workers, one reading thread, so CPU time is the work
+itself): labeled views, unlabeled views (weak, two strong, cutmix boxes) and
+the mix partner's views, and reports the CPU-seconds per step for `--batch`
+labeled + `--batch` unlabeled images per device (default 8 + 8), and, for
+each `--step-s` and `--devices` (per host), the cores the host needs to keep
+up: devices x CPU-seconds per step / step time. `main.py` sizes its worker
+count from these per-sample costs (`dssn_jax.data.pipeline.auto_workers`).
 
 Measures samples per second of
 
@@ -38,6 +52,10 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dssn_jax import xla_flags  # noqa: E402  pylint: disable=wrong-import-position
+
+xla_flags.set_default_cpu_flags()  # as main.py (this script computes nothing in XLA)
 
 # VOC's typical image sizes (H, W).
 VOC_SIZES = ((375, 500), (500, 375), (333, 500), (500, 500), (281, 500), (500, 354))
@@ -253,6 +271,89 @@ def make_tree(base: str, n: int) -> tuple[str, str]:
   return fake_datasets.make_pascal(base, n_labeled=n, n_unlabeled=n, n_val=1, sizes=VOC_SIZES)
 
 
+RECIPES = {
+  # name: (image sizes (H, W), crop, dataset layout)
+  'voc': (VOC_SIZES, 513, 'pascal'),
+  'cityscapes': (((1024, 2048),), 801, 'cityscapes'),
+}
+
+
+def step_cost(args) -> dict:
+  """CPU-seconds of input work per training step, per recipe (see docstring)."""
+  import cv2  # pylint: disable=g-import-not-at-top
+  import grain  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  from dssn_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
+
+  sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests')
+  )
+  import fake_datasets  # pylint: disable=g-import-not-at-top
+
+  flags.FLAGS.mark_as_parsed()
+  cv2.setNumThreads(1)
+  out = {}
+  for name in args.recipes:
+    sizes, crop, layout = RECIPES[name]
+    with tempfile.TemporaryDirectory() as tmp:
+      n = args.images
+      if layout == 'pascal':
+        root, splits = fake_datasets.make_pascal(
+          tmp, n_labeled=n, n_unlabeled=n, n_val=1, sizes=sizes
+        )
+      else:
+        root, splits = fake_datasets.make_cityscapes(
+          tmp, n_labeled=n, n_unlabeled=n, n_val=1, sizes=sizes, raw_ids_for=()
+        )
+      config = fake_datasets.config_for(layout, root, splits)
+      labeled = sources.get_source(config, 'labeled')
+      unlabeled = sources.get_source(config, 'unlabeled')
+      geometry = dict(crop_size=crop, scale_range=(0.5, 2.0))
+      strong = dict(max_ops=3, cutmix_p=0.5)
+      streams = {
+        'labeled': (labeled, pipeline.LabeledViews(**geometry)),
+        'unlabeled': (unlabeled, pipeline.UnlabeledViews('u', **geometry, **strong)),
+        'partner': (unlabeled, pipeline.UnlabeledViews('m', **geometry, **strong)),
+      }
+      rates = {}
+      for stream, (source, fn) in streams.items():
+        ds = (
+          grain.MapDataset.source(source)
+          .shuffle(seed=0)
+          .repeat(None)
+          .random_map(fn, seed=1)
+          .batch(args.batch_size, drop_remainder=True)
+        )
+        rates[stream] = measure(ds, args.batch_size, 0, args.seconds)[1]
+        print(f'  {name} {stream:<9}: {rates[stream]:6.1f} samples per CPU-second', flush=True)
+    b = args.batch
+    cpu_s = b / rates['labeled'] + b / rates['unlabeled'] + b / rates['partner']
+    out[name] = dict(crop=crop, rates=rates, batch=b, cpu_s_per_step=cpu_s)
+  print(f'\n{os.cpu_count()} CPU cores; load average {os.getloadavg()[0]:.1f}; generated images')
+  print(
+    '| recipe | crop | labeled / unlabeled / partner samples per CPU-s | CPU-s per step '
+    '(per device) | '
+    + ' | '.join(
+      f'cores, {d} device{"s" if d > 1 else ""}, {s:g} s step'
+      for d in args.devices
+      for s in args.step_s
+    )
+    + ' |'
+  )
+  print('|' + '---|' * (4 + len(args.devices) * len(args.step_s)))
+  for name, r in out.items():
+    rates = ' / '.join(f'{r["rates"][k]:.0f}' for k in ('labeled', 'unlabeled', 'partner'))
+    cores = ' | '.join(
+      f'{d * r["cpu_s_per_step"] / s:.1f}' for d in args.devices for s in args.step_s
+    )
+    print(
+      f'| {name} | {r["crop"]} | {rates} | {r["cpu_s_per_step"]:.3f} '
+      f'({r["batch"]} + {r["batch"]}) | {cores} |'
+    )
+  return out
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--crops', default='321,513')
@@ -263,7 +364,20 @@ def main():
   parser.add_argument('--root', default='', help='a VOC root (default: generated)')
   parser.add_argument('--splits_dir', default='')
   parser.add_argument('--split', default='92')
+  parser.add_argument('--recipes', default='', help='voc,cityscapes: CPU-seconds per step')
+  parser.add_argument('--batch', type=int, default=8, help='per-device labeled batch (recipes)')
+  parser.add_argument('--step-s', default='0.1,0.3', help='step times to feed (recipes)')
+  parser.add_argument('--devices', default='1,8', help='devices per host (recipes)')
   args = parser.parse_args()
+  if args.recipes:
+    args.recipes = args.recipes.split(',')
+    unknown = sorted(set(args.recipes) - set(RECIPES))
+    if unknown:
+      parser.error(f'--recipes: unknown {unknown}; known: {", ".join(RECIPES)}')
+    args.step_s = [float(s) for s in args.step_s.split(',')]
+    args.devices = [int(d) for d in args.devices.split(',')]
+    step_cost(args)
+    return
 
   import cv2  # pylint: disable=g-import-not-at-top
   import grain  # pylint: disable=g-import-not-at-top

@@ -8,8 +8,6 @@ r"""Speed of one training iteration: compile time, step time, memory, FLOP/s.
     python benchmarks/step_speed.py --backbone dinov2_small --crop 126 --method supervised
     python benchmarks/step_speed.py --backbone dinov2_base --crop 518 --batch 4 \
         --method unimatch --levers     # XLA memory of float32 / bf16 / remat / frozen
-    XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution \
-        python benchmarks/step_speed.py --torch       # CPU: Eigen convolutions
 
 Builds the full `train_step` of `--method` (default DSSN: two teacher
 forwards, the student forward with two perturbed decoder copies, the student
@@ -59,9 +57,11 @@ The last line is machine-readable:
 
     step_speed: backbone=B crop=C batch=N dtype=D median_s=S images_per_s=I ...
 
-XLA flags are read when jax starts: set `XLA_FLAGS` in the environment. The
-table header prints them, the device and the load average (on a shared CPU,
-timings move with the load).
+The script applies `main.py`'s default XLA:CPU flags
+(`dssn_jax.xla_flags`) so that it measures the program `main.py` runs; an
+`XLA_FLAGS` of your own that sets the same option wins. The table header
+prints the flags, the device and the load average (on a shared CPU, timings
+move with the load).
 """
 
 from __future__ import annotations
@@ -76,13 +76,17 @@ import sys
 import time
 from typing import Any
 
-import jax
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from dssn_jax import xla_flags
+
+xla_flags.set_default_cpu_flags()  # the program main.py runs
+
+import jax
+import numpy as np
+
 from dssn_jax import config_lib, models, optim, parallel
 from dssn_jax import train_step as ts_lib
 from dssn_jax.models import registry

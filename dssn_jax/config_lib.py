@@ -84,7 +84,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.ignore_index = 255
   c.data.crop_size = 513
   c.data.batch_size = 8  # global labeled batch; the unlabeled batch is the same
-  c.data.workers = 2  # grain worker processes per host (0 = in-process)
+  # grain worker processes per host: 0 = in-process; -1 = auto, from the
+  # available cores and the measured input cost (data.pipeline.auto_workers),
+  # enough to feed a step of `workers_step_s` seconds.
+  c.data.workers = -1
+  c.data.workers_step_s = 0.1
   c.data.prefetch = 2  # batches buffered per worker
   c.data.scale_range = (0.5, 2.0)  # long-side rescale range
   c.data.hflip = True  # random horizontal flip p=0.5 (False: never, e.g. digits)
@@ -105,6 +109,10 @@ def base_config() -> ml_collections.ConfigDict:
   # short) | 'shift' (UniMatch V2: the last window ends at the border, whole).
   c.data.eval_window_edges = 'truncate'
   c.data.eval_crop_size = config_dict.placeholder(int)  # None: crop_size
+  # Evaluation shape buckets: 0 = every image at its own shape (reference);
+  # N = pad each side to a multiple of N (zeros / ignore): few programs,
+  # slightly different predictions near the padding (README "Performance").
+  c.data.eval_pad_to = 0
   # Source-specific settings (read only by that source).
   c.data.folder = ml_collections.ConfigDict(
     dict(
@@ -207,6 +215,13 @@ def base_config() -> ml_collections.ConfigDict:
   # such steps in a row.
   c.train.nonfinite = 'stop'
   c.train.nonfinite_max_skips = 10
+  # Compile the evaluation programs (one per validation image shape) in a
+  # background thread from the start of training; numbers are unchanged.
+  c.train.eval_precompile = True
+  c.train.eval_precompile_threads = 0  # compiler threads; 0: 1 on CPU, cores/4 (<= 8) else
+  # JAX's persistent compilation cache ('' = off unless JAX_COMPILATION_CACHE_DIR
+  # is set); a restarted run loads its compiled programs from here.
+  c.train.compilation_cache_dir = '~/.cache/dssn_jax/xla'
   return c
 
 

@@ -477,6 +477,9 @@ def main(argv=None) -> int:
     '--ema', action='store_true', help="a UniMatch V2 checkpoint's model_ema instead of model"
   )
   args = parser.parse_args(argv)
+  from dssn_jax import xla_flags  # pylint: disable=g-import-not-at-top
+
+  xla_flags.set_default_cpu_flags()
   try:
     state = read_state_dict(args.src, ema=args.ema)
     if args.layout is None:

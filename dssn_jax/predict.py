@@ -231,6 +231,9 @@ def main(argv):
 
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}', exitcode=2)
+  from dssn_jax import xla_flags  # pylint: disable=g-import-not-at-top
+
+  xla_flags.set_default_cpu_flags()
   from dssn_jax import cli  # pylint: disable=g-import-not-at-top
 
   cli.quiet_library_logs()

@@ -5,7 +5,10 @@ itself from the newest checkpoint in `workdir`, saves on SIGTERM (what a
 Cloud TPU preemption sends) and exits cleanly, evaluates student and teacher
 every `eval_every` steps, and writes
 
-    DIR/metrics.jsonl   one JSON object per line (train and eval lines)
+    DIR/metrics.jsonl   one JSON object per line (train and eval lines; train
+                        lines carry `input_wait_s`, the seconds the loop
+                        waited for input batches in the interval, and
+                        `input_wait_frac`, that over the interval's time)
     DIR/events.*        TensorBoard scalars (tensorboardX, no TensorFlow)
     DIR/config.json     the config
     DIR/checkpoints/    orbax checkpoints
@@ -28,7 +31,7 @@ import numpy as np
 from etils import epath
 
 from dssn_jax import checkpoint as ckpt_lib
-from dssn_jax import config_lib, evaluate, models, optim, parallel
+from dssn_jax import compilation, config_lib, evaluate, models, optim, parallel
 from dssn_jax import train_step as ts_lib
 from dssn_jax.cli import UserError
 from dssn_jax.data import pipeline
@@ -37,9 +40,19 @@ from dssn_jax.data import pipeline
 class MetricWriter:
   """metrics.jsonl + TensorBoard, written by process 0 only.
 
-  `workdir` may be a local path or a `gs://` URL. Object stores cannot
-  append, so the (small) metrics file is rewritten whole, atomically, on
-  every write, starting from the lines `previous` already there.
+  The file starts as the lines `previous` (what `_rewind_metrics` kept),
+  written once, atomically. Then:
+
+  - local workdir: every record is appended and flushed (one `write` of a
+    whole line), so the cost per line is constant; a crash can at worst cut
+    the last line short, which `_rewind_metrics` skips.
+  - object store (`gs://...`, any `scheme://`): objects cannot be appended
+    to, so records are buffered and the whole file is rewritten atomically
+    only at `flush()`, which the loop calls at every checkpoint and
+    evaluation (and `close()`): a bounded number of rewrites per run
+    instead of one per log line. After a crash the file is the last flushed
+    one, which holds every line up to the last checkpoint, the point a
+    resumed run rewinds to anyway.
   """
 
   def __init__(self, workdir: str, previous: list[str] = ()):
@@ -47,8 +60,14 @@ class MetricWriter:
     self._tb = None
     self._path = epath.Path(workdir) / 'metrics.jsonl'
     self._lines = list(previous)
+    self._object_store = '://' in str(workdir)
+    self._file = None
+    self._dirty = False
     if self.enabled:
       epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+      _write_lines(self._path, self._lines)
+      if not self._object_store:
+        self._file = open(str(self._path), 'a')  # noqa: SIM115  closed in close()
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
@@ -59,8 +78,13 @@ class MetricWriter:
   def write(self, record: dict[str, Any]) -> None:
     if not self.enabled:
       return
-    self._lines.append(json.dumps(record))
-    _write_lines(self._path, self._lines)
+    line = json.dumps(record)
+    if self._file is not None:
+      self._file.write(line + '\n')
+      self._file.flush()
+    else:
+      self._lines.append(line)
+      self._dirty = True
     if self._tb is not None:
       split, step = record['split'], record['step']
       for key, value in record.items():
@@ -71,8 +95,18 @@ class MetricWriter:
             self._tb.add_scalar(f'{split}/{key}/{k}', v, step)
       self._tb.flush()
 
+  def flush(self) -> None:
+    """Makes the file hold every record so far (object stores: one rewrite)."""
+    if self.enabled and self._dirty:
+      _write_lines(self._path, self._lines)
+      self._dirty = False
+
   def close(self) -> None:
     if self.enabled:
+      self.flush()
+      if self._file is not None:
+        self._file.close()
+        self._file = None
       if self._tb is not None:
         self._tb.close()
 
@@ -205,6 +239,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   for change in ckpt_lib.check_resume_config(workdir, config):
     _log(f'resuming with a changed {change}')
   ckpt_lib.save_config(workdir, config)
+  compilation.enable_persistent_cache(config.train.compilation_cache_dir)
   mesh = parallel.make_mesh()
   settings = config_lib.resolve_method(config)
   parallel.check_batch_divisible(config.data.batch_size, mesh, 'config.data.batch_size')
@@ -216,7 +251,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     f'{settings.method}: {data.num_labeled} labeled, {data.num_unlabeled} unlabeled; '
     f'{schedule.total_steps} steps ({schedule.steps_per_epoch}/epoch), '
     f'lr {schedule.lr:g} (head {schedule.head_lr:g}), {jax.device_count()} devices, '
-    f'{jax.process_count()} processes'
+    f'{jax.process_count()} processes, {data.workers} input workers per host'
   )
 
   model = models.model_from_config(config)
@@ -252,6 +287,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     poly_power=config.train.poly_power,
   )
   evaluator = evaluate.Evaluator(model, config, mesh)
+  if config.train.eval_precompile:
+    evaluator.precompile(
+      {'params': state.teacher_params, 'batch_stats': state.teacher_batch_stats},
+      threads=_precompile_threads(config),
+    )
   kept_lines, history = _rewind_metrics(workdir, start)
   writer = MetricWriter(workdir, kept_lines)
 
@@ -289,6 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   )
   pending: list[dict[str, jax.Array]] = []
   t_log, n_log = time.perf_counter(), 0
+  input_wait = 0.0  # seconds blocked on the input pipeline since the last log line
   images_per_step = config.data.batch_size * (1 if data.supervised else 2)
   preempted = False
   step = start
@@ -304,7 +345,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   with _Preemption() as preemption:
     while step < schedule.total_steps:
+      t_wait = time.perf_counter()
       batch = next(data)
+      input_wait += time.perf_counter() - t_wait
       state, metrics = step_fn(state, batch, jax.random.fold_in(train_rng, step), step=step)
       step += 1
       n_log += 1
@@ -329,12 +372,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           'split': 'train',
           **mean,
           'images_per_sec': n_log * images_per_step / max(elapsed, 1e-9),
+          # Input-bound when this is a large fraction of the interval.
+          'input_wait_s': input_wait,
+          'input_wait_frac': input_wait / max(elapsed, 1e-9),
         }
         writer.write(record)
         bar.set_postfix(
           {k: f'{v:.3f}' for k, v in mean.items() if k in ('loss', 'loss_x', 'mask_ratio')}
         )
-        pending, t_log, n_log = [], time.perf_counter(), 0
+        pending, t_log, n_log, input_wait = [], time.perf_counter(), 0, 0.0
         for line in bad_lines:
           if jax.process_index() == 0:
             bar.write(line)
@@ -353,11 +399,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         except ckpt_lib.CheckpointError:
           shutdown()
           raise
+        writer.flush()
       if preemption.requested:
         preempted = True
         _log(f'SIGTERM: saved step {step}, exiting')
         break
   bar.close()
+  evaluator.close()
   checkpointer.close()
   data.close()
   writer.close()
@@ -375,6 +423,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return summary
 
 
+def _precompile_threads(config: ml_collections.ConfigDict) -> int:
+  """Compiler threads for the evaluation programs (`train.eval_precompile_threads`).
+
+  Auto (0): one on a CPU backend, whose cores also train; elsewhere a
+  quarter of the host's cores, at most 8 (the rest feed the input pipeline).
+  """
+  n = int(config.train.eval_precompile_threads)
+  if n > 0:
+    return n
+  if jax.default_backend() == 'cpu':
+    return 1
+  return max(1, min(8, pipeline.available_cores() // 4))
+
+
 def _write_lines(path: epath.Path, lines: list[str]) -> None:
   """Writes `lines` to `path` atomically (temporary file, then rename)."""
   tmp = path.parent / (path.name + '.tmp')
@@ -386,7 +448,8 @@ def _rewind_metrics(workdir: str, upto: int) -> tuple[list[str], list[dict[str, 
   """metrics.jsonl lines up to step `upto`, and the eval records among them.
 
   A run resumed from the checkpoint at `upto` writes the later steps again,
-  so lines a killed run wrote after its last checkpoint are dropped.
+  so lines a killed run wrote after its last checkpoint are dropped, and so
+  is a last line a crash cut short (it does not parse).
   """
   path = epath.Path(workdir) / 'metrics.jsonl'
   kept, evals = [], []
@@ -395,7 +458,11 @@ def _rewind_metrics(workdir: str, upto: int) -> tuple[list[str], list[dict[str, 
       line = line.strip()
       if not line:
         continue
-      rec = json.loads(line)
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError:
+        continue  # a line cut short by a crash
+
       if rec['step'] <= upto:
         kept.append(line)
         if rec.get('split') == 'eval':

@@ -93,7 +93,15 @@ def make_pascal(
 
 
 def make_cityscapes(
-  base: str, *, n_labeled=3, n_unlabeled=4, n_val=2, split='1_16', raw_ids_for=(1,), seed=0
+  base: str,
+  *,
+  n_labeled=3,
+  n_unlabeled=4,
+  n_val=2,
+  split='1_16',
+  raw_ids_for=(1,),
+  seed=0,
+  sizes=SIZES,
 ) -> tuple[str, str]:
   """A Cityscapes tree with PNG images and labelTrainIds masks.
 
@@ -106,7 +114,7 @@ def make_cityscapes(
   lines = []
   for i in range(n_labeled + n_unlabeled + n_val):
     folder = 'val' if i >= n_labeled + n_unlabeled else 'train'
-    h, w = SIZES[i % len(SIZES)]
+    h, w = sizes[i % len(sizes)]
     name = f'aachen_{i:06d}_000019'
     image = f'leftImg8bit/{folder}/aachen/{name}_leftImg8bit.png'
     mask_rel = f'gtFine/{folder}/aachen/{name}_gtFine_labelTrainIds.png'

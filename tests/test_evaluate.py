@@ -519,3 +519,62 @@ def test_two_processes_sum_their_confusion_matrices():
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     assert f'OK {i}' in out
+
+
+# ----------------------------------------------------------------------------
+# Ahead-of-time compilation and shape buckets.
+
+
+@pytest.mark.parametrize('background', [True, False])
+def test_evaluation_after_precompile_compiles_nothing(background):
+  """Every shape compiled ahead: the evaluation itself compiles no program,
+  and gives the same confusion matrices as the plain (jit) path."""
+  from dssn_jax.compilation import CompileCounter
+
+  model = TinySeg()
+  student, teacher = tiny_variables(model, 1), tiny_variables(model, 5)
+  records = random_records([(13, 17), (12, 12), (17, 13), (13, 17), (9, 20)], seed=4)
+  config = toy_config(crop=10)
+  plain = evaluate.Evaluator(model, config, records=records, class_names=NAMES3)
+  expected = plain.confusion_matrices({'student': student, 'teacher': teacher})
+
+  ev = evaluate.Evaluator(model, config, records=records, class_names=NAMES3)
+  with CompileCounter() as warmup:
+    ev.precompile(student, background=background)
+    ev.wait_precompiled()
+  assert ev.precompile_error is None
+  assert ev.num_compiled == 4  # the distinct shapes
+  assert warmup.compiles >= 4
+  with CompileCounter() as counter:
+    got = ev.confusion_matrices({'student': student, 'teacher': teacher})
+  assert counter.compiles == 0
+  for name in ('student', 'teacher'):
+    np.testing.assert_array_equal(got[name], expected[name])  # same programs' integer counts
+
+
+def test_without_precompile_the_counter_sees_each_shape():
+  """The counter the test above relies on does count evaluation compiles."""
+  from dssn_jax.compilation import CompileCounter
+
+  model = TinySeg()
+  records = random_records([(11, 14), (14, 11), (11, 14)], seed=5)
+  ev = evaluate.Evaluator(model, toy_config(crop=10), records=records, class_names=NAMES3)
+  with CompileCounter() as counter:
+    ev.confusion_matrices({'student': tiny_variables(model, 2)})
+  assert counter.compiles >= 2  # one program per distinct shape (plus small helpers)
+
+
+def test_pad_to_buckets_shapes_and_ignores_the_padding():
+  model = TinySeg()
+  records = random_records([(13, 17), (12, 12), (17, 13), (9, 20)], seed=6)
+  ev = evaluate.Evaluator(model, toy_config(crop=10), records=records, pad_to=8, class_names=NAMES3)
+  assert ev.record_shapes() == [(16, 24), (16, 16), (24, 16)]
+  cms = ev.confusion_matrices({'student': tiny_variables(model, 3)})
+  assert cms['student'].sum() == sum(int((r['label'] != 255).sum()) for r in records)
+  image, label = evaluate.pad_to_multiple(
+    np.ones((3, 5, 3), np.uint8), np.zeros((3, 5), np.int32), 4, 255
+  )
+  assert image.shape == (4, 8, 3) and image[3:].sum() == 0 and image[:, 5:].sum() == 0
+  assert (label[3:] == 255).all() and (label[:, 5:] == 255).all() and (label[:3, :5] == 0).all()
+  with pytest.raises(ValueError, match='eval_pad_to'):
+    evaluate.Evaluator(model, toy_config(), records=records, pad_to=-1)

@@ -102,7 +102,7 @@ def test_every_config_trains_two_steps(name, arg, tmp_path):
   lines = read_metrics(workdir)
   train_lines = [r for r in lines if r['split'] == 'train']
   assert [r['step'] for r in train_lines] == [1, 2]
-  for key in ('loss', 'loss_x', 'lr', 'images_per_sec'):
+  for key in ('loss', 'loss_x', 'lr', 'images_per_sec', 'input_wait_s', 'input_wait_frac'):
     assert all(key in r for r in train_lines), key
   evals = [r for r in lines if r['split'] == 'eval']
   assert evals[-1]['step'] == 2 and len(evals[-1]['iou_per_class']) == config.data.num_classes

@@ -1,6 +1,7 @@
 """grain training streams and evaluation records on tiny generated trees."""
 
 import collections
+import math
 
 import fake_datasets as fd
 import jax
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from absl import flags
 
-from dssn_jax import parallel
+from dssn_jax import config_lib, parallel
 from dssn_jax.data import pipeline
 
 SEMI_KEYS = {
@@ -192,3 +193,21 @@ def test_eval_records_modes_and_host_padding(voc):
   assert (shares[1][1]['label'] == 255).all()
   with pytest.raises(ValueError, match="'tiles'"):
     pipeline.eval_records(config, 'tiles', process_index=0, process_count=1)
+
+
+def test_auto_workers_feed_the_target_step_within_the_cores():
+  config = config_lib.base_config()  # VOC recipe: crop 513, dssn
+  cost = pipeline.SAMPLE_CPU_S['voc']
+  per_step = 8 * (cost['labeled'] + cost['unlabeled'] + cost['partner'])
+  assert pipeline.input_cpu_s_per_step(config, 8) == pytest.approx(per_step)
+  config.data.workers_step_s = 0.1
+  need = math.ceil(per_step / 0.1)
+  assert pipeline.auto_workers(config, 8, cores=64) == need  # not more than the step needs
+  assert pipeline.auto_workers(config, 8, cores=2) == 1  # one core left to the main process
+  config.data.workers_step_s = 100.0
+  assert pipeline.auto_workers(config, 8, cores=64) == 1
+  config.method = 'supervised'  # labeled views only
+  assert pipeline.input_cpu_s_per_step(config, 8) == pytest.approx(8 * cost['labeled'])
+  config.data.workers = -2
+  with pytest.raises(ValueError, match='config.data.workers=-2'):
+    pipeline._check_train_config(config)

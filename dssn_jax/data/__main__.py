@@ -168,6 +168,9 @@ def main(argv):
     )
   if FLAGS.config is None:
     raise app.UsageError('--config is required', exitcode=2)
+  from dssn_jax import xla_flags  # pylint: disable=g-import-not-at-top
+
+  xla_flags.set_default_cpu_flags()
   cli.quiet_library_logs()
   config_lib.validate(FLAGS.config)
   ok = check_dataset(FLAGS.config, threads=FLAGS.threads, max_errors=FLAGS.max_errors)

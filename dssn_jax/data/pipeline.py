@@ -40,6 +40,7 @@ has as many.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import grain
@@ -129,6 +130,59 @@ def _merge(elements: tuple[dict[str, Any], ...]) -> dict[str, Any]:
   return out
 
 
+def available_cores() -> int:
+  """CPU cores this process may use: its affinity mask, capped by a cgroup v2
+  CPU quota (`/sys/fs/cgroup/cpu.max`, what containers on rented machines set)."""
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    cores = os.cpu_count() or 1
+  try:
+    with open('/sys/fs/cgroup/cpu.max') as f:
+      quota, period = f.read().split()[:2]
+    if quota != 'max':
+      cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+  except (OSError, ValueError):
+    pass
+  return cores
+
+
+# CPU-seconds of input work per sample, measured on this project's 2-core CPU
+# with `benchmarks/data_throughput.py --recipes voc,cityscapes` (generated
+# images, scale range 0.5-2.0, load average ~19 from other jobs, which
+# inflates CPU time: a quieter run measured 200 labeled / 82 unlabeled VOC
+# samples per CPU-second, 2.5-2.7x these; so auto workers err on the side of
+# more): labeled views, unlabeled views (weak, two strong, cutmix boxes),
+# mix-partner views. VOC at crop 513 (74 / 32 / 32 per CPU-second);
+# Cityscapes (1024x2048 PNG) at crop 801 (9.5 / 8.2 / 8.2).
+SAMPLE_CPU_S = {
+  'voc': dict(crop=513, labeled=1 / 74.1, unlabeled=1 / 32.4, partner=1 / 31.6),
+  'cityscapes': dict(crop=801, labeled=1 / 9.5, unlabeled=1 / 8.2, partner=1 / 8.2),
+}
+
+
+def input_cpu_s_per_step(config: ml_collections.ConfigDict, local_batch: int) -> float:
+  """Estimated CPU-seconds of input work for one step of this host.
+
+  From `SAMPLE_CPU_S` (Cityscapes' for `cityscapes`, VOC's otherwise),
+  scaled by the crop area; a `supervised` step reads labeled views only.
+  """
+  cost = SAMPLE_CPU_S['cityscapes' if config.data.name == 'cityscapes' else 'voc']
+  per_sample = cost['labeled']
+  if config.method != 'supervised':
+    per_sample += cost['unlabeled'] + cost['partner']
+  return local_batch * per_sample * (int(config.data.crop_size) / cost['crop']) ** 2
+
+
+def auto_workers(config: ml_collections.ConfigDict, local_batch: int, cores: int) -> int:
+  """Worker processes for `config.data.workers = -1`: enough to feed a step of
+  `config.data.workers_step_s` seconds, at most `cores - 1` (the main
+  process needs one), at least 1. A run that still waits for input shows it
+  in metrics.jsonl (`input_wait_frac`)."""
+  need = math.ceil(input_cpu_s_per_step(config, local_batch) / float(config.data.workers_step_s))
+  return max(1, min(cores - 1, need))
+
+
 def _worker_init(worker_index: int, worker_count: int) -> None:
   """Each worker process is one core: no OpenCV thread pool inside it."""
   del worker_index, worker_count
@@ -175,8 +229,10 @@ def _check_train_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.data.cutmix_p={data.cutmix_p} must be in [0, 1]')
   if int(data.strong_ops) < 0:
     raise ValueError(f'config.data.strong_ops={data.strong_ops} must be >= 0')
-  if int(data.workers) < 0:
-    raise ValueError(f'config.data.workers={data.workers} must be >= 0')
+  if int(data.workers) < -1:
+    raise ValueError(f'config.data.workers={data.workers} must be >= 0, or -1 (auto)')
+  if float(data.workers_step_s) <= 0:
+    raise ValueError(f'config.data.workers_step_s={data.workers_step_s} must be positive')
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -203,6 +259,8 @@ class TrainData:
     num_labeled, num_unlabeled: sizes of the lists (num_unlabeled is 0 for
       `supervised`, which never reads the unlabeled split).
     local_batch_size: samples per stream this host produces per step.
+    workers: worker processes in use (`config.data.workers`, or
+      `auto_workers` for -1).
   """
 
   def __init__(
@@ -289,6 +347,9 @@ class TrainData:
     ds = ds.batch(self.local_batch_size, drop_remainder=True)
     ds = ds[process_index::process_count]
     workers = int(data.workers)
+    if workers == -1:
+      workers = auto_workers(config, self.local_batch_size, available_cores())
+    self.workers = workers
     threads = num_threads if num_threads is not None else (1 if workers else 2)
     prefetch = max(1, int(data.prefetch))
     it_ds = ds.to_iter_dataset(

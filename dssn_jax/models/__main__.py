@@ -69,6 +69,10 @@ def main(argv=None) -> int:
     help='7x7 stem instead of the deep stem (ResNet backbones only)',
   )
   args = parser.parse_args(argv)
+  from dssn_jax import xla_flags  # pylint: disable=g-import-not-at-top
+
+  xla_flags.set_default_cpu_flags()
+
   family = registry.family_of(args.summary)
   options = {}
   title = f'{family.title} {args.summary}, {args.num_classes} classes'
