@@ -30,14 +30,11 @@ import argparse
 import math
 import os
 import random
-import sys
 import tempfile
 import time
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # VOC's typical image sizes (H, W).
 VOC_SIZES = ((375, 500), (500, 375), (333, 500), (500, 500), (281, 500), (500, 354))
@@ -245,10 +242,7 @@ def measure(dataset, batch_size: int, workers: int, seconds: float) -> tuple[flo
 
 
 def make_tree(base: str, n: int) -> tuple[str, str]:
-  sys.path.insert(
-    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests')
-  )
-  import fake_datasets  # pylint: disable=g-import-not-at-top
+  from dssn_jax.testing import fake_datasets  # pylint: disable=g-import-not-at-top
 
   return fake_datasets.make_pascal(base, n_labeled=n, n_unlabeled=n, n_val=1, sizes=VOC_SIZES)
 

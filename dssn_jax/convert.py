@@ -132,7 +132,10 @@ def read_state_dict(src) -> dict[str, Any]:
     path = os.fspath(src)
     if not os.path.exists(path):
       raise FileNotFoundError(f'no weights file {path}')
-    import torch  # pylint: disable=g-import-not-at-top
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+    except ImportError as e:  # an optional dependency
+      raise ImportError(f"reading {path} needs PyTorch: pip install 'dssn-jax[convert]'") from e
 
     src = torch.load(path, map_location='cpu', weights_only=True)
   if not isinstance(src, Mapping):

@@ -9,10 +9,10 @@ import sys
 import threading
 import time
 
-import fake_datasets
 import pytest
 
 from dssn_jax import train
+from dssn_jax.testing import fake_datasets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(

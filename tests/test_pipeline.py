@@ -2,7 +2,6 @@
 
 import collections
 
-import fake_datasets as fd
 import jax
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ from absl import flags
 
 from dssn_jax import parallel
 from dssn_jax.data import pipeline
+from dssn_jax.testing import fake_datasets as fd
 
 SEMI_KEYS = {
   'x': (np.uint8, 3),

@@ -8,10 +8,9 @@ the mean +- std arithmetic, the per-seed gains and the machine-readable line.
 
 import re
 
-import benchmark_scripts
 import pytest
 
-bench = benchmark_scripts.load('semi_vs_supervised')
+from benchmarks import semi_vs_supervised as bench
 
 LINE = re.compile(
   r'^semi_vs_supervised: labeled=(\d+) supervised=([0-9.]+) '

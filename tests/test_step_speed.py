@@ -9,11 +9,10 @@ here by the PyTorch step, which needs no compile.
 import math
 import re
 
-import benchmark_scripts
 import numpy as np
 import pytest
 
-step_speed = benchmark_scripts.load('step_speed')
+from benchmarks import step_speed
 
 LINE = re.compile(
   r'^step_speed: backbone=(\S+) crop=(\d+) batch=(\d+) dtype=(\S+) '
