@@ -49,6 +49,9 @@ def fake_run(name, method, overrides, seed, args):
   )
 
 
+# Means and stds below: float64 arithmetic on exact inputs (approx's default).
+
+
 def test_mean_std():
   assert bench.mean_std([5.0]) == (5.0, 0.0)
   mean, std = bench.mean_std([20.0, 22.0, 24.0])
