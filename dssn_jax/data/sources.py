@@ -439,7 +439,7 @@ class TfdsSource:
       import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     except ImportError as e:  # an optional dependency
       raise ImportError(
-        "data.source='tfds' needs TensorFlow Datasets: pip install 'dssn-jax[tfds]'"
+        "config.data.name='tfds' needs TensorFlow Datasets: pip install 'dssn-jax[tfds]'"
       ) from e
 
     self._source = tfds.data_source(name, split=split, data_dir=data_dir or None)
