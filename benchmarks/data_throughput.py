@@ -44,14 +44,11 @@ import argparse
 import math
 import os
 import random
-import sys
 import tempfile
 import time
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dssn_jax import xla_flags  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -263,10 +260,7 @@ def measure(dataset, batch_size: int, workers: int, seconds: float) -> tuple[flo
 
 
 def make_tree(base: str, n: int) -> tuple[str, str]:
-  sys.path.insert(
-    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests')
-  )
-  import fake_datasets  # pylint: disable=g-import-not-at-top
+  from dssn_jax.testing import fake_datasets  # pylint: disable=g-import-not-at-top
 
   return fake_datasets.make_pascal(base, n_labeled=n, n_unlabeled=n, n_val=1, sizes=VOC_SIZES)
 
@@ -285,11 +279,7 @@ def step_cost(args) -> dict:
   from absl import flags  # pylint: disable=g-import-not-at-top
 
   from dssn_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
-
-  sys.path.insert(
-    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests')
-  )
-  import fake_datasets  # pylint: disable=g-import-not-at-top
+  from dssn_jax.testing import fake_datasets  # pylint: disable=g-import-not-at-top
 
   flags.FLAGS.mark_as_parsed()
   cv2.setNumThreads(1)

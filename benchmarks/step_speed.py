@@ -48,7 +48,7 @@ XLA:CPU remat saves nothing: the CPU compiler drops the optimization
 barriers and common-subexpression elimination merges the recomputation back
 into the forward pass; compare on a GPU or TPU.)
 `--torch` also times the same iteration written in plain PyTorch (the
-deep-stem ResNet + DeepLabV3+ of `tests/torch_reference.py`, the same loss
+deep-stem ResNet + DeepLabV3+ of `dssn_jax/testing/torch_reference.py`, the same loss
 terms, `torch.optim.SGD`, EMA teacher), float32 or bf16 autocast, on the
 CPU or the first CUDA device, one JAX step and one PyTorch step in turn (so
 both see the same background load), and prints the JAX / PyTorch ratio.
@@ -75,9 +75,6 @@ import subprocess
 import sys
 import time
 from typing import Any
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from dssn_jax import xla_flags
@@ -371,9 +368,8 @@ def prepare_jax(args: argparse.Namespace, remat: bool) -> Step:
 
 
 def _torch_model(backbone: str, num_classes: int):
-  """`tests/torch_reference.DeepLabV3Plus` with our backbone's sizes."""
-  sys.path.insert(0, os.path.join(ROOT, 'tests'))
-  import torch_reference  # pylint: disable=g-import-not-at-top
+  """`dssn_jax.testing.torch_reference.DeepLabV3Plus` with our backbone's sizes."""
+  from dssn_jax.testing import torch_reference  # pylint: disable=g-import-not-at-top
 
   blocks, widths, stem = BACKBONES[backbone]
   head = models.HEAD_WIDTHS[backbone]

@@ -150,7 +150,10 @@ def read_state_dict(src, ema: bool = False) -> dict[str, Any]:
         ) from None
       src = load_file(path)
     else:
-      import torch  # pylint: disable=g-import-not-at-top
+      try:
+        import torch  # pylint: disable=g-import-not-at-top
+      except ImportError as e:  # an optional dependency
+        raise ImportError(f"reading {path} needs PyTorch: pip install 'dssn-jax[convert]'") from e
 
       src = torch.load(path, map_location='cpu', weights_only=True)
   if not isinstance(src, Mapping):

@@ -4,10 +4,11 @@ import json
 import math
 import os
 
-import benchmark_scripts
 import pytest
 
-check = benchmark_scripts.load('accelerator_check')
+from benchmarks import accelerator_check as check
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_peak_table_and_override():
@@ -126,8 +127,8 @@ def test_needs_no_tensorflow_datasets_or_torch():
     [sys.executable, '-c', code],
     capture_output=True,
     text=True,
-    cwd=benchmark_scripts.ROOT,
-    env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=benchmark_scripts.ROOT),
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT),
     timeout=300,
   )
   assert out.returncode == 0, out.stderr[-2000:]

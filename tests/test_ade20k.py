@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from fake_datasets import config_for, make_ade20k
 
 from dssn_jax.data import ade20k, datasets, sources
+from dssn_jax.testing.fake_datasets import config_for, make_ade20k
 
 
 def test_registry_entry():

@@ -79,6 +79,7 @@ def test_epochs_resolve_to_steps_and_warmup():
   c.train.warmup_epochs = 1.0
   s = config_lib.resolve_steps(c, num_unlabeled=100)  # batch 8 -> 12 steps/epoch
   assert s.steps_per_epoch == 12 and s.total_steps == 30 and s.warmup_steps == 12
+  # float64 schedule arithmetic: approx's default rel 1e-6.
   assert s.eval_every == 12 and s.lr == 0.002 and s.head_lr == pytest.approx(0.02)
 
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 import types
 
-import fake_datasets as fd
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -14,6 +13,7 @@ from PIL import Image
 
 import dssn_jax.data
 from dssn_jax.data import classes, sources
+from dssn_jax.testing import fake_datasets as fd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 import torch_dinov2_reference as ref
-import torch_reference
 
 from dssn_jax import config_lib, convert, optim
 from dssn_jax import train_step as ts
 from dssn_jax.models import create_model, dinov2_weights, layers, model_from_config, registry
+from dssn_jax.testing import torch_reference
 
 C = 5
 TINY = dict(dim=32, depth=4, heads=2, taps=(0, 1, 2, 3), features=16, out_channels=(8, 16, 32, 32))

@@ -140,6 +140,7 @@ def test_hand_computed_miou_is_over_the_whole_set():
   )
   np.testing.assert_array_equal(cm, TOY_CM)
   miou, iou = evaluate.iou_from_confusion(cm)
+  # IoU: float64 arithmetic on exact integer counts, so float64 rounding only.
   np.testing.assert_allclose(iou, TOY_IOU, rtol=1e-9)
   assert miou == pytest.approx(TOY_MIOU, rel=1e-9)
   assert miou == pytest.approx(58.888889, abs=1e-5)
@@ -152,14 +153,14 @@ def test_hand_computed_miou_is_over_the_whole_set():
       for t in TOY
     ]
   )
-  assert per_image == pytest.approx(PER_IMAGE_MEAN, rel=1e-9)
+  assert per_image == pytest.approx(PER_IMAGE_MEAN, rel=1e-9)  # float64 from counts
   assert abs(per_image - miou) > 10
 
 
 def test_absent_class_counts_as_zero_like_the_reference():
   cm = np.array([[5, 0, 0], [1, 4, 0], [0, 0, 0]])
   miou, iou = evaluate.iou_from_confusion(cm)
-  np.testing.assert_allclose(iou, [5 / 6 * 100, 80.0, 0.0])
+  np.testing.assert_allclose(iou, [5 / 6 * 100, 80.0, 0.0])  # float64 from counts
   assert miou == pytest.approx((5 / 6 + 0.8) / 3 * 100)
 
 
@@ -168,6 +169,7 @@ def test_evaluator_gives_the_hand_computed_miou():
   ev = evaluate.Evaluator(model, toy_config(), records=toy_records(), class_names=NAMES3)
   out = ev.evaluate({'student': shift_vars(0), 'teacher': shift_vars(1)})
   assert model.traces == 3  # one program per image shape, shared by both models
+  # Exact integer counts (the predictions are argmaxes far from ties), then float64.
   assert out['miou'] == pytest.approx(TOY_MIOU, rel=1e-9)
   assert list(out['iou_per_class']) == list(NAMES3)
   np.testing.assert_allclose(list(out['iou_per_class'].values()), TOY_IOU, rtol=1e-9)
@@ -265,6 +267,8 @@ def test_sliding_window_matches_the_reference_loop(shape, grid):
   x = np.random.default_rng(0).integers(0, 256, (2,) + shape + (3,), dtype=np.uint8)
   got = jax.jit(lambda im: evaluate.sliding_window_probs(positional_logits, im, grid))(x)
   want = reference_sliding(x, grid)
+  # float32 probabilities (scale 1) averaged over a few windows vs float64:
+  # a few eps of the scale, and the argmax must agree exactly.
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
   np.testing.assert_array_equal(np.argmax(np.asarray(got), -1), np.argmax(want, -1))
   assert got.shape == (2,) + shape + (4,)
@@ -437,6 +441,7 @@ def test_run_on_a_workdir_matches_the_evaluator(tmp_path):
   assert record['step'] == 3 and record['split'] == 'eval' and record['mode'] == 'original'
   assert list(record['iou_per_class']) == list(sources.class_names(config))
   want = evaluate.Evaluator(model, config, records=records).evaluate(variables)
+  # The same evaluation program twice: same counts, float64 mIoU.
   assert record['miou'] == pytest.approx(want['miou'])
   assert record['miou_teacher'] == pytest.approx(want['miou_teacher'])
   json.dumps(record)  # the command line prints it
@@ -455,7 +460,7 @@ def test_run_on_converted_weights(tmp_path):
   want = evaluate.Evaluator(model, config, mode='sliding_window', records=records).evaluate(
     {'student': variables['teacher']}
   )
-  assert record['miou'] == pytest.approx(want['miou'])
+  assert record['miou'] == pytest.approx(want['miou'])  # same program, float64 mIoU
   with pytest.raises(ValueError, match='needs --config'):
     evaluate.load_for_eval(weights=path)
   bad = tmp_path / 'w.ckpt'
@@ -498,7 +503,7 @@ def test_two_processes_sum_their_confusion_matrices():
       ev = evaluate.Evaluator(t.DecodeModel(), t.toy_config(), parallel.make_mesh(),
                               records=share, class_names=t.NAMES3)
       out = ev.evaluate({{'student': t.shift_vars(0)}})
-      assert abs(out['miou'] - t.TOY_MIOU) < 1e-6, out
+      assert abs(out['miou'] - t.TOY_MIOU) < 1e-6, out  # exact counts, float64 mIoU
       # Counts past int32 survive the sum over hosts.
       total = evaluate._sum_over_hosts(np.full((1, 3, 3), 2**31 + 5 * pid, np.int64))
       assert (total == 2**32 + 5).all(), total

@@ -4,10 +4,9 @@ The comparison is tested on its own (it must catch a differing line); the
 kill loop runs for real, short in the default suite and longer under `slow`.
 """
 
-import benchmark_scripts
 import pytest
 
-fault = benchmark_scripts.load('fault_injection')
+from benchmarks import fault_injection as fault
 
 
 def test_mismatches_catch_a_differing_value_and_a_missing_line():

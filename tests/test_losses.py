@@ -1,9 +1,15 @@
-"""Loss terms and pseudo-label rules against values worked out by hand."""
+"""Loss terms and pseudo-label rules against values worked out by hand.
+
+Every comparison: a float32 loss of a few terms against the exact value in
+float64, a handful of roundings (log, exp, a short mean): `numerics.FEW_OPS`
+of the value unless a comment says otherwise.
+"""
 
 import math
 
 import jax
 import jax.numpy as jnp
+import numerics
 import numpy as np
 import pytest
 
@@ -21,7 +27,7 @@ def test_supervised_ce_ignores_255():
   labels = jnp.array([[[1, 0, 255]]])
   # log(2) for equal logits; -log(3/4) for p = 3/4; the third pixel is ignored.
   expected = (math.log(2.0) - math.log(0.75)) / 2
-  np.testing.assert_allclose(losses.supervised_ce(logits, labels), expected, rtol=1e-6)
+  np.testing.assert_allclose(losses.supervised_ce(logits, labels), expected, rtol=numerics.FEW_OPS)
 
 
 def test_supervised_ce_all_ignored_is_zero():
@@ -100,7 +106,9 @@ def test_pseudo_label_ce_denominator_counts_valid_pixels():
   mask = jnp.array([[[True, True, False, True]]])
   valid = jnp.array([[[True, True, True, False]]])
   np.testing.assert_allclose(
-    losses.pseudo_label_ce(logits, labels, mask, valid), 2 * math.log(2.0) / 3, rtol=1e-6
+    losses.pseudo_label_ce(logits, labels, mask, valid),
+    2 * math.log(2.0) / 3,
+    rtol=numerics.FEW_OPS,
   )
 
 
@@ -110,7 +118,7 @@ def test_pseudo_label_ce_weights_per_pixel_ce():
   mask = jnp.array([[[True, False]]])
   valid = jnp.ones((1, 1, 2), bool)
   np.testing.assert_allclose(
-    losses.pseudo_label_ce(logits, labels, mask, valid), -math.log(0.75) / 2, rtol=1e-6
+    losses.pseudo_label_ce(logits, labels, mask, valid), -math.log(0.75) / 2, rtol=numerics.FEW_OPS
   )
 
 
@@ -121,7 +129,7 @@ def test_alignment_loss_uses_unbiased_std():
   b = jnp.array([[[[0.0, 0.0, 3.0]]]])
   s = math.sqrt(3.0)
   expected = ((-1 + 1 / s) ** 2 + (1 / s) ** 2 + (1 - 2 / s) ** 2) / 3
-  np.testing.assert_allclose(losses.alignment_loss(a, b), expected, rtol=1e-6)
+  np.testing.assert_allclose(losses.alignment_loss(a, b), expected, rtol=numerics.FEW_OPS)
   # With the biased std (ddof=0) the value would be 1.5x this one.
   za = (np.array([1.0, 2.0, 3.0]) - 2) / np.std([1.0, 2.0, 3.0])
   zb = (np.array([0.0, 0.0, 3.0]) - 1) / np.std([0.0, 0.0, 3.0])
@@ -132,11 +140,12 @@ def test_alignment_loss_means_over_every_element():
   a = jnp.array([[[[1.0, 2.0, 3.0], [5.0, 1.0, 0.0]]]])
   b = jnp.array([[[[1.0, 2.0, 3.0], [10.0, 2.0, 0.0]]]])
   # Identical pixels and a rescaled pixel both give 0 (scale invariance).
+  # Exact: scaling by 2 commutes with float32 rounding.
   assert float(losses.alignment_loss(a, b)) == pytest.approx(0.0, abs=1e-12)
   c = jnp.array([[[[3.0, 2.0, 1.0], [5.0, 1.0, 0.0]]]])
   # Pixel 0 differs by z -> -z with z = (-1, 0, 1): squared error 4 + 0 + 4,
   # over 6 elements.
-  np.testing.assert_allclose(losses.alignment_loss(a, c), 8.0 / 6.0, rtol=1e-6)
+  np.testing.assert_allclose(losses.alignment_loss(a, c), 8.0 / 6.0, rtol=numerics.FEW_OPS)
 
 
 # OHEM: 7 pixels, 2 classes, all labeled 0; true-class probabilities below,
@@ -169,6 +178,8 @@ def _mean_nll(probs):
 def test_ohem_ce_min_kept(min_kept, kept):
   logits, labels = _ohem_inputs()
   got = losses.ohem_ce(logits, labels, thresh=0.7, min_kept=min_kept)
+  # The logits are float32 logs of the probabilities: their rounding
+  # (~eps |log p|) reaches ~1e-6 of a small mean NLL, so 1e-5.
   np.testing.assert_allclose(got, _mean_nll(kept), rtol=1e-5)
 
 
@@ -178,7 +189,8 @@ def test_ohem_ce_jits_and_per_image():
   logits2 = jnp.concatenate([logits, logits[:, :, ::-1]], 0)
   labels2 = jnp.concatenate([labels, labels[:, :, ::-1]], 0)
   fn = jax.jit(lambda lg, y: losses.ohem_ce(lg, y, thresh=0.7, min_kept=4, per_image=True))
-  # Per image, 3 pass 0.7 and min_kept 4 adds 0.8: 4 kept in each image.
+  # Per image, 3 pass 0.7 and min_kept 4 adds 0.8: 4 kept in each image
+  # (rtol as in test_ohem_ce_min_kept).
   np.testing.assert_allclose(fn(logits2, labels2), _mean_nll([0.1, 0.3, 0.6, 0.8]), rtol=1e-5)
   # Over the batch 6 pass 0.7 >= 4: only those.
   np.testing.assert_allclose(

@@ -128,6 +128,7 @@ def _assert_same_losses(got, want, steps, what, tolerance=TOLERANCE, other_rel=1
       )
 
 
+# Two programs (one process vs two over gloo: a different all-reduce order).
 # Steps 1-2 (the warm-up step and the first full DSSN step) agree to 5e-4
 # (measured on the current DigitScenes: 1.4e-4 on loss_s1 at step 2, from
 # the near-tie flips described below).
@@ -244,6 +245,9 @@ def _schedule(batch, scale, epochs=None, steps=None):
   c.train.scale_lr_with_batch = scale
   c.train.epochs, c.train.steps = epochs, steps
   return config_lib.resolve_steps(c, num_unlabeled=10_582)
+
+
+# The schedule tests below: float64 arithmetic on the config's numbers.
 
 
 def test_reference_batch_keeps_the_reference_lr():

@@ -3,7 +3,6 @@
 import collections
 import math
 
-import fake_datasets as fd
 import jax
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ from absl import flags
 
 from dssn_jax import config_lib, parallel
 from dssn_jax.data import pipeline
+from dssn_jax.testing import fake_datasets as fd
 
 SEMI_KEYS = {
   'x': (np.uint8, 3),

@@ -9,11 +9,10 @@ here by the PyTorch step, which needs no compile.
 import math
 import re
 
-import benchmark_scripts
 import numpy as np
 import pytest
 
-step_speed = benchmark_scripts.load('step_speed')
+from benchmarks import step_speed
 
 LINE = re.compile(
   r'^step_speed: backbone=(\S+) crop=(\d+) batch=(\d+) dtype=(\S+) '
@@ -52,7 +51,8 @@ def test_jax_run_prints_table_and_machine_line(capsys):
   assert 'impl=jax' in rest and 'method=supervised' in rest and 'remat=0' in rest
   median_s, images_per_s = float(median_s), float(images_per_s)
   assert median_s > 0
-  # Supervised: the labeled images of the global batch per step.
+  # Supervised: the labeled images of the global batch per step (the line
+  # prints median_s rounded, hence 1e-2).
   assert images_per_s == pytest.approx(2 * row['devices'] / median_s, rel=1e-2)
   assert row['compile_s'] > 0 and math.isfinite(row['loss'])
   assert row['flops'] > 1e6  # XLA counted the convolutions
@@ -72,7 +72,7 @@ def test_torch_dssn_step_runs(capsys):
   assert row['impl'] == 'torch' and math.isfinite(row['loss']) and row['loss'] > 0
   match = LINE.match(out[-1])
   assert match and 'impl=torch' in out[-1] and 'method=dssn' in out[-1], out[-1]
-  # DSSN: labeled + unlabeled images.
+  # DSSN: labeled + unlabeled images (float64 arithmetic on the same numbers).
   assert row['images_per_s'] == pytest.approx(4 / row['median_s'])
 
 

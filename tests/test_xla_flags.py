@@ -33,13 +33,11 @@ def test_helper_warns_once_a_backend_runs(monkeypatch):
 
 def test_benchmarks_apply_the_flags_when_loaded():
   """Loading a benchmark script (what running it does first) sets the flags."""
-  script = textwrap.dedent(f"""
-      import os, sys
-      sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
-      import benchmark_scripts
+  script = textwrap.dedent("""
+      import importlib, os
       for name in ('step_speed', 'data_throughput', 'eval_compile', 'accelerator_check'):
         os.environ.pop('XLA_FLAGS', None)
-        benchmark_scripts.load(name)
+        importlib.import_module('benchmarks.' + name)
         print(name, os.environ.get('XLA_FLAGS', ''))
   """)
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}

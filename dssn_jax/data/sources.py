@@ -447,7 +447,12 @@ class TfdsSource:
     label_map: np.ndarray | None,
     num_classes: int,
   ):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    try:
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    except ImportError as e:  # an optional dependency
+      raise ImportError(
+        "config.data.name='tfds' needs TensorFlow Datasets: pip install 'dssn-jax[tfds]'"
+      ) from e
 
     self._source = tfds.data_source(name, split=split, data_dir=data_dir or None)
     self._name, self._split = name, split
