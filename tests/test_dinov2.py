@@ -91,15 +91,15 @@ def test_tiny_matches_torch_at_a_non_square_size():
   assert rel_err(jitted(model)(variables, x)[0], torch_logits(tm, x)) < 1e-4
 
 
-def test_feature_masks_are_the_head_on_masked_features():
+def test_perturb_masks_are_the_head_on_masked_features():
   """Copy j is the head on every tapped map times mask j (broadcast over
-  positions): UniMatch V2's complementary masks m and 2 - m. Same XLA ops on
+  positions), e.g. DSSN's complementary pair m and 2 - m. Same XLA ops on
   a larger batch: agreement to float32 rounding."""
   _, model, variables = tiny()
   x = images()
   m = 2.0 * jax.random.bernoulli(jax.random.key(1), 0.5, (2, 32)).astype(jnp.float32)
   masks = jnp.stack([m, 2.0 - m])
-  logits, aux = jitted(model)(variables, x, feature_masks=masks)
+  logits, aux = jitted(model)(variables, x, perturb_masks=masks)
   plain, plain_aux = jitted(model)(variables, x)
   np.testing.assert_allclose(logits, plain, rtol=1e-5, atol=1e-5)
   for j in range(2):
@@ -108,10 +108,29 @@ def test_feature_masks_are_the_head_on_masked_features():
     want = layers.resize_bilinear(want, (42, 56))
     np.testing.assert_allclose(aux['perturbed'][j], want, rtol=1e-5, atol=1e-5)
   # Masks of ones give the clean prediction.
-  _, ones = jitted(model)(variables, x, feature_masks=jnp.ones((1, 2, 32)))
+  _, ones = jitted(model)(variables, x, perturb_masks=jnp.ones((1, 2, 32)))
   np.testing.assert_allclose(ones['perturbed'][0], plain, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='perturb_masks must be'):
+    model.apply(variables, x, perturb_masks=jnp.ones((1, 3, 32)))
+
+
+def test_feature_masks_mask_the_main_forward():
+  """`feature_masks` (N, dim) multiply the main forward's tapped maps (UniMatch
+  V2's complementary dropout of the strong views); the perturbed copies start
+  from the unmasked maps. Same XLA ops on the same batch: float32 rounding."""
+  _, model, variables = tiny()
+  x = images()
+  m = 2.0 * jax.random.bernoulli(jax.random.key(2), 0.5, (2, 32)).astype(jnp.float32)
+  assert model.feature_dim == 32
+  logits, aux = jitted(model)(variables, x, feature_masks=m, perturb_masks=jnp.ones((1, 2, 32)))
+  plain, plain_aux = jitted(model)(variables, x)
+  masked = [f * m[:, None, None, :] for f in plain_aux['features']]
+  want = model.apply(variables, masked, method=lambda mdl, f: mdl.head(f))
+  want = layers.resize_bilinear(want, (42, 56))
+  np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(aux['perturbed'][0], plain, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match='feature_masks must be'):
-    model.apply(variables, x, feature_masks=jnp.ones((1, 3, 32)))
+    model.apply(variables, x, feature_masks=jnp.ones((3, 32)))
 
 
 def test_perturb_is_channel_dropout_from_the_dropout_rng():

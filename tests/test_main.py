@@ -31,23 +31,10 @@ def load_config(name, arg=None):
   return module.get_config(arg)
 
 
-def has_backbone(name):
-  from dssn_jax import models  # pylint: disable=g-import-not-at-top
-
-  try:
-    models.create_model(name, 3)
-  except ValueError:
-    return False
-  return True
-
-
 def tiny(config, steps=2):
   """The tiny override every config must accept: `resnet_tiny`, or for a
-  `dinov2_*` config `dinov2_tiny` at a crop of 28 (two 14-pixel patches);
-  skips when `dinov2_tiny` is not registered (the DINOv2/DPT model issue)."""
+  `dinov2_*` config `dinov2_tiny` at a crop of 28 (two 14-pixel patches)."""
   dinov2 = config.model.backbone.startswith('dinov2')
-  if dinov2 and not has_backbone('dinov2_tiny'):
-    pytest.skip('dinov2_tiny is not registered: the DINOv2/DPT model family is not merged')
   config.model.backbone = 'dinov2_tiny' if dinov2 else 'resnet_tiny'
   crop = 28 if dinov2 else 33
   config.model.pretrained = ''

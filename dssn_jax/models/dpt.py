@@ -167,6 +167,11 @@ class DPTSegmenter(nn.Module):
   dropout: float = 0.5
   freeze_backbone: bool = False
 
+  @property
+  def feature_dim(self) -> int:
+    """Channels `D` of the tapped features (the masks' last axis)."""
+    return self.backbone.dim
+
   @nn.compact
   def __call__(
     self,
@@ -174,6 +179,7 @@ class DPTSegmenter(nn.Module):
     train: bool = False,
     perturb: int = 0,
     feature_masks: jax.Array | None = None,
+    perturb_masks: jax.Array | None = None,
   ):
     """Segments normalized images `x` `(N, H, W, 3)`, H and W multiples of 14.
 
@@ -182,14 +188,18 @@ class DPTSegmenter(nn.Module):
       train: unused (no dropout in the clean path, no BatchNorm); kept for
         the shared model contract.
       perturb: number of perturbed copies (0: plain forward). Without
-        `feature_masks` each copy multiplies the four tapped token maps by
+        `perturb_masks` each copy multiplies the four tapped token maps by
         one channel mask per image, `Bernoulli(1 - dropout) / (1 - dropout)`
         of shape `(N, dim)` shared by the four levels (Dropout2d on the
         feature maps), drawn from the `dropout` rng.
-      feature_masks: explicit masks `(k, N, dim)` instead of drawn ones
-        (e.g. UniMatch V2's complementary `m`, `2 - m`, or a DSSN pair);
-        copy `j` is the head on `f * feature_masks[j][:, None, :]` for each
-        tapped map `f`. `perturb` must then be 0 or `k`.
+      feature_masks: `(N, dim)` masks of the main forward's tapped features
+        (UniMatch V2's complementary dropout of the strong views, `m` and
+        `2 - m`): the head runs on `f * feature_masks[:, None, :]` for each
+        tapped map `f`. The perturbed copies start from the unmasked maps.
+      perturb_masks: explicit masks `(k, N, dim)` of the perturbed copies
+        instead of drawn ones (e.g. DSSN's complementary pair); copy `j` is
+        the head on `f * perturb_masks[j][:, None, :]`. `perturb` must then
+        be 0 or `k`.
 
     Returns:
       `(logits, aux)`: float32 logits `(N, 14h, 14w, num_classes)` with
@@ -214,24 +224,32 @@ class DPTSegmenter(nn.Module):
     if self.freeze_backbone:
       tokens = jax.lax.stop_gradient(tokens)
     dim = tokens[0].shape[-1]
-    if feature_masks is not None:
-      feature_masks = jnp.asarray(feature_masks)
-      if feature_masks.ndim != 3 or feature_masks.shape[1:] != (n, dim):
-        raise ValueError(f'feature_masks must be (k, {n}, {dim}), got {feature_masks.shape}')
-      if perturb not in (0, feature_masks.shape[0]):
-        raise ValueError(f'perturb={perturb} but {feature_masks.shape[0]} feature_masks')
-      perturb = feature_masks.shape[0]
+    if perturb_masks is not None:
+      perturb_masks = jnp.asarray(perturb_masks)
+      if perturb_masks.ndim != 3 or perturb_masks.shape[1:] != (n, dim):
+        raise ValueError(f'perturb_masks must be (k, {n}, {dim}), got {perturb_masks.shape}')
+      if perturb not in (0, perturb_masks.shape[0]):
+        raise ValueError(f'perturb={perturb} but {perturb_masks.shape[0]} perturb_masks')
+      perturb = perturb_masks.shape[0]
     elif perturb:
       if not 0.0 <= self.dropout < 1.0:
         raise ValueError(f'dropout={self.dropout} must be in [0, 1)')
       keep = jax.random.bernoulli(self.make_rng('dropout'), 1.0 - self.dropout, (perturb, n, dim))
-      feature_masks = keep.astype(jnp.float32) / (1.0 - self.dropout)
+      perturb_masks = keep.astype(jnp.float32) / (1.0 - self.dropout)
     maps = [t.reshape(n, h, w, dim) for t in tokens]
-    head_in = maps
+    main = maps
+    if feature_masks is not None:
+      feature_masks = jnp.asarray(feature_masks)
+      if feature_masks.shape != (n, dim):
+        raise ValueError(f'feature_masks must be ({n}, {dim}), got {feature_masks.shape}')
+      fm = feature_masks.astype(jnp.float32)[:, None, None, :]
+      main = [(f.astype(jnp.float32) * fm).astype(f.dtype) for f in maps]
+    head_in = main
     if perturb:
-      m = feature_masks.astype(jnp.float32)[:, :, None, None, :]  # (k, N, 1, 1, dim)
+      m = perturb_masks.astype(jnp.float32)[:, :, None, None, :]  # (k, N, 1, 1, dim)
       head_in = [
-        jnp.concatenate([f[None], f[None] * m]).reshape((1 + perturb) * n, h, w, dim) for f in maps
+        jnp.concatenate([c[None], f[None] * m]).reshape((1 + perturb) * n, h, w, dim)
+        for c, f in zip(main, maps)
       ]
     logits = self.head(head_in).astype(jnp.float32)
     logits = layers.resize_bilinear(logits, (PATCH * h, PATCH * w))
