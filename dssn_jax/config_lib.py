@@ -510,7 +510,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool, str]] = {
   'data.num_classes': (1, 255, False, False, 'a class count (255 is the ignore label)'),
   'data.ignore_index': (0, 255, False, False, 'a uint8 label'),
   'data.batch_size': (1, None, False, False, 'a batch size'),
-  'data.workers': (0, None, False, False, 'a process count'),
+  'data.workers': (-1, None, False, False, 'a process count; -1: from the host cores'),
   'data.prefetch': (1, None, False, False, 'a batch count'),
   'data.strong_ops': (0, None, False, False, 'an op count'),
   'data.cutmix_p': (0.0, 1.0, False, False, 'a probability'),
@@ -520,7 +520,6 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool, str]] = {
 _CHOICES: dict[str, tuple[str, ...]] = {
   'method': METHODS,
   'model.fp_bn': ('joint', 'clean'),
-  'data.mix_partner': ('shuffled', 'same'),
   'data.eval_mode': ('original', 'center_crop', 'sliding_window'),
   'train.optimizer': ('sgd', 'adamw'),
   'train.nonfinite': ('stop', 'skip'),
@@ -566,10 +565,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f'config.{key}={value!r} must be {_range_text(low, high, low_open, high_open)} ({what})'
       )
   from dssn_jax import models  # pylint: disable=g-import-not-at-top
+  from dssn_jax.models import dpt, registry  # pylint: disable=g-import-not-at-top
 
   choices = {
     **_CHOICES,
-    'model.backbone': tuple(models.BACKBONES),
+    'model.backbone': tuple(registry.backbone_names()),
     'model.dtype': tuple(models.DTYPES),
   }
   for key, options in choices.items():
@@ -577,7 +577,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if value not in options:
       problems.append(f'config.{key}={value!r} must be one of {", ".join(options)}')
   stride = config.model.output_stride
-  if stride not in (8, 16):
+  family = (
+    registry.family_of(config.model.backbone).name
+    if config.model.backbone in registry.backbone_names()
+    else None
+  )
+  if family == 'dinov2':  # patch-14 ViT: the training crop is a whole number of patches
+    crop = config.data.crop_size
+    if not isinstance(crop, int) or crop < dpt.PATCH or crop % dpt.PATCH:
+      problems.append(
+        f'config.data.crop_size={crop!r} must be a positive multiple of {dpt.PATCH} '
+        f'(the patch size of {config.model.backbone})'
+      )
+  elif stride not in (8, 16):
     problems.append(f'config.model.output_stride={stride!r} must be 8 or 16')
   else:
     for key in ('data.crop_size', 'data.eval_crop_size'):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from dssn_jax import train
+from dssn_jax import config_lib, train
 from dssn_jax.testing import fake_datasets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,6 +67,15 @@ DINOV2_VARIANTS = [
   for name in ('pascal', 'cityscapes', 'ade20k', 'coco')
   for method in ('unimatch_v2', 'dssn')
 ]
+
+
+@pytest.mark.parametrize(
+  'name,arg', [(n, None) for n in CONFIGS] + DINOV2_VARIANTS, ids=lambda v: str(v)
+)
+def test_every_config_passes_validation_as_shipped(name, arg):
+  """What `main.py` checks before compiling accepts every config as written
+  (auto worker count, method-default mix partner, DINOv2 backbones and crops)."""
+  config_lib.validate(load_config(name, arg))
 
 
 @pytest.mark.parametrize(
