@@ -642,6 +642,7 @@ def compile_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows.append(
       dict(info, median_s=None, min_s=None, cpu_s=None, images_per_s=None, flops_per_s=None)
     )
+    print(memory_line(rows[-1]), flush=True)  # as each compile ends
   return rows
 
 
@@ -656,8 +657,6 @@ def main(argv=None) -> list[dict[str, Any]]:
       f' per device; load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}'
     )
     print(format_table(rows, args.peak_tflops))
-    for r in rows:
-      print(memory_line(r), flush=True)
     return rows
   if args.json:  # a --compare-remat child: one row as JSON
     rows = time_steps([prepare_jax(args, args.remat)], args.warmup, args.steps)

@@ -61,6 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.width_multiplier = 1.0  # scales every backbone and head width
   c.model.dtype = 'float32'  # compute dtype; params and BN statistics stay float32
   c.model.dropout = 0.5  # Dropout2d rate of the feature-perturbation branches
+  # DINOv2 attention: xla (softmax(QK^T)V, the T x T probabilities kept for the
+  # backward pass) | cudnn (GPU flash attention, bfloat16/float16 only)
+  c.model.attention = 'xla'
   # Decoder BN with perturbed copies: joint (reference: statistics over clean
   # and perturbed rows) | clean (statistics from the clean rows only).
   c.model.fp_bn = 'joint'

@@ -104,7 +104,9 @@ def test_perturb_masks_are_the_head_on_masked_features():
   np.testing.assert_allclose(logits, plain, rtol=1e-5, atol=1e-5)
   for j in range(2):
     masked = [f * masks[j][:, None, None, :] for f in plain_aux['features']]
-    want = model.apply(variables, masked, method=lambda mdl, f: mdl.head(f))
+    want = jax.jit(lambda v, f: model.apply(v, f, method=lambda mdl, g: mdl.head(g)))(
+      variables, masked
+    )
     want = layers.resize_bilinear(want, (42, 56))
     np.testing.assert_allclose(aux['perturbed'][j], want, rtol=1e-5, atol=1e-5)
   # Masks of ones give the clean prediction.

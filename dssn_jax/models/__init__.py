@@ -152,7 +152,7 @@ def _deeplabv3plus_from_config(config) -> DeepLabV3Plus:
 
 
 def _dpt_from_config(config) -> DPTSegmenter:
-  """`create_dpt` from `config.model` (backbone, dtype, dropout) and
+  """`create_dpt` from `config.model` (backbone, dtype, dropout, attention) and
   `config.train` (remat, freeze_backbone)."""
   m = config.model
   return create_dpt(
@@ -162,6 +162,7 @@ def _dpt_from_config(config) -> DPTSegmenter:
     dropout=m.dropout,
     remat=config.train.remat,
     freeze_backbone=config.train.freeze_backbone,
+    attention=config_lib.one_of('model.attention', m.attention, ('xla', 'cudnn')),
   )
 
 

@@ -249,8 +249,10 @@ class DinoVisionTransformer(nn.Module):
     dtype: compute dtype; params, LayerNorm statistics, softmax and the
       residual stream are float32.
     remat: rematerialize each block in the backward pass (`nn.remat`).
-    attention: `jax.nn.dot_product_attention`'s `implementation` (None:
-      XLA's choice).
+    attention: `jax.nn.dot_product_attention`'s `implementation`: None or
+      'xla' (plain XLA; jax 0.10 picks it for None too), 'cudnn' (flash
+      attention on NVIDIA GPUs, bfloat16 / float16 only: the T x T
+      probabilities are never stored).
   """
 
   dim: int
