@@ -108,6 +108,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   )
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   p.add_argument('--method', default='dssn', choices=METHODS)
+  p.add_argument(
+    '--grad-accum',
+    type=int,
+    default=1,
+    help='micro-batches per step (config.train.grad_accum; models without BatchNorm)',
+  )
   p.add_argument('--num-classes', type=int, default=21)
   p.add_argument('--steps', type=int, default=10, help='timed steps')
   p.add_argument('--warmup', type=int, default=2, help='untimed steps after compiling')
@@ -218,6 +224,7 @@ def make_config(args: argparse.Namespace, remat: bool):
   config.data.crop_size = args.crop
   config.train.remat = bool(remat)
   config.train.freeze_backbone = bool(args.freeze_backbone)
+  config.train.grad_accum = args.grad_accum
   config.train.steps = 100_000  # a long schedule: lr stays ~constant
   return config
 

@@ -66,7 +66,7 @@ DINOV2_VARIANTS = [
   (name, f'backbone=dinov2_small,method={method}')
   for name in ('pascal', 'cityscapes', 'ade20k', 'coco')
   for method in ('unimatch_v2', 'dssn')
-]
+] + [('ade20k', 'backbone=resnet101,method=dssn')]  # ADE20K's data path on a ResNet
 
 
 @pytest.mark.parametrize(
