@@ -299,3 +299,24 @@ def test_deleted_training_image_is_named_and_the_run_resumes_once_restored(tmp_p
   assert summary['step'] == 4
   train_steps = [r['step'] for r in read_metrics(workdir) if r['split'] == 'train']
   assert train_steps == [1, 2, 3, 4]
+
+
+def test_quiet_library_logs_drops_orbax_chatter_and_the_tracker_warning(monkeypatch):
+  import logging  # pylint: disable=g-import-not-at-top
+
+  from dssn_jax import cli  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(sys, 'warnoptions', [])
+  absl_logger = logging.getLogger('absl')
+  monkeypatch.setattr(absl_logger, 'filters', [])
+  cli.quiet_library_logs()
+
+  def record(level, path):
+    return logging.LogRecord('absl', level, path, 1, 'msg', None, None)
+
+  orbax_file = '/site-packages/orbax/checkpoint/checkpoint_manager.py'
+  assert not absl_logger.filter(record(logging.WARNING, orbax_file))
+  assert absl_logger.filter(record(logging.ERROR, orbax_file))
+  assert absl_logger.filter(record(logging.WARNING, '/site-packages/jax/_src/x.py'))
+  # The resource tracker is a child process: it gets the option through -W.
+  assert 'ignore::UserWarning:multiprocessing.resource_tracker' in sys.warnoptions
