@@ -226,6 +226,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   assert [(r['step'], r['skipped']) for r in lines] == [(1, 0), (2, 1)]
 
 
+@pytest.mark.slow
 def test_nonfinite_skip_mode_skips_up_to_the_limit(tmp_path):
   workdir = str(tmp_path / 'run')
   with pytest.raises(train.NonFiniteError, match='3 non-finite steps in a row'):
@@ -276,6 +277,7 @@ def test_cli_user_errors_are_one_line_and_status_2(args, message, tmp_path):
 # --- a training image deleted after the data check -----------------------------
 
 
+@pytest.mark.slow  # three short trainings
 def test_deleted_training_image_is_named_and_the_run_resumes_once_restored(tmp_path):
   import fake_datasets  # pylint: disable=g-import-not-at-top
 
