@@ -7,6 +7,10 @@
 Multi-host (Cloud TPU pods, SLURM, Open MPI) is detected by
 `jax.distributed.initialize()`; elsewhere pass --coordinator_address,
 --num_processes and --process_id on every process (see launch/README.md).
+
+A user error (a bad config value, a missing file, a workdir in use, a
+non-finite loss) prints one `error: ...` line and exits with status 2
+(`dssn_jax/cli.py`); README "What a run survives" lists the faults.
 """
 
 from absl import app, flags

@@ -92,8 +92,26 @@ def complete_steps(workdir: str) -> list[int]:
   return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
 
 
-def saving(workdir: str) -> bool:
-  return bool(glob.glob(os.path.join(workdir, 'checkpoints', '*.orbax-checkpoint-tmp*')))
+def saving(workdir: str, since: float) -> bool:
+  """Whether a save begun after `since` is being written (a killed one leaves its tmp dir)."""
+  for path in glob.glob(os.path.join(workdir, 'checkpoints', '*.orbax-checkpoint-tmp*')):
+    try:
+      if os.path.getmtime(path) >= since:
+        return True
+    except FileNotFoundError:
+      pass  # renamed: the save just completed
+  return False
+
+
+def fresh_metrics(workdir: str, since: float) -> list[dict]:
+  """metrics.jsonl once the process started at `since` has rewritten it (rewound)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  try:
+    if os.path.getmtime(path) < since:
+      return []
+  except FileNotFoundError:
+    return []
+  return read_metrics(workdir)
 
 
 def start(args, workdir: str, log) -> subprocess.Popen:
@@ -111,12 +129,13 @@ def start(args, workdir: str, log) -> subprocess.Popen:
 
 def wait_for(proc: subprocess.Popen, workdir: str, phase: str, step: int, args) -> bool:
   """Polls until the process is at `phase` around `step`; False if it exited."""
+  since = time.time()
   while proc.poll() is None:
     if phase == 'checkpoint':
-      if saving(workdir) and max(complete_steps(workdir), default=0) < args.steps:
+      if saving(workdir, since) and max(complete_steps(workdir), default=0) < args.steps:
         return True
     else:
-      lines = read_metrics(workdir)
+      lines = fresh_metrics(workdir, since)
       trained = {r['step'] for r in lines if r['split'] == 'train'}
       evaluated = {r['step'] for r in lines if r['split'] == 'eval'}
       if phase == 'eval':
@@ -222,8 +241,11 @@ def run(args) -> dict:
       rc = proc.wait()
     if attempt > 0:
       resumes += 1
-      start_step = resumed_from(log_path) or 0  # None: no checkpoint to resume from
-      if start_step < expected_start:
+      start_step = resumed_from(log_path)
+      if start_step is None and killed_at is None:
+        start_step = 0  # finished without resuming: nothing was restored
+      # A run killed before it restored says nothing; the next one is judged.
+      if start_step is not None and start_step < expected_start:
         lost += 1
         problems.append(f'run {attempt} resumed from {start_step}, expected {expected_start}')
       bad = mismatches(reference, read_metrics(faulty), args.tol)

@@ -164,7 +164,8 @@ class Checkpointer:
       try:
         state, rng = self.restore(step, abstract_state)
       except Exception as e:  # noqa: BLE001 (tensorstore raises plain Exception)
-        failures.append((step, f'{type(e).__name__}: {str(e).splitlines()[0][:300]}'))
+        reason = str(e).splitlines()[0].split(' See full TensorStore details')[0]
+        failures.append((step, f'{type(e).__name__}: {reason[:300]}'))
         continue
       for bad, why in failures:
         moved = self._move_aside(bad)

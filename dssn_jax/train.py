@@ -1,7 +1,9 @@
 """The training loop: data, train step, evaluation, checkpoints and logs.
 
-`train_and_evaluate(config, workdir)` is what `main.py` runs. It resumes by
-itself from the newest checkpoint in `workdir`, saves on SIGTERM (what a
+`train_and_evaluate(config, workdir)` is what `main.py` runs (under the
+workdir's lock). It validates the config first, resumes by itself from the
+newest checkpoint in `workdir` that restores, stops on a non-finite loss
+(`config.train.nonfinite`), saves on SIGTERM (what a
 Cloud TPU preemption sends) and exits cleanly, evaluates student and teacher
 every `eval_every` steps, and writes
 
@@ -11,7 +13,8 @@ every `eval_every` steps, and writes
                         `input_wait_frac`, that over the interval's time)
     DIR/events.*        TensorBoard scalars (tensorboardX, no TensorFlow)
     DIR/config.json     the config
-    DIR/checkpoints/    orbax checkpoints
+    DIR/checkpoints/    orbax checkpoints (a damaged one is moved to
+                        DIR/checkpoints_damaged/ on resume)
 
 Only process 0 prints and writes logs; every process takes part in the
 train step, evaluation and checkpointing.

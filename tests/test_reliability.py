@@ -18,6 +18,7 @@ from test_main import REPO, load_config, read_metrics, tiny
 
 from dssn_jax import checkpoint as ckpt_lib
 from dssn_jax import config_lib, train
+from dssn_jax.data import sources
 
 # --- config validation -------------------------------------------------------
 
@@ -217,12 +218,15 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   workdir = str(tmp_path / 'run')
   with pytest.raises(train.NonFiniteError) as e:
     train.train_and_evaluate(_exploding(6), workdir)
-  assert 'step 2: non-finite loss' in str(e.value) and '(step 1)' in str(e.value)
+  assert 'step 2: non-finite grad_norm, loss, loss_x; update skipped' in str(
+    e.value
+  ) and '(step 1)' in str(e.value)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['1']
   lines = [r for r in read_metrics(workdir) if r['split'] == 'train']
   assert [(r['step'], r['skipped']) for r in lines] == [(1, 0), (2, 1)]
 
 
+@pytest.mark.slow
 def test_nonfinite_skip_mode_skips_up_to_the_limit(tmp_path):
   workdir = str(tmp_path / 'run')
   with pytest.raises(train.NonFiniteError, match='3 non-finite steps in a row'):
@@ -268,3 +272,53 @@ def test_cli_user_errors_are_one_line_and_status_2(args, message, tmp_path):
   assert message in proc.stderr
   assert 'Traceback' not in proc.stderr
   assert len([line for line in proc.stderr.splitlines() if line.strip()]) <= 3, proc.stderr
+
+
+# --- a training image deleted after the data check -----------------------------
+
+
+@pytest.mark.slow  # three short trainings
+def test_deleted_training_image_is_named_and_the_run_resumes_once_restored(tmp_path):
+  import fake_datasets  # pylint: disable=g-import-not-at-top
+
+  def config(steps):
+    c = tiny(load_config('pascal'), steps)
+    c.method = 'supervised'
+    c.train.checkpoint_every = 1
+    c.data.root, c.data.splits_dir = root, splits
+    return c
+
+  root, splits = fake_datasets.make_pascal(str(tmp_path / 'data'))
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config(2), workdir)
+  image = os.path.join(root, 'JPEGImages', '2007_000001.jpg')
+  os.rename(image, image + '.away')
+  with pytest.raises(sources.DatasetError, match='2007_000001.jpg'):
+    train.train_and_evaluate(config(4), workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints')))[-1] == '2'
+  os.rename(image + '.away', image)
+  summary = train.train_and_evaluate(config(4), workdir)
+  assert summary['step'] == 4
+  train_steps = [r['step'] for r in read_metrics(workdir) if r['split'] == 'train']
+  assert train_steps == [1, 2, 3, 4]
+
+
+def test_quiet_library_logs_drops_orbax_chatter_and_the_tracker_warning(monkeypatch):
+  import logging  # pylint: disable=g-import-not-at-top
+
+  from dssn_jax import cli  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(sys, 'warnoptions', [])
+  absl_logger = logging.getLogger('absl')
+  monkeypatch.setattr(absl_logger, 'filters', [])
+  cli.quiet_library_logs()
+
+  def record(level, path):
+    return logging.LogRecord('absl', level, path, 1, 'msg', None, None)
+
+  orbax_file = '/site-packages/orbax/checkpoint/checkpoint_manager.py'
+  assert not absl_logger.filter(record(logging.WARNING, orbax_file))
+  assert absl_logger.filter(record(logging.ERROR, orbax_file))
+  assert absl_logger.filter(record(logging.WARNING, '/site-packages/jax/_src/x.py'))
+  # The resource tracker is a child process: it gets the option through -W.
+  assert 'ignore::UserWarning:multiprocessing.resource_tracker' in sys.warnoptions
