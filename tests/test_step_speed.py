@@ -64,6 +64,7 @@ def test_jax_run_prints_table_and_machine_line(capsys):
 
 
 def test_torch_dssn_step_runs(capsys):
+  pytest.importorskip('torch', reason='times the PyTorch rendering of the step')
   rows = step_speed.main(
     TINY + ['--torch-only', '--torch-threads', '1', '--steps', '1', '--warmup', '1']
   )
