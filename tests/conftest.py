@@ -8,6 +8,8 @@ import os
 import sys
 import tempfile
 
+import pytest
+
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,3 +19,16 @@ _CACHE = tempfile.mkdtemp(prefix='dssn-jax-test-xla-cache-')
 jax.config.update('jax_compilation_cache_dir', _CACHE)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+# Importing a benchmark script applies the default XLA:CPU flags to
+# os.environ (what running it does first); subprocesses that tests start
+# must see the environment the test run began with.
+_XLA_FLAGS = os.environ.get('XLA_FLAGS')
+
+
+@pytest.fixture(autouse=True)
+def _original_xla_flags(monkeypatch):
+  if _XLA_FLAGS is None:
+    monkeypatch.delenv('XLA_FLAGS', raising=False)
+  else:
+    monkeypatch.setenv('XLA_FLAGS', _XLA_FLAGS)
