@@ -97,7 +97,7 @@ def test_table_percent_of_peak_and_missing_values():
   )
   table = step_speed.format_table([row], peak_tflops=4.0)
   cells = table.splitlines()[1].split()
-  assert cells[:4] == ['jax', 'yes', 'bfloat16', '4x2']
+  assert cells[:5] == ['jax', 'yes', 'no', 'bfloat16', '4x2']  # impl, remat, frozen, dtype, batch
   assert cells[-1] == '25.0'  # 1 TFLOP/s of a 4 TFLOP/s peak
   assert 'n/a' in cells  # no device memory statistics
   assert '3.00' in cells and '0.50' in cells and '500.0' in cells  # GiB, GiB, GFLOP
