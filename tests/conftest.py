@@ -1,4 +1,4 @@
-"""Test setup: CPU only, tests/ importable, and one compilation cache per run.
+"""Test setup: CPU only, fast compiles, tests/ importable, one compilation cache per run.
 
 Tests that build the same step (the stop-and-resume runs, say) reuse its
 compiled executable from the persistent cache instead of compiling again.
@@ -11,6 +11,13 @@ import tempfile
 import pytest
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Code generation without LLVM's optimization passes (here and in the
+# subprocesses tests start): the same HLO and the same float arithmetic
+# (LLVM reassociates nothing without fast-math), compiled in about half the
+# time; the suite times nothing. A flag set by the caller wins.
+if 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
+  _flags = os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0'
+  os.environ['XLA_FLAGS'] = _flags.strip()
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
