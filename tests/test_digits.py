@@ -183,3 +183,19 @@ def test_bad_settings_are_rejected():
     digits.get_source(_config(num_val=-1), 'val')
   with pytest.raises(ValueError, match='image_size'):
     digits.get_source(_config(image_size=16), 'val')
+
+
+def test_cached_scenes_are_the_rendered_ones_and_read_only():
+  """`cache=True` keeps each record once rendered: the same bytes as rendering
+  again, arrays the augmentations cannot write to, and a pickle (what grain
+  workers receive) that carries no cached scene."""
+  plain = digits.DigitScenes('labeled', 5, image_size=40)
+  cached = digits.DigitScenes('labeled', 5, image_size=40, cache=True)
+  for i in (3, 0, 3):
+    a, b = plain[i], cached[i]
+    assert a.keys() == b.keys() and a['id'] == b['id']
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['mask'], b['mask'])
+    assert not b['image'].flags.writeable
+  assert cached[3] is not cached[3]  # a fresh dict per access
+  assert len(pickle.loads(pickle.dumps(cached))._records) == 0
