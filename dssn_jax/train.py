@@ -196,6 +196,54 @@ class _NonFiniteGuard:
       )
 
 
+class RunClock:
+  """Wall seconds of a run by phase: the breakdown its last lines print.
+
+  `setup` (data, model, restore, compiling nothing), `compile` (the first
+  step of this process, compiled or loaded from the cache, run to
+  completion), `input` (blocked in the input pipeline: with
+  `data.workers=0` that is generating and augmenting the batch, while the
+  previous step still runs on the XLA threads), `transfer` (host batch to
+  device arrays), `steps` (the rest of the
+  loop: dispatching and waiting for steps, fetching metrics, logging),
+  `eval` and `checkpoint` (saving; orbax writes in the background and the
+  next save or the end waits for it). Written to `DIR/timing.json`.
+  """
+
+  PHASES = ('setup', 'compile', 'input', 'transfer', 'steps', 'eval', 'checkpoint')
+
+  def __init__(self):
+    self.seconds = dict.fromkeys(self.PHASES, 0.0)
+    self._start = self._mark = time.perf_counter()
+
+  def lap(self, phase: str) -> float:
+    """Charges the time since the last lap to `phase`; returns it."""
+    now = time.perf_counter()
+    dt, self._mark = now - self._mark, now
+    self.seconds[phase] += dt
+    return dt
+
+  def summary(self, steps: int) -> dict[str, float]:
+    total = time.perf_counter() - self._start
+    loop = sum(self.seconds[k] for k in ('compile', 'input', 'transfer', 'steps'))
+    return {
+      'total_s': total,
+      **{f'{k}_s': v for k, v in self.seconds.items()},
+      'steps': steps,
+      # Loop steps per second after the first (compiling) step.
+      'steps_per_s': max(steps - 1, 0) / max(loop - self.seconds['compile'], 1e-9),
+    }
+
+  @staticmethod
+  def line(t: dict[str, float]) -> str:
+    return (
+      f'time: {t["total_s"]:.0f} s = setup {t["setup_s"]:.0f} + compile {t["compile_s"]:.0f} '
+      f'+ input {t["input_s"]:.0f} + transfer {t["transfer_s"]:.0f} + steps {t["steps_s"]:.0f} + eval {t["eval_s"]:.0f} '
+      f'+ checkpoints {t["checkpoint_s"]:.0f} ({t["steps"]} steps, {t["steps_per_s"]:.2f} '
+      'steps/s after the first)'
+    )
+
+
 def _log(msg: str) -> None:
   if jax.process_index() == 0:
     print(msg, flush=True)
@@ -237,6 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     A summary dict: last and best mIoU of student and teacher (percent),
     the final step, and whether the run stopped early on SIGTERM.
   """
+  clock = RunClock()
   config_lib.validate(config)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   for change in ckpt_lib.check_resume_config(workdir, config):
@@ -258,26 +307,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   )
 
   model = models.model_from_config(config)
-  rng = jax.random.key(config.seed)
-  init_rng, train_rng = jax.random.split(rng)
-  variables = initial_variables(config, model, init_rng, config.data.crop_size)
   tx = optim.make_optimizer(schedule, config)
-  state = ts_lib.create_train_state(model, tx, init_rng, config.data.crop_size, variables=variables)
-  state = parallel.replicate(state, mesh)
-  del variables
-
-  checkpointer = ckpt_lib.Checkpointer(
-    str(epath.Path(workdir) / 'checkpoints'),
-    keep=config.train.keep_checkpoints,
-    data_items=data.checkpoint_items(),
+  state, train_rng, checkpointer = _initial_or_restored_state(
+    config, model, tx, mesh, data, workdir
   )
-  abstract = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
-  )
-  restored = checkpointer.restore_newest(abstract)
-  if restored is not None:
-    state, train_rng, start = restored
-    _log(f'resumed from {checkpointer.directory} at step {start}')
   start = int(jax.device_get(state.step))
 
   step_fn = ts_lib.make_train_step(
@@ -299,20 +332,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = MetricWriter(workdir, kept_lines)
 
   def run_eval(step: int) -> dict[str, Any]:
-    models_to_eval = {
-      'teacher': {'params': state.teacher_params, 'batch_stats': state.teacher_batch_stats}
-    }
-    if config.train.eval_student:
-      models_to_eval['student'] = {'params': state.params, 'batch_stats': state.batch_stats}
-    result = evaluator.evaluate(models_to_eval)
-    record = {
-      'step': step,
-      'split': 'eval',
-      'miou': result.get('miou'),
-      'miou_teacher': result.get('miou_teacher'),
-      'iou_per_class': result.get('iou_per_class', result.get('iou_per_class_teacher')),
-      'iou_per_class_teacher': result.get('iou_per_class_teacher'),
-    }
+    record = _eval_record(evaluator, config, state, step)
     writer.write(record)
     history.append(record)
     _log(
@@ -331,7 +351,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     desc='train',
   )
   pending: list[dict[str, jax.Array]] = []
-  t_log, n_log = time.perf_counter(), 0
+  t_log = time.perf_counter()
   input_wait = 0.0  # seconds blocked on the input pipeline since the last log line
   images_per_step = config.data.batch_size * (1 if data.supervised else 2)
   preempted = False
@@ -346,14 +366,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       data.close()
       writer.close()
 
+  clock.lap('setup')
   with _Preemption() as preemption:
     while step < schedule.total_steps:
-      t_wait = time.perf_counter()
-      batch = next(data)
-      input_wait += time.perf_counter() - t_wait
+      clock.lap('steps')
+      local = data.local_batch()
+      input_wait += clock.lap('input')
+      batch = data.to_device(local)
+      clock.lap('transfer')
       state, metrics = step_fn(state, batch, jax.random.fold_in(train_rng, step), step=step)
+      if step == start:  # the one sync outside log steps: compile time, for the breakdown
+        jax.block_until_ready(metrics)
+        clock.lap('compile')
       step += 1
-      n_log += 1
       pending.append(metrics)
       bar.update(1)
       eval_now = step % schedule.eval_every == 0 or step == schedule.total_steps
@@ -364,26 +389,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         or (save_now and guard.any_in(pending))  # never save past a non-finite step
       ):
         fetched = jax.device_get(pending)  # the only host sync of the loop
-        bad_lines = guard.scan(fetched, step)
-        good = [m for m in fetched if m['nonfinite'] == 0] or fetched
-        mean = {k: float(np.mean([m[k] for m in good])) for k in fetched[0] if k != 'nonfinite'}
-        mean['lr'] = float(fetched[-1]['lr'])
-        mean['skipped'] = len(bad_lines)
         elapsed = time.perf_counter() - t_log
-        record = {
-          'step': step,
-          'split': 'train',
-          **mean,
-          'images_per_sec': n_log * images_per_step / max(elapsed, 1e-9),
-          # Input-bound when this is a large fraction of the interval.
-          'input_wait_s': input_wait,
-          'input_wait_frac': input_wait / max(elapsed, 1e-9),
-        }
+        bad_lines = guard.scan(fetched, step)
+        record = _train_record(fetched, step, len(bad_lines), elapsed, images_per_step, input_wait)
         writer.write(record)
         bar.set_postfix(
-          {k: f'{v:.3f}' for k, v in mean.items() if k in ('loss', 'loss_x', 'mask_ratio')}
+          {k: f'{record[k]:.3f}' for k in ('loss', 'loss_x', 'mask_ratio') if k in record}
         )
-        pending, t_log, n_log, input_wait = [], time.perf_counter(), 0, 0.0
+        pending, t_log, input_wait = [], time.perf_counter(), 0.0
         for line in bad_lines:
           if jax.process_index() == 0:
             bar.write(line)
@@ -392,7 +405,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         except NonFiniteError:
           shutdown()
           raise
+      clock.lap('steps')
       eval_record = run_eval(step) if eval_now else None
+      clock.lap('eval')
       if save_now or preemption.requested:  # SIGTERM may arrive during the evaluation
         metrics_for_ckpt = None
         if eval_record is not None and eval_record['miou_teacher'] is not None:
@@ -403,16 +418,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           shutdown()
           raise
         writer.flush()
+        clock.lap('checkpoint')
       if preemption.requested:
         preempted = True
         _log(f'SIGTERM: saved step {step}, exiting')
         break
+  clock.lap('steps')
   bar.close()
   evaluator.close()
-  checkpointer.close()
+  checkpointer.close()  # waits for the last save
+  clock.lap('checkpoint')
   data.close()
   writer.close()
+  return _report(config, workdir, history, clock, step, start, preempted)
 
+
+def _report(config, workdir: str, history, clock: RunClock, step: int, start: int, preempted: bool):
+  """The run's summary dict and its last lines: `final:` (mIoU), `compare:`
+  (the config's measured baseline) and `time:` (also DIR/timing.json)."""
+  timing = clock.summary(step - start)
+  if jax.process_index() == 0:
+    (epath.Path(workdir) / 'timing.json').write_text(json.dumps(timing, indent=1) + '\n')
   summary = summarize(history)
   summary.update(step=step, preempted=preempted)
   if not preempted:
@@ -423,7 +449,92 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         for k in ('miou', 'best', 'miou_teacher', 'best_teacher')
       )
     )
+    line = baseline_line(config, summary)
+    if line:
+      _log(line)
+  _log(RunClock.line(timing))
+  summary['time'] = timing
   return summary
+
+
+def baseline_line(config: ml_collections.ConfigDict, summary: dict[str, Any]) -> str:
+  """One line: the teacher's best mIoU next to `config.baseline`, if set."""
+  b = config.baseline
+  if b.miou is None or summary.get('best_teacher') is None:
+    return ''
+  spread = f' +- {b.std:.2f}' if b.std is not None else ''
+  where = f'mean of {b.seeds} seeds, {b.steps} steps' if b.seeds else f'{b.steps} steps'
+  if int(config.train.steps or 0) != int(b.steps):
+    where += f', not this run\'s {config.train.steps}'
+  return (
+    f'compare: best_teacher={_format_percent(summary["best_teacher"])} with {b.what} '
+    f'{b.miou:.2f}{spread} ({where}: {b.command})'
+  )
+
+
+def _initial_or_restored_state(config, model, tx, mesh, data, workdir: str):
+  """(replicated TrainState, train rng, Checkpointer): the newest checkpoint
+  of `workdir` that restores, else a fresh state from `config.seed`."""
+  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+  variables = initial_variables(config, model, init_rng, config.data.crop_size)
+  state = ts_lib.create_train_state(model, tx, init_rng, config.data.crop_size, variables=variables)
+  state = parallel.replicate(state, mesh)
+  del variables
+  checkpointer = ckpt_lib.Checkpointer(
+    str(epath.Path(workdir) / 'checkpoints'),
+    keep=config.train.keep_checkpoints,
+    data_items=data.checkpoint_items(),
+  )
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+  )
+  restored = checkpointer.restore_newest(abstract)
+  if restored is not None:
+    state, train_rng, start = restored
+    _log(f'resumed from {checkpointer.directory} at step {start}')
+  return state, train_rng, checkpointer
+
+
+def _eval_record(evaluator, config: ml_collections.ConfigDict, state, step: int) -> dict[str, Any]:
+  """The metrics.jsonl line of an evaluation of the teacher (and student)."""
+  models_to_eval = {
+    'teacher': {'params': state.teacher_params, 'batch_stats': state.teacher_batch_stats}
+  }
+  if config.train.eval_student:
+    models_to_eval['student'] = {'params': state.params, 'batch_stats': state.batch_stats}
+  result = evaluator.evaluate(models_to_eval)
+  return {
+    'step': step,
+    'split': 'eval',
+    'miou': result.get('miou'),
+    'miou_teacher': result.get('miou_teacher'),
+    'iou_per_class': result.get('iou_per_class', result.get('iou_per_class_teacher')),
+    'iou_per_class_teacher': result.get('iou_per_class_teacher'),
+  }
+
+
+def _train_record(
+  fetched: list[dict[str, Any]],
+  step: int,
+  skipped: int,
+  elapsed: float,
+  images_per_step: int,
+  input_wait: float,
+) -> dict[str, Any]:
+  """The metrics.jsonl line of a log window: the means of its finite steps."""
+  good = [m for m in fetched if m['nonfinite'] == 0] or fetched
+  mean = {k: float(np.mean([m[k] for m in good])) for k in fetched[0] if k != 'nonfinite'}
+  return {
+    'step': step,
+    'split': 'train',
+    **mean,
+    'lr': float(fetched[-1]['lr']),
+    'skipped': skipped,
+    'images_per_sec': len(fetched) * images_per_step / max(elapsed, 1e-9),
+    # Input-bound when this is a large fraction of the interval.
+    'input_wait_s': input_wait,
+    'input_wait_frac': input_wait / max(elapsed, 1e-9),
+  }
 
 
 def _precompile_threads(config: ml_collections.ConfigDict) -> int:

@@ -114,6 +114,12 @@ def test_every_config_trains_two_steps(name, arg, tmp_path):
   assert evals[-1]['step'] == 2 and len(evals[-1]['iou_per_class']) == config.data.num_classes
   assert os.path.exists(os.path.join(workdir, 'config.json'))
   assert any(f.startswith('events.') for f in os.listdir(workdir))
+  with open(os.path.join(workdir, 'timing.json')) as f:
+    timing = json.load(f)
+  phases = [f'{k}_s' for k in train.RunClock.PHASES]
+  assert timing['steps'] == 2 and all(timing[k] >= 0 for k in phases)
+  assert sum(timing[k] for k in phases) == pytest.approx(timing['total_s'], rel=0.05)
+  assert summary['time'] == timing
 
 
 def _sigterm_when(workdir, step):
@@ -188,3 +194,18 @@ def test_bad_override_is_rejected_with_the_config_message(override, message, tmp
   assert proc.returncode != 0
   assert message in proc.stderr
   assert not os.path.exists(os.path.join(tmp_path, 'checkpoints'))
+
+
+def test_baseline_line_names_the_baseline_and_its_schedule():
+  config = load_config('digits', None)
+  config.baseline.miou, config.baseline.std, config.baseline.seeds = 20.0, 1.5, 3
+  config.baseline.steps, config.baseline.what = int(config.train.steps), 'supervised'
+  config.baseline.command = 'python benchmarks/semi_vs_supervised.py --seeds 0,1,2'
+  line = train.baseline_line(config, {'best_teacher': 27.125})
+  assert line.startswith('compare: best_teacher=27.12 with supervised 20.00 +- 1.50 (mean of 3')
+  assert 'not this run' not in line and line.endswith('--seeds 0,1,2)')
+  config.train.steps = 7
+  assert "not this run's 7" in train.baseline_line(config, {'best_teacher': 27.0})
+  assert train.baseline_line(config, {'best_teacher': None}) == ''
+  config.baseline.miou = None
+  assert train.baseline_line(config, {'best_teacher': 27.0}) == ''

@@ -377,11 +377,14 @@ class TrainData:
 
   def __next__(self):
     """The next global batch: `jax.Array`s sharded on the mesh's `data` axis."""
+    return self.to_device(self.local_batch())
+
+  def to_device(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """A `local_batch()` as the global batch, sharded on the mesh's `data` axis."""
     if self.mesh is None:
       raise ValueError('TrainData was built without a mesh; use local_batch()')
     from dssn_jax import parallel  # pylint: disable=g-import-not-at-top
 
-    batch = self.local_batch()
     return parallel.shard_batch(
       {k: v for k, v in batch.items() if not k.endswith('_id')}, self.mesh
     )
