@@ -647,6 +647,7 @@ RESUME_FREE = (
   'data.eval_crop_size',
   'data.folder',
   'data.tfds.data_dir',
+  'data.digits.cache',  # the same scenes, rendered once or every time
 )
 
 

@@ -1,5 +1,7 @@
 """Config contract: method presets, ablation flags, steps/epochs, arguments."""
 
+import json
+
 import pytest
 
 from dssn_jax import config_lib
@@ -156,3 +158,13 @@ def test_dinov2_configs_reproduce_the_authors_yaml():
   voc = _load('pascal', 'split=92')
   assert (voc.data.crop_size, voc.train.optimizer, voc.data.eval_resize_multiple) == (513, 'sgd', 0)
   assert config_lib.resolve_method(voc).mix_partner == 'same'
+
+
+def test_resume_changes_refuse_data_keys_but_not_the_scene_cache():
+  saved = json.loads(config_lib.base_config().to_json_best_effort())
+  new = config_lib.base_config()
+  new.data.digits.cache = not new.data.digits.cache
+  new.data.crop_size = 17
+  refused, allowed = config_lib.resume_changes(saved, json.loads(new.to_json_best_effort()))
+  assert [line.split(':')[0] for line in refused] == ['config.data.crop_size']
+  assert [line.split(':')[0] for line in allowed] == ['config.data.digits.cache']
