@@ -11,28 +11,33 @@ import tempfile
 import pytest
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-# Code generation without LLVM's optimization passes (here and in the
-# subprocesses tests start): the same HLO and the same float arithmetic
-# (LLVM reassociates nothing without fast-math), compiled in about half the
-# time; the suite times nothing. A flag set by the caller wins.
-if 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
-  _flags = os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0'
-  os.environ['XLA_FLAGS'] = _flags.strip()
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# This process compiles without LLVM's optimization passes: the same HLO
+# and the same float arithmetic (LLVM reassociates nothing without
+# fast-math), compiled in about half the time; the suite times nothing. The
+# flag is read when the backend starts, here; subprocesses that tests start
+# see the environment the run began with (below). A caller's setting wins.
+_XLA_FLAGS = os.environ.get('XLA_FLAGS')
+if 'xla_backend_optimization_level' not in (_XLA_FLAGS or ''):
+  os.environ['XLA_FLAGS'] = f'{_XLA_FLAGS or ""} --xla_backend_optimization_level=0'.strip()
+  jax.devices()
+  if _XLA_FLAGS is None:
+    del os.environ['XLA_FLAGS']
+  else:
+    os.environ['XLA_FLAGS'] = _XLA_FLAGS
 
 _CACHE = tempfile.mkdtemp(prefix='dssn-jax-test-xla-cache-')
 jax.config.update('jax_compilation_cache_dir', _CACHE)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
+
 # Importing a benchmark script applies the default XLA:CPU flags to
 # os.environ (what running it does first); subprocesses that tests start
-# must see the environment the test run began with.
-_XLA_FLAGS = os.environ.get('XLA_FLAGS')
-
-
+# must see the environment the test run began with (`_XLA_FLAGS`).
 @pytest.fixture(autouse=True)
 def _original_xla_flags(monkeypatch):
   if _XLA_FLAGS is None:
