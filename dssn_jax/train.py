@@ -502,15 +502,7 @@ def _eval_record(evaluator, config: ml_collections.ConfigDict, state, step: int)
   }
   if config.train.eval_student:
     models_to_eval['student'] = {'params': state.params, 'batch_stats': state.batch_stats}
-  result = evaluator.evaluate(models_to_eval)
-  return {
-    'step': step,
-    'split': 'eval',
-    'miou': result.get('miou'),
-    'miou_teacher': result.get('miou_teacher'),
-    'iou_per_class': result.get('iou_per_class', result.get('iou_per_class_teacher')),
-    'iou_per_class_teacher': result.get('iou_per_class_teacher'),
-  }
+  return evaluate.eval_record(step, evaluator.evaluate(models_to_eval))
 
 
 def _train_record(
