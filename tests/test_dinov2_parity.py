@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip('torch', reason='the parity tests compare with PyTorch')
-import torch_dinov2_reference as ref  # noqa: E402  (imports torch)
+from dssn_jax.testing import torch_dinov2_reference as ref  # noqa: E402  (imports torch)
 
 from dssn_jax import convert  # noqa: E402
 from dssn_jax.models import create_model  # noqa: E402

@@ -1,5 +1,6 @@
 """The method registry on a tiny BatchNorm-free model with tapped features:
-UniMatch V2 against a PyTorch rendering of the authors' iteration, the EMA
+UniMatch V2 against a PyTorch rendering of the authors' iteration (on that
+model and on a tiny DINOv2 + DPT), the EMA
 keep-rate schedule, gradient accumulation, random masks, mix partners and
 the evaluation resize."""
 
@@ -71,16 +72,19 @@ def state_for(model, tx, seed=0, teacher_scale=1.3, step=0):
 # UniMatch V2 against the authors' iteration, rendered in PyTorch.
 
 
-def torch_unimatch_v2(model, params, teacher_params, batch, strong_masks, thresh=0.95):
-  """The authors' loop body (`unimatch_v2.py`), on the same inputs and masks."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+def torch_unimatch_v2(net, ema, batch, strong_masks, thresh=0.95):
+  """The authors' loop body (`unimatch_v2.py`) on the same inputs and masks:
+  `net` (student) and `ema` (teacher) are torch modules taking
+  `(images, feature_masks)`. Leaves the gradients in `net`'s parameters.
 
-  del model
+  Returns:
+    `(total, loss_x, [loss_s1, loss_s2])` as floats.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+
   mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
   std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
   img = lambda k: (torch.from_numpy(batch[k]).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
-  net, ema = torch_module(params), torch_module(teacher_params)
   img_x, mask_x = img('x'), torch.from_numpy(batch['y']).long()
   img_u_w, img_u_s1, img_u_s2 = img('u_w'), img('u_s1'), img('u_s2')
   ignore_mask = torch.from_numpy(batch['u_ignore']).long()
@@ -113,19 +117,34 @@ def torch_unimatch_v2(model, params, teacher_params, batch, strong_masks, thresh
     losses.append(loss.sum() / (ign != 255).sum().item())
   loss = (loss_x + (losses[0] + losses[1]) / 2.0) / 2.0
   loss.backward()
-  del F
-  grads = {
-    name: {
-      'kernel': layer.weight.grad.numpy().transpose(2, 3, 1, 0),
-      'bias': layer.bias.grad.numpy(),
-    }
-    for name, layer in (
-      ('backbone', net.backbone),
-      ('head', net.head),
-      ('classifier', net.classifier),
-    )
-  }
-  return float(loss), float(loss_x), [float(v) for v in losses], grads
+  return float(loss.detach()), float(loss_x.detach()), [float(v.detach()) for v in losses]
+
+
+def check_against_torch(total, aux, grads, ref_total, ref_x, ref_s, ref_grads):
+  """Same float32 arithmetic in two frameworks (different summation orders):
+  losses of order 1 agree to ~1e-6, so rel 1e-5; gradients to 1e-5 of their
+  largest magnitude (a wrong mask or target changes them by far more)."""
+  assert 0.0 < float(aux.metrics['loss_s1']) and 0.0 < float(aux.metrics['loss_s2'])
+  assert float(total) == pytest.approx(ref_total, rel=1e-5)
+  assert float(aux.metrics['loss_x']) == pytest.approx(ref_x, rel=1e-5)
+  assert float(aux.metrics['loss_s1']) == pytest.approx(ref_s[0], rel=1e-5)
+  assert float(aux.metrics['loss_s2']) == pytest.approx(ref_s[1], rel=1e-5)
+  scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(ref_grads))
+  assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
+  jax.tree.map(
+    lambda g, r: np.testing.assert_allclose(np.asarray(g), r, atol=1e-5 * scale, rtol=0),
+    grads,
+    ref_grads,
+  )
+
+
+def check_strong_masks(prepared, n):
+  """The authors' masks: pairs (m, 2 - m) with m in {0, 2}; int(n / 2) pairs undropped."""
+  m1, m2 = np.asarray(prepared['strong_masks'][:, 0]), np.asarray(prepared['strong_masks'][:, 1])
+  np.testing.assert_array_equal(m1 + m2, 2.0)
+  kept = np.all(m1 == 1.0, axis=1)
+  assert kept.sum() == n // 2 and np.all(np.isin(m1[~kept], (0.0, 2.0)))
+  return np.concatenate([m1, m2])
 
 
 def test_unimatch_v2_matches_the_authors_iteration_in_torch():
@@ -139,35 +158,68 @@ def test_unimatch_v2_matches_the_authors_iteration_in_torch():
   rng = jax.random.key(7)
   ctx = common.Context(model, settings, schedule)
   prepared, _ = uv2.prepare(state, batch, rng, ctx)
-  # The masks: pairs (m, 2 - m) with m in {0, 2}; int(8 / 2) pairs undropped.
-  m1, m2 = np.asarray(prepared['strong_masks'][:, 0]), np.asarray(prepared['strong_masks'][:, 1])
-  np.testing.assert_array_equal(m1 + m2, 2.0)
-  kept = np.all(m1 == 1.0, axis=1)
-  assert kept.sum() == 4 and np.all(np.isin(m1[~kept], (0.0, 2.0)))
+  masks = check_strong_masks(prepared, 8)
   (total, aux), grads = methods.value_and_grad(
     state, batch, rng, model=model, settings=settings, schedule=schedule
   )
-  ref_total, ref_x, ref_s, ref_grads = torch_unimatch_v2(
-    model,
-    jax.device_get(state.params),
-    jax.device_get(state.teacher_params),
-    batch,
-    np.concatenate([m1, m2]),
-    thresh=0.4,
+  net, ema = torch_module(state.params), torch_module(state.teacher_params)
+  ref_total, ref_x, ref_s = torch_unimatch_v2(net, ema, batch, masks, thresh=0.4)
+  ref_grads = {
+    name: {
+      'kernel': layer.weight.grad.numpy().transpose(2, 3, 1, 0),
+      'bias': layer.bias.grad.numpy(),
+    }
+    for name, layer in (
+      ('backbone', net.backbone),
+      ('head', net.head),
+      ('classifier', net.classifier),
+    )
+  }
+  check_against_torch(total, aux, grads, ref_total, ref_x, ref_s, ref_grads)
+
+
+def test_unimatch_v2_on_a_tiny_vit_matches_the_authors_iteration_in_torch():
+  """The same comparison on DINOv2 + DPT (`dinov2_tiny`, 2x2 patches): the
+  complementary masks multiply the four tapped token maps, and the gradient
+  reaches every encoder and head weight (converted back with the layout
+  that converts the torch weights)."""
+  torch = pytest.importorskip('torch')
+  from dssn_jax import convert  # pylint: disable=g-import-not-at-top
+  from dssn_jax.models import create_model  # pylint: disable=g-import-not-at-top
+  from dssn_jax.testing import torch_dinov2_reference as ref  # pylint: disable=g-import-not-at-top
+
+  size, taps = 28, (0, 1, 2, 3)
+
+  def torch_dpt(seed):
+    net = ref.DPT(C, 32, 4, 2, taps, 16, (8, 16, 32, 32))
+    return ref.randomize(net, seed).train()
+
+  def to_ours(state_dict):
+    return convert.from_torch(state_dict, 'dinov2_tiny', layout='unimatch_v2')['params']
+
+  net, ema = torch_dpt(0), torch_dpt(1)
+  model = create_model('dinov2_tiny', C)
+  config = make_config('unimatch_v2', **{'data.crop_size': size, 'loss.threshold': 0.6})
+  settings = config_lib.resolve_method(config)
+  schedule = config_lib.resolve_steps(config, 80)
+  params = to_ours(net.state_dict())
+  state = ts.create_train_state(model, optax.sgd(0.0), None, size, variables={'params': params})
+  state = state.replace(teacher_params=to_ours(ema.state_dict()))
+  batch = make_batch(size=size)
+  rng = jax.random.key(7)
+  prepared, _ = uv2.prepare(state, batch, rng, common.Context(model, settings, schedule))
+  masks = check_strong_masks(prepared, 8)
+  (total, aux), grads = methods.value_and_grad(
+    state, batch, rng, model=model, settings=settings, schedule=schedule
   )
-  assert 0.0 < float(aux.metrics['loss_s1']) and 0.0 < float(aux.metrics['loss_s2'])
-  # Same float32 arithmetic in two frameworks: losses of order 1 agree to
-  # ~1e-6; gradients to 1e-5 of their largest magnitude.
-  assert float(total) == pytest.approx(ref_total, rel=1e-5)
-  assert float(aux.metrics['loss_x']) == pytest.approx(ref_x, rel=1e-5)
-  assert float(aux.metrics['loss_s1']) == pytest.approx(ref_s[0], rel=1e-5)
-  assert float(aux.metrics['loss_s2']) == pytest.approx(ref_s[1], rel=1e-5)
-  scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(ref_grads))
-  jax.tree.map(
-    lambda g, r: np.testing.assert_allclose(np.asarray(g), r, atol=1e-5 * scale, rtol=0),
-    grads,
-    ref_grads,
+  ref_total, ref_x, ref_s = torch_unimatch_v2(net, ema, batch, masks, thresh=0.6)
+  ref_grads = to_ours(
+    {
+      k: torch.zeros_like(p) if p.grad is None else p.grad  # mask_token: unused
+      for k, p in net.named_parameters()
+    }
   )
+  check_against_torch(total, aux, grads, ref_total, ref_x, ref_s, ref_grads)
 
 
 def test_unimatch_v2_optimizer_is_the_authors_adamw():

@@ -1,6 +1,6 @@
 """A plain-PyTorch DINOv2 + DPT (UniMatch V2's model), the parity target.
 
-Written for the tests from the authors' description (NCHW, torch layers,
+Written from the authors' description (NCHW, torch layers,
 torch's own bicubic `F.interpolate` for the position grid), with the
 authors' attribute names so that its state dict has their keys
 (`backbone.blocks.0.attn.qkv.weight`, `head.scratch.refinenet1.out_conv.weight`,
