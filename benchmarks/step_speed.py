@@ -5,6 +5,7 @@ r"""Speed of one training iteration: compile time, step time, memory, FLOP/s.
         --dtype bfloat16 --peak-tflops 989        # H100 SXM dense bf16 peak
     python benchmarks/step_speed.py --compare-remat     # with and without remat
     python benchmarks/step_speed.py --torch             # also the PyTorch step
+    python benchmarks/step_speed.py --backbone dinov2_small --crop 98 --method unimatch_v2 --torch
     python benchmarks/step_speed.py --backbone dinov2_small --crop 126 --method supervised
     python benchmarks/step_speed.py --backbone dinov2_base --crop 518 --batch 4 \
         --method unimatch --levers     # XLA memory of float32 / bf16 / remat / frozen
@@ -47,11 +48,15 @@ in its own process so the device's peak memory belongs to one program. (On
 XLA:CPU remat saves nothing: the CPU compiler drops the optimization
 barriers and common-subexpression elimination merges the recomputation back
 into the forward pass; compare on a GPU or TPU.)
-`--torch` also times the same iteration written in plain PyTorch (the
-deep-stem ResNet + DeepLabV3+ of `dssn_jax/testing/torch_reference.py`, the same loss
-terms, `torch.optim.SGD`, EMA teacher), float32 or bf16 autocast, on the
-CPU or the first CUDA device, one JAX step and one PyTorch step in turn (so
-both see the same background load), and prints the JAX / PyTorch ratio.
+`--torch` also times the same iteration written in plain PyTorch, float32
+or bf16 autocast, on the CPU or the first CUDA device, one JAX step and one
+PyTorch step in turn (so both see the same background load), and prints
+the JAX / PyTorch ratio. Two iterations have a PyTorch rendering
+(`TORCH_STEPS`): `dssn` on a ResNet (the deep-stem DeepLabV3+ of
+`dssn_jax/testing/torch_reference.py`, the same loss terms,
+`torch.optim.SGD`, EMA teacher) and `unimatch_v2` on a DINOv2 (the DPT of
+`dssn_jax/testing/torch_dinov2_reference.py`, the authors' loop body,
+AdamW, their EMA ramp).
 
 The last line is machine-readable:
 
@@ -153,10 +158,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error(f'--warmup={args.warmup} must be >= 0')
   if args.compare_remat and args.remat:
     p.error('--compare-remat runs both settings; leave out --remat')
-  if (args.torch or args.torch_only) and args.method != 'dssn':
-    p.error(f'the PyTorch step is the dssn iteration only, not --method={args.method}')
-  if (args.torch or args.torch_only) and args.backbone not in BACKBONES:
-    p.error(f'the PyTorch step is the ResNet DeepLabV3+ iteration only, not {args.backbone}')
+  if args.torch or args.torch_only:
+    family = registry.family_of(args.backbone).name
+    if (args.method, family) not in TORCH_STEPS:
+      pairs = ', '.join(f'--method {m} with a {f} backbone' for m, f in TORCH_STEPS)
+      p.error(
+        f'no PyTorch step for --method {args.method} on {args.backbone} ({family}); '
+        f'there is one for {pairs}'
+      )
+    if args.grad_accum != 1:
+      p.error('the PyTorch step has no gradient accumulation; leave out --grad-accum')
   if args.levers and (args.remat or args.freeze_backbone or args.compare_remat):
     p.error('--levers builds every setting; leave out --remat, --freeze-backbone, --compare-remat')
   return args
@@ -215,9 +226,12 @@ def images_per_step(global_batch: int, method: str) -> int:
 
 
 def make_config(args: argparse.Namespace, remat: bool):
-  """The experiment config of the measured step (base config + flags)."""
+  """The experiment config of the measured step (base config + flags;
+  `unimatch_v2`: with its authors' optimizer, AdamW)."""
   config = config_lib.base_config()
   config.method = args.method
+  if args.method == 'unimatch_v2':
+    config_lib.apply_unimatch_v2_recipe(config)
   config.model.backbone = args.backbone
   config.model.dtype = args.dtype
   config.data.num_classes = args.num_classes
@@ -512,6 +526,116 @@ def prepare_torch(args: argparse.Namespace) -> Step:
   return step
 
 
+def prepare_torch_unimatch_v2(args: argparse.Namespace) -> Step:
+  """UniMatch V2's iteration in PyTorch on the DINOv2 + DPT of
+  `dssn_jax/testing/torch_dinov2_reference.py` (the authors' sizes for
+  `--backbone`): EMA teacher on `u_w`, cutmix with the batch reversed,
+  complementary dropout of the strong views' tapped features, threshold
+  0.95, AdamW (encoder 5e-6, head x40, weight decay 0.01), EMA keep rate
+  `min(1 - 1/(it + 1), 0.996)`. On the first CUDA device or the CPU."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+
+  from dssn_jax.models import dinov2, dpt  # pylint: disable=g-import-not-at-top
+  from dssn_jax.testing import torch_dinov2_reference  # pylint: disable=g-import-not-at-top
+
+  threads = args.torch_threads or len(os.sched_getaffinity(0))
+  torch.set_num_threads(threads)
+  device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+  torch.manual_seed(0)
+  enc, head = dinov2.ENCODERS[args.backbone], dpt.HEAD_SIZES[args.backbone]
+  student = torch_dinov2_reference.DPT(
+    args.num_classes,
+    enc.dim,
+    enc.depth,
+    enc.heads,
+    enc.taps,
+    head['features'],
+    head['out_channels'],
+    swiglu=enc.ffn == 'swiglu',
+  )
+  student = torch_dinov2_reference.randomize(student).to(device).train()
+  teacher = copy.deepcopy(student).eval()
+  for p in teacher.parameters():
+    p.requires_grad_(False)
+  config = make_config(args, False)
+  lr = config.train.lr
+  body = [p for n, p in student.named_parameters() if n.startswith('backbone.')]
+  rest = [p for n, p in student.named_parameters() if not n.startswith('backbone.')]
+  opt = torch.optim.AdamW(
+    [{'params': body, 'lr': lr}, {'params': rest, 'lr': lr * config.train.lr_multi}],
+    lr=lr,
+    betas=(0.9, 0.999),
+    weight_decay=config.train.weight_decay,
+  )
+  mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+  std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+  raw = synthetic_batch(args.batch, args.crop, args.num_classes, supervised=False)
+  b = {}
+  for k, v in raw.items():
+    t = torch.from_numpy(v).to(device)
+    b[k] = t.permute(0, 3, 1, 2).contiguous() if v.ndim == 4 else t
+  for k in ('y', 'u_ignore'):
+    b[k] = b[k].long()
+  autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == 'bfloat16')
+  norm = lambda u8: (u8.float() / 255.0 - mean) / std
+  carry = {'it': 0}
+
+  def comp_masks(n):  # the authors' pairs (m, 2 - m), half of the pairs undropped
+    m1 = torch.bernoulli(torch.full((n, enc.dim), 0.5, device=device)) * 2.0
+    kept = torch.randperm(n, device=device)[: int(n * 0.5)]
+    m1[kept] = 1.0
+    return torch.cat([m1, 2.0 - m1])
+
+  def run():
+    with autocast:
+      with torch.no_grad():
+        pred_w = teacher(norm(b['u_w'])).float()
+        conf_w, mask_w = pred_w.softmax(1).max(1)
+      n = b['x'].shape[0]
+      strong = []
+      for box, view in ((b['box1'], b['u_s1']), (b['box2'], b['u_s2'])):
+        strong.append(norm(torch.where(box[:, None], view.flip(0), view)))
+      pred_x = student(norm(b['x'])).float()
+      pred_s = student(torch.cat(strong), comp_masks(n)).float().chunk(2)
+      loss_x = F.cross_entropy(pred_x, b['y'], ignore_index=255)
+      losses = []
+      for box, p_s in zip((b['box1'], b['box2']), pred_s):
+        pick = lambda t, box=box: torch.where(box, t.flip(0), t)
+        valid = pick(b['u_ignore']) != 255
+        ce = F.cross_entropy(p_s, pick(mask_w), reduction='none')
+        losses.append((ce * ((pick(conf_w) >= 0.95) & valid)).sum() / valid.sum().clamp(min=1))
+      loss = (loss_x + (losses[0] + losses[1]) / 2.0) / 2.0
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+      keep = min(1.0 - 1.0 / (carry['it'] + 1), config.train.ema_decay)
+      for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(keep).add_(s.detach(), alpha=1 - keep)
+    carry['it'] += 1
+    if device.type == 'cuda':
+      torch.cuda.synchronize()
+    step.loss = float(loss.detach())
+    if device.type == 'cuda':
+      step.info['peak_bytes'] = torch.cuda.max_memory_allocated()
+
+  name = torch.cuda.get_device_name() if device.type == 'cuda' else f'{threads} threads'
+  step = Step(run, _base_info(args, 'torch', False, 1, f'{device.type}:{name}'))
+  return step
+
+
+# (method, backbone family) -> the PyTorch rendering of that iteration.
+TORCH_STEPS = {
+  ('dssn', 'resnet'): prepare_torch,
+  ('unimatch_v2', 'dinov2'): prepare_torch_unimatch_v2,
+}
+
+
+def prepare_torch_step(args: argparse.Namespace) -> Step:
+  return TORCH_STEPS[(args.method, registry.family_of(args.backbone).name)](args)
+
+
 # ----------------------------------------------------------------------------
 # Output.
 
@@ -676,7 +800,7 @@ def main(argv=None) -> list[dict[str, Any]]:
   elif not args.torch_only:
     steps.append(prepare_jax(args, args.remat))
   if args.torch or args.torch_only:
-    steps.append(prepare_torch(args))
+    steps.append(prepare_torch_step(args))
   rows += time_steps(steps, args.warmup, args.steps)
   load_after = os.getloadavg()
 

@@ -77,6 +77,18 @@ def test_torch_dssn_step_runs(capsys):
   assert row['images_per_s'] == pytest.approx(4 / row['median_s'])
 
 
+def test_torch_unimatch_v2_step_runs(capsys):
+  pytest.importorskip('torch', reason='times the PyTorch rendering of the step')
+  argv = ['--backbone', 'dinov2_tiny', '--crop', '28', '--batch', '2', '--num-classes', '4']
+  argv += ['--method', 'unimatch_v2', '--torch-only', '--torch-threads', '1']
+  rows = step_speed.main(argv + ['--steps', '2', '--warmup', '1'])
+  out = capsys.readouterr().out.strip().splitlines()
+  (row,) = rows
+  assert row['impl'] == 'torch' and math.isfinite(row['loss']) and row['loss'] > 0
+  assert 'impl=torch' in out[-1] and 'method=unimatch_v2' in out[-1], out[-1]
+  assert row['images_per_s'] == pytest.approx(4 / row['median_s'])
+
+
 def test_table_percent_of_peak_and_missing_values():
   row = dict(
     impl='jax',
@@ -111,6 +123,8 @@ def test_table_percent_of_peak_and_missing_values():
     ['--compare-remat', '--remat'],
     ['--batch', '0'],
     ['--torch', '--method', 'unimatch'],
+    ['--torch', '--method', 'unimatch_v2'],  # on a ResNet
+    ['--torch', '--backbone', 'dinov2_tiny', '--method', 'unimatch_v2', '--grad-accum', '2'],
     ['--backbone', 'resnet18'],
   ],
 )
