@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import time
 from typing import Any
 
@@ -38,6 +39,28 @@ from dssn_jax import compilation, config_lib, evaluate, models, optim, parallel
 from dssn_jax import train_step as ts_lib
 from dssn_jax.cli import UserError
 from dssn_jax.data import pipeline
+
+
+def _summary_writer_class():
+  """tensorboardX's `SummaryWriter`, or None when it is not installed.
+
+  tensorboardX imports PyTorch when it can (only to accept torch tensors);
+  on an image with PyTorch that costs ~3 s and ~0.4 GB per run for nothing
+  we use, so unless this process already imported it, torch is hidden for
+  the duration of that import (`sys.modules['torch'] = None` makes `import
+  torch` raise ImportError, which tensorboardX handles).
+  """
+  hidden = 'torch' not in sys.modules
+  if hidden:
+    sys.modules['torch'] = None
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  finally:
+    if hidden and sys.modules.get('torch', 0) is None:
+      del sys.modules['torch']
+  return SummaryWriter
 
 
 class MetricWriter:
@@ -71,12 +94,8 @@ class MetricWriter:
       _write_lines(self._path, self._lines)
       if not self._object_store:
         self._file = open(str(self._path), 'a')  # noqa: SIM115  closed in close()
-      try:
-        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-
-        self._tb = SummaryWriter(workdir)
-      except ImportError:
-        self._tb = None
+      writer_class = _summary_writer_class()
+      self._tb = None if writer_class is None else writer_class(workdir)
 
   def write(self, record: dict[str, Any]) -> None:
     if not self.enabled:
@@ -372,10 +391,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       clock.lap('steps')
       local = data.local_batch()
       input_wait += clock.lap('input')
-      batch = data.to_device(local)
+      keys = step_fn.batch_keys(step)  # a supervised warm-up reads only x, y
+      batch = data.to_device(local if keys is None else {k: local[k] for k in keys})
       clock.lap('transfer')
+      compiles = step_fn.compiles(state, step)
       state, metrics = step_fn(state, batch, jax.random.fold_in(train_rng, step), step=step)
-      if step == start:  # the one sync outside log steps: compile time, for the breakdown
+      if compiles:  # the one sync outside log steps: compile time, for the breakdown
         jax.block_until_ready(metrics)
         clock.lap('compile')
       step += 1

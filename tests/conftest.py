@@ -4,7 +4,9 @@ Tests that build the same step (the stop-and-resume runs, say) reuse its
 compiled executable from the persistent cache instead of compiling again.
 """
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
@@ -30,6 +32,7 @@ if 'xla_backend_optimization_level' not in (_XLA_FLAGS or ''):
     os.environ['XLA_FLAGS'] = _XLA_FLAGS
 
 _CACHE = tempfile.mkdtemp(prefix='dssn-jax-test-xla-cache-')
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 jax.config.update('jax_compilation_cache_dir', _CACHE)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)

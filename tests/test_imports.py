@@ -128,3 +128,30 @@ def test_a_missing_optional_dependency_names_the_extra():
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "pip install 'dssn-jax[tfds]'" in proc.stdout
   assert "pip install 'dssn-jax[convert]'" in proc.stdout
+
+
+def test_the_event_writer_does_not_import_torch():
+  """tensorboardX imports PyTorch where it is installed; the run's writer
+  hides it during that import, and torch still imports normally after."""
+  pytest.importorskip('torch')
+  pytest.importorskip('tensorboardX')
+  proc = subprocess.run(
+    [
+      sys.executable,
+      '-c',
+      'import sys, tempfile\n'
+      'from dssn_jax import train\n'
+      'writer = train._summary_writer_class()(tempfile.mkdtemp())\n'
+      'writer.add_scalar("train/loss", 1.0, 1)\n'
+      'print("torch" in sys.modules)\n'
+      'import torch\n'
+      'print(torch.zeros(1).shape)',
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=REPO,
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split() == ['False', 'torch.Size([1])']
