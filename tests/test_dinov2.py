@@ -19,8 +19,8 @@ from dssn_jax.models import create_model, dinov2_weights, layers, model_from_con
 
 try:  # the contract tests run without PyTorch; the layout and parity ones skip
   import torch
-  from dssn_jax.testing import torch_dinov2_reference as ref
 
+  from dssn_jax.testing import torch_dinov2_reference as ref
   from dssn_jax.testing import torch_reference
 except ImportError:
   torch = None

@@ -18,11 +18,10 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip('torch', reason='the parity tests compare with PyTorch')
-from dssn_jax.testing import torch_dinov2_reference as ref  # noqa: E402  (imports torch)
-
 from dssn_jax import convert  # noqa: E402
 from dssn_jax.models import create_model  # noqa: E402
 from dssn_jax.models.dinov2 import torch_bicubic_matrix  # noqa: E402
+from dssn_jax.testing import torch_dinov2_reference as ref  # noqa: E402  (imports torch)
 
 REL_TOL = 1e-4
 DEPTH, TAPS = 4, (0, 1, 2, 3)  # reduced depth, full width
