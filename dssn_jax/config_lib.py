@@ -192,7 +192,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.warmup_epochs = config_dict.placeholder(float)  # overrides warmup_steps
   # Which terms the warm-up switches off: 'strong' (reference: the strong-view
   # terms only; fp and alignment train from step 0) | 'unlabeled' (every
-  # unlabeled term: strong, fp, align_image, align_feature).
+  # unlabeled term: strong, fp, align_image, align_feature) | 'supervised'
+  # (as 'unlabeled', and the warm-up steps run the supervised iteration
+  # itself: only x, y are transferred and forwarded, BatchNorm statistics
+  # come from the labeled forward; a fraction of the full step's cost).
   c.train.warmup_terms = 'strong'
   # BatchNorm of the clean student forward: 'joint' (reference: one forward
   # on concat(x, u_w), statistics over both) | 'separate' (x alone, then u_w
@@ -313,7 +316,7 @@ class MethodSettings:
   ohem_min_kept: int
   ignore_index: int
   strong_view_bn_stats: bool = True  # strong-view forward updates running BN stats
-  warmup_terms: str = 'strong'  # terms the warm-up switches off: strong | unlabeled
+  warmup_terms: str = 'strong'  # terms the warm-up switches off: strong | unlabeled | supervised
   labeled_bn: str = 'joint'  # clean forward: concat(x, u_w) (joint) or x, u_w apart
   mix_partner: str = 'same'  # same | shuffled | reversed (data pipeline and step)
   ema_schedule: str = 'warmup'  # warmup (DSSN) | unimatch_v2 | student (no EMA)
@@ -344,7 +347,9 @@ def resolve_method(config: ml_collections.ConfigDict) -> MethodSettings:
     'loss.pseudo_label', pick(config.loss.pseudo_label, 'pseudo_label'), ('class_aware', 'fixed')
   )
   one_of('train.teacher_bn', config.train.teacher_bn, ('reference', 'batch', 'running'))
-  warmup_terms = one_of('train.warmup_terms', config.train.warmup_terms, ('strong', 'unlabeled'))
+  warmup_terms = one_of(
+    'train.warmup_terms', config.train.warmup_terms, ('strong', 'unlabeled', 'supervised')
+  )
   labeled_bn = one_of('train.labeled_bn', config.train.labeled_bn, ('joint', 'separate'))
   one_of('loss.sup_type', config.loss.sup_type, ('ce', 'ohem'))
   fp_masks = one_of(

@@ -211,11 +211,14 @@ def make_train_step(
   """`train_step` compiled over `mesh`: batch sharded on `data`, state
   replicated and donated, metrics replicated.
 
-  With `settings.teacher_bn == 'reference'` the teacher's BatchNorm mode
-  changes once, after the first epoch. Rather than a `lax.cond` in the
-  program, two programs are compiled (the second when it is first needed)
-  and the step number picks one, so each step runs exactly the computation
-  of its mode.
+  Two settings change the program once during a run: with
+  `settings.teacher_bn == 'reference'` the teacher's BatchNorm mode changes
+  after the first epoch, and with `settings.warmup_terms == 'supervised'`
+  the warm-up steps run the supervised iteration (their total is `sup * L_x`
+  in either program; this one forwards only `x`). Rather than a `lax.cond`
+  in the program, one program per phase is compiled (each when it is first
+  needed) and the step number picks one, so each step runs exactly the
+  computation of its phase.
 
   Returns:
     `fn(state, batch, rng, step=None) -> (state, metrics)`, with
@@ -244,22 +247,44 @@ def make_train_step(
 
 
 class _PhasedStep:
-  """Dispatches to the compiled step of the teacher-BN mode of each step."""
+  """Dispatches to the compiled step of each step's phase: (teacher-BN mode,
+  supervised warm-up or not)."""
 
   def __init__(self, settings: MethodSettings, schedule: Schedule, compile_for):
     self._settings, self._schedule = settings, schedule
     self._compile_for = compile_for
     self._compiled = {}
 
-  def _for_step(self, state, step):
-    mode = self._settings.teacher_bn
+  def _phase(self, state, step) -> tuple[str, bool]:
+    s = self._settings
+    if step is None and (s.teacher_bn == 'reference' or s.warmup_terms == 'supervised'):
+      step = int(jax.device_get(state.step))
+    mode = s.teacher_bn
     if mode == 'reference':
-      if step is None:
-        step = int(jax.device_get(state.step))
       mode = 'batch' if step < self._schedule.steps_per_epoch else 'running'
-    if mode not in self._compiled:
-      self._compiled[mode] = self._compile_for(dataclasses.replace(self._settings, teacher_bn=mode))
-    return self._compiled[mode]
+    warm = s.warmup_terms == 'supervised' and step < self._schedule.warmup_steps
+    return mode, warm
+
+  def _for_step(self, state, step):
+    phase = self._phase(state, step)
+    if phase not in self._compiled:
+      mode, warm = phase
+      settings = dataclasses.replace(self._settings, teacher_bn=mode)
+      if warm:  # the keep rate stays the method's: 0 in the warm-up
+        settings = dataclasses.replace(settings, method='supervised')
+      self._compiled[phase] = self._compile_for(settings)
+    return self._compiled[phase]
+
+  def compiles(self, state, step: int | None = None) -> bool:
+    """Whether the call for `step` compiles a program first (for timing)."""
+    return self._phase(state, step) not in self._compiled
+
+  def batch_keys(self, step: int) -> tuple[str, ...] | None:
+    """The batch keys step `step` reads, or None for all (the loop transfers
+    only these)."""
+    if self._settings.warmup_terms == 'supervised' and step < self._schedule.warmup_steps:
+      return ('x', 'y')
+    return None
 
   def __call__(self, state, batch, rng, step: int | None = None):
     return self._for_step(state, step)(state, batch, rng)

@@ -388,10 +388,11 @@ def test_strong_view_bn_stats_flag(model):
   assert max(moved) > 1e-4
 
 
-@pytest.mark.parametrize('warmup_terms', ['strong', 'unlabeled'])
+@pytest.mark.parametrize('warmup_terms', ['strong', 'unlabeled', 'supervised'])
 def test_warmup_terms(model, warmup_terms):
   """Inside the warm-up, 'strong' (reference) leaves fp and alignment in the
-  total; 'unlabeled' leaves only the supervised term."""
+  total; 'unlabeled' leaves only the supervised term, and so does the pure
+  step under 'supervised' (whose loop runs the supervised program instead)."""
   batch = make_batch(33, batch=2)
   state = ts.create_train_state(
     model, optax.sgd(0.1), jax.random.key(0), 33, variables=initial_variables(model)
@@ -410,13 +411,51 @@ def test_warmup_terms(model, warmup_terms):
   )
   m = {k: float(v) for k, v in aux.metrics.items()}
   assert m['loss_fp1'] > 0 and m['loss_align_feature'] > 0
-  if warmup_terms == 'unlabeled':
+  if warmup_terms != 'strong':
     expected = settings.sup * m['loss_x']
   else:
     expected = total_of(m, settings, warm=True)
     assert expected > settings.sup * m['loss_x']
   # Total vs the weighted sum of the reported terms (see test_total_and_warmup).
   assert float(total) == pytest.approx(expected, rel=numerics.LAYER)
+
+
+def test_supervised_warmup_runs_the_supervised_program(model, mesh):
+  """`warmup_terms='supervised'`: the warm-up steps compile and run the
+  supervised iteration on x, y alone (teacher = student), then the DSSN
+  program takes over with the EMA teacher."""
+  config = make_config()
+  config.data.crop_size = 33
+  config.train.teacher_bn = 'batch'
+  config.train.labeled_bn = 'separate'
+  config.train.warmup_terms = 'supervised'
+  settings = config_lib.resolve_method(config)
+  schedule = make_schedule(config, warmup_steps=1)
+  tx = optim.make_optimizer(schedule, config)
+  state = ts.create_train_state(model, tx, None, 33, variables=initial_variables(model))
+  state = parallel.replicate(state, mesh)
+  step_fn = ts.make_train_step(model, tx, settings, schedule, mesh)
+  assert step_fn.batch_keys(0) == ('x', 'y') and step_fn.batch_keys(1) is None
+  full = make_batch(33)
+  labeled = parallel.shard_batch({k: full[k] for k in ('x', 'y')}, mesh)
+  assert step_fn.compiles(state, 0)
+  state, m0 = step_fn(state, labeled, jax.random.key(1), step=0)
+  assert not step_fn.compiles(state, 0) and step_fn.compiles(state, 1)
+  m0 = {k: float(v) for k, v in m0.items()}
+  assert set(m0) == {'loss', 'loss_x', 'lr', 'grad_norm', 'nonfinite'}
+  assert m0['loss'] == pytest.approx(settings.sup * m0['loss_x'], rel=numerics.FEW_OPS)
+  s1 = to_host(state)
+  assert_tree_equal(s1.teacher_params, s1.params)  # keep rate 0 in the warm-up
+  state, m1 = step_fn(state, parallel.shard_batch(full, mesh), jax.random.key(2), step=1)
+  assert {'loss_s1', 'loss_fp1', 'mask_ratio'} <= set(m1)
+  s2 = to_host(state)
+  ema = lambda t, s: config.train.ema_decay * t + (1 - config.train.ema_decay) * s
+  jax.tree.map(
+    lambda got, t, s: numerics.assert_close(got, ema(t, s), numerics.FEW_OPS),
+    s2.teacher_params,
+    s1.teacher_params,
+    s2.params,
+  )
 
 
 def test_labeled_bn_separate(model):

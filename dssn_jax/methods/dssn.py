@@ -12,8 +12,9 @@ The iteration (docs/method.md "DSSN"):
 4. student on concat(u_s1, u_s2) -> `P_s1, P_s2`;
 5. fp targets: `argmax P_w` (detached), mask CPLG(`P_w`);
 6. total `sup*L_x + strong*(L_s1+L_s2) + fp*(L_fp1+L_fp2) + align_image*L_img
-   + align_feature*L_feat`, strong terms (or, `warmup_terms='unlabeled'`,
-   every unlabeled term) weighted 0 while `step < warmup_steps`;
+   + align_feature*L_feat`, strong terms (or, `warmup_terms='unlabeled'` /
+   `'supervised'`, every unlabeled term) weighted 0 while `step < warmup_steps`
+   (`'supervised'`: `make_train_step` runs the supervised iteration then);
 7. (train_step) optimizer step; EMA with keep rate 0 in the warm-up, then
    `ema_decay`.
 
@@ -299,7 +300,7 @@ def loss(params, state, mb, rng, ctx):
       weighted.append(strong_weight * term)
 
   def gated(weight):  # other unlabeled terms: on from step 0, or gated too
-    return jnp.where(warm, 0.0, weight) if s.warmup_terms == 'unlabeled' else weight
+    return jnp.where(warm, 0.0, weight) if s.warmup_terms != 'strong' else weight
 
   if s.fp > 0:
     for p, suffix in zip(p_fp, common.suffixes(len(p_fp))):
