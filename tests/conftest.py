@@ -57,8 +57,14 @@ if 'xla_backend_optimization_level' not in (_XLA_FLAGS or ''):
   else:
     os.environ['XLA_FLAGS'] = _XLA_FLAGS
 
-_CACHE = tempfile.mkdtemp(prefix='dssn-jax-test-xla-cache-')
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# One cache for the whole run, xdist's workers included (they inherit the
+# variable from the process that loads this first): a module fixture that
+# two workers both build, or a program two tests share, compiles once.
+_CACHE = os.environ.get('DSSN_JAX_TEST_XLA_CACHE')
+if _CACHE is None:
+  _CACHE = tempfile.mkdtemp(prefix='dssn-jax-test-xla-cache-')
+  os.environ['DSSN_JAX_TEST_XLA_CACHE'] = _CACHE
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 jax.config.update('jax_compilation_cache_dir', _CACHE)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
