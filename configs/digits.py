@@ -33,7 +33,7 @@ from-scratch model on a 2-core CPU needs (measurements: docs/digits.md):
     the 100 labeled scenes;
   - an independently shuffled cutmix partner: what every measurement used;
   - 3,000 steps, evaluated every 500: where DSSN pulls ahead of supervised
-    (under 10 minutes on a 2-core CPU, install included).
+    (11 minutes on a 2-core CPU, install included: over the 10 aimed at).
 The last lines of a run print the supervised baseline this config was
 measured against (`config.baseline`).
 """

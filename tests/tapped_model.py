@@ -63,7 +63,7 @@ def torch_module(params):
     layer = torch.nn.Conv2d(kernel.shape[2], kernel.shape[3], kernel.shape[0], padding=padding)
     with torch.no_grad():
       layer.weight.copy_(torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()))
-      layer.bias.copy_(torch.from_numpy(np.asarray(p['bias'], np.float32)))
+      layer.bias.copy_(torch.from_numpy(np.array(p['bias'], np.float32)))
     return layer
 
   class Net(torch.nn.Module):

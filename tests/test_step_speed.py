@@ -143,18 +143,39 @@ def test_backbones_come_from_the_registry():
     step_speed.parse_args(['--backbone', 'dinov2_small', '--torch'])
 
 
-def test_levers_compile_only_report_memory(capsys):
-  """`--levers` on the DINOv2 test encoder: four compiled programs, none run."""
-  rows = step_speed.main(
-    ['--backbone', 'dinov2_tiny', '--crop', '28', '--batch', '1', '--num-classes', '4']
-    + ['--method', 'supervised', '--levers']
-  )
+def test_compile_only_reports_memory(capsys):
+  """`--compile-only`: one compiled program, not run (the program of the run
+  above, which the suite's compilation cache usually holds already)."""
+  rows = step_speed.main(TINY + ['--method', 'supervised', '--compile-only'])
   out = capsys.readouterr().out
-  assert [(r['dtype'], r['remat'], r['frozen']) for r in rows] == [
+  (row,) = rows
+  assert (row['dtype'], row['remat'], row['frozen']) == ('float32', False, False)
+  assert row['xla_bytes'] > row['xla_temp_bytes'] > 0 and row['median_s'] is None
+  assert out.count('step_speed_mem: backbone=resnet_tiny') == 1
+
+
+def test_levers_build_each_setting(monkeypatch, capsys):
+  """`--levers`: one program per lever, each with that lever's settings (the
+  compile itself is the test above; here a stand-in records the settings)."""
+  built = []
+
+  def fake_prepare(args, remat):
+    built.append((args.dtype, remat, args.freeze_backbone))
+    info = step_speed._base_info(args, 'jax', remat, 1, 'cpu:fake')
+    info.update(compile_s=1.0, xla_bytes=2**30 * (1 + len(built)), xla_temp_bytes=2**29)
+    return step_speed.Step(None, info)
+
+  monkeypatch.setattr(step_speed, 'prepare_jax', fake_prepare)
+  rows = step_speed.main(['--backbone', 'dinov2_tiny', '--method', 'supervised', '--levers'])
+  out = capsys.readouterr().out
+  expected = [
     ('float32', False, False),
     ('bfloat16', False, False),
     ('float32', True, False),
     ('float32', False, True),
   ]
-  assert all(r['xla_bytes'] > 0 and r['median_s'] is None for r in rows)
+  assert built == expected
+  assert [(r['dtype'], r['remat'], r['frozen']) for r in rows] == expected
+  assert all(r['median_s'] is None for r in rows)
   assert out.count('step_speed_mem: backbone=dinov2_tiny') == 4
+  assert 'xla_mem_gib=2.000' in out and 'xla_mem_gib=5.000' in out

@@ -422,8 +422,8 @@ def test_warmup_terms(model, warmup_terms):
 
 def test_supervised_warmup_runs_the_supervised_program(model, mesh):
   """`warmup_terms='supervised'`: the warm-up steps compile and run the
-  supervised iteration on x, y alone (teacher = student), then the DSSN
-  program takes over with the EMA teacher."""
+  supervised iteration on x, y alone (teacher = student); the next step's
+  program is DSSN's (lowered only: its outputs name the DSSN terms)."""
   config = make_config()
   config.data.crop_size = 33
   config.train.teacher_bn = 'batch'
@@ -446,16 +446,9 @@ def test_supervised_warmup_runs_the_supervised_program(model, mesh):
   assert m0['loss'] == pytest.approx(settings.sup * m0['loss_x'], rel=numerics.FEW_OPS)
   s1 = to_host(state)
   assert_tree_equal(s1.teacher_params, s1.params)  # keep rate 0 in the warm-up
-  state, m1 = step_fn(state, parallel.shard_batch(full, mesh), jax.random.key(2), step=1)
-  assert {'loss_s1', 'loss_fp1', 'mask_ratio'} <= set(m1)
-  s2 = to_host(state)
-  ema = lambda t, s: config.train.ema_decay * t + (1 - config.train.ema_decay) * s
-  jax.tree.map(
-    lambda got, t, s: numerics.assert_close(got, ema(t, s), numerics.FEW_OPS),
-    s2.teacher_params,
-    s1.teacher_params,
-    s2.params,
-  )
+  lowered = step_fn.lower(state, parallel.shard_batch(full, mesh), jax.random.key(2), step=1)
+  _, metrics = lowered.out_info
+  assert {'loss_s1', 'loss_fp1', 'loss_align_feature', 'mask_ratio'} <= set(metrics)
 
 
 def test_labeled_bn_separate(model):
