@@ -5,6 +5,7 @@ keep-rate schedule, gradient accumulation, random masks, mix partners and
 the evaluation resize."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -207,11 +208,14 @@ def test_unimatch_v2_on_a_tiny_vit_matches_the_authors_iteration_in_torch():
   state = state.replace(teacher_params=to_ours(ema.state_dict()))
   batch = make_batch(size=size)
   rng = jax.random.key(7)
-  prepared, _ = uv2.prepare(state, batch, rng, common.Context(model, settings, schedule))
+  # Compiled: op by op, a ViT's forward and backward dispatch thousands of
+  # small programs.
+  ctx = common.Context(model, settings, schedule)
+  prepared, _ = jax.jit(lambda st, b, r: uv2.prepare(st, b, r, ctx))(state, batch, rng)
   masks = check_strong_masks(prepared, 8)
-  (total, aux), grads = methods.value_and_grad(
-    state, batch, rng, model=model, settings=settings, schedule=schedule
-  )
+  (total, aux), grads = jax.jit(
+    functools.partial(methods.value_and_grad, model=model, settings=settings, schedule=schedule)
+  )(state, batch, rng)
   ref_total, ref_x, ref_s = torch_unimatch_v2(net, ema, batch, masks, thresh=0.6)
   ref_grads = to_ours(
     {
