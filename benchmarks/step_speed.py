@@ -442,15 +442,56 @@ def _torch_align(a, b):
   return ((z(a) - z(b)) ** 2).mean()
 
 
+class _TorchEnv:
+  """What the PyTorch steps share: threads, device, the synthetic batch as
+  tensors (NCHW images, long label maps), normalization, autocast, and the
+  end of a step (sync, loss, peak memory)."""
+
+  def __init__(self, args: argparse.Namespace):
+    import torch  # pylint: disable=g-import-not-at-top
+
+    self.threads = args.torch_threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(self.threads)
+    self.device = device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    torch.manual_seed(0)
+    self._mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+    self._std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+    self.batch = {}
+    for k, v in synthetic_batch(args.batch, args.crop, args.num_classes, supervised=False).items():
+      t = torch.from_numpy(v).to(device)
+      self.batch[k] = t.permute(0, 3, 1, 2).contiguous() if v.ndim == 4 else t
+    for k in ('y', 'u_ignore', 'm_ignore'):
+      self.batch[k] = self.batch[k].long()
+    self.autocast = torch.autocast(
+      device.type, dtype=torch.bfloat16, enabled=args.dtype == 'bfloat16'
+    )
+
+  def norm(self, u8):
+    return (u8.float() / 255.0 - self._mean) / self._std
+
+  def finish(self, step: Step, loss) -> None:
+    import torch  # pylint: disable=g-import-not-at-top
+
+    if self.device.type == 'cuda':
+      torch.cuda.synchronize()
+      step.info['peak_bytes'] = torch.cuda.max_memory_allocated()
+    step.loss = float(loss.detach())
+
+  def step(self, args: argparse.Namespace, run) -> Step:
+    import torch  # pylint: disable=g-import-not-at-top
+
+    cuda = self.device.type == 'cuda'
+    name = torch.cuda.get_device_name() if cuda else f'{self.threads} threads'
+    return Step(run, _base_info(args, 'torch', False, 1, f'{self.device.type}:{name}'))
+
+
 def prepare_torch(args: argparse.Namespace) -> Step:
   """The DSSN iteration in PyTorch, on the first CUDA device or the CPU."""
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
 
-  threads = args.torch_threads or len(os.sched_getaffinity(0))
-  torch.set_num_threads(threads)
-  device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-  torch.manual_seed(0)
+  env = _TorchEnv(args)
+  device, b, norm = env.device, env.batch, env.norm
   student = _torch_model(args.backbone, args.num_classes).to(device).train()
   teacher = copy.deepcopy(student).train()
   for p in teacher.parameters():
@@ -464,21 +505,9 @@ def prepare_torch(args: argparse.Namespace) -> Step:
     momentum=0.9,
     weight_decay=1e-4,
   )
-  mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
-  std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
-  n_dev = 1
-  raw = synthetic_batch(args.batch * n_dev, args.crop, args.num_classes, supervised=False)
-  b = {}
-  for k, v in raw.items():
-    t = torch.from_numpy(v).to(device)
-    b[k] = t.permute(0, 3, 1, 2).contiguous() if v.ndim == 4 else t
-  for k in ('y', 'u_ignore', 'm_ignore'):
-    b[k] = b[k].long()
-  autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == 'bfloat16')
-  norm = lambda u8: (u8.float() / 255.0 - mean) / std
 
   def run():
-    with autocast:
+    with env.autocast:
       x, u_w = norm(b['x']), norm(b['u_w'])
       with torch.no_grad():
         t_m = _torch_forward(teacher, norm(b['m_w']))[0]
@@ -515,14 +544,9 @@ def prepare_torch(args: argparse.Namespace) -> Step:
       for t, s in zip(teacher.buffers(), student.buffers()):
         if t.dtype.is_floating_point:
           t.mul_(keep).add_(s, alpha=1 - keep)
-    if device.type == 'cuda':
-      torch.cuda.synchronize()
-    step.loss = float(loss.detach())
-    if device.type == 'cuda':
-      step.info['peak_bytes'] = torch.cuda.max_memory_allocated()
+    env.finish(step, loss)
 
-  name = torch.cuda.get_device_name() if device.type == 'cuda' else f'{threads} threads'
-  step = Step(run, _base_info(args, 'torch', False, n_dev, f'{device.type}:{name}'))
+  step = env.step(args, run)
   return step
 
 
@@ -539,10 +563,8 @@ def prepare_torch_unimatch_v2(args: argparse.Namespace) -> Step:
   from dssn_jax.models import dinov2, dpt  # pylint: disable=g-import-not-at-top
   from dssn_jax.testing import torch_dinov2_reference  # pylint: disable=g-import-not-at-top
 
-  threads = args.torch_threads or len(os.sched_getaffinity(0))
-  torch.set_num_threads(threads)
-  device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-  torch.manual_seed(0)
+  env = _TorchEnv(args)
+  device, b, norm = env.device, env.batch, env.norm
   enc, head = dinov2.ENCODERS[args.backbone], dpt.HEAD_SIZES[args.backbone]
   student = torch_dinov2_reference.DPT(
     args.num_classes,
@@ -568,17 +590,6 @@ def prepare_torch_unimatch_v2(args: argparse.Namespace) -> Step:
     betas=(0.9, 0.999),
     weight_decay=config.train.weight_decay,
   )
-  mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
-  std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
-  raw = synthetic_batch(args.batch, args.crop, args.num_classes, supervised=False)
-  b = {}
-  for k, v in raw.items():
-    t = torch.from_numpy(v).to(device)
-    b[k] = t.permute(0, 3, 1, 2).contiguous() if v.ndim == 4 else t
-  for k in ('y', 'u_ignore'):
-    b[k] = b[k].long()
-  autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == 'bfloat16')
-  norm = lambda u8: (u8.float() / 255.0 - mean) / std
   carry = {'it': 0}
 
   def comp_masks(n):  # the authors' pairs (m, 2 - m), half of the pairs undropped
@@ -588,7 +599,7 @@ def prepare_torch_unimatch_v2(args: argparse.Namespace) -> Step:
     return torch.cat([m1, 2.0 - m1])
 
   def run():
-    with autocast:
+    with env.autocast:
       with torch.no_grad():
         pred_w = teacher(norm(b['u_w'])).float()
         conf_w, mask_w = pred_w.softmax(1).max(1)
@@ -614,14 +625,9 @@ def prepare_torch_unimatch_v2(args: argparse.Namespace) -> Step:
       for t, s in zip(teacher.parameters(), student.parameters()):
         t.mul_(keep).add_(s.detach(), alpha=1 - keep)
     carry['it'] += 1
-    if device.type == 'cuda':
-      torch.cuda.synchronize()
-    step.loss = float(loss.detach())
-    if device.type == 'cuda':
-      step.info['peak_bytes'] = torch.cuda.max_memory_allocated()
+    env.finish(step, loss)
 
-  name = torch.cuda.get_device_name() if device.type == 'cuda' else f'{threads} threads'
-  step = Step(run, _base_info(args, 'torch', False, 1, f'{device.type}:{name}'))
+  step = env.step(args, run)
   return step
 
 
