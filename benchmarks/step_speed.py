@@ -91,6 +91,7 @@ import numpy as np
 
 from dssn_jax import config_lib, models, optim, parallel
 from dssn_jax import train_step as ts_lib
+from dssn_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from dssn_jax.models import registry
 from dssn_jax.models.resnet import BACKBONES
 from dssn_jax.train import initial_variables
@@ -454,8 +455,8 @@ class _TorchEnv:
     torch.set_num_threads(self.threads)
     self.device = device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     torch.manual_seed(0)
-    self._mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
-    self._std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+    self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    self._std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     self.batch = {}
     for k, v in synthetic_batch(args.batch, args.crop, args.num_classes, supervised=False).items():
       t = torch.from_numpy(v).to(device)
