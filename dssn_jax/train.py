@@ -315,7 +315,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   settings = config_lib.resolve_method(config)
   parallel.check_batch_divisible(config.data.batch_size, mesh, 'config.data.batch_size')
 
-  data = pipeline.TrainData(config, mesh, seed=config.seed)
+  # A supervised warm-up's batches hold x, y alone (labeled_only_steps).
+  data = pipeline.TrainData(config, mesh, seed=config.seed, labeled_only_steps=None)
   epoch_size = data.num_labeled if data.supervised else data.num_unlabeled
   schedule = config_lib.resolve_steps(config, epoch_size)
   _log(
@@ -341,6 +342,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ema_decay=config.train.ema_decay,
     poly_power=config.train.poly_power,
   )
+  if start < data.labeled_only_steps:  # the full step compiles while the warm-up trains
+    step_fn.precompile(
+      state, data.batch_spec(), jax.random.fold_in(train_rng, 0), step=data.labeled_only_steps
+    )
   evaluator = evaluate.Evaluator(model, config, mesh)
   if config.train.eval_precompile:
     evaluator.precompile(

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from typing import Any
 
 import flax.struct
@@ -222,7 +223,9 @@ def make_train_step(
 
   Returns:
     `fn(state, batch, rng, step=None) -> (state, metrics)`, with
-    `fn.lower(state, batch, rng, step=None)`; `step` is the host-side step
+    `fn.lower(state, batch, rng, step=None)` and
+    `fn.precompile(state, batch, rng, step)` (compiles `step`'s program in
+    the background); `step` is the host-side step
     number (read from `state` when omitted). `state` must be replicated on
     `mesh` (`parallel.replicate`) and `batch` global arrays sharded on
     `data` (`parallel.shard_batch`).
@@ -253,7 +256,9 @@ class _PhasedStep:
   def __init__(self, settings: MethodSettings, schedule: Schedule, compile_for):
     self._settings, self._schedule = settings, schedule
     self._compile_for = compile_for
-    self._compiled = {}
+    self._jitted = {}  # phase -> jitted step
+    self._compiled = {}  # phase -> what a call runs: the jitted step, or a `Compiled`
+    self._pending = {}  # phase -> (thread, result) of a background compile
 
   def _phase(self, state, step) -> tuple[str, bool]:
     s = self._settings
@@ -265,18 +270,30 @@ class _PhasedStep:
     warm = s.warmup_terms == 'supervised' and step < self._schedule.warmup_steps
     return mode, warm
 
-  def _for_step(self, state, step):
-    phase = self._phase(state, step)
-    if phase not in self._compiled:
+  def _jitted_for(self, phase):
+    if phase not in self._jitted:
       mode, warm = phase
       settings = dataclasses.replace(self._settings, teacher_bn=mode)
       if warm:  # the keep rate stays the method's: 0 in the warm-up
         settings = dataclasses.replace(settings, method='supervised')
-      self._compiled[phase] = self._compile_for(settings)
+      self._jitted[phase] = self._compile_for(settings)
+    return self._jitted[phase]
+
+  def _for_step(self, state, step):
+    phase = self._phase(state, step)
+    if phase in self._pending:  # compiling in the background: wait for it
+      thread, result = self._pending.pop(phase)
+      thread.join()
+      if 'error' in result:
+        raise result['error']
+      self._compiled[phase] = result['compiled']
+    if phase not in self._compiled:
+      self._compiled[phase] = self._jitted_for(phase)
     return self._compiled[phase]
 
   def compiles(self, state, step: int | None = None) -> bool:
-    """Whether the call for `step` compiles a program first (for timing)."""
+    """Whether the call for `step` compiles a program first, or waits for one
+    compiling in the background (for timing)."""
     return self._phase(state, step) not in self._compiled
 
   def batch_keys(self, step: int) -> tuple[str, ...] | None:
@@ -286,8 +303,38 @@ class _PhasedStep:
       return ('x', 'y')
     return None
 
+  def precompile(self, state, batch, rng, step: int) -> None:
+    """Starts compiling the program of `step`'s phase in a background thread
+    and returns at once; the first call in that phase waits for it and runs
+    the compiled executable (no second compile); a compile error is raised
+    there. For the full step while a supervised warm-up runs: XLA compiles
+    on one core, which the small warm-up step leaves partly idle.
+
+    Args:
+      state, batch, rng: arrays or `jax.ShapeDtypeStruct`s (with shardings)
+        like that step's arguments.
+      step: a step of the phase to compile.
+    """
+    phase = self._phase(state, step)
+    if phase in self._compiled or phase in self._pending:
+      return
+    jitted = self._jitted_for(phase)
+    spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    args = jax.tree.map(spec, (state, batch, rng))
+    result = {}
+
+    def work():
+      try:
+        result['compiled'] = jitted.lower(*args).compile()
+      except Exception as e:  # pylint: disable=broad-except
+        result['error'] = e
+
+    thread = threading.Thread(target=work, name='train-step-precompile', daemon=True)
+    thread.start()
+    self._pending[phase] = (thread, result)
+
   def __call__(self, state, batch, rng, step: int | None = None):
     return self._for_step(state, step)(state, batch, rng)
 
   def lower(self, state, batch, rng, step: int | None = None):
-    return self._for_step(state, step).lower(state, batch, rng)
+    return self._jitted_for(self._phase(state, step)).lower(state, batch, rng)

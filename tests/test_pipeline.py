@@ -84,6 +84,43 @@ def test_supervised_gives_only_labeled_views(voc):
   )
 
 
+def test_supervised_warmup_batches_hold_the_labeled_views_alone(voc):
+  """The steps of a supervised warm-up read x, y only: their batches skip the
+  unlabeled and partner views, and every batch after them, on one host or
+  two, is the one the plain stream gives (each record depends only on its
+  position)."""
+  config = _config(voc)
+  config.train.warmup_terms = 'supervised'
+  config.train.steps, config.train.warmup_steps = 10, 2
+  plain = _batches(pipeline.TrainData(config, seed=5, process_index=0, process_count=1), 4)
+  data = pipeline.TrainData(
+    config, seed=5, process_index=0, process_count=1, labeled_only_steps=None
+  )
+  assert data.labeled_only_steps == 2
+  warm = _batches(data, 4)
+  for step in (0, 1):
+    assert set(warm[step]) == {'x', 'y', 'x_id'}
+    _assert_same(warm[step], {k: plain[step][k] for k in ('x', 'y', 'x_id')})
+  for step in (2, 3):
+    _assert_same(warm[step], plain[step])
+  # Two hosts (one record each): host 1's first full batch is step 2's second record.
+  host1 = pipeline.TrainData(
+    config, seed=5, process_index=1, process_count=2, labeled_only_steps=None
+  )
+  batches = _batches(host1, 3)
+  assert set(batches[1]) == {'x', 'y', 'x_id'}
+  assert batches[2]['u_id'][0] == plain[2]['u_id'][1]
+  # The spec a full step's program compiles for, before any such batch exists.
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  spec = pipeline.TrainData(
+    config, mesh, seed=5, process_index=0, process_count=1, labeled_only_steps=None
+  ).batch_spec()
+  assert set(spec) == set(SEMI_KEYS)
+  for key, value in spec.items():
+    assert (value.shape, value.dtype) == (plain[2][key].shape, plain[2][key].dtype), key
+    assert value.sharding == parallel.data_sharding(mesh)
+
+
 def test_same_seed_same_batches_other_seed_differs(voc):
   config = _config(voc)
   a = _batches(pipeline.TrainData(config, seed=3, process_index=0, process_count=1), 3)

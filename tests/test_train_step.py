@@ -21,7 +21,7 @@ import numpy as np
 import optax
 import pytest
 
-from dssn_jax import config_lib, losses, models, optim, parallel, pseudo_labels
+from dssn_jax import compilation, config_lib, losses, models, optim, parallel, pseudo_labels
 from dssn_jax import train_step as ts
 from dssn_jax.data.normalize import normalize
 
@@ -449,6 +449,38 @@ def test_supervised_warmup_runs_the_supervised_program(model, mesh):
   lowered = step_fn.lower(state, parallel.shard_batch(full, mesh), jax.random.key(2), step=1)
   _, metrics = lowered.out_info
   assert {'loss_s1', 'loss_fp1', 'loss_align_feature', 'mask_ratio'} <= set(metrics)
+
+
+def test_precompile_runs_the_background_compile_executable():
+  """`precompile` compiles a later phase's program in a thread; the first
+  call in that phase runs that executable (nothing compiles again) and gives
+  what the jitted step gives; a compile error is raised by that call."""
+  config = make_config()
+  config.train.warmup_terms = 'supervised'
+  settings = config_lib.resolve_method(config)
+  schedule = make_schedule(config, warmup_steps=1)
+
+  def compile_for(phase_settings):  # a stand-in step: which program ran shows in its output
+    scale = 2.0 if phase_settings.method == 'supervised' else 3.0
+    return jax.jit(lambda state, batch, rng: (state + scale * batch['x'], {'scale': scale}))
+
+  state, batch, rng = jnp.ones(4), {'x': jnp.arange(4.0)}, jax.random.key(0)
+  step_fn = ts._PhasedStep(settings, schedule, compile_for)
+  with compilation.CompileCounter() as counter:
+    step_fn.precompile(state, batch, rng, step=1)
+    assert step_fn.compiles(state, 1)  # waits for the background compile
+    out, metrics = step_fn(state, batch, rng, step=1)
+    jax.block_until_ready(out)
+  assert counter.compiles == 1 and not step_fn.compiles(state, 1)  # compiled once
+  np.testing.assert_array_equal(out, compile_for(settings)(state, batch, rng)[0])
+  assert metrics['scale'] == 3.0
+  warm, _ = step_fn(state, batch, rng, step=0)  # the warm-up phase compiles on its call
+  np.testing.assert_array_equal(warm, state + 2.0 * batch['x'])
+
+  broken = ts._PhasedStep(settings, schedule, lambda _: jax.jit(lambda s, b, r: s @ b['x']))
+  broken.precompile(jnp.ones((2, 3)), {'x': jnp.ones((2, 3))}, rng, step=1)
+  with pytest.raises(TypeError, match='dot_general'):
+    broken(jnp.ones((2, 3)), {'x': jnp.ones((2, 3))}, rng, step=1)
 
 
 def test_labeled_bn_separate(model):

@@ -26,7 +26,11 @@ hosts). Chunks are read with `config.data.workers` worker processes
 (`mp_prefetch`; 0 = in-process) and assembled into global `jax.Array`s with
 `parallel.shard_batch`. For
 `config.method == 'supervised'` only the labeled stream exists and an epoch
-is a pass over the labeled list.
+is a pass over the labeled list. During a supervised warm-up
+(`train.warmup_terms='supervised'`, whose steps read `x`, `y` only) the
+records of those steps hold the labeled views alone: the unlabeled and
+partner views are not rendered, and every later record is the same as
+without the skip (each record depends only on its position).
 
 Batches (design.md "Train batch"): uint8 images, int32 `y`/`*_ignore`, bool
 boxes, leading axis sharded on `data`. `TrainData.local_batch()` gives the
@@ -123,11 +127,39 @@ class UnlabeledViews:
     return out
 
 
+class _ZipFrom(grain.MapDataset):
+  """Zips streams of equal length into tuples, but before record `full_from`
+  the tuple holds the first (labeled) stream's record alone."""
+
+  def __init__(self, parents, full_from: int):
+    super().__init__(parents)
+    self._full_from = int(full_from)
+
+  def __len__(self) -> int:
+    return len(self._parents[0])
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    parents = self._parents if index >= self._full_from else self._parents[:1]
+    return tuple(p[index] for p in parents)
+
+  def __str__(self) -> str:
+    return f'_ZipFrom(full_from={self._full_from})'
+
+
 def _merge(elements: tuple[dict[str, Any], ...]) -> dict[str, Any]:
   out = {}
   for element in elements:
     out.update(element)
   return out
+
+
+_INT32_KEYS = ('y', 'u_ignore', 'm_ignore')  # label maps, int32 on the device
+
+
+def _batch_dtype(key: str, value) -> np.dtype:
+  return np.dtype(np.int32) if key in _INT32_KEYS else np.asarray(value).dtype
 
 
 def available_cores() -> int:
@@ -254,11 +286,15 @@ class TrainData:
     process_index, process_count: this host's shard (default: jax's).
     num_threads: threads reading batches in each process (grain
       `ReadOptions`); default 1 with worker processes, 2 without.
+    labeled_only_steps: the first steps whose batches hold `x`, `y` (and
+      `x_id`) alone; None: the steps of the config's supervised warm-up
+      (`train.warmup_terms='supervised'`), 0 otherwise.
 
   Attributes:
     num_labeled, num_unlabeled: sizes of the lists (num_unlabeled is 0 for
       `supervised`, which never reads the unlabeled split).
     local_batch_size: samples per stream this host produces per step.
+    labeled_only_steps: as the argument, resolved.
     workers: worker processes in use (`config.data.workers`, or
       `auto_workers` for -1).
   """
@@ -272,6 +308,7 @@ class TrainData:
     process_index: int | None = None,
     process_count: int | None = None,
     num_threads: int | None = None,
+    labeled_only_steps: int | None = 0,
   ):
     if process_index is None or process_count is None:
       import jax  # pylint: disable=g-import-not-at-top
@@ -342,7 +379,15 @@ class TrainData:
             transform=UnlabeledViews('m', **geometry, **strong),
           )
         )
-    ds = grain.experimental.ZipMapDataset(streams).map(_merge)
+    if labeled_only_steps is None:
+      labeled_only_steps = 0
+      if not self.supervised and config_lib.resolve_method(config).warmup_terms == 'supervised':
+        labeled_only_steps = config_lib.resolve_steps(config, epoch).warmup_steps
+    self.labeled_only_steps = int(labeled_only_steps)
+    # Global batch k holds records k*B .. k*B + B - 1 (B: the global batch).
+    self._global_batch = self.local_batch_size * process_count
+    full_from = self.labeled_only_steps * self._global_batch if len(streams) > 1 else 0
+    ds = self._records = _ZipFrom(streams, full_from).map(_merge)
     # Host p of n takes chunks p, p + n, ...: its slice of every global batch.
     ds = ds.batch(self.local_batch_size, drop_remainder=True)
     ds = ds[process_index::process_count]
@@ -370,7 +415,7 @@ class TrainData:
   def local_batch(self) -> dict[str, np.ndarray]:
     """This host's next batch as numpy arrays, with the record ids."""
     batch = next(self._iterator)
-    for key in ('y', 'u_ignore', 'm_ignore'):
+    for key in _INT32_KEYS:
       if key in batch:
         batch[key] = batch[key].astype(np.int32)
     return batch
@@ -388,6 +433,27 @@ class TrainData:
     return parallel.shard_batch(
       {k: v for k, v in batch.items() if not k.endswith('_id')}, self.mesh
     )
+
+  def batch_spec(self) -> dict[str, Any]:
+    """The global batch of a step that reads every stream (one past
+    `labeled_only_steps`), as `jax.ShapeDtypeStruct`s sharded on the mesh's
+    `data` axis: for compiling that step's program before such a batch
+    exists. Renders one record."""
+    import jax  # pylint: disable=g-import-not-at-top
+
+    from dssn_jax import parallel  # pylint: disable=g-import-not-at-top
+
+    if self.mesh is None:
+      raise ValueError('TrainData was built without a mesh')
+    record = self._records[self.labeled_only_steps * self._global_batch]
+    sharding = parallel.data_sharding(self.mesh)
+    return {
+      k: jax.ShapeDtypeStruct(
+        (self._global_batch, *np.shape(v)), _batch_dtype(k, v), sharding=sharding
+      )
+      for k, v in record.items()
+      if not k.endswith('_id')
+    }
 
   def checkpoint_items(self) -> dict[str, grain.DatasetIterator]:
     """Iterators for orbax (`grain.checkpoint.CheckpointSave/Restore`)."""
