@@ -20,7 +20,8 @@ labeled subset stay fixed by `data.digits.data_seed`), the table adds mean
 and sample std rows, the plot shows the mean curve with the min-max band,
 and X, Y, Z are means over the seeds (a `per-seed gains:` line precedes).
 Runs live in `--out/<name>` (one seed) or `--out/seed<S>/<name>`; a finished
-run found there is reused (pass --fresh to retrain).
+run found there is reused if it trained the same config (else the benchmark
+stops naming the keys that differ; pass --fresh to retrain).
 """
 
 from __future__ import annotations
@@ -75,6 +76,20 @@ def read_evals(workdir: str) -> list[dict]:
     return [r for r in map(json.loads, filter(str.strip, f)) if r['split'] == 'eval']
 
 
+def check_reused(workdir: str, config) -> None:
+  """A finished run is reused only if it trained this very config."""
+  from dssn_jax import config_lib  # pylint: disable=g-import-not-at-top
+
+  with open(os.path.join(workdir, 'config.json')) as f:
+    saved = json.load(f)
+  refused, allowed = config_lib.resume_changes(saved, json.loads(config.to_json_best_effort()))
+  if refused or allowed:
+    sys.exit(
+      f'{workdir} holds a finished run of another config (pass --fresh to retrain, '
+      'or another --out):\n  ' + '\n  '.join(refused + allowed)
+    )
+
+
 def run(name: str, method: str, overrides: dict, seed: int, args) -> dict:
   """Trains one variant for one seed (or reuses a finished run); summarizes it."""
   from dssn_jax import train  # pylint: disable=g-import-not-at-top
@@ -91,6 +106,7 @@ def run(name: str, method: str, overrides: dict, seed: int, args) -> dict:
   if args.fresh and os.path.exists(workdir):
     shutil.rmtree(workdir)
   if os.path.exists(timing):
+    check_reused(workdir, config)
     with open(timing) as f:
       wall = float(f.read())
   else:

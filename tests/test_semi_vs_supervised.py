@@ -95,3 +95,13 @@ def test_bad_seeds_name_the_flag(bad, tmp_path, capsys):
   with pytest.raises(SystemExit):
     bench.main(['--seeds', bad, '--out', str(tmp_path)])
   assert '--seeds' in capsys.readouterr().err
+
+
+def test_a_finished_run_is_reused_only_for_the_same_config(tmp_path):
+  config = bench.load_digits_config('dssn', None)
+  (tmp_path / 'config.json').write_text(config.to_json_best_effort())
+  bench.check_reused(str(tmp_path), config)  # same config: reused
+  config.model.output_stride = 8
+  config.train.steps = 10
+  with pytest.raises(SystemExit, match=r'--fresh[\s\S]*output_stride[\s\S]*train\.steps'):
+    bench.check_reused(str(tmp_path), config)
