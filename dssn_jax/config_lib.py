@@ -228,6 +228,9 @@ def base_config() -> ml_collections.ConfigDict:
   # background thread from the start of training; numbers are unchanged.
   c.train.eval_precompile = True
   c.train.eval_precompile_threads = 0  # compiler threads; 0: 1 on CPU, cores/4 (<= 8) else
+  # With `warmup_terms='supervised'`, compile the full step in a background
+  # thread while the warm-up steps run; numbers are unchanged.
+  c.train.step_precompile = True
   # JAX's persistent compilation cache ('' = off unless JAX_COMPILATION_CACHE_DIR
   # is set); a restarted run loads its compiled programs from here.
   c.train.compilation_cache_dir = '~/.cache/dssn_jax/xla'

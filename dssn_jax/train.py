@@ -342,7 +342,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ema_decay=config.train.ema_decay,
     poly_power=config.train.poly_power,
   )
-  if start < data.labeled_only_steps < schedule.total_steps:  # compiles while the warm-up trains
+  if config.train.step_precompile and start < data.labeled_only_steps < schedule.total_steps:
     step_fn.precompile(
       state, data.batch_spec(), jax.random.fold_in(train_rng, 0), step=data.labeled_only_steps
     )
