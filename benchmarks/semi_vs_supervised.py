@@ -4,6 +4,8 @@ r"""Does the unlabeled data help? DSSN vs supervised on DigitScenes, same labels
     python benchmarks/semi_vs_supervised.py --ablate        # + each DSSN term off
     python benchmarks/semi_vs_supervised.py --labeled 40 --steps 2000
     python benchmarks/semi_vs_supervised.py --seeds 0,1,2   # mean +- std
+    python benchmarks/semi_vs_supervised.py --seeds 0,1,2 --set model.output_stride=8 \
+        --out runs/svs_os8                                   # a lever, for both methods
 
 Both methods train `configs/digits.py` on the same labeled scenes, for the
 same number of steps, from the same seed; `supervised` sees only the labeled
@@ -27,6 +29,7 @@ stops naming the keys that differ; pass --fresh to retrain).
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
 import os
@@ -68,6 +71,28 @@ def apply_overrides(config, overrides: dict) -> None:
     node[name] = value
 
 
+def parse_set(items: list[str], config) -> dict:
+  """`--set KEY=VALUE` items -> {key: value}, each value parsed as a Python
+  literal (a bare word stays a string) and checked against the config."""
+  out = {}
+  for item in items:
+    key, sep, text = item.partition('=')
+    if not sep:
+      raise ValueError(f'--set {item!r}: expected KEY=VALUE, e.g. model.output_stride=8')
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    *path, name = key.split('.')
+    node = config
+    for part in path:
+      node = node.get(part) if hasattr(node, 'get') else None
+    if node is None or not hasattr(node, 'get') or name not in node:
+      raise ValueError(f'--set {item!r}: configs/digits.py has no key {key!r}')
+    out[key] = value
+  return out
+
+
 def read_evals(workdir: str) -> list[dict]:
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
@@ -99,7 +124,7 @@ def run(name: str, method: str, overrides: dict, seed: int, args) -> dict:
   if args.steps:
     config.train.steps = args.steps
     config.train.eval_every = max(1, args.steps // args.evals)
-  apply_overrides(config, overrides)
+  apply_overrides(config, {**args.set, **overrides})
   out = args.out if len(args.seeds) == 1 else os.path.join(args.out, f'seed{seed}')
   workdir = os.path.join(out, name.replace(' ', '_'))
   timing = os.path.join(workdir, 'wall_seconds.txt')
@@ -237,6 +262,13 @@ def main(argv=None) -> None:
   )
   parser.add_argument('--seeds', default='0', help='comma-separated seeds, e.g. 0,1,2 (default 0)')
   parser.add_argument('--ablate', action='store_true', help='add DSSN ablations')
+  parser.add_argument(
+    '--set',
+    action='append',
+    default=[],
+    metavar='KEY=VALUE',
+    help='a config override for every variant, e.g. model.output_stride=8 (repeatable)',
+  )
   parser.add_argument('--out', default='runs/semi_vs_supervised')
   parser.add_argument('--plot', default=None, help='PNG path (default OUT/miou.png)')
   parser.add_argument('--fresh', action='store_true', help='retrain finished runs')
@@ -251,6 +283,10 @@ def main(argv=None) -> None:
   xla_flags.set_default_cpu_flags()  # as main.py
   if args.labeled is None:
     args.labeled = int(load_digits_config('dssn', None).data.digits.num_labeled)
+  try:
+    args.set = parse_set(args.set, load_digits_config('dssn', args.labeled))
+  except ValueError as e:
+    parser.error(str(e))
   from absl import logging  # pylint: disable=g-import-not-at-top
 
   logging.set_verbosity(logging.WARNING)

@@ -105,3 +105,22 @@ def test_a_finished_run_is_reused_only_for_the_same_config(tmp_path):
   config.train.steps = 10
   with pytest.raises(SystemExit, match=r'--fresh[\s\S]*output_stride[\s\S]*train\.steps'):
     bench.check_reused(str(tmp_path), config)
+
+
+def test_set_overrides_reach_every_variant(tmp_path, monkeypatch, capsys):
+  seen = []
+
+  def record(name, method, overrides, seed, args):
+    seen.append(dict(args.set))
+    return fake_run(name, method, overrides, seed, args)
+
+  monkeypatch.setattr(bench, 'run', record)
+  argv = ['--labeled', '7', '--out', str(tmp_path), '--set', 'model.output_stride=8']
+  bench.main(argv + ['--set', 'data.mix_partner=same'])
+  assert seen == [{'model.output_stride': 8, 'data.mix_partner': 'same'}] * 2
+  config = bench.load_digits_config('dssn', None)
+  bench.apply_overrides(config, seen[0])
+  assert config.model.output_stride == 8
+  with pytest.raises(SystemExit):
+    bench.main(argv[:-1] + ['model.output_strid=8'])
+  assert "no key 'model.output_strid'" in capsys.readouterr().err
