@@ -240,6 +240,45 @@ def _stream(
   return ds.random_map(transform, seed=augment_seed)
 
 
+def _unlabeled_streams(
+  unlabeled, config, *, epoch: int, seed: int, geometry: dict, mix_partner: str
+) -> list[grain.MapDataset]:
+  """The unlabeled stream (`u_*`) and, unless the partner is the batch
+  reversed, the mix-partner stream (`m_*`)."""
+  strong = dict(max_ops=config.data.strong_ops, cutmix_p=config.data.cutmix_p)
+  streams = [
+    _stream(
+      unlabeled,
+      length=epoch,
+      order_seed=derive_seed(seed, 'unlabeled', _ORDER),
+      augment_seed=derive_seed(seed, 'unlabeled', _AUGMENT),
+      transform=UnlabeledViews('u', **geometry, **strong),
+    )
+  ]
+  if mix_partner != 'reversed':  # 'reversed': the step pairs the batch with itself
+    mix_order = 'unlabeled' if mix_partner == 'same' else 'mix'
+    streams.append(
+      _stream(
+        unlabeled,
+        length=epoch,
+        order_seed=derive_seed(seed, mix_order, _ORDER),
+        augment_seed=derive_seed(seed, 'mix', _AUGMENT),
+        transform=UnlabeledViews('m', **geometry, **strong),
+      )
+    )
+  return streams
+
+
+def _supervised_warmup_steps(config: ml_collections.ConfigDict, epoch: int) -> int:
+  """The steps of the config's supervised warm-up (`train.warmup_terms=
+  'supervised'`), which read `x`, `y` alone; 0 without one."""
+  from dssn_jax import config_lib  # pylint: disable=g-import-not-at-top
+
+  if config_lib.resolve_method(config).warmup_terms != 'supervised':
+    return 0
+  return config_lib.resolve_steps(config, epoch).warmup_steps
+
+
 def _batch_sizes(config: ml_collections.ConfigDict, process_count: int) -> int:
   global_batch = int(config.data.batch_size)
   if global_batch <= 0 or global_batch % process_count:
@@ -358,31 +397,11 @@ class TrainData:
       )
     ]
     if not self.supervised:
-      strong = dict(max_ops=data.strong_ops, cutmix_p=data.cutmix_p)
-      streams.append(
-        _stream(
-          unlabeled,
-          length=epoch,
-          order_seed=derive_seed(seed, 'unlabeled', _ORDER),
-          augment_seed=derive_seed(seed, 'unlabeled', _AUGMENT),
-          transform=UnlabeledViews('u', **geometry, **strong),
-        )
+      streams += _unlabeled_streams(
+        unlabeled, config, epoch=epoch, seed=seed, geometry=geometry, mix_partner=mix_partner
       )
-      if mix_partner != 'reversed':  # 'reversed': the step pairs the batch with itself
-        mix_order = 'unlabeled' if mix_partner == 'same' else 'mix'
-        streams.append(
-          _stream(
-            unlabeled,
-            length=epoch,
-            order_seed=derive_seed(seed, mix_order, _ORDER),
-            augment_seed=derive_seed(seed, 'mix', _AUGMENT),
-            transform=UnlabeledViews('m', **geometry, **strong),
-          )
-        )
     if labeled_only_steps is None:
-      labeled_only_steps = 0
-      if not self.supervised and config_lib.resolve_method(config).warmup_terms == 'supervised':
-        labeled_only_steps = config_lib.resolve_steps(config, epoch).warmup_steps
+      labeled_only_steps = 0 if self.supervised else _supervised_warmup_steps(config, epoch)
     self.labeled_only_steps = int(labeled_only_steps)
     # Global batch k holds records k*B .. k*B + B - 1 (B: the global batch).
     self._global_batch = self.local_batch_size * process_count
