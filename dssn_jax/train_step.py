@@ -329,7 +329,9 @@ class _PhasedStep:
       except Exception as e:  # pylint: disable=broad-except
         result['error'] = e
 
-    thread = threading.Thread(target=work, name='train-step-precompile', daemon=True)
+    # Not a daemon: the interpreter waits for it at exit (a process that exits
+    # while XLA compiles in one of its threads aborts), whatever ends the run.
+    thread = threading.Thread(target=work, name='train-step-precompile')
     thread.start()
     self._pending[phase] = (thread, result)
 
