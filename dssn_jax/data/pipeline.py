@@ -224,11 +224,13 @@ def _worker_init(worker_index: int, worker_count: int) -> None:
 
 
 def _stream(
-  source, *, length: int, order_seed: int, augment_seed: int, transform
+  source, *, length: int, seed: int, order: str, augment: str, transform
 ) -> grain.MapDataset:
   """An infinite, per-epoch shuffled, augmented record stream (all hosts').
 
   `length` is the epoch length; a shorter source is repeated (and cut) to it.
+  `order` and `augment` name the streams (`_STREAMS`) whose seeds, derived
+  from `seed`, fix the record order and the augmentations.
   Lazy: a host computes only the records it reads. The augmentation rng of a
   record depends on its global position, not on which host reads it.
   """
@@ -236,8 +238,8 @@ def _stream(
   n = len(ds)
   if length != n:
     ds = ds.repeat(math.ceil(length / n))[:length]
-  ds = ds.shuffle(seed=order_seed).repeat(None)
-  return ds.random_map(transform, seed=augment_seed)
+  ds = ds.shuffle(seed=derive_seed(seed, order, _ORDER)).repeat(None)
+  return ds.random_map(transform, seed=derive_seed(seed, augment, _AUGMENT))
 
 
 def _unlabeled_streams(
@@ -250,8 +252,9 @@ def _unlabeled_streams(
     _stream(
       unlabeled,
       length=epoch,
-      order_seed=derive_seed(seed, 'unlabeled', _ORDER),
-      augment_seed=derive_seed(seed, 'unlabeled', _AUGMENT),
+      seed=seed,
+      order='unlabeled',
+      augment='unlabeled',
       transform=UnlabeledViews('u', **geometry, **strong),
     )
   ]
@@ -261,8 +264,9 @@ def _unlabeled_streams(
       _stream(
         unlabeled,
         length=epoch,
-        order_seed=derive_seed(seed, mix_order, _ORDER),
-        augment_seed=derive_seed(seed, 'mix', _AUGMENT),
+        seed=seed,
+        order=mix_order,
+        augment='mix',
         transform=UnlabeledViews('m', **geometry, **strong),
       )
     )
@@ -391,8 +395,9 @@ class TrainData:
       _stream(
         labeled,
         length=epoch,
-        order_seed=derive_seed(seed, 'labeled', _ORDER),
-        augment_seed=derive_seed(seed, 'labeled', _AUGMENT),
+        seed=seed,
+        order='labeled',
+        augment='labeled',
         transform=LabeledViews(**geometry),
       )
     ]
