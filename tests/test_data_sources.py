@@ -6,6 +6,7 @@ import subprocess
 import sys
 import types
 
+import cv2
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -238,6 +239,28 @@ def test_unreadable_image_and_mask(broken):
     sources.DatasetError, match=r'cannot read mask .*2007_000001\.png.*labeled\.txt:2'
   ):
     source[1]
+
+
+def test_truncated_jpeg_is_an_error_naming_the_file(broken):
+  """OpenCV decodes a JPEG cut short (grey below the cut); PIL, the reference's
+  decoder, refuses it: so does `read_image`."""
+  line = _labeled_line(broken, 0)
+  path = os.path.join(broken.data.root, line.split()[0])
+  with open(path, 'rb') as f:
+    data = f.read()
+  source = sources.get_source(broken, 'labeled')
+  whole = source[0]['image']
+  with open(path, 'ab') as f:  # bytes after the end-of-image marker are allowed
+    f.write(b'\x00trailing')
+  np.testing.assert_array_equal(source[0]['image'], whole)
+  with open(path, 'wb') as f:
+    f.write(data[: len(data) * 2 // 3])
+  assert cv2.imread(path) is not None  # what OpenCV alone would train on
+  with pytest.raises(
+    sources.DatasetError,
+    match=r'image .*2007_000000\.jpg \(listed at .*labeled\.txt:1 .*\) is a truncated JPEG',
+  ):
+    source[0]
 
 
 def test_size_mismatch_names_both_files_and_sizes(broken):

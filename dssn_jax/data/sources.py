@@ -36,6 +36,7 @@ split line (or directory, or TFDS example) it came from.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -86,20 +87,43 @@ def read_image(path: str, origin: str) -> np.ndarray:
 
   Grayscale and palette images become three equal channels. EXIF orientation
   is ignored, as PIL's `Image.open(...).convert('RGB')` does, so masks stay
-  aligned.
+  aligned. A truncated JPEG is an error, as it is for PIL (the reference's
+  decoder): OpenCV would decode its first part and fill the rest with grey.
   """
-  image = cv2.imread(path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+  except FileNotFoundError:
+    raise DatasetError(f'image {path} does not exist (listed at {origin})') from None
+  except OSError as e:
+    raise DatasetError(f'cannot read image {path} (listed at {origin}): {e}') from None
+  if truncated_jpeg(data):
+    raise DatasetError(
+      f'image {path} (listed at {origin}) is a truncated JPEG ({len(data)} bytes, no'
+      ' end-of-image marker after its last scan); restore or replace the file'
+    )
+  image = cv2.imdecode(
+    np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+  )
   if image is not None:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-  if not os.path.exists(path):
-    raise DatasetError(f'image {path} does not exist (listed at {origin})')
   try:  # formats OpenCV cannot decode (e.g. GIF)
-    with Image.open(path) as img:
+    with Image.open(io.BytesIO(data)) as img:
       return np.asarray(img.convert('RGB'))
   except Exception as e:  # pylint: disable=broad-except
     raise DatasetError(
       f'cannot read image {path} (listed at {origin}): {type(e).__name__}: {e}'
     ) from None
+
+
+def truncated_jpeg(data: bytes) -> bool:
+  """Whether `data` is a JPEG cut short: no end-of-image marker (FFD9) after
+  its last start-of-scan (FFDA). Entropy-coded data never holds FF followed
+  by D9 or DA, so a file cut inside a scan has neither after the scan's start;
+  metadata before the first scan (an EXIF thumbnail's markers) comes earlier."""
+  if data[:2] != b'\xff\xd8':
+    return False
+  return data.rfind(b'\xff\xd9') < data.rfind(b'\xff\xda')
 
 
 def read_mask(path: str, origin: str) -> np.ndarray:
