@@ -15,8 +15,9 @@ Writes `DIR/accelerator_check.json` and `DIR/accelerator_check.md` with:
    analysis, MFU against the device's peak (`PEAK_TFLOPS`, or
    `--peak-tflops`), XLA's memory estimate and the process's peak device
    memory so far (GPU/TPU); out-of-memory is reported as such;
-3. the same for every `dinov2_*` backbone `dssn_jax.models` offers, at crop
-   `--dinov2-crop` (518), bfloat16 (skipped with a message when there is none);
+3. the same for the DINOv2 backbones (`--dinov2-backbones`: by default every
+   one of the model registry's DINOv2 family, small to giant), at crop
+   `--dinov2-crop` (518), in the first of `--dtypes`;
 4. evaluation images/s at VOC sizes (`--eval-sizes`), with the compile time
    per shape (`dssn_jax.evaluate.Evaluator`, exact protocol, one model);
 5. the input pipeline's CPU cost per step on this host (generated VOC-like
@@ -54,7 +55,6 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Mapping
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -116,22 +116,14 @@ def parse_peak(text: str) -> dict[str, float]:
 
 
 def dinov2_backbones() -> list[str]:
-  """`dinov2_*` backbone names `dssn_jax.models` offers (its registry, if any)."""
-  from dssn_jax import models  # pylint: disable=g-import-not-at-top
+  """The DINOv2 family's backbones in `dssn_jax.models.registry` (the test-only
+  ones left out), smallest first."""
+  from dssn_jax.models import registry  # pylint: disable=g-import-not-at-top
 
-  names: set[str] = set()
-  for attr in ('BACKBONES', 'BACKBONE_NAMES', 'backbone_names', 'available_backbones', 'REGISTRY'):
-    value = getattr(models, attr, None)
-    if callable(value):
-      try:
-        value = value()
-      except TypeError:
-        continue
-    if isinstance(value, Mapping):
-      value = list(value)
-    if isinstance(value, (list, tuple, set, frozenset)):
-      names |= {n for n in value if isinstance(n, str)}
-  return sorted(n for n in names if n.startswith('dinov2'))
+  family = registry.FAMILIES.get('dinov2')
+  if family is None:
+    return []
+  return [b for b in family.backbones if b not in family.test_backbones]
 
 
 class Budget:
@@ -533,6 +525,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--warmup', type=int, default=2)
   p.add_argument('--peak-tflops', default='', help="X, or 'bfloat16=X,float32=Y'")
   p.add_argument('--dinov2-crop', type=int, default=518)
+  p.add_argument(
+    '--dinov2-backbones',
+    default='',
+    help="comma-separated dinov2_* backbones ('': every one the registry offers; 'none': skip)",
+  )
   p.add_argument('--eval-sizes', default='375x500,500x375,500x500')
   p.add_argument('--eval-images', type=int, default=6, help='per device')
   p.add_argument('--input-images', type=int, default=16)
@@ -551,6 +548,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     if d not in ('bfloat16', 'float32'):
       p.error(f'--dtypes: {d!r} is not bfloat16 or float32')
   args.eval_sizes = _sizes(args.eval_sizes)
+  if args.dinov2_backbones == 'none':
+    args.dinov2_backbones = []
+  elif not args.dinov2_backbones:
+    args.dinov2_backbones = dinov2_backbones()
+  else:
+    args.dinov2_backbones = args.dinov2_backbones.split(',')
+    from dssn_jax.models import registry  # pylint: disable=g-import-not-at-top
+
+    for name in args.dinov2_backbones:
+      if name not in registry.backbone_names() or registry.family_of(name).name != 'dinov2':
+        p.error(f'--dinov2-backbones: {name!r} is not a DINOv2 backbone of dssn_jax.models')
   args.peaks = parse_peak(args.peak_tflops)
   return args
 
@@ -628,11 +636,9 @@ def main(argv=None) -> dict[str, Any]:
     steps += train_steps(args, args.backbone, args.crop, rest, budget, args.peaks)
   report['train_step'] = steps
 
-  names = dinov2_backbones()
+  names = args.dinov2_backbones
   if not names:
-    report['dinov2'] = dict(
-      status='skipped: dssn_jax.models offers no dinov2_* backbone in this checkout'
-    )
+    report['dinov2'] = dict(status='skipped: --dinov2-backbones none')
   else:
     report['dinov2'] = []
     for name in names:

@@ -76,9 +76,15 @@ def test_markdown_names_every_skip():
     assert line in text
 
 
-def test_dinov2_detection_returns_backbone_names():
-  names = check.dinov2_backbones()
-  assert all(isinstance(n, str) and n.startswith('dinov2') for n in names)
+def test_dinov2_backbones_come_from_the_model_registry():
+  assert check.dinov2_backbones() == ['dinov2_small', 'dinov2_base', 'dinov2_large', 'dinov2_giant']
+  assert check.parse_args(['--out', 'x']).dinov2_backbones == check.dinov2_backbones()
+  assert check.parse_args(['--out', 'x', '--dinov2-backbones', 'none']).dinov2_backbones == []
+  tiny = check.parse_args(['--out', 'x', '--dinov2-backbones', 'dinov2_tiny'])
+  assert tiny.dinov2_backbones == ['dinov2_tiny']
+  for bad in ('resnet50', 'dinov2_huge'):
+    with pytest.raises(SystemExit):
+      check.parse_args(['--out', 'x', '--dinov2-backbones', bad])
 
 
 @pytest.mark.slow
@@ -91,7 +97,8 @@ def test_whole_check_at_a_tiny_size(tmp_path):
       '--steps', '1', '--warmup', '0', '--eval-sizes', '20x30,30x20', '--eval-images', '2',
       '--input-images', '4', '--input-seconds', '0.3', '--train-steps', '3',
       '--train-backbone', 'resnet_tiny', '--train-val', '4', '--train-devices', '1',
-      '--budget-s', '1500', '--dinov2-crop', '42', '--train-timeout-s', '900',
+      '--budget-s', '1500', '--dinov2-backbones', 'dinov2_tiny', '--dinov2-crop', '42',
+      '--train-timeout-s', '900',
     ]
   )  # fmt: skip
   saved = json.loads((out / 'accelerator_check.json').read_text())
@@ -106,8 +113,9 @@ def test_whole_check_at_a_tiny_size(tmp_path):
   ev = saved['evaluation']
   assert ev['status'] == 'ok' and ev['programs'] >= 2 and ev['compiles_during_eval'] == 0
   assert saved['input']['status'] == 'ok' and saved['input']['cores_needed'] > 0
-  dino = saved['dinov2']
-  assert isinstance(dino, list) or dino['status'].startswith('skipped')
+  (dino,) = saved['dinov2']
+  assert (dino['backbone'], dino['crop'], dino['status']) == ('dinov2_tiny', 42, 'ok')
+  assert dino['finite'] and dino['gflop_per_device'] > 0
   md = (out / 'accelerator_check.md').read_text()
   assert '## Train step' in md and '## Training run' in md and report['elapsed_s'] > 0
   assert os.path.exists(out / 'train_run' / 'metrics.jsonl')
