@@ -517,7 +517,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--out', required=True, help='directory for the JSON and Markdown report')
   p.add_argument('--budget-s', type=float, default=480.0)
-  p.add_argument('--backbone', default='resnet101')
+  from dssn_jax.models import registry  # pylint: disable=g-import-not-at-top
+
+  p.add_argument('--backbone', default='resnet101', choices=registry.backbone_names())
   p.add_argument('--crop', type=int, default=513)
   p.add_argument('--batches', default='2,4,8', help='per-device labeled batches')
   p.add_argument('--dtypes', default='bfloat16,float32')
@@ -535,7 +537,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--input-images', type=int, default=16)
   p.add_argument('--input-seconds', type=float, default=3.0)
   p.add_argument('--train-steps', type=int, default=100)
-  p.add_argument('--train-backbone', default='resnet101')
+  p.add_argument('--train-backbone', default='resnet101', choices=registry.backbone_names())
   p.add_argument('--train-val', type=int, default=100, help='validation scenes of the run')
   p.add_argument('--train-timeout-s', type=float, default=240.0)
   p.add_argument(
@@ -554,8 +556,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.dinov2_backbones = dinov2_backbones()
   else:
     args.dinov2_backbones = args.dinov2_backbones.split(',')
-    from dssn_jax.models import registry  # pylint: disable=g-import-not-at-top
-
     for name in args.dinov2_backbones:
       if name not in registry.backbone_names() or registry.family_of(name).name != 'dinov2':
         p.error(f'--dinov2-backbones: {name!r} is not a DINOv2 backbone of dssn_jax.models')
