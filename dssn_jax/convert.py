@@ -130,6 +130,28 @@ def _to_numpy(value) -> np.ndarray:
   return np.asarray(value)
 
 
+def read_file(path: str | os.PathLike) -> Any:
+  """What a weights file holds: `.safetensors` as numpy arrays (no torch),
+  anything else with `torch.load(..., weights_only=True)` (a state dict or a
+  whole checkpoint dict)."""
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'no weights file {path}')
+  if path.endswith('.safetensors'):
+    try:
+      from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise ImportError(
+        f'reading {path} needs the safetensors package (pip install safetensors)'
+      ) from None
+    return load_file(path)
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:  # an optional dependency
+    raise ImportError(f"reading {path} needs PyTorch: pip install 'dssn-jax[convert]'") from e
+  return torch.load(path, map_location='cpu', weights_only=True)
+
+
 def read_state_dict(src, ema: bool = False) -> dict[str, Any]:
   """A state dict from a path (`.pth` read safely, `.safetensors`) or a mapping.
 
@@ -138,24 +160,7 @@ def read_state_dict(src, ema: bool = False) -> dict[str, Any]:
   `ema=True`, UniMatch V2's `model_ema` is taken instead of `model`.
   """
   if isinstance(src, (str, os.PathLike)):
-    path = os.fspath(src)
-    if not os.path.exists(path):
-      raise FileNotFoundError(f'no weights file {path}')
-    if path.endswith('.safetensors'):
-      try:
-        from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-      except ImportError:
-        raise ImportError(
-          f'reading {path} needs the safetensors package (pip install safetensors)'
-        ) from None
-      src = load_file(path)
-    else:
-      try:
-        import torch  # pylint: disable=g-import-not-at-top
-      except ImportError as e:  # an optional dependency
-        raise ImportError(f"reading {path} needs PyTorch: pip install 'dssn-jax[convert]'") from e
-
-      src = torch.load(path, map_location='cpu', weights_only=True)
+    src = read_file(src)
   if not isinstance(src, Mapping):
     raise ConversionError(f'expected a state dict (a mapping), got {type(src).__name__}')
   wrappers = ('model_ema',) if ema else ('model', 'state_dict')

@@ -52,7 +52,7 @@ import importlib.util
 import json
 import os
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -689,12 +689,15 @@ def eval_record(step: int | None, result: dict[str, Any], **extra) -> dict[str, 
 
 
 def load_weights(path: str, config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """`{'params', 'batch_stats'}` of a whole model from `.npz` or reference `.pth`.
+  """`{model name: {'params', 'batch_stats'}}` from `.npz` or a reference `.pth`.
 
+  An `.npz` (`dssn_jax.convert` output) is one model, reported as `student`.
   A `.pth` may be a bare state dict or a reference checkpoint dict holding it
   under `model` (DSSN's `best.pth` / `t_best.pth`, UniMatch V2's `best.pth`)
   or `state_dict`; it is converted with `dssn_jax.convert.from_torch`, whose
-  layout (`model`, `unimatch_v2`) is detected from the keys.
+  layout (`model`, `unimatch_v2`) is detected from the keys. A UniMatch V2
+  checkpoint also holds its EMA model (`model_ema`), which the authors
+  evaluate beside `model`: it is reported as `teacher`.
   """
   from dssn_jax import convert  # pylint: disable=g-import-not-at-top
 
@@ -702,14 +705,25 @@ def load_weights(path: str, config: ml_collections.ConfigDict) -> dict[str, Any]
     raise FileNotFoundError(f'weights file {path} does not exist')
   ext = os.path.splitext(path)[1].lower()
   if ext == '.npz':
-    return convert.load_npz(path)
+    return {'student': convert.load_npz(path)}
   if ext not in ('.pth', '.pt'):
     raise ValueError(f'weights file {path}: expected a .pth/.pt reference checkpoint or an .npz')
   if importlib.util.find_spec('torch') is None:
     raise ImportError(f'reading {path} needs PyTorch (pip install "dssn-jax[convert]")')
-  return convert.from_torch(
-    path, backbone=config.model.backbone, num_classes=int(config.data.num_classes), layout=None
-  )
+  checkpoint = convert.read_file(path)
+  names = {'student': False}
+  if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get('model_ema'), Mapping):
+    names['teacher'] = True
+  return {
+    name: convert.from_torch(
+      checkpoint,
+      backbone=config.model.backbone,
+      num_classes=int(config.data.num_classes),
+      layout=None,
+      ema=ema,
+    )
+    for name, ema in names.items()
+  }
 
 
 def load_for_eval(
@@ -723,12 +737,13 @@ def load_for_eval(
 
   Either a workdir checkpoint (student and teacher; `config`, if given,
   replaces the workdir's `config.json`, e.g. for another data root), or
-  `weights` with `config` (one model, reported under `student`, step None).
+  `weights` with `config` (`load_weights`: the student, and the teacher when
+  the file holds an EMA model; step None).
   """
   if weights:
     if config is None:
       raise ValueError('--weights needs --config (the model and dataset of the weights)')
-    return config, {'student': load_weights(weights, config)}, None
+    return config, load_weights(weights, config), None
   if not workdir:
     raise ValueError('give --workdir DIR, or --weights FILE with --config')
   from dssn_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top

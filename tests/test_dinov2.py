@@ -367,6 +367,42 @@ def test_whole_checkpoint_with_module_prefix_and_ema(tmp_path):
 
 
 @needs_torch
+def test_evaluate_weights_reports_model_and_model_ema(tmp_path):
+  """`python -m dssn_jax.evaluate --weights best.pth` on a UniMatch V2
+  checkpoint evaluates `model` (student) and `model_ema` (teacher), as the
+  authors' loop does."""
+  from dssn_jax import evaluate
+
+  tm, model, whole = tiny()
+  ema = torch_tiny(seed=1)
+  path = tmp_path / 'best.pth'
+  prefixed = lambda m: {'module.' + k: v for k, v in m.state_dict().items()}
+  torch.save({'model': prefixed(tm), 'model_ema': prefixed(ema), 'epoch': 3}, path)
+  config = config_lib.base_config()
+  config.model.backbone, config.model.pretrained = 'dinov2_tiny', ''
+  config.data.name, config.data.num_classes, config.data.eval_mode = 'folder', C, 'original'
+  config.data.eval_resize_multiple = 14
+  rng = np.random.default_rng(0)
+  records = [
+    {
+      'image': rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+      'label': rng.integers(0, C, (h, w)).astype(np.int32),
+      'id': f'r{i}',
+    }
+    for i, (h, w) in enumerate([(28, 42), (30, 25)])
+  ]
+  record = evaluate.run(weights=str(path), config=config, records=records)
+  got = evaluate.load_weights(str(path), config)
+  assert sorted(got) == ['student', 'teacher']
+  assert_same_tree(got['student'], whole)
+  want = evaluate.Evaluator(model, config, records=records).evaluate(got)
+  # The same evaluation program on the same variables: equal counts.
+  assert record['miou'] == pytest.approx(want['miou'])
+  assert record['miou_teacher'] == pytest.approx(want['miou_teacher'])
+  assert record['miou'] != record['miou_teacher']  # two different models
+
+
+@needs_torch
 def test_key_mismatches_are_reported_together():
   tm, _, _ = tiny()
   state = dict(tm.state_dict())
