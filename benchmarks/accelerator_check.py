@@ -193,6 +193,14 @@ def environment() -> dict[str, Any]:
   )
 
 
+def step_arguments(step_speed, backbone: str, crop: int, batch: int, dtype: str):
+  """`step_speed`'s arguments for the DSSN step (its parser: its defaults for the rest)."""
+  return step_speed.parse_args(
+    ['--backbone', backbone, '--crop', str(crop), '--batch', str(batch), '--dtype', dtype]
+    + ['--method', 'dssn', '--num-classes', '21']
+  )
+
+
 def train_steps(args, backbone: str, crop: int, dtypes, budget: Budget, peaks) -> list[dict]:
   """The DSSN step at each dtype and per-device batch (ascending)."""
   step_speed = _load_benchmark('step_speed')
@@ -205,9 +213,7 @@ def train_steps(args, backbone: str, crop: int, dtypes, budget: Budget, peaks) -
       if not budget.fits(estimate):
         rows.append(dict(row, status=budget.skip_reason(estimate)))
         continue
-      ns = argparse.Namespace(
-        backbone=backbone, crop=crop, batch=batch, dtype=dtype, method='dssn', num_classes=21
-      )
+      ns = step_arguments(step_speed, backbone, crop, batch, dtype)
       start = time.perf_counter()
       try:
         step = step_speed.prepare_jax(ns, remat=False)

@@ -87,6 +87,22 @@ def test_dinov2_backbones_come_from_the_model_registry():
       check.parse_args(['--out', 'x', '--dinov2-backbones', bad])
 
 
+def test_step_arguments_are_what_step_speed_builds():
+  """The check times `step_speed`'s own program: every argument it reads is set."""
+  step_speed = check._load_benchmark('step_speed')
+  ns = check.step_arguments(step_speed, 'dinov2_tiny', 42, 2, 'bfloat16')
+  want = step_speed.parse_args(
+    '--backbone dinov2_tiny --crop 42 --batch 2 --dtype bfloat16 --method dssn'.split()
+  )
+  assert vars(ns) == vars(want)
+  config = step_speed.make_config(ns, remat=False)
+  assert (config.model.backbone, config.method, config.model.dtype) == (
+    'dinov2_tiny',
+    'dssn',
+    'bfloat16',
+  )
+
+
 @pytest.mark.slow
 def test_whole_check_at_a_tiny_size(tmp_path):
   """Every section on this CPU: tiny model, one timed step, a 3-step main.py run."""
