@@ -17,7 +17,7 @@ interruption, then again in a second workdir where it SIGKILLs the process
 
 After each kill it restarts the same command, which resumes by itself. A
 resume *matches* when every line of `metrics.jsonl` (train and eval, all
-but `images_per_sec`) equals the uninterrupted run's line of that step; a
+but the wall-clock figures, `dssn_jax.train.WALL_CLOCK_METRICS`) equals the uninterrupted run's line of that step; a
 checkpoint is *lost* when the resume starts before the newest checkpoint
 that was complete at the kill. Last, it cuts a data file of the newest
 checkpoint in half and resumes once more: the run must move it to
@@ -44,9 +44,10 @@ import sys
 import tempfile
 import time
 
+from dssn_jax.train import WALL_CLOCK_METRICS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHASES = ('checkpoint', 'eval', 'step')
-IGNORED_KEYS = ('images_per_sec',)  # wall-clock figures
 
 
 def overrides(args) -> list[str]:
@@ -180,7 +181,7 @@ def mismatches(reference: list[dict], lines: list[dict], tol: float) -> list[str
       out.append(f'{r["split"]} step {r["step"]}: not in the uninterrupted run')
       continue
     for key, value in r.items():
-      if key not in IGNORED_KEYS and key != 'split' and not _close(value, want.get(key), tol):
+      if key not in WALL_CLOCK_METRICS and key != 'split' and not _close(value, want.get(key), tol):
         out.append(f'{r["split"]} step {r["step"]} {key}: {value} vs {want.get(key)}')
   return out
 

@@ -531,6 +531,11 @@ def _eval_record(evaluator, config: ml_collections.ConfigDict, state, step: int)
   return evaluate.eval_record(step, evaluator.evaluate(models_to_eval))
 
 
+# Train-line keys that measure the machine, not the run: they differ between
+# two runs of the same config (compare everything else).
+WALL_CLOCK_METRICS = ('images_per_sec', 'input_wait_s', 'input_wait_frac')
+
+
 def _train_record(
   fetched: list[dict[str, Any]],
   step: int,

@@ -15,7 +15,7 @@ def test_mismatches_catch_a_differing_value_and_a_missing_line():
     {'split': 'eval', 'step': 1, 'miou': 20.0, 'iou_per_class': [1.0, 2.0]},
   ]
   same = [dict(r) for r in reference]
-  same[0]['images_per_sec'] = 9.0  # wall clock: ignored
+  same[0].update(images_per_sec=9.0, input_wait_s=0.3, input_wait_frac=0.1)  # wall clock
   assert fault.mismatches(reference, same, 1e-6) == []
   changed = [dict(r) for r in reference]
   changed[1]['iou_per_class'] = [1.0, 2.1]
