@@ -103,6 +103,29 @@ def test_step_arguments_are_what_step_speed_builds():
   )
 
 
+def test_check_measures_a_tiny_step_evaluation_and_input(tmp_path):
+  """The default suite's run of the check: one float32 DSSN step of
+  `resnet_tiny`, an evaluation and the input section (no training run, no
+  DINOv2: the slow test below has both)."""
+  out = tmp_path / 'check'
+  check.main(
+    [
+      '--out', str(out), '--backbone', 'resnet_tiny', '--crop', '33', '--batches', '2',
+      '--dtypes', 'float32', '--steps', '1', '--warmup', '0', '--eval-sizes', '20x30',
+      '--eval-images', '1', '--input-images', '2', '--input-seconds', '0.1',
+      '--train-steps', '0', '--dinov2-backbones', 'none', '--budget-s', '900',
+    ]
+  )  # fmt: skip
+  saved = json.loads((out / 'accelerator_check.json').read_text())
+  (row,) = saved['train_step']
+  assert (row['backbone'], row['dtype'], row['status']) == ('resnet_tiny', 'float32', 'ok'), row
+  assert row['finite'] and row['median_s'] > 0 and row['gflop_per_device'] > 0
+  assert saved['evaluation']['status'] == 'ok' and saved['evaluation']['compiles_during_eval'] == 0
+  assert saved['input']['status'] == 'ok' and saved['input']['cores_needed'] > 0
+  assert saved['training']['status'] == 'skipped: --train-steps 0'
+  assert saved['dinov2']['status'] == 'skipped: --dinov2-backbones none'
+
+
 @pytest.mark.slow
 def test_whole_check_at_a_tiny_size(tmp_path):
   """Every section on this CPU: tiny model, one timed step, a 3-step main.py run."""
