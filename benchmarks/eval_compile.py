@@ -20,10 +20,10 @@ random image each, random-init `--backbone`, one model) and extrapolates:
 - `exact, precompiled`: `Evaluator.precompile` in a background thread
   (what the training loop does), waited for, then the evaluation: the
   compilations left on its critical path;
-- `exact, T compile threads first`: what `python -m dssn_jax.evaluate`
-  does: every shape compiled on `--threads` compiler threads (default: its
-  own count, the host's cores up to 8), then the pass; its wall time
-  includes the compiling;
+- `exact, T compile threads first`: every shape compiled by
+  `Evaluator.precompile` on `--threads` (2) compiler threads, then the pass
+  (its wall time includes the compiling): whether compiling in parallel
+  pays on this host (`config.train.eval_precompile_threads`);
 - `exact, persistent cache`: the programs written to a fresh persistent
   compilation cache, the in-memory caches cleared (`jax.clear_caches`), a
   fresh `Evaluator`: what a restarted process pays (loading, not compiling);
@@ -151,7 +151,7 @@ def measure_compile(args) -> dict:
   rows['exact, precompiled'] = dict(_timed_eval(ev, variables), background_s=background_s)
   print('exact, precompiled', rows['exact, precompiled'], flush=True)
 
-  ev = fresh()  # what `python -m dssn_jax.evaluate` does: all shapes first, in parallel
+  ev = fresh()  # every shape first, on `--threads` compiler threads
   start = time.perf_counter()
   ev.precompile(variables['teacher'], background=False, threads=args.threads)
   precompile_s = time.perf_counter() - start
@@ -194,7 +194,7 @@ def measure_compile(args) -> dict:
       'exact, precompiled in background': rows['exact, precompiled']['overhead_s']
       / len(sample)
       * len(distinct),
-      f'exact, {args.threads} compile threads first (the command line)': rows[
+      f'exact, {args.threads} compile threads first': rows[
         f'exact, {args.threads} compile threads first'
       ]['overhead_s']
       / len(sample)
@@ -257,18 +257,14 @@ def main(argv=None):
   p.add_argument(
     '--threads',
     type=int,
-    default=0,
-    help="compiler threads of the command line's row (0: what `python -m dssn_jax.evaluate` uses)",
+    default=2,
+    help='compiler threads of `Evaluator.precompile` in the "T compile threads first" row',
   )
   p.add_argument('--buckets-workdir', default='', help='measure bucket mIoU on this run instead')
   p.add_argument('--bucket-records', type=int, default=150, help='validation scenes used')
   p.add_argument('--json', default='', help='also write the results here')
   args = p.parse_args(argv)
   args.pad_to = [int(x) for x in args.pad_to.split(',') if x]
-  if args.threads <= 0:
-    from dssn_jax import config_lib, evaluate  # pylint: disable=g-import-not-at-top
-
-    args.threads = evaluate.precompile_threads(config_lib.base_config(), training=False)
   load = os.getloadavg()[0]
   result = measure_buckets(args) if args.buckets_workdir else measure_compile(args)
   result.update(

@@ -752,27 +752,6 @@ def load_for_eval(
   return (config if config is not None else saved_config), variables, step
 
 
-def precompile_threads(config: ml_collections.ConfigDict, *, training: bool) -> int:
-  """Compiler threads for the evaluation programs (`train.eval_precompile_threads`).
-
-  Auto (0): beside training, one on a CPU backend (whose cores also train)
-  and elsewhere a quarter of the host's cores, at most 8 (the rest feed the
-  input pipeline); for an evaluation alone (`python -m dssn_jax.evaluate`),
-  the host's cores, at most 8.
-  """
-  from dssn_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-
-  n = int(config.train.eval_precompile_threads)
-  if n > 0:
-    return n
-  cores = pipeline.available_cores()
-  if not training:
-    return max(1, min(8, cores))
-  if jax.default_backend() == 'cpu':
-    return 1
-  return max(1, min(8, cores // 4))
-
-
 def run(
   *,
   workdir: str | None = None,
@@ -793,9 +772,6 @@ def run(
 
   compilation.enable_persistent_cache(config.train.compilation_cache_dir)
   evaluator = Evaluator(models.model_from_config(config), config, mesh, mode=mode, records=records)
-  threads = precompile_threads(config, training=False)
-  if threads > 1:  # compile the shapes in parallel first (one thread: as they come)
-    evaluator.precompile(next(iter(variables.values())), background=False, threads=threads)
   return eval_record(step, evaluator.evaluate(variables), mode=evaluator.mode)
 
 

@@ -350,7 +350,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.train.eval_precompile:
     evaluator.precompile(
       {'params': state.teacher_params, 'batch_stats': state.teacher_batch_stats},
-      threads=evaluate.precompile_threads(config, training=True),
+      threads=_precompile_threads(config),
     )
   kept_lines, history = _rewind_metrics(workdir, start)
   writer = MetricWriter(workdir, kept_lines)
@@ -558,6 +558,20 @@ def _train_record(
     'input_wait_s': input_wait,
     'input_wait_frac': input_wait / max(elapsed, 1e-9),
   }
+
+
+def _precompile_threads(config: ml_collections.ConfigDict) -> int:
+  """Compiler threads for the evaluation programs (`train.eval_precompile_threads`).
+
+  Auto (0): one on a CPU backend, whose cores also train; elsewhere a
+  quarter of the host's cores, at most 8 (the rest feed the input pipeline).
+  """
+  n = int(config.train.eval_precompile_threads)
+  if n > 0:
+    return n
+  if jax.default_backend() == 'cpu':
+    return 1
+  return max(1, min(8, pipeline.available_cores() // 4))
 
 
 def _write_lines(path: epath.Path, lines: list[str]) -> None:

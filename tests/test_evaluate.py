@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from dssn_jax import config_lib, evaluate
-from dssn_jax.data import pipeline
 from dssn_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 NAMES3 = ('bg', 'cat', 'dog')
@@ -448,30 +447,6 @@ def test_run_on_a_workdir_matches_the_evaluator(tmp_path):
   json.dumps(record)  # the command line prints it
   with pytest.raises(ValueError, match='no checkpoint at step 7'):
     evaluate.load_for_eval(workdir=str(tmp_path), checkpoint='7')
-
-
-def test_run_compiles_every_shape_before_evaluating(tmp_path, monkeypatch):
-  """`python -m dssn_jax.evaluate` compiles the set's shapes on several
-  threads first (`precompile_threads(training=False)`), then evaluates."""
-  config, model, variables = make_workdir(tmp_path)
-  records = random_records([(40, 52), (52, 40), (40, 52), (33, 33)], num_classes=11, seed=2)
-  monkeypatch.setattr(pipeline, 'available_cores', lambda: 2)
-  seen = []
-  real = evaluate.Evaluator.confusion_matrices
-
-  def spy(self, variables):
-    seen.append(self.num_compiled)
-    return real(self, variables)
-
-  monkeypatch.setattr(evaluate.Evaluator, 'confusion_matrices', spy)
-  record = evaluate.run(workdir=str(tmp_path), checkpoint='best', records=records)
-  assert seen == [3]  # the distinct shapes, all compiled before the pass
-  want = evaluate.Evaluator(model, config, records=records).evaluate(variables)
-  assert record['miou_teacher'] == pytest.approx(want['miou_teacher'])  # same programs
-  config.train.eval_precompile_threads = 3
-  assert evaluate.precompile_threads(config, training=False) == 3
-  config.train.eval_precompile_threads = 0
-  assert evaluate.precompile_threads(config, training=True) == 1  # CPU backend: cores train
 
 
 def test_run_on_converted_weights(tmp_path):
