@@ -17,9 +17,9 @@ interruption, then again in a second workdir where it SIGKILLs the process
 
 After each kill it restarts the same command, which resumes by itself. A
 resume *matches* when every line of `metrics.jsonl` (train and eval, all
-but the wall-clock figures, `dssn_jax.train.WALL_CLOCK_METRICS`) equals the uninterrupted run's line of that step; a
-checkpoint is *lost* when the resume starts before the newest checkpoint
-that was complete at the kill. Last, it cuts a data file of the newest
+but the wall-clock figures, `dssn_jax.train.WALL_CLOCK_METRICS`) equals the
+uninterrupted run's line of that step; a checkpoint is *lost* when the
+resume starts before the newest checkpoint that was complete at the kill. Last, it cuts a data file of the newest
 checkpoint in half and resumes once more: the run must move it to
 `checkpoints_damaged/`, resume from the one before and still match.
 
