@@ -57,9 +57,9 @@ def jitted(model):
   return jax.jit(model.apply)
 
 
-def relative_error(backbone, height, width, variables=None, seed=0):
+def relative_error(backbone, height, width, variables=None, seed=0, batch=2):
   tm, model, converted = pair(backbone)
-  x = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(seed))
+  x = torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
   with torch.no_grad():
     want = tm(x).permute(0, 2, 3, 1).numpy()
   got, _ = jitted(model)(variables or converted, x.permute(0, 2, 3, 1).numpy())
@@ -73,14 +73,11 @@ def test_small_parity(height, width):
   assert relative_error('dinov2_small', height, width) <= REL_TOL
 
 
-def test_giant_swiglu_parity_non_square():
-  assert relative_error('dinov2_giant', 98, 140) <= REL_TOL
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize('height,width', [(518, 518), (266, 392)])
-def test_giant_swiglu_parity_full_sizes(height, width):
-  assert relative_error('dinov2_giant', height, width) <= REL_TOL
+def test_giant_swiglu_parity(height, width):
+  """Full width (1536, SwiGLU, DPT features 384): one image keeps it to about
+  a minute of a 2-core CPU."""
+  assert relative_error('dinov2_giant', height, width, batch=1) <= REL_TOL
 
 
 def test_jax_image_resize_is_not_the_torch_bicubic():

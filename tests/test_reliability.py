@@ -280,7 +280,7 @@ def test_cli_user_errors_are_one_line_and_status_2(args, message, tmp_path):
 
 @pytest.mark.slow  # three short trainings
 def test_deleted_training_image_is_named_and_the_run_resumes_once_restored(tmp_path):
-  import fake_datasets  # pylint: disable=g-import-not-at-top
+  from dssn_jax.testing import fake_datasets  # pylint: disable=g-import-not-at-top
 
   def config(steps):
     c = tiny(load_config('pascal'), steps)
