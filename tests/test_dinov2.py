@@ -250,8 +250,7 @@ def test_registry_lists_both_families():
     create_model('vit_huge', C)
 
 
-@pytest.mark.slow
-def test_real_sizes_and_summary():
+def test_real_sizes_and_summary():  # shapes only: ~2 s
   from dssn_jax.models import __main__ as cli
 
   counts = cli.summary('dinov2_base', 21)
