@@ -315,14 +315,10 @@ def input_pipeline(args, step_s: float | None, per_device_batch: int) -> dict[st
   from dssn_jax.data.pipeline import available_cores  # pylint: disable=g-import-not-at-top
 
   data_throughput = _load_benchmark('data_throughput')
-  ns = argparse.Namespace(
-    recipes=['voc'],
-    images=args.input_images,
-    seconds=args.input_seconds,
-    batch_size=4,
-    batch=per_device_batch,
-    step_s=[step_s or 0.1],
-    devices=[jax.local_device_count()],
+  ns = data_throughput.parse_args(
+    ['--recipes', 'voc', '--images', str(args.input_images), '--seconds', str(args.input_seconds)]
+    + ['--batch', str(per_device_batch), '--step-s', str(step_s or 0.1)]
+    + ['--devices', str(jax.local_device_count())]
   )
   cost = data_throughput.step_cost(ns)['voc']
   cores = available_cores()

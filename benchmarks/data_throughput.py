@@ -344,7 +344,7 @@ def step_cost(args) -> dict:
   return out
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--crops', default='321,513')
   parser.add_argument('--workers', default='0,1,2')
@@ -358,7 +358,7 @@ def main():
   parser.add_argument('--batch', type=int, default=8, help='per-device labeled batch (recipes)')
   parser.add_argument('--step-s', default='0.1,0.3', help='step times to feed (recipes)')
   parser.add_argument('--devices', default='1,8', help='devices per host (recipes)')
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   if args.recipes:
     args.recipes = args.recipes.split(',')
     unknown = sorted(set(args.recipes) - set(RECIPES))
@@ -366,6 +366,12 @@ def main():
       parser.error(f'--recipes: unknown {unknown}; known: {", ".join(RECIPES)}')
     args.step_s = [float(s) for s in args.step_s.split(',')]
     args.devices = [int(d) for d in args.devices.split(',')]
+  return args
+
+
+def main():
+  args = parse_args()
+  if args.recipes:
     step_cost(args)
     return
 
