@@ -48,7 +48,6 @@ configs/X.py` evaluates converted reference weights (`.pth`) or our `.npz`.
 from __future__ import annotations
 
 import collections
-import importlib.util
 import json
 import os
 import threading
@@ -708,9 +707,7 @@ def load_weights(path: str, config: ml_collections.ConfigDict) -> dict[str, Any]
     return {'student': convert.load_npz(path)}
   if ext not in ('.pth', '.pt'):
     raise ValueError(f'weights file {path}: expected a .pth/.pt reference checkpoint or an .npz')
-  if importlib.util.find_spec('torch') is None:
-    raise ImportError(f'reading {path} needs PyTorch (pip install "dssn-jax[convert]")')
-  checkpoint = convert.read_file(path)
+  checkpoint = convert.read_file(path)  # names the file and the extra if torch is missing
   names = {'student': False}
   if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get('model_ema'), Mapping):
     names['teacher'] = True
