@@ -25,8 +25,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dssn_jax.models import layers
-from dssn_jax.models.resnet import conv_padding
+from dssn_jax.errors import one_of
+from dssn_jax.models import layers, registry, resnet_weights
+from dssn_jax.models.resnet import BACKBONES, conv_padding, create_resnet, scale_width
 
 ModuleDef = Any
 
@@ -201,3 +202,125 @@ class DeepLabV3Plus(nn.Module):
     copies = jnp.split(logits, 1 + perturb) if perturb else [logits]
     aux = dict(perturbed=tuple(copies[1:]), c1=c1, c4=c4, features=f[:n])
     return copies[0], aux
+
+
+# Decoder widths: the reference's for the full models; scaled down with the
+# backbone for `resnet_tiny`.
+HEAD_WIDTHS = {
+  'resnet50': dict(aspp_features=256, low_level_features=48, decoder_features=256),
+  'resnet101': dict(aspp_features=256, low_level_features=48, decoder_features=256),
+  'resnet_tiny': dict(aspp_features=32, low_level_features=8, decoder_features=32),
+}
+
+
+def create_deeplabv3plus(
+  backbone: str,
+  num_classes: int,
+  *,
+  deep_stem: bool = True,
+  output_stride: int = 16,
+  dtype: Any = jnp.float32,
+  dropout: float = 0.5,
+  fp_bn: str = 'joint',
+  remat: bool = False,
+  aspp_features: int | None = None,
+  low_level_features: int | None = None,
+  decoder_features: int | None = None,
+  atrous_rates: Sequence[int] = (6, 12, 18),
+  stage_sizes: Sequence[int] | None = None,
+  width_multiplier: float = 1.0,
+) -> DeepLabV3Plus:
+  """DeepLabV3+ on a named ResNet backbone.
+
+  Args:
+    backbone: `resnet50`, `resnet101` or `resnet_tiny`.
+    num_classes: classifier outputs.
+    deep_stem: the reference's 3-conv stem (True) or torchvision's 7x7.
+    output_stride: 16 (reference) or 8.
+    dtype: compute dtype, `float32` or `bfloat16` (string or jnp dtype).
+    dropout: Dropout2d rate of the perturbed decoder copies.
+    fp_bn: decoder BatchNorm statistics with perturbed copies, 'joint'
+      (reference) or 'clean' (`DeepLabV3Plus.fp_bn`).
+    remat: rematerialize each bottleneck block in the backward pass.
+    aspp_features, low_level_features, decoder_features: head widths; None
+      takes the backbone's default (256/48/256 for the full models).
+    atrous_rates: ASPP dilations.
+    stage_sizes: blocks per stage, overriding the backbone's (for
+      reduced-depth networks).
+    width_multiplier: scales every width, backbone (stem and stages) and
+      head, rounded to whole channels; 1 is the named network.
+  """
+  if backbone not in BACKBONES:
+    raise ValueError(f'unknown backbone {backbone!r}; known: {", ".join(BACKBONES)}')
+  if int(num_classes) < 1:
+    raise ValueError(f'num_classes={num_classes} must be positive')
+  dtype = layers.parse_dtype(dtype)
+  widths = {k: scale_width(v, width_multiplier) for k, v in HEAD_WIDTHS[backbone].items()}
+  for key, value in (
+    ('aspp_features', aspp_features),
+    ('low_level_features', low_level_features),
+    ('decoder_features', decoder_features),
+  ):
+    if value is not None:
+      widths[key] = int(value)
+  net = create_resnet(
+    backbone,
+    deep_stem=deep_stem,
+    output_stride=output_stride,
+    dtype=dtype,
+    remat=remat,
+    stage_sizes=stage_sizes,
+    width_multiplier=width_multiplier,
+  )
+  return DeepLabV3Plus(
+    backbone=net,
+    num_classes=int(num_classes),
+    atrous_rates=tuple(atrous_rates),
+    dropout=float(dropout),
+    fp_bn=fp_bn,
+    dtype=dtype,
+    **widths,
+  )
+
+
+def deeplabv3plus_from_config(config) -> DeepLabV3Plus:
+  """`create_deeplabv3plus` from `config.model`, `config.data.num_classes`, `config.train.remat`."""
+  m = config.model
+  fp_bn = one_of('model.fp_bn', m.get('fp_bn', 'joint'), ('joint', 'clean'))
+  return create_deeplabv3plus(
+    m.backbone,
+    config.data.num_classes,
+    deep_stem=m.deep_stem,
+    output_stride=m.output_stride,
+    dtype=m.dtype,
+    dropout=m.dropout,
+    fp_bn=fp_bn,
+    remat=config.train.remat,
+    width_multiplier=m.get('width_multiplier', 1.0),
+  )
+
+
+registry.register(
+  registry.Family(
+    name='resnet',
+    title='DeepLabV3+',
+    backbones=tuple(BACKBONES),
+    test_backbones=('resnet_tiny',),
+    create=create_deeplabv3plus,
+    from_config=deeplabv3plus_from_config,
+    init_size=65,
+    layouts=(
+      registry.WeightLayout('dssn', 'backbone', 'UniMatch/DSSN resnet50.pth / resnet101.pth'),
+      registry.WeightLayout('timm', 'backbone', 'timm gluon_resnet*_v1s'),
+      registry.WeightLayout('torchvision', 'backbone', 'torchvision resnet50 / resnet101'),
+      registry.WeightLayout(
+        'model', 'model', 'a whole DSSN/UniMatch DeepLabV3+ checkpoint', backbone_layout='dssn'
+      ),
+    ),
+    convert=resnet_weights.convert_state_dict,
+    detect_layout=resnet_weights.detect,
+    infer_backbone=resnet_weights.backbone_of,
+    infer_num_classes=resnet_weights.num_classes_of,
+    convert_options=resnet_weights.convert_options,
+  )
+)

@@ -30,7 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from dssn_jax.convert import ConversionError, _flatten, _set, _to_numpy
+from dssn_jax.models.dinov2 import ENCODERS
+from dssn_jax.state_dicts import (
+  ConversionError,
+  flatten,
+  mismatch_error,
+  set_path,
+  strip_prefix,
+  to_numpy,
+)
 
 ENCODER_LAYOUTS = ('dinov2', 'timm_dinov2', 'hf_dinov2')
 MODEL_LAYOUTS = ('unimatch_v2',)
@@ -119,18 +127,12 @@ def _from_hf(state: dict[str, Any]) -> dict[str, Any]:
   for (i, leaf), parts in qkv.items():
     if set(parts) == {'query', 'key', 'value'}:
       out[f'blocks.{i}.attn.qkv.{leaf}'] = np.concatenate(
-        [_to_numpy(parts[p]) for p in ('query', 'key', 'value')]
+        [to_numpy(parts[p]) for p in ('query', 'key', 'value')]
       )
     else:  # incomplete: report the pieces that are there
       for p, value in parts.items():
         out[f'encoder.layer.{i}.attention.attention.{p}.{leaf}'] = value
   return out
-
-
-def _strip(state: dict[str, Any], prefix: str) -> dict[str, Any]:
-  if state and all(k.startswith(prefix) for k in state):
-    return {k[len(prefix) :]: v for k, v in state.items()}
-  return state
 
 
 def to_hub_names(state: Mapping[str, Any], template: Mapping[str, Any], layout: str) -> dict:
@@ -143,7 +145,7 @@ def to_hub_names(state: Mapping[str, Any], template: Mapping[str, Any], layout: 
   if layout == 'hf_dinov2':
     return _from_hf(state)
   if layout == 'unimatch_v2':
-    return _strip(state, 'module.')
+    return strip_prefix(state, 'module.')
   raise ValueError(f'layout={layout!r} must be one of {", ".join(ENCODER_LAYOUTS + MODEL_LAYOUTS)}')
 
 
@@ -168,32 +170,24 @@ def convert_state_dict(
   params = template['params']
   state = to_hub_names(state, params, layout)
   used, missing, misshaped, out = set(), [], [], {}
-  for path, leaf in _flatten(params):
+  for path, leaf in flatten(params):
     key = torch_key(path)
     if key not in state:
       missing.append(f'{key} (for params/{"/".join(path)}, shape {tuple(leaf.shape)})')
       continue
     used.add(key)
-    raw = _to_numpy(state[key])
+    raw = to_numpy(state[key])
     value = _to_ours(path, raw)
     if tuple(value.shape) != tuple(leaf.shape):
       misshaped.append(
         f'{key}: {tuple(raw.shape)} does not fit params/{"/".join(path)} {tuple(leaf.shape)}'
       )
       continue
-    _set(out, ('params',) + path, np.asarray(value, np.float32))
+    set_path(out, ('params',) + path, np.asarray(value, np.float32))
   unexpected = sorted(k for k in state if k not in used)
-  if missing or unexpected or misshaped:
-    lines = [f'state dict does not match the model (layout {layout!r}):']
-    for title, keys in (
-      ('missing', missing),
-      ('unexpected', unexpected),
-      ('mis-shaped', misshaped),
-    ):
-      if keys:
-        lines.append(f'  {len(keys)} {title} key(s):')
-        lines.extend(f'    {k}' for k in keys)
-    raise ConversionError('\n'.join(lines))
+  error = mismatch_error(layout, missing, unexpected, misshaped)
+  if error:
+    raise error
   return out
 
 
@@ -215,17 +209,29 @@ def encoder_dims(state: Mapping[str, Any], layout: str) -> tuple[int, int]:
   prefix = 'backbone.' if layout in MODEL_LAYOUTS else ''
   if f'{prefix}cls_token' not in state:
     raise ConversionError(f'no {prefix}cls_token in the state dict; pass backbone=')
-  dim = int(_to_numpy(state[f'{prefix}cls_token']).shape[-1])
+  dim = int(to_numpy(state[f'{prefix}cls_token']).shape[-1])
   blocks = {
     int(g.group(1)) for k in state if (g := re.match(re.escape(prefix) + r'blocks\.(\d+)\.', k))
   }
   return dim, (max(blocks) + 1 if blocks else 0)
 
 
-def num_classes_of(state: Mapping[str, Any]) -> int:
+def num_classes_of(state: Mapping[str, Any], layout: str = 'unimatch_v2') -> int:
   """Classes of a whole UniMatch V2 checkpoint (its last output conv)."""
-  state = _strip(dict(state), 'module.')
+  del layout
+  state = strip_prefix(dict(state), 'module.')
   key = 'head.scratch.output_conv.2.weight'
   if key not in state:
     raise ConversionError(f'no {key} in the state dict; pass num_classes=')
-  return int(_to_numpy(state[key]).shape[0])
+  return int(to_numpy(state[key]).shape[0])
+
+
+def backbone_of(state: Mapping[str, Any], layout: str) -> str:
+  """The DINOv2 encoder whose width and depth a state dict of `layout` holds."""
+  dim_depth = encoder_dims(state, layout)
+  for name, spec in ENCODERS.items():
+    if (spec.dim, spec.depth) == dim_depth:
+      return name
+  raise ConversionError(
+    f'no DINOv2 encoder has width {dim_depth[0]} and {dim_depth[1]} blocks; pass backbone='
+  )

@@ -36,9 +36,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dssn_jax.models import layers
+from dssn_jax.errors import one_of
+from dssn_jax.models import dinov2_weights, layers, registry
 from dssn_jax.models.deeplabv3plus import torch_default_kernel_init
-from dssn_jax.models.dinov2 import PATCH
+from dssn_jax.models.dinov2 import ENCODERS, PATCH, create_encoder
 
 # The authors' head sizes per encoder (unimatch_v2.py's model_configs).
 HEAD_SIZES = {
@@ -288,8 +289,6 @@ def create_dpt(
     features, out_channels: head widths; None keeps the named ones.
     attention: `jax.nn.dot_product_attention` implementation (None: XLA's choice).
   """
-  from dssn_jax.models.dinov2 import create_encoder  # pylint: disable=g-import-not-at-top
-
   if backbone not in HEAD_SIZES:
     raise ValueError(f'unknown DINOv2 backbone {backbone!r}; known: {", ".join(HEAD_SIZES)}')
   if int(num_classes) < 1:
@@ -304,3 +303,44 @@ def create_dpt(
   )
   head = DPTHead(int(num_classes), size['features'], tuple(size['out_channels']), dtype, name=None)
   return DPTSegmenter(encoder, head, float(dropout), bool(freeze_backbone))
+
+
+def dpt_from_config(config) -> DPTSegmenter:
+  """`create_dpt` from `config.model` (backbone, dtype, dropout, attention) and
+  `config.train` (remat, freeze_backbone)."""
+  m = config.model
+  return create_dpt(
+    m.backbone,
+    config.data.num_classes,
+    dtype=layers.parse_dtype(m.dtype),
+    dropout=m.dropout,
+    remat=config.train.remat,
+    freeze_backbone=config.train.freeze_backbone,
+    attention=one_of('model.attention', m.attention, ('xla', 'cudnn')),
+  )
+
+
+registry.register(
+  registry.Family(
+    name='dinov2',
+    title='DINOv2 + DPT',
+    backbones=tuple(ENCODERS),
+    test_backbones=('dinov2_tiny',),
+    create=create_dpt,
+    from_config=dpt_from_config,
+    init_size=28,
+    layouts=(
+      registry.WeightLayout('dinov2', 'backbone', 'DINOv2 hub dinov2_vit*14_pretrain.pth'),
+      registry.WeightLayout('timm_dinov2', 'backbone', 'timm vit_*_patch14_dinov2'),
+      registry.WeightLayout('hf_dinov2', 'backbone', 'Hugging Face Dinov2Model (.safetensors)'),
+      registry.WeightLayout(
+        'unimatch_v2', 'model', 'a whole UniMatch V2 checkpoint', backbone_layout='dinov2'
+      ),
+    ),
+    convert=dinov2_weights.convert_state_dict,
+    detect_layout=dinov2_weights.detect,
+    infer_backbone=dinov2_weights.backbone_of,
+    infer_num_classes=dinov2_weights.num_classes_of,
+    patch=PATCH,
+  )
+)

@@ -30,6 +30,20 @@ import numpy as np
 Dtype = Any
 
 
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def parse_dtype(dtype: Any) -> Any:
+  """'float32' | 'bfloat16' (or the jnp dtype itself) -> jnp dtype."""
+  if isinstance(dtype, str):
+    if dtype not in DTYPES:
+      raise ValueError(f'model dtype {dtype!r} must be one of {", ".join(DTYPES)}')
+    return DTYPES[dtype]
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+    raise ValueError(f'model dtype {dtype!r} must be float32 or bfloat16')
+  return dtype
+
+
 class BatchNorm(nn.Module):
   """`torch.nn.BatchNorm2d` over the last axis of `(..., C)` inputs.
 

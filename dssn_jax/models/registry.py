@@ -2,12 +2,13 @@
 
 A `Family` says how to build its segmenter from a backbone name or a
 config, which weight layouts it imports and how to recognise them from the
-keys, and how `--summary` titles it. `dssn_jax.models` registers the two
-families (ResNet + DeepLabV3+, DINOv2 + DPT); `create_model`,
-`model_from_config`, `python -m dssn_jax.models --summary`,
-`python -m dssn_jax.convert` and `benchmarks/step_speed.py` take their
-choices from here. A new family is one `register(Family(...))` call plus its
-modules.
+keys, and how `--summary` titles it. Each family registers itself at the
+bottom of its segmenter's module (ResNet + DeepLabV3+ in `deeplabv3plus`,
+DINOv2 + DPT in `dpt`); `create_model`, `model_from_config`,
+`python -m dssn_jax.models --summary`, `python -m dssn_jax.convert` and
+`benchmarks/step_speed.py` take their choices from here. A new family is
+one module calling `register(Family(...))` (named in `config.imports` if it
+lives outside dssn_jax).
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from dssn_jax.errors import ConfigError, ConversionError
+from dssn_jax.models import layers
+from dssn_jax.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +64,8 @@ class Family:
     infer_num_classes: `(state, layout) -> classes` of a 'model' layout.
     convert_options: `(state, layout) -> create options` the weights imply
       (e.g. ResNet's stem).
-    summary_options: `argparse`-free extra options `--summary` may pass.
+    patch: the input side must be a multiple of this (a ViT's patch), or
+      None (any side of at least the output stride).
   """
 
   name: str
@@ -75,44 +81,51 @@ class Family:
   infer_backbone: Callable[[Mapping[str, Any], str], str]
   infer_num_classes: Callable[[Mapping[str, Any], str], int]
   convert_options: Callable[[Mapping[str, Any], str], dict] = lambda state, layout: {}
+  patch: int | None = None
 
 
-FAMILIES: dict[str, Family] = {}
+FAMILIES: Registry[Family] = Registry(
+  'backbone family',
+  'family',
+  builtins={'resnet': 'dssn_jax.models.deeplabv3plus', 'dinov2': 'dssn_jax.models.dpt'},
+)
+
+
+def families() -> list[Family]:
+  """Every registered family (built-in modules imported)."""
+  return FAMILIES.entries()
 
 
 def register(family: Family) -> Family:
   """Adds a family; backbone and layout names must be new."""
-  for other in FAMILIES.values():
-    if other.name == family.name:
-      raise ValueError(f'family {family.name!r} is already registered')
+  for other in FAMILIES.registered():
     clash = set(other.backbones) & set(family.backbones)
     clash |= {lay.name for lay in other.layouts} & {lay.name for lay in family.layouts}
     if clash:
       raise ValueError(f'family {family.name!r} reuses names of {other.name!r}: {sorted(clash)}')
-  FAMILIES[family.name] = family
-  return family
+  return FAMILIES.register(family)
 
 
 def backbone_names(*, include_tests: bool = True) -> list[str]:
   """Every registered backbone, family by family."""
-  return [
-    b for f in FAMILIES.values() for b in f.backbones if include_tests or b not in f.test_backbones
-  ]
+  return [b for f in families() for b in f.backbones if include_tests or b not in f.test_backbones]
 
 
 def family_of(backbone: str) -> Family:
-  for family in FAMILIES.values():
+  for family in families():
     if backbone in family.backbones:
       return family
-  raise ValueError(f'unknown backbone {backbone!r}; known: {", ".join(backbone_names())}')
+  raise ConfigError(
+    f'config.model.backbone={backbone!r} is not one of {", ".join(backbone_names())}'
+  )
 
 
 def layout_names() -> list[str]:
-  return [lay.name for f in FAMILIES.values() for lay in f.layouts]
+  return [lay.name for f in families() for lay in f.layouts]
 
 
 def find_layout(name: str) -> tuple[Family, WeightLayout]:
-  for family in FAMILIES.values():
+  for family in families():
     for lay in family.layouts:
       if lay.name == name:
         return family, lay
@@ -126,16 +139,12 @@ def detect_layout(state: Mapping[str, Any]) -> str:
     ValueError (a `convert.ConversionError`): when no family recognises the
       keys; the message shows a few of them and lists the layouts.
   """
-  from dssn_jax.convert import ConversionError  # pylint: disable=g-import-not-at-top
-
-  found = [(f, name) for f in FAMILIES.values() if (name := f.detect_layout(state))]
+  found = [(f, name) for f in families() if (name := f.detect_layout(state))]
   if len(found) == 1:
     return found[0][1]
   sample = ', '.join(sorted(state)[:6]) or '(no keys)'
   if not found:
-    known = '; '.join(
-      f'{lay.name}: {lay.description}' for f in FAMILIES.values() for lay in f.layouts
-    )
+    known = '; '.join(f'{lay.name}: {lay.description}' for f in families() for lay in f.layouts)
     raise ConversionError(
       f'cannot tell the weight layout from the keys ({len(state)} keys: {sample}, ...);'
       f' pass --layout (layout=) one of: {known}'
@@ -151,3 +160,16 @@ def variable_shapes(model: nn.Module, backbone: str) -> dict[str, Any]:
   size = family_of(backbone).init_size
   x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   return jax.eval_shape(lambda r, x: model.init(r, x, train=False), jax.random.key(0), x)
+
+
+def create_model(backbone: str, num_classes: int, **options):
+  """The segmenter of `backbone`'s family (see its `create` for `options`;
+  `dtype` may be a string)."""
+  if 'dtype' in options:
+    options['dtype'] = layers.parse_dtype(options['dtype'])
+  return family_of(backbone).create(backbone, num_classes, **options)
+
+
+def model_from_config(config):
+  """The model `config.model.backbone` names, built by its family from the config."""
+  return family_of(config.model.backbone).from_config(config)
