@@ -77,7 +77,7 @@ def check_split(config: ml_collections.ConfigDict, split: str, threads: int = 4)
   """Reads every record of `split`; errors are collected, not raised."""
   report = SplitReport(split)
   try:
-    source = sources.get_source(config, split)
+    source = datasets.get_source(config, split)
   except (sources.DatasetError, FileNotFoundError, ValueError) as e:
     report.errors.append(f'{split}: {e}')
     return report
@@ -127,7 +127,7 @@ def check_dataset(
   """
   data = config.data
   unlabeled = methods.get(config.method).unlabeled
-  splits = sources.SPLITS if unlabeled else ('labeled', 'val')
+  splits = datasets.SPLITS if unlabeled else ('labeled', 'val')
   where = datasets.get(data.name).where(config)
   out(f'dataset {data.name}' + (f' ({where})' if where else '') + f', {data.num_classes} classes')
   reports = [check_split(config, split, threads) for split in splits]
@@ -142,7 +142,7 @@ def check_dataset(
       + (f'  ({len(r.errors)} errors)' if r.errors else '')
     )
   try:
-    names = sources.class_names(config)
+    names = datasets.class_names(config)
   except ValueError as e:
     names = tuple(f'class_{i}' for i in range(data.num_classes))
     reports[0].errors.append(str(e))
@@ -172,7 +172,7 @@ def main(argv):
 
   xla_flags.set_default_cpu_flags()
   cli.quiet_library_logs()
-  config_lib.validate(FLAGS.config)
+  config_lib.resolve(FLAGS.config)
   ok = check_dataset(FLAGS.config, threads=FLAGS.threads, max_errors=FLAGS.max_errors)
   sys.exit(0 if ok else 1)
 

@@ -212,6 +212,6 @@ datasets.register(
     lambda config: CLASS_NAMES,
     lambda config: classes.voc_colormap(NUM_CLASSES),
     SPLITS,
-    lambda config: datasets.split_files_where(config) + f', labels {config.data.ade20k.labels!r}',
+    lambda config: sources.split_files_where(config) + f', labels {config.data.ade20k.labels!r}',
   )
 )

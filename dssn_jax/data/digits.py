@@ -35,6 +35,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from dssn_jax.data import datasets
+
 CLASS_NAMES = ('background',) + tuple(f'digit {d}' for d in range(10))
 NUM_CLASSES = len(CLASS_NAMES)  # 11
 
@@ -462,3 +464,16 @@ def get_source(config, split: str) -> DigitScenes:
     clutter=tuple(d.clutter),
     cache=bool(d.cache),
   )
+
+
+datasets.register(
+  datasets.Dataset(
+    'digits',
+    get_source,
+    NUM_CLASSES,  # background + 10 digits
+    lambda config: tuple(CLASS_NAMES),
+    lambda config: np.asarray(PALETTE, np.uint8),
+    (),
+    lambda config: 'embedded DigitScenes (scikit-learn digits)',
+  )
+)

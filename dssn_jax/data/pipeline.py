@@ -51,7 +51,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from dssn_jax.data import sources, transforms
+from dssn_jax.data import datasets, sources, transforms
 
 EVAL_MODES = ('original', 'center_crop', 'sliding_window')
 MIX_PARTNER = ('same', 'shuffled', 'reversed')
@@ -179,39 +179,43 @@ def available_cores() -> int:
   return cores
 
 
-# CPU-seconds of input work per sample, measured on this project's 2-core CPU
-# with `benchmarks/data_throughput.py --recipes voc,cityscapes` (generated
-# images, scale range 0.5-2.0) under a load average of ~19 from other jobs:
-# labeled views, unlabeled views (weak, two strong, cutmix boxes), mix-partner
-# views. VOC at crop 513 (74 / 32 / 32 per CPU-second); Cityscapes (1024x2048
-# PNG) at crop 801 (9.5 / 8.2 / 8.2). The same benchmark on the idle machine
-# (docs: README "Performance") measured 94 / 37 / 36 and 9.6 / 8.8 / 7.8: these
-# costs are 10-25% high, so auto workers err on the side of more.
+# CPU-seconds of input work per sample, by input profile (`Dataset.input_profile`),
+# from `benchmarks/data_throughput.py --recipes voc,cityscapes` (generated
+# images, scale range 0.5-2.0; docs/performance.md): labeled views, unlabeled
+# views (weak, two strong, cutmix boxes), mix-partner views. VOC at crop 513;
+# Cityscapes (1024x2048 PNG) at crop 801. These are a loaded machine's costs,
+# on the high side, so auto workers err on the side of more.
 SAMPLE_CPU_S = {
   'voc': dict(crop=513, labeled=1 / 74.1, unlabeled=1 / 32.4, partner=1 / 31.6),
   'cityscapes': dict(crop=801, labeled=1 / 9.5, unlabeled=1 / 8.2, partner=1 / 8.2),
 }
 
 
-def input_cpu_s_per_step(config: ml_collections.ConfigDict, local_batch: int) -> float:
+def input_cpu_s_per_step(
+  config: ml_collections.ConfigDict, local_batch: int, unlabeled: bool = True
+) -> float:
   """Estimated CPU-seconds of input work for one step of this host.
 
-  From `SAMPLE_CPU_S` (Cityscapes' for `cityscapes`, VOC's otherwise),
-  scaled by the crop area; a `supervised` step reads labeled views only.
+  From `SAMPLE_CPU_S` (the dataset's `input_profile`), scaled by the crop
+  area; without `unlabeled` (a supervised method) a step reads labeled views
+  only.
   """
-  cost = SAMPLE_CPU_S['cityscapes' if config.data.name == 'cityscapes' else 'voc']
+  cost = SAMPLE_CPU_S[datasets.get(config.data.name).input_profile]
   per_sample = cost['labeled']
-  if config.method != 'supervised':
+  if unlabeled:
     per_sample += cost['unlabeled'] + cost['partner']
   return local_batch * per_sample * (int(config.data.crop_size) / cost['crop']) ** 2
 
 
-def auto_workers(config: ml_collections.ConfigDict, local_batch: int, cores: int) -> int:
+def auto_workers(
+  config: ml_collections.ConfigDict, local_batch: int, cores: int, unlabeled: bool = True
+) -> int:
   """Worker processes for `config.data.workers = -1`: enough to feed a step of
   `config.data.workers_step_s` seconds, at most `cores - 1` (the main
   process needs one), at least 1. A run that still waits for input shows it
   in metrics.jsonl (`input_wait_frac`)."""
-  need = math.ceil(input_cpu_s_per_step(config, local_batch) / float(config.data.workers_step_s))
+  cost = input_cpu_s_per_step(config, local_batch, unlabeled)
+  need = math.ceil(cost / float(config.data.workers_step_s))
   return max(1, min(cores - 1, need))
 
 
@@ -273,16 +277,6 @@ def _unlabeled_streams(
   return streams
 
 
-def _supervised_warmup_steps(config: ml_collections.ConfigDict, epoch: int) -> int:
-  """The steps of the config's supervised warm-up (`train.warmup_terms=
-  'supervised'`), which read `x`, `y` alone; 0 without one."""
-  from dssn_jax import config_lib  # pylint: disable=g-import-not-at-top
-
-  if config_lib.resolve_method(config).warmup_terms != 'supervised':
-    return 0
-  return config_lib.resolve_steps(config, epoch).warmup_steps
-
-
 def _batch_sizes(config: ml_collections.ConfigDict, process_count: int) -> int:
   global_batch = int(config.data.batch_size)
   if global_batch <= 0 or global_batch % process_count:
@@ -322,16 +316,18 @@ class TrainData:
   """The training batches of one host, resumable.
 
   Args:
-    config: the experiment config (`config.data.*`, `config.method`).
+    config: the experiment config (`config.data.*`).
     mesh: the data mesh; needed by `next()` (global arrays), not by
       `local_batch()`.
     seed: fixes record order and every augmentation.
     process_index, process_count: this host's shard (default: jax's).
     num_threads: threads reading batches in each process (grain
       `ReadOptions`); default 1 with worker processes, 2 without.
+    settings: the resolved config (`config_lib.resolve`): whether the
+      method reads the unlabeled stream, its mix partner, its labeled-only
+      first steps.
     labeled_only_steps: the first steps whose batches hold `x`, `y` (and
-      `x_id`) alone; None: the steps of the config's supervised warm-up
-      (`train.warmup_terms='supervised'`), 0 otherwise.
+      `x_id`) alone; None: those of `settings` (a supervised warm-up).
 
   Attributes:
     num_labeled, num_unlabeled: sizes of the lists (num_unlabeled is 0 for
@@ -350,8 +346,9 @@ class TrainData:
     seed: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    settings,
     num_threads: int | None = None,
-    labeled_only_steps: int | None = 0,
+    labeled_only_steps: int | None = None,
   ):
     if process_index is None or process_count is None:
       import jax  # pylint: disable=g-import-not-at-top
@@ -363,13 +360,11 @@ class TrainData:
     _check_train_config(config)
     data = config.data
     self.mesh = mesh
-    from dssn_jax import config_lib, methods  # pylint: disable=g-import-not-at-top
-
-    self.supervised = not methods.get(config.method).unlabeled  # labeled stream only
+    self.supervised = not settings.unlabeled  # labeled stream only
     self.local_batch_size = _batch_sizes(config, process_count)
-    mix_partner = config_lib.resolve_mix_partner(config)
+    mix_partner = settings.mix_partner
 
-    labeled = sources.get_source(config, 'labeled')
+    labeled = datasets.get_source(config, 'labeled')
     self.num_labeled = len(labeled)
     if self.num_labeled == 0:
       raise ValueError(f'the labeled split of {labeled!r} is empty')
@@ -382,7 +377,7 @@ class TrainData:
       self.num_unlabeled = 0
       epoch = self.num_labeled
     else:
-      unlabeled = sources.get_source(config, 'unlabeled')
+      unlabeled = datasets.get_source(config, 'unlabeled')
       self.num_unlabeled = epoch = len(unlabeled)
       if epoch == 0:
         raise ValueError(f'the unlabeled split of {unlabeled!r} is empty')
@@ -406,7 +401,7 @@ class TrainData:
         unlabeled, config, epoch=epoch, seed=seed, geometry=geometry, mix_partner=mix_partner
       )
     if labeled_only_steps is None:
-      labeled_only_steps = 0 if self.supervised else _supervised_warmup_steps(config, epoch)
+      labeled_only_steps = settings.labeled_only_steps(epoch)
     self.labeled_only_steps = int(labeled_only_steps)
     # Global batch k holds records k*B .. k*B + B - 1 (B: the global batch).
     self._global_batch = self.local_batch_size * process_count
@@ -417,7 +412,9 @@ class TrainData:
     ds = ds[process_index::process_count]
     workers = int(data.workers)
     if workers == -1:
-      workers = auto_workers(config, self.local_batch_size, available_cores())
+      workers = auto_workers(
+        config, self.local_batch_size, available_cores(), unlabeled=not self.supervised
+      )
     self.workers = workers
     threads = num_threads if num_threads is not None else (1 if workers else 2)
     prefetch = max(1, int(data.prefetch))
@@ -554,7 +551,7 @@ def eval_records(
 
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-  source = sources.get_source(config, 'val')
+  source = datasets.get_source(config, 'val')
   per_host = math.ceil(len(source) / process_count)
   crop = config.data.eval_crop_size or config.data.crop_size
   indices = grain.MapDataset.range(per_host * process_count)[process_index::process_count]

@@ -1,6 +1,6 @@
 """Datasets as random-access record sources, one per split.
 
-`get_source(config, split)` with `split` in `labeled | unlabeled | val`
+`datasets.get_source(config, split)` with `split` in `labeled | unlabeled | val`
 returns a picklable object with `__len__`, `__getitem__` and `__repr__` (what
 grain's `MapDataset.source` and its worker processes need). Records are
 
@@ -9,8 +9,10 @@ grain's `MapDataset.source` and its worker processes need). Records are
 and unlabeled records have no `mask`: unlabeled images never need one.
 Masks hold train ids in `[0, num_classes)` and 255 (ignore).
 
-Datasets register in `dssn_jax.data.datasets` (name -> source builder,
-classes, palette, splits); the builders of the shared layouts live here.
+The builders of the shared layouts live here, and the datasets of these
+layouts register here (`dssn_jax.data.datasets`: name -> source builder,
+classes, palette, splits); `ade20k` and `digits` register in their own
+modules. `datasets.get_source(config, split)` is the entry point.
 Layouts (`config.data.name`):
 
 - `pascal`, `cityscapes`, `coco`, `ade20k`: `config.data.root` plus the UniMatch/DSSN
@@ -47,9 +49,8 @@ import numpy as np
 from PIL import Image
 
 from dssn_jax.cli import UserError
-from dssn_jax.data import classes
+from dssn_jax.data import classes, datasets
 
-SPLITS = ('labeled', 'unlabeled', 'val')
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp', '.ppm')
 IGNORE = 255
 
@@ -567,33 +568,6 @@ def tfds_source(config: ml_collections.ConfigDict, split: str) -> TfdsSource:
   )
 
 
-# ----------------------------------------------------------------------------
-# Entry points.
-
-
-def _dataset(config: ml_collections.ConfigDict):
-  """The registered dataset of `config`, after checking `num_classes` against it."""
-  from dssn_jax.data import datasets  # pylint: disable=g-import-not-at-top
-
-  name = config.data.name
-  dataset = datasets.get(name)
-  expected = dataset.num_classes
-  if expected is not None and config.data.num_classes != expected:
-    raise ValueError(
-      f'config.data.num_classes={config.data.num_classes} but {name} has {expected} classes'
-    )
-  if not 0 < config.data.num_classes <= IGNORE:
-    raise ValueError(f'config.data.num_classes={config.data.num_classes} must be in 1..255')
-  return dataset
-
-
-def get_source(config: ml_collections.ConfigDict, split: str):
-  """The random-access source of `split` (labeled | unlabeled | val)."""
-  if split not in SPLITS:
-    raise ValueError(f'split {split!r} is not one of {", ".join(SPLITS)}')
-  return _dataset(config).source(config, split)
-
-
 def _names_from_key(value: str, key: str, num_classes: int) -> tuple[str, ...] | None:
   if not value:
     return None
@@ -615,11 +589,76 @@ def names_from_config(config: ml_collections.ConfigDict, section: str) -> tuple[
   return names or tuple(f'class_{i}' for i in range(n))
 
 
-def class_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """Names of the `config.data.num_classes` classes, indexed by train id."""
-  return tuple(_dataset(config).class_names(config))
+# ----------------------------------------------------------------------------
+# The datasets of these layouts.
 
 
-def palette(config: ml_collections.ConfigDict) -> np.ndarray:
-  """`(num_classes, 3)` uint8 colors, indexed by train id."""
-  return np.asarray(_dataset(config).palette(config), np.uint8)
+def split_files_where(config) -> str:
+  d = config.data
+  return f'root {d.root!r}, splits {d.splits_dir!r}, split {d.split!r}'
+
+
+def _fixed_names(names: tuple[str, ...]):
+  return lambda config: names
+
+
+def _voc_palette(config) -> np.ndarray:
+  return classes.voc_colormap(config.data.num_classes)
+
+
+datasets.register(
+  datasets.Dataset(
+    'pascal',
+    split_file_source,
+    21,
+    _fixed_names(classes.PASCAL),
+    _voc_palette,
+    ('92', '183', '366', '732', '1464', '1_16', '1_8', '1_4', '1_2'),
+    split_files_where,
+  )
+)
+datasets.register(
+  datasets.Dataset(
+    'cityscapes',
+    lambda config, split: split_file_source(config, split, label_map_fn=cityscapes_mask),
+    19,
+    _fixed_names(classes.CITYSCAPES),
+    lambda config: np.asarray(classes.CITYSCAPES_COLORS, np.uint8),
+    ('1_16', '1_8', '1_4', '1_2'),
+    split_files_where,
+    input_profile='cityscapes',
+  )
+)
+datasets.register(
+  datasets.Dataset(
+    'coco',
+    split_file_source,
+    81,
+    _fixed_names(classes.COCO),
+    _voc_palette,
+    ('1_512', '1_256', '1_128', '1_64', '1_32'),
+    split_files_where,
+  )
+)
+datasets.register(
+  datasets.Dataset(
+    'folder',
+    folder_source,
+    None,
+    lambda config: names_from_config(config, 'folder'),
+    _voc_palette,
+    (),
+    lambda config: f'root {config.data.root!r}',
+  )
+)
+datasets.register(
+  datasets.Dataset(
+    'tfds',
+    tfds_source,
+    None,
+    lambda config: names_from_config(config, 'tfds'),
+    _voc_palette,
+    (),
+    lambda config: f'tfds {config.data.tfds.name!r}',
+  )
+)
