@@ -121,8 +121,6 @@ def dinov2_backbones() -> list[str]:
   from dssn_jax.models import registry  # pylint: disable=g-import-not-at-top
 
   family = registry.FAMILIES.get('dinov2')
-  if family is None:
-    return []
   return [b for b in family.backbones if b not in family.test_backbones]
 
 

@@ -278,7 +278,7 @@ def step_cost(args) -> dict:
   import grain  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
 
-  from dssn_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
+  from dssn_jax.data import datasets, pipeline  # pylint: disable=g-import-not-at-top
   from dssn_jax.testing import fake_datasets  # pylint: disable=g-import-not-at-top
 
   flags.FLAGS.mark_as_parsed()
@@ -297,8 +297,8 @@ def step_cost(args) -> dict:
           tmp, n_labeled=n, n_unlabeled=n, n_val=1, sizes=sizes, raw_ids_for=()
         )
       config = fake_datasets.config_for(layout, root, splits)
-      labeled = sources.get_source(config, 'labeled')
-      unlabeled = sources.get_source(config, 'unlabeled')
+      labeled = datasets.get_source(config, 'labeled')
+      unlabeled = datasets.get_source(config, 'unlabeled')
       geometry = dict(crop_size=crop, scale_range=(0.5, 2.0))
       strong = dict(max_ops=3, cutmix_p=0.5)
       streams = {
@@ -380,7 +380,7 @@ def main():
   from absl import flags  # pylint: disable=g-import-not-at-top
 
   from dssn_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from dssn_jax.data import pipeline, sources  # pylint: disable=g-import-not-at-top
+  from dssn_jax.data import datasets, pipeline, sources  # pylint: disable=g-import-not-at-top
 
   flags.FLAGS.mark_as_parsed()  # grain workers read absl flags
   cv2.setNumThreads(1)  # one core per process, as in the workers
@@ -393,8 +393,8 @@ def main():
     root, splits_dir = make_tree(tmp.name, args.images)
   config = config_lib.base_config()
   config.data.root, config.data.splits_dir, config.data.split = root, splits_dir, args.split
-  labeled = sources.get_source(config, 'labeled')
-  unlabeled = sources.get_source(config, 'unlabeled')
+  labeled = datasets.get_source(config, 'labeled')
+  unlabeled = datasets.get_source(config, 'unlabeled')
   try:  # the masks the reference reads along with unlabeled images
     ref_entries = sources.read_split_file(
       os.path.join(splits_dir, args.split, 'unlabeled.txt'), root, with_mask=True

@@ -213,10 +213,10 @@ def measure_compile(args) -> dict:
 
 def measure_buckets(args) -> dict:
   from dssn_jax import evaluate, models  # pylint: disable=g-import-not-at-top
-  from dssn_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from dssn_jax.data import datasets  # pylint: disable=g-import-not-at-top
 
   config, variables, step = evaluate.load_for_eval(workdir=args.buckets_workdir, checkpoint='best')
-  source = sources.get_source(config, 'val')
+  source = datasets.get_source(config, 'val')
   rng = np.random.default_rng(args.seed)
   records = []
   for i in range(min(len(source), args.bucket_records)):

@@ -91,9 +91,9 @@ import numpy as np
 
 from dssn_jax import config_lib, models, optim, parallel
 from dssn_jax import train_step as ts_lib
-from dssn_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from dssn_jax.models import registry
 from dssn_jax.models.resnet import BACKBONES
+from dssn_jax.normalize import IMAGENET_MEAN, IMAGENET_STD
 from dssn_jax.train import initial_variables
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -326,8 +326,8 @@ def prepare_jax(args: argparse.Namespace, remat: bool) -> Step:
   n_dev = jax.device_count()
   global_batch = args.batch * n_dev
   config.data.batch_size = global_batch
-  settings = config_lib.resolve_method(config)
-  schedule = config_lib.resolve_steps(config, 1000 * global_batch)
+  settings = config_lib.resolve(config)
+  schedule = settings.schedule(1000 * global_batch)
   model = models.model_from_config(config)
   tx = optim.make_optimizer(schedule, config)
   # Params do not depend on the image size: initialize on a small one.

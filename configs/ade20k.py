@@ -52,6 +52,6 @@ def get_config(arg=None):
   c.train.epochs = 60.0
   c.train.log_every = 50
   c.train.checkpoint_every = 2000
-  if args['backbone'].startswith('dinov2'):
+  if config_lib.is_vit(args['backbone']):
     config_lib.dinov2_recipe(c, args['backbone'], crop=518, epochs=60, batch=8)
   return c

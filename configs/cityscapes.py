@@ -71,7 +71,7 @@ def get_config(arg=None):
   c.train.warmup_epochs = 5.0
   c.train.log_every = 50
   c.train.checkpoint_every = 1000
-  if args['backbone'].startswith('dinov2'):
+  if config_lib.is_vit(args['backbone']):
     config_lib.dinov2_recipe(c, args['backbone'], crop=798, epochs=180, batch=8)
     c.data.eval_resize_multiple = 0  # sliding windows of 798 = 57 x 14
     c.loss.ohem_min_kept = 100000

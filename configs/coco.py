@@ -52,6 +52,6 @@ def get_config(arg=None):
   c.train.lr_multi = 10.0
   c.train.log_every = 50
   c.train.checkpoint_every = 2000
-  if args['backbone'].startswith('dinov2'):
+  if config_lib.is_vit(args['backbone']):
     config_lib.dinov2_recipe(c, args['backbone'], crop=518, epochs=20, batch=16)
   return c

@@ -63,6 +63,6 @@ def get_config(arg=None):
   c.train.warmup_steps = 1
   c.train.log_every = 50
   c.train.checkpoint_every = 1000
-  if args['backbone'].startswith('dinov2'):
+  if config_lib.is_vit(args['backbone']):
     config_lib.dinov2_recipe(c, args['backbone'], crop=518, epochs=60, batch=16)
   return c

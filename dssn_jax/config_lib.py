@@ -2,10 +2,12 @@
 method presets are resolved.
 
 Every file in `configs/` starts from `base_config()` and overrides what its
-recipe changes. Values left as placeholders (None) mean "the method's
-default" and are filled by `resolve_method` from `METHOD_PRESETS`; training
-durations given in epochs are turned into steps by `resolve_steps`, which
-needs the size of the unlabeled set and so runs once the data is known.
+recipe changes. `resolve(config)` turns a config into the frozen `Settings`
+the train step, the pipeline and the loop read, once: values left as
+placeholders (None) mean "the method's default" and are filled from the
+method's own `Settings` class (`dssn_jax.methods`); training durations given
+in epochs are turned into steps by `Settings.schedule`, which needs the size
+of the unlabeled set and so runs once the data is known.
 
 Loss weights are *effective* weights of the total objective. The reference
 writes DSSN's VOC total as
@@ -28,18 +30,28 @@ import ml_collections
 from ml_collections import config_dict
 
 from dssn_jax import methods as methods_lib
-from dssn_jax.cli import UserError
+from dssn_jax import registry
+from dssn_jax.errors import ConfigError, one_of
+from dssn_jax.models import layers
+from dssn_jax.models import registry as model_registry
 
-# The methods and their presets live in `dssn_jax.methods` (one module per
-# method, each with its `PRESET`); these are views of that registry.
+# The methods and their settings live in `dssn_jax.methods` (one module per
+# method, each with its `Settings`); this is a view of that registry.
 METHODS = methods_lib.names()
-METHOD_PRESETS: dict[str, dict[str, Any]] = {n: methods_lib.get(n).preset for n in METHODS}
 
 LOSS_WEIGHTS = ('sup', 'strong', 'fp', 'align_image', 'align_feature')
 
-
-class ConfigError(UserError, ValueError):
-  """A config value that cannot work; the message names key, value and range."""
+__all__ = [
+  'ConfigError',
+  'one_of',
+  'base_config',
+  'validate',
+  'resolve',
+  'Settings',
+  'Schedule',
+  'parse_arg',
+  'resume_changes',
+]
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -47,6 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.method = 'dssn'
   c.seed = 0
+  # Modules to import before the config is resolved: each registers datasets,
+  # backbone families or methods from outside dssn_jax (docs/extending.md).
+  c.imports = ()
 
   c.model = ml_collections.ConfigDict()
   # resnet50 | resnet101 | resnet_tiny | dinov2_small | dinov2_base | dinov2_large
@@ -284,6 +299,7 @@ def dinov2_recipe(
   its own losses, CPLG and warm-up.
   """
   apply_unimatch_v2_recipe(c)
+  c.data.eval_resize_multiple = model_registry.family_of(backbone).patch
   c.model.backbone = backbone
   c.model.pretrained = f'pretrained/{backbone}.pth'
   c.data.crop_size = crop
@@ -293,130 +309,10 @@ def dinov2_recipe(
   return c
 
 
-@dataclasses.dataclass(frozen=True)
-class MethodSettings:
-  """The resolved, hashable view of a method and its loss terms.
-
-  Passed as a static argument to the jitted train step.
-  """
-
-  method: str
-  sup: float
-  strong: float
-  fp: float
-  align_image: float
-  align_feature: float
-  fp_branches: int
-  strong_views: int
-  pseudo_label: str
-  threshold: float
-  class_aware_high: float
-  class_aware_scale: float
-  teacher: str  # 'ema' (DSSN) or 'student' (UniMatch, FixMatch)
-  teacher_bn: str
-  sup_type: str
-  ohem_thresh: float
-  ohem_min_kept: int
-  ignore_index: int
-  strong_view_bn_stats: bool = True  # strong-view forward updates running BN stats
-  warmup_terms: str = 'strong'  # terms the warm-up switches off: strong | unlabeled | supervised
-  labeled_bn: str = 'joint'  # clean forward: concat(x, u_w) (joint) or x, u_w apart
-  mix_partner: str = 'same'  # same | shuffled | reversed (data pipeline and step)
-  ema_schedule: str = 'warmup'  # warmup (DSSN) | unimatch_v2 | student (no EMA)
-  comp_drop: bool = False  # complementary dropout of the strong views
-  comp_drop_kept: float = 0.5  # fraction of strong-view pairs left undropped
-  fp_masks: str = 'independent'  # fp branch masks on tapped features
-  dropout: float = 0.5  # channel dropout rate of independent fp masks
-  grad_accum: int = 1  # micro-batches per global batch
-
-
-def one_of(key: str, value, options: tuple[str, ...]):
-  """`value` if it is one of `options`, else a ValueError naming `config.<key>`."""
-  if value not in options:
-    raise ConfigError(f'config.{key}={value!r} must be one of {", ".join(options)}')
-  return value
-
-
-def resolve_method(config: ml_collections.ConfigDict) -> MethodSettings:
-  """Fills the method's defaults into every placeholder; explicit values win."""
-  if config.method not in METHODS:
-    raise ConfigError(f'config.method={config.method!r} is not one of {", ".join(METHODS)}')
-  preset = methods_lib.get(config.method).preset
-
-  def pick(value, key):
-    return preset[key] if value is None else value
-
-  rule = one_of(
-    'loss.pseudo_label', pick(config.loss.pseudo_label, 'pseudo_label'), ('class_aware', 'fixed')
-  )
-  one_of('train.teacher_bn', config.train.teacher_bn, ('reference', 'batch', 'running'))
-  warmup_terms = one_of(
-    'train.warmup_terms', config.train.warmup_terms, ('strong', 'unlabeled', 'supervised')
-  )
-  labeled_bn = one_of('train.labeled_bn', config.train.labeled_bn, ('joint', 'separate'))
-  one_of('loss.sup_type', config.loss.sup_type, ('ce', 'ohem'))
-  fp_masks = one_of(
-    'model.fp_masks', pick(config.model.fp_masks, 'fp_masks'), ('independent', 'complementary')
-  )
-  fp_branches = pick(config.model.fp_branches, 'fp_branches')
-  weights = {k: float(pick(config.loss[k], k)) for k in LOSS_WEIGHTS}
-  if fp_branches == 0:
-    weights['fp'] = 0.0
-  if fp_branches < 2:
-    weights['align_feature'] = 0.0
-  grad_accum = int(config.train.grad_accum)
-  if grad_accum < 1:
-    raise ValueError(f'config.train.grad_accum={grad_accum} must be >= 1')
-  if grad_accum > 1 and config.loss.sup_type == 'ohem':
-    raise ValueError(
-      f"config.train.grad_accum={grad_accum} with loss.sup_type='ohem': OHEM keeps a number "
-      'of pixels per image whose count is known only after the forward, so micro-batches '
-      'cannot share its denominator; use grad_accum=1 or sup_type=ce'
-    )
-  if grad_accum > 1 and int(config.data.batch_size) % grad_accum:
-    raise ValueError(
-      f'config.train.grad_accum={grad_accum} does not divide '
-      f'config.data.batch_size={config.data.batch_size}'
-    )
-  return MethodSettings(
-    method=config.method,
-    **weights,
-    fp_branches=int(fp_branches),
-    strong_views=int(preset['strong_views']),
-    pseudo_label=rule,
-    threshold=float(pick(config.loss.threshold, 'threshold')),
-    class_aware_high=float(config.loss.class_aware_high),
-    class_aware_scale=float(config.loss.class_aware_scale),
-    teacher=preset['teacher'],
-    teacher_bn=config.train.teacher_bn,
-    sup_type=config.loss.sup_type,
-    ohem_thresh=float(config.loss.ohem_thresh),
-    ohem_min_kept=int(config.loss.ohem_min_kept),
-    ignore_index=int(config.data.ignore_index),
-    strong_view_bn_stats=bool(config.train.strong_view_bn_stats),
-    warmup_terms=warmup_terms,
-    labeled_bn=labeled_bn,
-    mix_partner=resolve_mix_partner(config),
-    ema_schedule=preset['ema_schedule'],
-    comp_drop=bool(pick(config.model.comp_drop, 'comp_drop')),
-    comp_drop_kept=float(config.model.comp_drop_kept),
-    fp_masks=fp_masks,
-    dropout=float(config.model.dropout),
-    grad_accum=grad_accum,
-  )
-
-
-def resolve_mix_partner(config: ml_collections.ConfigDict) -> str:
-  """`config.data.mix_partner`, or the method's preset when unset.
-
-  'reversed' (the batch reversed, no partner stream) is UniMatch V2's rule
-  and the only one it takes; the other methods take 'same' or 'shuffled'.
-  """
-  preset = methods_lib.get(config.method).preset
-  value = config.data.mix_partner
-  value = preset['mix_partner'] if value is None else value
-  options = ('reversed',) if preset['mix_partner'] == 'reversed' else ('same', 'shuffled')
-  return one_of('data.mix_partner', value, options)
+def is_vit(backbone: str) -> bool:
+  """Whether `backbone`'s family is a ViT (has a patch size): configs switch
+  to UniMatch V2's recipe (`dinov2_recipe`) for those."""
+  return model_registry.family_of(backbone).patch is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -431,45 +327,149 @@ class Schedule:
   head_lr: float
 
 
-def resolve_steps(config: ml_collections.ConfigDict, num_unlabeled: int) -> Schedule:
-  """Turns epochs into steps: one epoch is one pass over the unlabeled list.
+@dataclasses.dataclass(frozen=True)
+class Durations:
+  """What `Settings.schedule` turns into steps once the epoch size is known."""
 
-  `config.train.steps`, when set, wins over `config.train.epochs`.
+  batch: int
+  steps: int | None
+  epochs: float | None
+  warmup: bool  # whether the method has a warm-up (DSSN)
+  warmup_steps: int
+  warmup_epochs: float | None
+  eval_every: int | None
+  lr: float
+  lr_multi: float
+  reference_batch_size: int
+  scale_lr_with_batch: bool
 
-  Args:
-    config: the experiment config.
-    num_unlabeled: size of the unlabeled list (for `supervised`, the labeled
-      list, since that is what an epoch passes over then).
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """A config resolved once: what the train step, the pipeline and the loop read.
+
+  Frozen and hashable (the train step is compiled for one value).
+
+  Attributes:
+    method: the method's own settings (`methods.<name>.Settings`): its loss
+      weights, pseudo-label rule, teacher and mix-partner choices.
+    grad_accum: micro-batches per global batch (`methods.gradients`).
+    ema_schedule: the configured method's EMA keep-rate rule.
+    unlabeled: whether the method reads the unlabeled stream.
+    durations: the inputs of `schedule`.
   """
+
+  method: Any
+  grad_accum: int
+  ema_schedule: str
+  unlabeled: bool
+  durations: Durations
+
+  @property
+  def mix_partner(self) -> str:
+    return self.method.mix_partner
+
+  def schedule(self, num_unlabeled: int) -> Schedule:
+    """Turns epochs into steps: one epoch is one pass over the unlabeled list.
+
+    `config.train.steps`, when set, wins over `config.train.epochs`.
+
+    Args:
+      num_unlabeled: size of the unlabeled list (for `supervised`, the
+        labeled list, since that is what an epoch passes over then).
+    """
+    d = self.durations
+    steps_per_epoch = max(1, num_unlabeled // d.batch)
+    # Both set: steps wins, so `--config.train.steps=N` shortens any config.
+    total = int(d.steps) if d.steps is not None else int(math.ceil(d.epochs * steps_per_epoch))
+    if total <= 0:
+      raise ConfigError(f'training length resolves to {total} steps; it must be positive')
+    if not d.warmup:
+      warmup = 0  # only DSSN has a warm-up
+    elif d.warmup_epochs is not None:
+      warmup = int(round(d.warmup_epochs * steps_per_epoch))
+    else:
+      warmup = int(d.warmup_steps)
+    lr = float(d.lr)
+    if d.scale_lr_with_batch:
+      lr *= d.batch / float(d.reference_batch_size)
+    return Schedule(
+      total_steps=total,
+      steps_per_epoch=steps_per_epoch,
+      warmup_steps=warmup,
+      eval_every=int(d.eval_every or steps_per_epoch),
+      lr=lr,
+      head_lr=lr * float(d.lr_multi),
+    )
+
+  def labeled_only_steps(self, num_unlabeled: int) -> int:
+    """How many first steps read the labeled batch alone (a supervised warm-up)."""
+    if not self.unlabeled:
+      return 0
+    return self.method.labeled_only_steps(self.schedule(num_unlabeled))
+
+
+def _grad_accum(config: ml_collections.ConfigDict, method) -> int:
+  grad_accum = int(config.train.grad_accum)
+  if grad_accum < 1:
+    raise ConfigError(f'config.train.grad_accum={grad_accum} must be >= 1')
+  if grad_accum > 1 and method.sup_type == 'ohem':
+    raise ConfigError(
+      f"config.train.grad_accum={grad_accum} with loss.sup_type='ohem': OHEM keeps a number "
+      'of pixels per image whose count is known only after the forward, so micro-batches '
+      'cannot share its denominator; use grad_accum=1 or sup_type=ce'
+    )
+  if grad_accum > 1 and int(config.data.batch_size) % grad_accum:
+    raise ConfigError(
+      f'config.train.grad_accum={grad_accum} does not divide '
+      f'config.data.batch_size={config.data.batch_size}'
+    )
+  return grad_accum
+
+
+def _durations(config: ml_collections.ConfigDict, method: methods_lib.Method) -> Durations:
+  t = config.train
   batch = int(config.data.batch_size)
   if batch <= 0:
     raise ConfigError(f'config.data.batch_size={batch} must be positive')
-  steps_per_epoch = max(1, num_unlabeled // batch)
-  steps, epochs = config.train.steps, config.train.epochs
-  if steps is None and epochs is None:
+  if t.steps is None and t.epochs is None:
     raise ConfigError('set config.train.steps or config.train.epochs')
-  # Both set: steps wins, so `--config.train.steps=N` shortens any config.
-  total = int(steps) if steps is not None else int(math.ceil(epochs * steps_per_epoch))
-  if total <= 0:
-    raise ConfigError(f'training length resolves to {total} steps; it must be positive')
-  if not methods_lib.get(config.method).warmup:
-    warmup = 0  # only DSSN has a warm-up
-  elif config.train.warmup_epochs is not None:
-    warmup = int(round(config.train.warmup_epochs * steps_per_epoch))
-  else:
-    warmup = int(config.train.warmup_steps)
-  eval_every = config.train.eval_every or steps_per_epoch
-  lr = float(config.train.lr)
-  if config.train.scale_lr_with_batch:
-    lr *= batch / float(config.train.reference_batch_size)
-  return Schedule(
-    total_steps=total,
-    steps_per_epoch=steps_per_epoch,
-    warmup_steps=warmup,
-    eval_every=int(eval_every),
-    lr=lr,
-    head_lr=lr * float(config.train.lr_multi),
+  return Durations(
+    batch=batch,
+    steps=None if t.steps is None else int(t.steps),
+    epochs=None if t.epochs is None else float(t.epochs),
+    warmup=method.warmup,
+    warmup_steps=int(t.warmup_steps),
+    warmup_epochs=None if t.warmup_epochs is None else float(t.warmup_epochs),
+    eval_every=t.eval_every,
+    lr=float(t.lr),
+    lr_multi=float(t.lr_multi),
+    reference_batch_size=int(t.reference_batch_size),
+    scale_lr_with_batch=bool(t.scale_lr_with_batch),
   )
+
+
+def _resolve_unchecked(config: ml_collections.ConfigDict) -> Settings:
+  method = methods_lib.get(config.method)
+  settings = method.settings.from_config(config, method.name)
+  return Settings(
+    method=settings,
+    grad_accum=_grad_accum(config, settings),
+    ema_schedule=method.ema_schedule,
+    unlabeled=method.unlabeled,
+    durations=_durations(config, method),
+  )
+
+
+def resolve(config: ml_collections.ConfigDict) -> Settings:
+  """The one resolution of a config: imports `config.imports`, checks every
+  value (`validate`) and builds the frozen `Settings`.
+
+  Raises:
+    ConfigError: naming every key whose value cannot work.
+  """
+  validate(config)
+  return _resolve_unchecked(config)
 
 
 def parse_arg(arg: str | None, **defaults) -> dict[str, Any]:
@@ -540,9 +540,8 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool, str]] = {
   'data.cutmix_p': (0.0, 1.0, False, False, 'a probability'),
 }
 
-# String keys and their choices (those `resolve_method` does not check).
+# String keys and their choices (those the method settings do not check).
 _CHOICES: dict[str, tuple[str, ...]] = {
-  'method': METHODS,
   'model.fp_bn': ('joint', 'clean'),
   'data.eval_mode': ('original', 'center_crop', 'sliding_window'),
   'train.optimizer': ('sgd', 'adamw'),
@@ -568,12 +567,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
   Checks every numeric key of `_RANGES` (None placeholders pass), the
   string choices, the output stride and that the crops hold at least one
-  output-stride cell, and the method settings (`resolve_method`).
+  output-stride cell, and the method settings (`resolve`).
 
   Raises:
     ConfigError: one line per problem, each naming key, value and the
       allowed range.
   """
+  registry.import_modules(tuple(config.get('imports', ())))
   problems = []
   for key, (low, high, low_open, high_open, what) in _RANGES.items():
     value = _get(config, key)
@@ -588,29 +588,27 @@ def validate(config: ml_collections.ConfigDict) -> None:
       problems.append(
         f'config.{key}={value!r} must be {_range_text(low, high, low_open, high_open)} ({what})'
       )
-  from dssn_jax import models  # pylint: disable=g-import-not-at-top
-  from dssn_jax.models import dpt, registry  # pylint: disable=g-import-not-at-top
-
   choices = {
     **_CHOICES,
-    'model.backbone': tuple(registry.backbone_names()),
-    'model.dtype': tuple(models.DTYPES),
+    'method': methods_lib.names(),
+    'model.backbone': tuple(model_registry.backbone_names()),
+    'model.dtype': tuple(layers.DTYPES),
   }
   for key, options in choices.items():
     value = _get(config, key)
     if value not in options:
       problems.append(f'config.{key}={value!r} must be one of {", ".join(options)}')
   stride = config.model.output_stride
-  family = (
-    registry.family_of(config.model.backbone).name
-    if config.model.backbone in registry.backbone_names()
+  patch = (
+    model_registry.family_of(config.model.backbone).patch
+    if config.model.backbone in model_registry.backbone_names()
     else None
   )
-  if family == 'dinov2':  # patch-14 ViT: the training crop is a whole number of patches
+  if patch:  # a ViT: the training crop is a whole number of patches
     crop = config.data.crop_size
-    if not isinstance(crop, int) or crop < dpt.PATCH or crop % dpt.PATCH:
+    if not isinstance(crop, int) or crop < patch or crop % patch:
       problems.append(
-        f'config.data.crop_size={crop!r} must be a positive multiple of {dpt.PATCH} '
+        f'config.data.crop_size={crop!r} must be a positive multiple of {patch} '
         f'(the patch size of {config.model.backbone})'
       )
   elif stride not in (8, 16):
@@ -630,9 +628,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
   if config.train.steps is None and config.train.epochs is None:
     problems.append('config.train.steps and config.train.epochs are both unset: set one')
-  if not problems and config.method in METHOD_PRESETS:
+  if not problems:
     try:
-      resolve_method(config)
+      _resolve_unchecked(config)
     except ConfigError as e:
       problems.append(str(e))
   if problems:

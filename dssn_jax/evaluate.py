@@ -63,8 +63,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dssn_jax.data.normalize import normalize
 from dssn_jax.models import layers
+from dssn_jax.normalize import normalize
 
 MODES = ('original', 'center_crop', 'sliding_window')
 MODEL_NAMES = ('student', 'teacher')
@@ -360,7 +360,7 @@ class Evaluator:
       (H, W), 'id': str}` of this host: a sequence, or a callable returning
       a fresh iterable per evaluation. Default:
       `dssn_jax.data.pipeline.eval_records(config, mode)`.
-    class_names: default `dssn_jax.data.sources.class_names(config)`.
+    class_names: default `dssn_jax.data.datasets.class_names(config)`.
   """
 
   def __init__(
@@ -426,9 +426,9 @@ class Evaluator:
   @property
   def class_names(self) -> list[str]:
     if self._class_names is None:
-      from dssn_jax.data import sources  # pylint: disable=g-import-not-at-top
+      from dssn_jax.data import datasets  # pylint: disable=g-import-not-at-top
 
-      self._class_names = list(sources.class_names(self.config))
+      self._class_names = list(datasets.class_names(self.config))
     if len(self._class_names) != self.num_classes:
       raise ValueError(
         f'{len(self._class_names)} class names for config.data.num_classes={self.num_classes}'
@@ -693,26 +693,27 @@ def load_weights(path: str, config: ml_collections.ConfigDict) -> dict[str, Any]
   An `.npz` (`dssn_jax.convert` output) is one model, reported as `student`.
   A `.pth` may be a bare state dict or a reference checkpoint dict holding it
   under `model` (DSSN's `best.pth` / `t_best.pth`, UniMatch V2's `best.pth`)
-  or `state_dict`; it is converted with `dssn_jax.convert.from_torch`, whose
+  or `state_dict`; it is converted with `dssn_jax.models.pretrained.from_torch`, whose
   layout (`model`, `unimatch_v2`) is detected from the keys. A UniMatch V2
   checkpoint also holds its EMA model (`model_ema`), which the authors
   evaluate beside `model`: it is reported as `teacher`.
   """
-  from dssn_jax import convert  # pylint: disable=g-import-not-at-top
+  from dssn_jax import state_dicts  # pylint: disable=g-import-not-at-top
+  from dssn_jax.models import pretrained  # pylint: disable=g-import-not-at-top
 
   if not os.path.isfile(path):
     raise FileNotFoundError(f'weights file {path} does not exist')
   ext = os.path.splitext(path)[1].lower()
   if ext == '.npz':
-    return {'student': convert.load_npz(path)}
+    return {'student': state_dicts.load_npz(path)}
   if ext not in ('.pth', '.pt'):
     raise ValueError(f'weights file {path}: expected a .pth/.pt reference checkpoint or an .npz')
-  checkpoint = convert.read_file(path)  # names the file and the extra if torch is missing
+  checkpoint = state_dicts.read_file(path)  # names the file and the extra if torch is missing
   names = {'student': False}
   if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get('model_ema'), Mapping):
     names['teacher'] = True
   return {
-    name: convert.from_torch(
+    name: pretrained.from_torch(
       checkpoint,
       backbone=config.model.backbone,
       num_classes=int(config.data.num_classes),

@@ -107,7 +107,7 @@ def make_optimizer(
   if not isinstance(schedule, Schedule):
     raise ValueError(
       f'make_optimizer: expected a config_lib.Schedule, got {type(schedule).__name__}'
-      ' (build one with config_lib.resolve_steps)'
+      ' (build one with config_lib.resolve(config).schedule(n))'
     )
 
   def pick(value, key, default):

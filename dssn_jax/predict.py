@@ -183,7 +183,7 @@ def run(
 ) -> list[str]:
   """Loads a checkpoint (or weights) and predicts every input image."""
   from dssn_jax import models  # pylint: disable=g-import-not-at-top
-  from dssn_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from dssn_jax.data import datasets  # pylint: disable=g-import-not-at-top
 
   if which_model not in evaluate.MODEL_NAMES:
     raise ValueError(f'--model {which_model!r} must be one of {", ".join(evaluate.MODEL_NAMES)}')
@@ -195,7 +195,7 @@ def run(
   if chosen is None:  # converted weights hold one model
     chosen = next(iter(variables.values()))
   crop = int(config.data.eval_crop_size or config.data.crop_size)
-  palette = check_palette(sources.palette(config), int(config.data.num_classes))
+  palette = check_palette(datasets.palette(config), int(config.data.num_classes))
   predictor = Predictor(
     models.model_from_config(config),
     chosen,

@@ -22,6 +22,7 @@ train step, evaluation and checkpointing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import sys
@@ -33,12 +34,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
+from tqdm import tqdm
 
 from dssn_jax import checkpoint as ckpt_lib
 from dssn_jax import compilation, config_lib, evaluate, models, optim, parallel
 from dssn_jax import train_step as ts_lib
 from dssn_jax.cli import UserError
 from dssn_jax.data import pipeline
+from dssn_jax.models import pretrained
 
 
 def _summary_writer_class():
@@ -281,9 +284,7 @@ def initial_variables(config: ml_collections.ConfigDict, model, rng: jax.Array, 
   variables = jax.jit(lambda r: model.init(r, dummy, train=False))(init_key)
   variables = {k: variables[k] for k in ('params', 'batch_stats') if k in variables}
   if config.model.pretrained:
-    from dssn_jax import convert  # pylint: disable=g-import-not-at-top
-
-    variables = convert.load_pretrained(
+    variables = pretrained.load_pretrained(
       variables,
       config.model.pretrained,
       layout=config.model.pretrained_layout,
@@ -297,30 +298,41 @@ def _format_percent(x: float | None) -> str:
   return 'nan' if x is None else f'{x:.2f}'
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains `config` in `workdir` (resuming if it holds a checkpoint).
+@dataclasses.dataclass
+class _Run:
+  """What the training loop works with, built once by `_setup`."""
 
-  Returns:
-    A summary dict: last and best mIoU of student and teacher (percent),
-    the final step, and whether the run stopped early on SIGTERM.
-  """
-  clock = RunClock()
-  config_lib.validate(config)
+  config: ml_collections.ConfigDict
+  settings: config_lib.Settings
+  schedule: config_lib.Schedule
+  data: Any
+  state: Any
+  train_rng: jax.Array
+  checkpointer: Any
+  step_fn: Any
+  evaluator: Any
+  writer: Any
+  history: list
+  start: int
+
+
+def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
+  """Resolves the config once, builds data, model, state (fresh or restored),
+  the compiled step and the evaluator, and logs the run's header line."""
+  settings = config_lib.resolve(config)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   for change in ckpt_lib.check_resume_config(workdir, config):
     _log(f'resuming with a changed {change}')
   ckpt_lib.save_config(workdir, config)
   compilation.enable_persistent_cache(config.train.compilation_cache_dir)
   mesh = parallel.make_mesh()
-  settings = config_lib.resolve_method(config)
   parallel.check_batch_divisible(config.data.batch_size, mesh, 'config.data.batch_size')
 
   # A supervised warm-up's batches hold x, y alone (labeled_only_steps).
-  data = pipeline.TrainData(config, mesh, seed=config.seed, labeled_only_steps=None)
-  epoch_size = data.num_labeled if data.supervised else data.num_unlabeled
-  schedule = config_lib.resolve_steps(config, epoch_size)
+  data = pipeline.TrainData(config, mesh, seed=config.seed, settings=settings)
+  schedule = settings.schedule(data.num_labeled if data.supervised else data.num_unlabeled)
   _log(
-    f'{settings.method}: {data.num_labeled} labeled, {data.num_unlabeled} unlabeled; '
+    f'{settings.method.method}: {data.num_labeled} labeled, {data.num_unlabeled} unlabeled; '
     f'{schedule.total_steps} steps ({schedule.steps_per_epoch}/epoch), '
     f'lr {schedule.lr:g} (head {schedule.head_lr:g}), {jax.device_count()} devices, '
     f'{jax.process_count()} processes, {data.workers} input workers per host'
@@ -332,7 +344,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config, model, tx, mesh, data, workdir
   )
   start = int(jax.device_get(state.step))
-
   step_fn = ts_lib.make_train_step(
     model,
     tx,
@@ -354,109 +365,160 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
   kept_lines, history = _rewind_metrics(workdir, start)
   writer = MetricWriter(workdir, kept_lines)
+  return _Run(
+    config,
+    settings,
+    schedule,
+    data,
+    state,
+    train_rng,
+    checkpointer,
+    step_fn,
+    evaluator,
+    writer,
+    history,
+    start,
+  )
 
-  def run_eval(step: int) -> dict[str, Any]:
-    record = _eval_record(evaluator, config, state, step)
-    writer.write(record)
-    history.append(record)
-    _log(
-      f'step {step}: mIoU student {_format_percent(record["miou"])} '
-      f'teacher {_format_percent(record["miou_teacher"])}'
-    )
-    return record
 
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming if it holds a checkpoint).
 
+  Returns:
+    A summary dict: last and best mIoU of student and teacher (percent),
+    the final step, and whether the run stopped early on SIGTERM.
+  """
+  clock = RunClock()
+  run = _setup(config, workdir)
   bar = tqdm(
-    total=schedule.total_steps,
-    initial=start,
+    total=run.schedule.total_steps,
+    initial=run.start,
     dynamic_ncols=True,
     disable=jax.process_index() != 0,
     desc='train',
   )
-  pending: list[dict[str, jax.Array]] = []
-  t_log = time.perf_counter()
-  input_wait = 0.0  # seconds blocked on the input pipeline since the last log line
-  images_per_step = config.data.batch_size * (1 if data.supervised else 2)
-  preempted = False
-  step = start
+  clock.lap('setup')
+  step, preempted = _train_loop(run, bar, clock)
+  clock.lap('steps')
+  bar.close()
+  run.evaluator.close()
+  run.checkpointer.close()  # waits for the last save
+  clock.lap('checkpoint')
+  run.data.close()
+  run.writer.close()
+  return _report(config, workdir, run.history, clock, step, run.start, preempted)
+
+
+def _run_eval(run: _Run, step: int) -> dict[str, Any]:
+  """Evaluates teacher (and student), writes and logs the record."""
+  record = _eval_record(run.evaluator, run.config, run.state, step)
+  run.writer.write(record)
+  run.history.append(record)
+  _log(
+    f'step {step}: mIoU student {_format_percent(record["miou"])} '
+    f'teacher {_format_percent(record["miou_teacher"])}'
+  )
+  return record
+
+
+def _train_loop(run: _Run, bar, clock: RunClock) -> tuple[int, bool]:
+  """Steps until the schedule ends or SIGTERM; logs, evaluates and saves on
+  their steps. Returns `(last step, preempted)`."""
+  config, schedule, data, step_fn = run.config, run.schedule, run.data, run.step_fn
+  window = _LogWindow(config.data.batch_size * (1 if data.supervised else 2))
   guard = _NonFiniteGuard(config)
 
   def shutdown():  # before an error leaves the loop: finish the checkpoint in flight
     bar.close()
     try:
-      checkpointer.close()
+      run.checkpointer.close()
     finally:
       data.close()
-      writer.close()
+      run.writer.close()
 
-  clock.lap('setup')
+  step = run.start
   with _Preemption() as preemption:
     while step < schedule.total_steps:
       clock.lap('steps')
       local = data.local_batch()
-      input_wait += clock.lap('input')
+      window.input_wait += clock.lap('input')
       keys = step_fn.batch_keys(step)  # a supervised warm-up reads only x, y
       batch = data.to_device(local if keys is None else {k: local[k] for k in keys})
       clock.lap('transfer')
-      compiles = step_fn.compiles(state, step)
-      state, metrics = step_fn(state, batch, jax.random.fold_in(train_rng, step), step=step)
+      compiles = step_fn.compiles(run.state, step)
+      rng = jax.random.fold_in(run.train_rng, step)
+      run.state, metrics = step_fn(run.state, batch, rng, step=step)
       if compiles:  # the one sync outside log steps: compile time, for the breakdown
         jax.block_until_ready(metrics)
         clock.lap('compile')
       step += 1
-      pending.append(metrics)
+      window.pending.append(metrics)
       bar.update(1)
       eval_now = step % schedule.eval_every == 0 or step == schedule.total_steps
       save_now = eval_now or step % config.train.checkpoint_every == 0 or preemption.requested
       if (
         step % config.train.log_every == 0
         or step == schedule.total_steps
-        or (save_now and guard.any_in(pending))  # never save past a non-finite step
+        or (save_now and guard.any_in(window.pending))  # never save past a non-finite step
       ):
-        fetched = jax.device_get(pending)  # the only host sync of the loop
-        elapsed = time.perf_counter() - t_log
-        bad_lines = guard.scan(fetched, step)
-        record = _train_record(fetched, step, len(bad_lines), elapsed, images_per_step, input_wait)
-        writer.write(record)
-        bar.set_postfix(
-          {k: f'{record[k]:.3f}' for k in ('loss', 'loss_x', 'mask_ratio') if k in record}
-        )
-        pending, t_log, input_wait = [], time.perf_counter(), 0.0
-        for line in bad_lines:
-          if jax.process_index() == 0:
-            bar.write(line)
         try:
-          guard.check(bad_lines, checkpointer)
+          window.flush(run.writer, bar, guard, run.checkpointer, step)
         except NonFiniteError:
           shutdown()
           raise
       clock.lap('steps')
-      eval_record = run_eval(step) if eval_now else None
+      eval_record = _run_eval(run, step) if eval_now else None
       clock.lap('eval')
       if save_now or preemption.requested:  # SIGTERM may arrive during the evaluation
-        metrics_for_ckpt = None
-        if eval_record is not None and eval_record['miou_teacher'] is not None:
-          metrics_for_ckpt = {ckpt_lib.BEST_METRIC: float(eval_record['miou_teacher'])}
         try:
-          checkpointer.save(step, state, train_rng, metrics=metrics_for_ckpt)
+          _save(run, step, eval_record)
         except ckpt_lib.CheckpointError:
           shutdown()
           raise
-        writer.flush()
         clock.lap('checkpoint')
       if preemption.requested:
-        preempted = True
         _log(f'SIGTERM: saved step {step}, exiting')
-        break
-  clock.lap('steps')
-  bar.close()
-  evaluator.close()
-  checkpointer.close()  # waits for the last save
-  clock.lap('checkpoint')
-  data.close()
-  writer.close()
-  return _report(config, workdir, history, clock, step, start, preempted)
+        return step, True
+  return step, False
+
+
+def _save(run: _Run, step: int, eval_record: dict[str, Any] | None) -> None:
+  """A checkpoint of `step` (best-teacher metric from its evaluation), then
+  the metrics written so far."""
+  metrics = None
+  if eval_record is not None and eval_record['miou_teacher'] is not None:
+    metrics = {ckpt_lib.BEST_METRIC: float(eval_record['miou_teacher'])}
+  run.checkpointer.save(step, run.state, run.train_rng, metrics=metrics)
+  run.writer.flush()
+
+
+class _LogWindow:
+  """The metrics of the steps since the last log line, fetched on log steps."""
+
+  def __init__(self, images_per_step: int):
+    self.images_per_step = images_per_step
+    self.pending: list[dict[str, jax.Array]] = []
+    self.start = time.perf_counter()
+    self.input_wait = 0.0  # seconds blocked on the input pipeline in this window
+
+  def flush(self, writer, bar, guard, checkpointer, step: int) -> None:
+    """Fetches the window (the loop's only host sync), writes its record and
+    reports non-finite steps; raises `NonFiniteError` if the run must stop."""
+    fetched = jax.device_get(self.pending)
+    elapsed = time.perf_counter() - self.start
+    bad_lines = guard.scan(fetched, step)
+    record = _train_record(
+      fetched, step, len(bad_lines), elapsed, self.images_per_step, self.input_wait
+    )
+    writer.write(record)
+    bar.set_postfix(
+      {k: f'{record[k]:.3f}' for k in ('loss', 'loss_x', 'mask_ratio') if k in record}
+    )
+    self.pending, self.start, self.input_wait = [], time.perf_counter(), 0.0
+    for line in bad_lines:
+      if jax.process_index() == 0:
+        bar.write(line)
+    guard.check(bad_lines, checkpointer)
 
 
 def _report(config, workdir: str, history, clock: RunClock, step: int, start: int, preempted: bool):

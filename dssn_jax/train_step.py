@@ -1,10 +1,11 @@
 """The train state and one pure, data-parallel training iteration.
 
-`train_step(state, batch, rng, ...)` runs the iteration of
-`settings.method`, whose terms live in its own module of `dssn_jax.methods`
+`train_step(state, batch, rng, ...)` runs the iteration of the configured
+method (`settings.method`, `config_lib.resolve`), whose terms live in its
+own module of `dssn_jax.methods`
 (docs/method.md gives each method's equations and where each term lives):
 
-1. `methods.value_and_grad`: the method's `prepare` (teacher targets,
+1. `methods.value_and_grad` (the shared gradient code): the method's `prepare` (teacher targets,
    cutmix composition, random masks, global loss denominators; no gradient)
    once over the global batch, then its `loss` and gradient over
    `config.train.grad_accum` micro-batches, summed;
@@ -14,7 +15,7 @@
    ema_decay)`; methods without an EMA teacher: 0, the teacher tracks the
    student), on params and BatchNorm statistics.
 
-Teacher BatchNorm (`settings.teacher_bn`, DSSN): with `batch`, the teacher's
+Teacher BatchNorm (`config.train.teacher_bn`, DSSN): with `batch`, the teacher's
 forwards use batch statistics and so update its running statistics, in the
 order m_w then u_w, before the EMA blends in the student's; `running` uses
 the running statistics (which then change only through the EMA). The
@@ -46,7 +47,7 @@ import jax.numpy as jnp
 import optax
 
 from dssn_jax import methods, optim, parallel
-from dssn_jax.config_lib import MethodSettings, Schedule
+from dssn_jax.config_lib import Schedule, Settings
 from dssn_jax.methods import common
 
 SEMI_KEYS, VIEW_KEYS = common.SEMI_KEYS, common.VIEW_KEYS
@@ -114,7 +115,7 @@ def objective(
   rng: jax.Array,
   *,
   model,
-  settings: MethodSettings,
+  settings: Settings,
   schedule: Schedule,
 ) -> tuple[jax.Array, LossAux]:
   """The whole batch's total loss as a function of the student's `params`.
@@ -129,7 +130,7 @@ def objective(
     for semi-supervised methods, `mask_ratio`.
   """
   return methods.objective(
-    params, state, batch, rng, model=model, settings=settings, schedule=schedule
+    params, state, batch, rng, model=model, settings=settings.method, schedule=schedule
   )
 
 
@@ -140,12 +141,12 @@ def train_step(
   *,
   model,
   tx: optax.GradientTransformation,
-  settings: MethodSettings,
+  settings: Settings,
   schedule: Schedule,
   ema_decay: float = 0.996,
   poly_power: float = 0.9,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One iteration of `settings.method`; pure, so it jits and shards.
+  """One iteration of the method; pure, so it jits and shards.
 
   Args:
     state: the train state.
@@ -155,8 +156,9 @@ def train_step(
       keys derive from it.
     model: the segmentation model.
     tx: the optimizer that built `state.opt_state`.
-    settings: `config_lib.resolve_method(config)`.
-    schedule: `config_lib.resolve_steps(...)` (warm-up length, lr).
+    settings: `config_lib.resolve(config)`; `settings.method` may be a
+      phase's settings (`Settings.for_step`).
+    schedule: `settings.schedule(num_unlabeled)` (warm-up length, lr).
     ema_decay: the teacher's keep rate after the warm-up (`config.train.ema_decay`).
     poly_power: the schedule's power, for the `lr` metric only.
   Returns:
@@ -169,7 +171,13 @@ def train_step(
     unchanged and only advanced `step`).
   """
   (total, aux), grads = methods.value_and_grad(
-    state, batch, rng, model=model, settings=settings, schedule=schedule
+    state,
+    batch,
+    rng,
+    model=model,
+    settings=settings.method,
+    schedule=schedule,
+    grad_accum=settings.grad_accum,
   )
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -177,7 +185,7 @@ def train_step(
 
   # EMA teacher: the method's keep rate (0 for methods without an EMA teacher,
   # which then track the student).
-  keep = methods.ema_keep(settings, schedule, state.step, ema_decay)
+  keep = methods.ema_keep(settings.ema_schedule, schedule, state.step, ema_decay)
   updated = state.replace(
     params=params,
     batch_stats=aux.batch_stats,
@@ -202,7 +210,7 @@ def train_step(
 def make_train_step(
   model,
   tx: optax.GradientTransformation,
-  settings: MethodSettings,
+  settings: Settings,
   schedule: Schedule,
   mesh,
   *,
@@ -212,12 +220,12 @@ def make_train_step(
   """`train_step` compiled over `mesh`: batch sharded on `data`, state
   replicated and donated, metrics replicated.
 
-  Two settings change the program once during a run: with
-  `settings.teacher_bn == 'reference'` the teacher's BatchNorm mode changes
-  after the first epoch, and with `settings.warmup_terms == 'supervised'`
-  the warm-up steps run the supervised iteration (their total is `sup * L_x`
-  in either program; this one forwards only `x`). Rather than a `lax.cond`
-  in the program, one program per phase is compiled (each when it is first
+  A method may change its program during a run (`Settings.for_step`; DSSN:
+  with `train.teacher_bn='reference'` the teacher's BatchNorm mode changes
+  after the first epoch, and with `train.warmup_terms='supervised'` the
+  warm-up steps run the supervised iteration: their total is `sup * L_x` in
+  either program; that one forwards only `x`). Rather than a `lax.cond` in
+  the program, one program per phase is compiled (each when it is first
   needed) and the step number picks one, so each step runs exactly the
   computation of its phase.
 
@@ -250,33 +258,25 @@ def make_train_step(
 
 
 class _PhasedStep:
-  """Dispatches to the compiled step of each step's phase: (teacher-BN mode,
-  supervised warm-up or not)."""
+  """Dispatches to the compiled step of each step's phase (the method's
+  settings for that step, `Settings.for_step`)."""
 
-  def __init__(self, settings: MethodSettings, schedule: Schedule, compile_for):
+  def __init__(self, settings: Settings, schedule: Schedule, compile_for):
     self._settings, self._schedule = settings, schedule
     self._compile_for = compile_for
     self._jitted = {}  # phase -> jitted step
     self._compiled = {}  # phase -> what a call runs: the jitted step, or a `Compiled`
     self._pending = {}  # phase -> (thread, result) of a background compile
 
-  def _phase(self, state, step) -> tuple[str, bool]:
-    s = self._settings
-    if step is None and (s.teacher_bn == 'reference' or s.warmup_terms == 'supervised'):
+  def _phase(self, state, step):
+    method = self._settings.method
+    if step is None and method.phased:
       step = int(jax.device_get(state.step))
-    mode = s.teacher_bn
-    if mode == 'reference':
-      mode = 'batch' if step < self._schedule.steps_per_epoch else 'running'
-    warm = s.warmup_terms == 'supervised' and step < self._schedule.warmup_steps
-    return mode, warm
+    return method.for_step(step, self._schedule)
 
   def _jitted_for(self, phase):
     if phase not in self._jitted:
-      mode, warm = phase
-      settings = dataclasses.replace(self._settings, teacher_bn=mode)
-      if warm:  # the keep rate stays the method's: 0 in the warm-up
-        settings = dataclasses.replace(settings, method='supervised')
-      self._jitted[phase] = self._compile_for(settings)
+      self._jitted[phase] = self._compile_for(dataclasses.replace(self._settings, method=phase))
     return self._jitted[phase]
 
   def _for_step(self, state, step):
@@ -299,7 +299,8 @@ class _PhasedStep:
   def batch_keys(self, step: int) -> tuple[str, ...] | None:
     """The batch keys step `step` reads, or None for all (the loop transfers
     only these)."""
-    if self._settings.warmup_terms == 'supervised' and step < self._schedule.warmup_steps:
+    phase = self._settings.method.for_step(step, self._schedule)
+    if phase.method != self._settings.method.method and not methods.get(phase.method).unlabeled:
       return ('x', 'y')
     return None
 

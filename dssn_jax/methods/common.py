@@ -7,7 +7,7 @@ Every method splits its iteration in two (see `dssn_jax.methods`):
   needs no gradient, computed once over the whole global batch: teacher
   targets, cutmix-composed images, every random mask, and the global
   denominators of the loss terms;
-- `loss(params, state, micro, ctx) -> (total, LossAux)`: the student's
+- `loss(params, state, micro, rng, ctx) -> (total, LossAux)`: the student's
   forwards and the weighted loss terms on one micro-batch (the whole batch
   when `grad_accum` is 1).
 
@@ -17,7 +17,9 @@ and metrics add up to the full batch's exactly (for models without
 BatchNorm; BatchNorm models run one micro-batch).
 
 Random masks come from the sample's global position (`fold_in(key, index)`),
-so the number of micro-batches changes none of them.
+so the number of micro-batches changes none of them. `prepare` may return
+global metrics under `prepared['metrics']`: they are reported once, not
+summed over micro-batches.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from dssn_jax import losses, pseudo_labels
-from dssn_jax.data.normalize import normalize
+from dssn_jax.normalize import normalize
 
 SEMI_KEYS = ('x', 'y', 'u_w', 'u_ignore', 'm_w', 'm_ignore')
 VIEW_KEYS = (('u_s1', 'm_s1', 'box1'), ('u_s2', 'm_s2', 'box2'))
@@ -52,11 +54,27 @@ class LossAux(flax.struct.PyTreeNode):
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-  """The static arguments every method function gets."""
+  """The static arguments every method function gets.
+
+  Attributes:
+    model: the segmentation model.
+    settings: the method's own `Settings`.
+    schedule: `config_lib.Schedule` (warm-up length, steps per epoch).
+    global_batch: samples in the global batch (the loss denominators' span).
+    micro_batches: how many micro-batches `loss` runs on (owned by
+      `methods.gradients`; methods read it only through `map_micro`).
+  """
 
   model: Any
-  settings: Any  # config_lib.MethodSettings
-  schedule: Any  # config_lib.Schedule
+  settings: Any
+  schedule: Any
+  global_batch: int = 0
+  micro_batches: int = 1
+
+  def map_micro(self, fn, tree):
+    """`fn` (no gradient) over the micro-batches of `tree`, re-joined on axis 0:
+    for forwards that would not fit over the whole batch at once."""
+    return map_micro(fn, tree, self.micro_batches)
 
 
 def forward(

@@ -31,27 +31,75 @@ V2's complementary dropout to the strong views' forward.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
-from dssn_jax.methods import common
+from dssn_jax.methods import base, common, supervised
+from dssn_jax.methods.base import knob
 
-PRESET = dict(
-  sup=0.5,
-  strong=0.125,
-  fp=0.125,
-  align_image=0.005,
-  align_feature=0.005,
-  fp_branches=2,
-  strong_views=2,
-  pseudo_label='class_aware',
-  threshold=0.95,
-  teacher='ema',
-  mix_partner='same',
-  ema_schedule='warmup',
-  comp_drop=False,
-  fp_masks='independent',
-)
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings(base.Settings):
+  """DSSN's knobs, with its VOC presets; UniMatch and FixMatch subclass it.
+
+  Loss weights are effective weights of the total (`config_lib` docstring).
+  """
+
+  sup: float = knob('loss.sup', 0.5)
+  strong: float = knob('loss.strong', 0.125)
+  fp: float = knob('loss.fp', 0.125)
+  align_image: float = knob('loss.align_image', 0.005)
+  align_feature: float = knob('loss.align_feature', 0.005)
+  fp_branches: int = knob('model.fp_branches', 2)
+  strong_views: int = 2  # the method's, not a config key
+  pseudo_label: str = knob('loss.pseudo_label', 'class_aware', choices=('class_aware', 'fixed'))
+  threshold: float = knob('loss.threshold', 0.95)
+  class_aware_high: float = knob('loss.class_aware_high')
+  class_aware_scale: float = knob('loss.class_aware_scale')
+  teacher_bn: str = knob('train.teacher_bn', choices=('reference', 'batch', 'running'))
+  warmup_terms: str = knob('train.warmup_terms', choices=('strong', 'unlabeled', 'supervised'))
+  labeled_bn: str = knob('train.labeled_bn', choices=('joint', 'separate'))
+  strong_view_bn_stats: bool = knob('train.strong_view_bn_stats')
+  partner: str = knob('data.mix_partner', 'same', choices=('same', 'shuffled'))
+  comp_drop: bool = knob('model.comp_drop', False)
+  comp_drop_kept: float = knob('model.comp_drop_kept')
+  fp_masks: str = knob('model.fp_masks', 'independent', choices=('independent', 'complementary'))
+  dropout: float = knob('model.dropout')
+
+  def finalized(self):
+    """No fp branch: no fp term; fewer than two: no feature alignment."""
+    out = self
+    if self.fp_branches == 0:
+      out = dataclasses.replace(out, fp=0.0)
+    if self.fp_branches < 2:
+      out = dataclasses.replace(out, align_feature=0.0)
+    return out
+
+  @property
+  def mix_partner(self) -> str:
+    return self.partner
+
+  @property
+  def phased(self) -> bool:
+    return self.teacher_bn == 'reference' or self.warmup_terms == 'supervised'
+
+  def for_step(self, step: int, schedule) -> base.Settings:
+    """The reference's teacher BatchNorm (batch statistics in the first epoch,
+    running after) as that step's mode; a supervised warm-up step runs the
+    supervised iteration (`sup * L_x`, this method's weight)."""
+    out = self
+    if self.teacher_bn == 'reference':
+      mode = 'batch' if step < schedule.steps_per_epoch else 'running'
+      out = dataclasses.replace(out, teacher_bn=mode)
+    if self.warmup_terms == 'supervised' and step < schedule.warmup_steps:
+      shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(base.Settings)}
+      return supervised.Settings(**{**shared, 'method': 'supervised'})
+    return out
+
+  def labeled_only_steps(self, schedule) -> int:
+    return schedule.warmup_steps if self.warmup_terms == 'supervised' else 0
 
 
 def flags(s):
@@ -80,29 +128,35 @@ def check(batch, s) -> None:
     raise ValueError(f'loss.fp={s.fp} needs fp_branches >= 1')
 
 
-def teacher_logits(state, batch, ctx):
-  """EMA teacher on (m_w, u_w) -> (T_m, T_w, its batch_stats after).
+def teacher_targets(state, batch, ctx):
+  """EMA teacher on (m_w, u_w) -> per-view targets (`view_targets`) and its
+  batch_stats after.
 
-  With batch-statistics BN the two calls run in turn, m_w first (each
-  normalized by its own batch, the statistics threaded as in the reference).
-  With running statistics BN is per sample, so one call on both views gives
-  the same logits at half the kernel launches.
+  With batch-statistics BN the two calls run in turn over the whole batch,
+  m_w first (each normalized by its own batch, the statistics threaded as
+  in the reference). With running statistics BN is per sample, so one call
+  on both views gives the same logits at half the kernel launches; it runs
+  per micro-batch (`ctx.map_micro`).
   """
   model, s = ctx.model, ctx.settings
-  m_w, u_w = common.normalized(batch['m_w']), common.normalized(batch['u_w'])
+  views = flags(s)['views']
   stats = state.teacher_batch_stats
 
   def sequential():
+    m_w, u_w = common.normalized(batch['m_w']), common.normalized(batch['u_w'])
     t_m, _, new = common.forward(model, state.teacher_params, stats, m_w, train=True)
     t_w, _, new = common.forward(model, state.teacher_params, new, u_w, train=True)
-    return t_m, t_w, new
+    return view_targets(t_m, t_w, batch, s, views), new
+
+  def one(mb):
+    both = common.normalized(jnp.concatenate([mb['m_w'], mb['u_w']]))
+    logits, _, _ = common.forward(model, state.teacher_params, stats, both, train=False)
+    t_m, t_w = jnp.split(logits, 2)
+    return view_targets(t_m, t_w, mb, s, views)
 
   def batched():
-    both, _, _ = common.forward(
-      model, state.teacher_params, stats, jnp.concatenate([m_w, u_w]), train=False
-    )
-    t_m, t_w = jnp.split(both, 2)
-    return t_m, t_w, stats
+    keys = ['m_w', 'u_w'] + [b for _, _, b in common.VIEW_KEYS[:views]]
+    return ctx.map_micro(one, {k: batch[k] for k in keys}), stats
 
   if s.teacher_bn == 'reference':
     return jax.lax.cond(state.step < ctx.schedule.steps_per_epoch, sequential, batched)
@@ -189,26 +243,10 @@ def prepare_views(state, batch, rng, ctx):
 
 def prepare(state, batch, rng, ctx):
   """Steps 1-2: the EMA teacher's targets per strong view, plus `prepare_views`."""
-  s, model = ctx.settings, ctx.model
   out = prepare_views(state, batch, rng, ctx)
-  views = flags(s)['views']
   teacher_bs = state.teacher_batch_stats
-  if flags(s)['strong_terms']:
-    if s.grad_accum == 1:
-      t_m, t_w, teacher_bs = teacher_logits(state, batch, ctx)
-      targets = view_targets(t_m, t_w, batch, s, views)
-    else:  # BN-free model: per-sample teacher, run per micro-batch
-
-      def one(mb):
-        both = common.normalized(jnp.concatenate([mb['m_w'], mb['u_w']]))
-        logits, _, _ = common.forward(
-          model, state.teacher_params, state.teacher_batch_stats, both, train=False
-        )
-        t_m, t_w = jnp.split(logits, 2)
-        return view_targets(t_m, t_w, mb, s, views)
-
-      keys = ['m_w', 'u_w'] + [b for _, _, b in common.VIEW_KEYS[:views]]
-      targets = common.map_micro(one, {k: batch[k] for k in keys}, s.grad_accum)
+  if flags(ctx.settings)['strong_terms']:
+    targets, teacher_bs = teacher_targets(state, batch, ctx)
     out.update(jax.lax.stop_gradient(targets))
   return out, teacher_bs
 
@@ -222,64 +260,58 @@ def strong_target(mb, p_w, k: int, s):
   return mb[f'labels_s{k}'], mb[f'mask_s{k}']
 
 
-def loss(params, state, mb, rng, ctx):
-  """The weighted terms on one micro-batch `mb` of `prepare`'s output."""
+def clean_forward(params, state, mb, rng, ctx):
+  """Step 3: the student on concat(x, u_w) with `perturb` perturbed copies of
+  its features (or on x, then u_w: `labeled_bn='separate'`).
+
+  Returns:
+    `(P_x, P_w (detached), [P_fp1, P_fp2], batch_stats)`.
+  """
   s, model = ctx.settings, ctx.model
-  f = flags(s)
-  views, perturb = f['views'], f['perturb']
-  warm = state.step < ctx.schedule.warmup_steps
+  perturb = flags(s)['perturb']
   dropout_rng = jax.random.fold_in(rng, 0)
-  x, u_w, y = common.normalized(mb['x']), common.normalized(mb['u_w']), mb['y']
+  x, u_w = common.normalized(mb['x']), common.normalized(mb['u_w'])
   n_x = x.shape[0]
-  terms, weighted = {}, []
   perturb_masks = None
   if 'fp_masks' in mb:  # model takes masks: ones for the labeled rows
     fp = jnp.moveaxis(mb['fp_masks'], 1, 0)
     perturb_masks = fp
     if s.labeled_bn != 'separate':
       perturb_masks = jnp.concatenate([jnp.ones((perturb, n_x) + fp.shape[2:]), fp], axis=1)
-
-  # 3. Student on concat(x, u_w) with perturbed copies (or x, then u_w).
+  kwargs = dict(train=True, perturb=perturb, rng=dropout_rng, perturb_masks=perturb_masks)
   if s.labeled_bn == 'separate':
     p_x, _, bs = common.forward(model, params, state.batch_stats, x, train=True)
-    p_w, aux, bs = common.forward(
-      model,
-      params,
-      bs,
-      u_w,
-      train=True,
-      perturb=perturb,
-      rng=dropout_rng,
-      perturb_masks=perturb_masks,
-    )
-    p_w = jax.lax.stop_gradient(p_w)
-    p_fp = list(aux['perturbed'])
-  else:
-    logits, aux, bs = common.forward(
-      model,
-      params,
-      state.batch_stats,
-      jnp.concatenate([x, u_w]),
-      train=True,
-      perturb=perturb,
-      rng=dropout_rng,
-      perturb_masks=perturb_masks,
-    )
-    p_x, p_w = logits[:n_x], jax.lax.stop_gradient(logits[n_x:])
-    p_fp = [p[n_x:] for p in aux['perturbed']]
+    p_w, aux, bs = common.forward(model, params, bs, u_w, **kwargs)
+    return p_x, jax.lax.stop_gradient(p_w), list(aux['perturbed']), bs
+  both = jnp.concatenate([x, u_w])
+  logits, aux, bs = common.forward(model, params, state.batch_stats, both, **kwargs)
+  p_fp = [p[n_x:] for p in aux['perturbed']]
+  return logits[:n_x], jax.lax.stop_gradient(logits[n_x:]), p_fp, bs
 
-  # 4. Student on the cutmixed strong views.
+
+def strong_forward(params, mb, bs, ctx):
+  """Step 4: the student on the cutmixed strong views -> `([P_s1, P_s2], batch_stats)`."""
+  s, model = ctx.settings, ctx.model
+  views = flags(s)['views']
+  strong = mb['strong']
+  images = common.normalized(jnp.concatenate([strong[:, k] for k in range(views)]))
+  fmasks = None
+  if 'strong_masks' in mb:
+    fmasks = jnp.concatenate([mb['strong_masks'][:, k] for k in range(2)])
+  logits_s, _, bs_s = common.forward(model, params, bs, images, train=True, feature_masks=fmasks)
+  return jnp.split(logits_s, views), (bs_s if s.strong_view_bn_stats else bs)
+
+
+def loss(params, state, mb, rng, ctx):
+  """The weighted terms on one micro-batch `mb` of `prepare`'s output."""
+  s = ctx.settings
+  f = flags(s)
+  warm = state.step < ctx.schedule.warmup_steps
+  terms, weighted = {}, []
+  p_x, p_w, p_fp, bs = clean_forward(params, state, mb, rng, ctx)
   p_s = []
   if f['strong_forward']:
-    strong = mb['strong']
-    images = common.normalized(jnp.concatenate([strong[:, k] for k in range(views)]))
-    fmasks = None
-    if 'strong_masks' in mb:
-      fmasks = jnp.concatenate([mb['strong_masks'][:, k] for k in range(2)])
-    logits_s, _, bs_s = common.forward(model, params, bs, images, train=True, feature_masks=fmasks)
-    if s.strong_view_bn_stats:
-      bs = bs_s
-    p_s = jnp.split(logits_s, views)
+    p_s, bs = strong_forward(params, mb, bs, ctx)
 
   # 5. fp targets from the detached clean weak-view prediction.
   valid_w = mb['valid_w']
@@ -289,11 +321,11 @@ def loss(params, state, mb, rng, ctx):
 
   # 6. Loss terms.
   if s.sup > 0:
-    terms['loss_x'] = common.sup_term(p_x, y, mb['den_x'], s)
+    terms['loss_x'] = common.sup_term(p_x, mb['y'], mb['den_x'], s)
     weighted.append(s.sup * terms['loss_x'])
   if f['strong_terms']:
     strong_weight = jnp.where(warm, 0.0, s.strong)
-    for k, suffix in enumerate(common.suffixes(views)):
+    for k, suffix in enumerate(common.suffixes(f['views'])):
       labels, mask = strong_target(mb, p_w, k, s)
       term = common.pseudo_term(p_s[k], labels, mask, mb[f'valid_s{k}'], mb[f'den_s{k}'])
       terms['loss_s' + suffix] = term
@@ -302,18 +334,22 @@ def loss(params, state, mb, rng, ctx):
   def gated(weight):  # other unlabeled terms: on from step 0, or gated too
     return jnp.where(warm, 0.0, weight) if s.warmup_terms != 'strong' else weight
 
+  def elements(p):  # every element of the global batch
+    return p.size // p.shape[0] * ctx.global_batch
+
   if s.fp > 0:
     for p, suffix in zip(p_fp, common.suffixes(len(p_fp))):
       term = common.pseudo_term(p, labels_w, mask_w, valid_w, mb['den_w'])
       terms['loss_fp' + suffix] = term
       weighted.append(gated(s.fp) * term)
   if s.align_image > 0:
-    den = p_s[0].size * s.grad_accum  # every element of the global batch
-    terms['loss_align_image'] = common.align_term(p_s[0], p_s[1], den)
+    terms['loss_align_image'] = common.align_term(p_s[0], p_s[1], elements(p_s[0]))
     weighted.append(gated(s.align_image) * terms['loss_align_image'])
   if s.align_feature > 0:
-    den = p_fp[0].size * s.grad_accum
-    terms['loss_align_feature'] = common.align_term(p_fp[0], p_fp[1], den)
+    terms['loss_align_feature'] = common.align_term(p_fp[0], p_fp[1], elements(p_fp[0]))
     weighted.append(gated(s.align_feature) * terms['loss_align_feature'])
   total = sum(weighted, jnp.float32(0.0))
   return total, common.LossAux(bs, state.teacher_batch_stats, terms)
+
+
+base.register(base.Method('dssn', Settings, prepare, loss, ema_schedule='warmup', warmup=True))

@@ -6,24 +6,24 @@ feature-perturbed branch: total `(L_x + L_s) / 2`, fixed threshold 0.95.
 
 from __future__ import annotations
 
-from dssn_jax.methods import unimatch
+import dataclasses
 
-PRESET = dict(
-  sup=0.5,
-  strong=0.5,
-  fp=0.0,
-  align_image=0.0,
-  align_feature=0.0,
-  fp_branches=0,
-  strong_views=1,
-  pseudo_label='fixed',
-  threshold=0.95,
-  teacher='student',
-  mix_partner='same',
-  ema_schedule='student',
-  comp_drop=False,
-  fp_masks='independent',
-)
+from dssn_jax.methods import base, dssn, unimatch
+from dssn_jax.methods.base import knob
 
-prepare = unimatch.prepare
-loss = unimatch.loss
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings(dssn.Settings):
+  """DSSN's knobs with FixMatch's presets: one strong view, no fp branch."""
+
+  sup: float = knob('loss.sup', 0.5)
+  strong: float = knob('loss.strong', 0.5)
+  fp: float = knob('loss.fp', 0.0)
+  align_image: float = knob('loss.align_image', 0.0)
+  align_feature: float = knob('loss.align_feature', 0.0)
+  fp_branches: int = knob('model.fp_branches', 0)
+  strong_views: int = 1
+  pseudo_label: str = knob('loss.pseudo_label', 'fixed', choices=('class_aware', 'fixed'))
+
+
+base.register(base.Method('fixmatch', Settings, unimatch.prepare, unimatch.loss))

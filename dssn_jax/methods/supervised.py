@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 
-from dssn_jax.methods import common
+from dssn_jax.methods import base, common
 
-PRESET = dict(
-  sup=1.0,
-  strong=0.0,
-  fp=0.0,
-  align_image=0.0,
-  align_feature=0.0,
-  fp_branches=0,
-  strong_views=0,
-  pseudo_label='fixed',
-  threshold=0.95,
-  teacher='student',
-  mix_partner='same',
-  ema_schedule='student',
-  comp_drop=False,
-  fp_masks='independent',
-)
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings(base.Settings):
+  """Only `L_x`: the base knobs (weight `loss.sup`, default 1)."""
 
 
 def prepare(state, batch, rng, ctx):
@@ -44,3 +34,6 @@ def loss(params, state, mb, rng, ctx):
     terms['loss_x'] = common.sup_term(logits, mb['y'], mb['den_x'], s)
     total = s.sup * terms['loss_x']
   return total, common.LossAux(bs, state.teacher_batch_stats, terms)
+
+
+base.register(base.Method('supervised', Settings, prepare, loss, unlabeled=False))

@@ -18,26 +18,25 @@ this module reaches with `teacher='student'`: only the targets differ.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 
-from dssn_jax.methods import common, dssn
+from dssn_jax.methods import base, common, dssn
+from dssn_jax.methods.base import knob
 
-PRESET = dict(
-  sup=0.5,
-  strong=0.125,
-  fp=0.25,
-  align_image=0.0,
-  align_feature=0.0,
-  fp_branches=1,
-  strong_views=2,
-  pseudo_label='fixed',
-  threshold=0.95,
-  teacher='student',
-  mix_partner='same',
-  ema_schedule='student',
-  comp_drop=False,
-  fp_masks='independent',
-)
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings(dssn.Settings):
+  """DSSN's knobs with UniMatch's presets: one fp branch, no alignment, 0.95."""
+
+  sup: float = knob('loss.sup', 0.5)
+  strong: float = knob('loss.strong', 0.125)
+  fp: float = knob('loss.fp', 0.25)
+  align_image: float = knob('loss.align_image', 0.0)
+  align_feature: float = knob('loss.align_feature', 0.0)
+  fp_branches: int = knob('model.fp_branches', 1)
+  pseudo_label: str = knob('loss.pseudo_label', 'fixed', choices=('class_aware', 'fixed'))
 
 
 def prepare(state, batch, rng, ctx):
@@ -52,7 +51,7 @@ def prepare(state, batch, rng, ctx):
       )
       return t_m
 
-    t_m = common.map_micro(one, {'m_w': batch['m_w']}, s.grad_accum)
+    t_m = ctx.map_micro(one, {'m_w': batch['m_w']})
     out['t_m'] = jax.lax.stop_gradient(t_m)
     for k in range(s.strong_views):
       out[f'box_s{k}'] = batch[common.VIEW_KEYS[k][2]]
@@ -60,3 +59,6 @@ def prepare(state, batch, rng, ctx):
 
 
 loss = dssn.loss
+
+
+base.register(base.Method('unimatch', Settings, prepare, loss))

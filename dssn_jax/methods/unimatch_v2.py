@@ -23,27 +23,37 @@ global batch before it is split, so the pairs cross micro-batches freely.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
-from dssn_jax.methods import common, dssn
+from dssn_jax.methods import base, common, dssn
+from dssn_jax.methods.base import knob
 
-PRESET = dict(
-  sup=0.5,
-  strong=0.25,
-  fp=0.0,
-  align_image=0.0,
-  align_feature=0.0,
-  fp_branches=0,
-  strong_views=2,
-  pseudo_label='fixed',
-  threshold=0.95,
-  teacher='ema',
-  mix_partner='reversed',
-  ema_schedule='unimatch_v2',
-  comp_drop=True,
-  fp_masks='independent',
-)
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings(base.Settings):
+  """UniMatch V2's knobs: `L_x` and the two strong-view terms, a fixed
+  threshold, complementary dropout, the batch reversed as mix partner."""
+
+  sup: float = knob('loss.sup', 0.5)
+  strong: float = knob('loss.strong', 0.25)
+  fp: float = knob('loss.fp', 0.0)
+  align_image: float = knob('loss.align_image', 0.0)
+  align_feature: float = knob('loss.align_feature', 0.0)
+  strong_views: int = 2
+  pseudo_label: str = knob('loss.pseudo_label', 'fixed', choices=('class_aware', 'fixed'))
+  threshold: float = knob('loss.threshold', 0.95)
+  strong_view_bn_stats: bool = knob('train.strong_view_bn_stats')
+  partner: str = knob('data.mix_partner', 'reversed', choices=('reversed',))
+  comp_drop: bool = knob('model.comp_drop', True)
+  comp_drop_kept: float = knob('model.comp_drop_kept')
+
+  @property
+  def mix_partner(self) -> str:
+    return self.partner
+
 
 KEYS = ('x', 'y', 'u_w', 'u_s1', 'u_s2', 'u_ignore', 'box1', 'box2')
 
@@ -74,15 +84,18 @@ def prepare(state, batch, rng, ctx):
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     return jnp.max(probs, axis=-1), jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-  conf, labels = jax.lax.stop_gradient(common.map_micro(one, {'u_w': batch['u_w']}, s.grad_accum))
+  conf, labels = jax.lax.stop_gradient(ctx.map_micro(one, {'u_w': batch['u_w']}))
   ignore = batch['u_ignore']
   valid_w = ignore != s.ignore_index
   out = {
     'x': batch['x'],
     'y': batch['y'],
     'den_x': common.count(batch['y'] != s.ignore_index),
-    'mask_ratio': common.count((conf >= s.threshold) & valid_w)
-    / jnp.maximum(common.count(valid_w), 1.0),
+    # A global statistic, reported once (not summed over micro-batches).
+    'metrics': {
+      'mask_ratio': common.count((conf >= s.threshold) & valid_w)
+      / jnp.maximum(common.count(valid_w), 1.0)
+    },
   }
   strong = common.mixed_strong_images(batch, 2, partner='reversed')
   out['strong'] = jnp.stack(jnp.split(strong, 2), 1)  # (n, 2, H, W, 3)
@@ -114,8 +127,7 @@ def loss(params, state, mb, rng, ctx):
   if s.strong_view_bn_stats:
     bs = bs_s
   p_s = jnp.split(logits_s, 2)
-  # mask_ratio is a global statistic: each micro-batch reports its share.
-  terms = {'mask_ratio': mb['mask_ratio'] / s.grad_accum}
+  terms = {}
   weighted = []
   if s.sup > 0:
     terms['loss_x'] = common.sup_term(p_x, mb['y'], mb['den_x'], s)
@@ -129,3 +141,6 @@ def loss(params, state, mb, rng, ctx):
       weighted.append(s.strong * term)
   total = sum(weighted, jnp.float32(0.0))
   return total, common.LossAux(bs, state.teacher_batch_stats, terms)
+
+
+base.register(base.Method('unimatch_v2', Settings, prepare, loss, ema_schedule='unimatch_v2'))
