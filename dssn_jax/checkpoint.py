@@ -22,11 +22,13 @@ import socket
 import sys
 from typing import Any
 
+import grain
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from dssn_jax import config_lib
@@ -46,8 +48,6 @@ class WorkdirInUse(UserError):
 
 
 def _grain_checkpoint():
-  import grain  # pylint: disable=g-import-not-at-top
-
   return grain.checkpoint
 
 
@@ -195,8 +195,6 @@ class Checkpointer:
         target, n = target_dir / f'{step}.{n}', n + 1
       source.rename(target)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
       multihost_utils.sync_global_devices(f'dssn_jax_move_aside_{step}')
     return str(target)
 
@@ -398,8 +396,6 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   Keys `base_config` defines that the file lacks (a workdir written before
   they existed) get their defaults, so readers never need `config.get`.
   """
-  from dssn_jax import config_lib  # pylint: disable=g-import-not-at-top
-
   path = epath.Path(workdir) / 'config.json'
   if not path.exists():
     raise FileNotFoundError(f'{path} does not exist: is {workdir!r} a dssn_jax workdir?')

@@ -16,6 +16,9 @@ import sys
 import warnings
 from collections.abc import Callable
 
+from absl import flags
+from absl import logging as absl_logging
+
 USER_ERROR_STATUS = 2
 
 
@@ -32,9 +35,6 @@ def quiet_library_logs() -> None:
   batches grain's workers had prefetched when the pool shut down, and the
   tracker unlinks them right after the warning, so nothing is left behind.
   """
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
-
   if 'verbosity' not in flags.FLAGS or not flags.FLAGS['verbosity'].present:
     absl_logging.set_verbosity(absl_logging.WARNING)
     # orbax also warns about its own timing ("Waiting for previous save...").
@@ -83,8 +83,6 @@ def parse_flags(argv: list[str]) -> list[str]:
 
   Pass as `app.run(main, flags_parser=cli.parse_flags)`.
   """
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dssn_jax import xla_flags
 from dssn_jax.models import pretrained, registry
 from dssn_jax.state_dicts import flatten, read_state_dict, save_npz
 
@@ -52,8 +53,6 @@ def main(argv=None) -> int:
     '--ema', action='store_true', help="a UniMatch V2 checkpoint's model_ema instead of model"
   )
   args = parser.parse_args(argv)
-  from dssn_jax import xla_flags  # pylint: disable=g-import-not-at-top
-
   xla_flags.set_default_cpu_flags()
   try:
     state = read_state_dict(args.src, ema=args.ema)

@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from dssn_jax import cli, config_lib, methods
+from dssn_jax import cli, config_lib, methods, xla_flags
 from dssn_jax.data import datasets, sources
 
 FLAGS = flags.FLAGS
@@ -168,8 +168,6 @@ def main(argv):
     )
   if FLAGS.config is None:
     raise app.UsageError('--config is required', exitcode=2)
-  from dssn_jax import xla_flags  # pylint: disable=g-import-not-at-top
-
   xla_flags.set_default_cpu_flags()
   cli.quiet_library_logs()
   config_lib.resolve(FLAGS.config)

@@ -47,9 +47,11 @@ import math
 import os
 from typing import Any
 
+import cv2
 import grain
 import ml_collections
 import numpy as np
+from absl import flags
 
 from dssn_jax.data import datasets, sources, transforms
 
@@ -222,8 +224,6 @@ def auto_workers(
 def _worker_init(worker_index: int, worker_count: int) -> None:
   """Each worker process is one core: no OpenCV thread pool inside it."""
   del worker_index, worker_count
-  import cv2  # pylint: disable=g-import-not-at-top
-
   cv2.setNumThreads(1)
 
 
@@ -306,8 +306,6 @@ def _check_train_config(config: ml_collections.ConfigDict) -> None:
 
 def _ensure_absl_flags_parsed() -> None:
   """grain's worker processes read absl flags; parse defaults if no app did."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
@@ -351,19 +349,34 @@ class TrainData:
     labeled_only_steps: int | None = None,
   ):
     if process_index is None or process_count is None:
-      import jax  # pylint: disable=g-import-not-at-top
+      import jax  # pylint: disable=g-import-not-at-top  # not at import: workers stay jax-free
 
       process_index = jax.process_index() if process_index is None else process_index
       process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
       raise ValueError(f'process_index={process_index} not in [0, {process_count})')
     _check_train_config(config)
-    data = config.data
     self.mesh = mesh
     self.supervised = not settings.unlabeled  # labeled stream only
     self.local_batch_size = _batch_sizes(config, process_count)
-    mix_partner = settings.mix_partner
+    # Global batch k holds records k*B .. k*B + B - 1 (B: the global batch).
+    self._global_batch = self.local_batch_size * process_count
+    streams, epoch = self._streams(config, seed, settings.mix_partner)
+    if labeled_only_steps is None:
+      labeled_only_steps = settings.labeled_only_steps(epoch)
+    self.labeled_only_steps = int(labeled_only_steps)
+    full_from = self.labeled_only_steps * self._global_batch if len(streams) > 1 else 0
+    ds = self._records = _ZipFrom(streams, full_from).map(_merge)
+    # Host p of n takes chunks p, p + n, ...: its slice of every global batch.
+    ds = ds.batch(self.local_batch_size, drop_remainder=True)
+    ds = ds[process_index::process_count]
+    self._dataset = self._read_ahead(ds, config, num_threads)
+    self._iterator = iter(self._dataset)
 
+  def _streams(self, config, seed: int, mix_partner: str) -> tuple[list, int]:
+    """The record streams (labeled views, then the unlabeled ones unless
+    supervised), each an epoch long, and the epoch's length."""
+    data = config.data
     labeled = datasets.get_source(config, 'labeled')
     self.num_labeled = len(labeled)
     if self.num_labeled == 0:
@@ -381,7 +394,7 @@ class TrainData:
       self.num_unlabeled = epoch = len(unlabeled)
       if epoch == 0:
         raise ValueError(f'the unlabeled split of {unlabeled!r} is empty')
-    if epoch < self.local_batch_size * process_count:
+    if epoch < self._global_batch:
       raise ValueError(
         f'an epoch has {epoch} records, fewer than one global batch '
         f'(config.data.batch_size={data.batch_size})'
@@ -400,16 +413,11 @@ class TrainData:
       streams += _unlabeled_streams(
         unlabeled, config, epoch=epoch, seed=seed, geometry=geometry, mix_partner=mix_partner
       )
-    if labeled_only_steps is None:
-      labeled_only_steps = settings.labeled_only_steps(epoch)
-    self.labeled_only_steps = int(labeled_only_steps)
-    # Global batch k holds records k*B .. k*B + B - 1 (B: the global batch).
-    self._global_batch = self.local_batch_size * process_count
-    full_from = self.labeled_only_steps * self._global_batch if len(streams) > 1 else 0
-    ds = self._records = _ZipFrom(streams, full_from).map(_merge)
-    # Host p of n takes chunks p, p + n, ...: its slice of every global batch.
-    ds = ds.batch(self.local_batch_size, drop_remainder=True)
-    ds = ds[process_index::process_count]
+    return streams, epoch
+
+  def _read_ahead(self, ds, config, num_threads: int | None):
+    """`ds` read ahead by threads, and by worker processes (`self.workers`)."""
+    data = config.data
     workers = int(data.workers)
     if workers == -1:
       workers = auto_workers(
@@ -427,8 +435,7 @@ class TrainData:
         grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=prefetch),
         worker_init_fn=_worker_init,
       )
-    self._dataset = it_ds
-    self._iterator = iter(it_ds)
+    return it_ds
 
   def __iter__(self) -> TrainData:
     return self
@@ -449,7 +456,7 @@ class TrainData:
     """A `local_batch()` as the global batch, sharded on the mesh's `data` axis."""
     if self.mesh is None:
       raise ValueError('TrainData was built without a mesh; use local_batch()')
-    from dssn_jax import parallel  # pylint: disable=g-import-not-at-top
+    from dssn_jax import parallel  # pylint: disable=g-import-not-at-top  # imports jax
 
     return parallel.shard_batch(
       {k: v for k, v in batch.items() if not k.endswith('_id')}, self.mesh
@@ -460,9 +467,9 @@ class TrainData:
     `labeled_only_steps`), as `jax.ShapeDtypeStruct`s sharded on the mesh's
     `data` axis: for compiling that step's program before such a batch
     exists. Renders one record."""
-    import jax  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top  # not at import: workers stay jax-free
 
-    from dssn_jax import parallel  # pylint: disable=g-import-not-at-top
+    from dssn_jax import parallel  # pylint: disable=g-import-not-at-top  # imports jax
 
     if self.mesh is None:
       raise ValueError('TrainData was built without a mesh')
@@ -547,7 +554,7 @@ def eval_records(
       f'eval mode {mode!r} (config.data.eval_mode) is not one of {", ".join(EVAL_MODES)}'
     )
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
+    import jax  # pylint: disable=g-import-not-at-top  # not at import: workers stay jax-free
 
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count

@@ -16,6 +16,7 @@ import sys
 import jax
 import numpy as np
 
+from dssn_jax import xla_flags
 from dssn_jax.models import create_model, registry
 
 
@@ -69,8 +70,6 @@ def main(argv=None) -> int:
     help='7x7 stem instead of the deep stem (ResNet backbones only)',
   )
   args = parser.parse_args(argv)
-  from dssn_jax import xla_flags  # pylint: disable=g-import-not-at-top
-
   xla_flags.set_default_cpu_flags()
 
   family = registry.family_of(args.summary)
