@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dssn_jax import config_lib, convert, optim
+from dssn_jax import config_lib, convert, evaluate, loading, optim
 from dssn_jax import train_step as ts
 from dssn_jax.models import create_model, dinov2_weights, layers, model_from_config, registry
 
@@ -370,8 +370,6 @@ def test_evaluate_weights_reports_model_and_model_ema(tmp_path):
   """`python -m dssn_jax.evaluate --weights best.pth` on a UniMatch V2
   checkpoint evaluates `model` (student) and `model_ema` (teacher), as the
   authors' loop does."""
-  from dssn_jax import evaluate
-
   tm, model, whole = tiny()
   ema = torch_tiny(seed=1)
   path = tmp_path / 'best.pth'
@@ -391,7 +389,7 @@ def test_evaluate_weights_reports_model_and_model_ema(tmp_path):
     for i, (h, w) in enumerate([(28, 42), (30, 25)])
   ]
   record = evaluate.run(weights=str(path), config=config, records=records)
-  got = evaluate.load_weights(str(path), config)
+  got = loading.load_weights(str(path), config)
   assert sorted(got) == ['student', 'teacher']
   assert_same_tree(got['student'], whole)
   want = evaluate.Evaluator(model, config, records=records).evaluate(got)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dssn_jax import config_lib, evaluate
+from dssn_jax import config_lib, evaluate, loading
 from dssn_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 NAMES3 = ('bg', 'cat', 'dog')
@@ -446,7 +446,7 @@ def test_run_on_a_workdir_matches_the_evaluator(tmp_path):
   assert record['miou_teacher'] == pytest.approx(want['miou_teacher'])
   json.dumps(record)  # the command line prints it
   with pytest.raises(ValueError, match='no checkpoint at step 7'):
-    evaluate.load_for_eval(workdir=str(tmp_path), checkpoint='7')
+    loading.load_for_eval(workdir=str(tmp_path), checkpoint='7')
 
 
 def test_run_on_converted_weights(tmp_path):
@@ -462,11 +462,11 @@ def test_run_on_converted_weights(tmp_path):
   )
   assert record['miou'] == pytest.approx(want['miou'])  # same program, float64 mIoU
   with pytest.raises(ValueError, match='needs --config'):
-    evaluate.load_for_eval(weights=path)
+    loading.load_for_eval(weights=path)
   bad = tmp_path / 'w.ckpt'
   bad.write_bytes(b'')
   with pytest.raises(ValueError, match='w.ckpt'):
-    evaluate.load_weights(str(bad), config)
+    loading.load_weights(str(bad), config)
 
 
 def test_command_line_prints_the_eval_record(tmp_path):
