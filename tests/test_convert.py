@@ -11,12 +11,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numerics
 import numpy as np
 import pytest
 
 from dssn_jax import convert
 from dssn_jax.models import create_model
+from dssn_jax.testing import numerics
 
 torch = pytest.importorskip('torch', reason='the parity tests compare with PyTorch')
 from dssn_jax.testing import torch_reference  # noqa: E402  (imports torch)

@@ -12,13 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from tapped_model import TinyTapped, init, torch_module
 
 from dssn_jax import config_lib, evaluate, methods, optim
 from dssn_jax import train_step as ts
 from dssn_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from dssn_jax.methods import common
 from dssn_jax.methods import unimatch_v2 as uv2
+from dssn_jax.testing.tapped_model import TinyTapped, init, torch_module
 
 C = 3  # classes
 SIZE = 12

@@ -16,7 +16,6 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
-import numerics
 import numpy as np
 import optax
 import pytest
@@ -24,6 +23,7 @@ import pytest
 from dssn_jax import compilation, config_lib, losses, models, optim, parallel, pseudo_labels
 from dssn_jax import train_step as ts
 from dssn_jax.data.normalize import normalize
+from dssn_jax.testing import numerics
 
 NUM_CLASSES = 4
 
