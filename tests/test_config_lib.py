@@ -5,6 +5,7 @@ import json
 import pytest
 
 from dssn_jax import config_lib
+from dssn_jax.testing.configs import load_config
 
 
 def test_dssn_preset_matches_reference_total():
@@ -112,17 +113,6 @@ def test_parse_arg():
     config_lib.parse_arg('splt=92', split='92')
 
 
-def _load(name, arg):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location(f'cfg_{name}', f'{root}/configs/{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 # The authors' configs/*.yaml (crop, epochs, batch per GPU x 4 GPUs).
 UNIMATCH_V2_YAML = {
   'pascal': (518, 60, 16, 'ce'),
@@ -134,7 +124,7 @@ UNIMATCH_V2_YAML = {
 
 def test_dinov2_configs_reproduce_the_authors_yaml():
   for name, (crop, epochs, batch, sup) in UNIMATCH_V2_YAML.items():
-    c = _load(name, 'backbone=dinov2_base,method=unimatch_v2')
+    c = load_config(name, 'backbone=dinov2_base,method=unimatch_v2')
     assert (c.data.crop_size, c.train.epochs, c.data.batch_size) == (crop, epochs, batch), name
     assert c.loss.sup_type == sup, name
     assert (c.train.optimizer, c.train.lr, c.train.lr_multi) == ('adamw', 5e-6, 40.0), name
@@ -155,7 +145,7 @@ def test_dinov2_configs_reproduce_the_authors_yaml():
     else:
       assert (c.data.eval_mode, c.data.eval_resize_multiple) == ('original', 14)
   # The ResNet recipes keep their meaning.
-  voc = _load('pascal', 'split=92')
+  voc = load_config('pascal', 'split=92')
   assert (voc.data.crop_size, voc.train.optimizer, voc.data.eval_resize_multiple) == (513, 'sgd', 0)
   assert config_lib.resolve_method(voc).mix_partner == 'same'
 
