@@ -24,69 +24,16 @@ from dssn_jax import compilation, config_lib, losses, models, optim, parallel, p
 from dssn_jax import train_step as ts
 from dssn_jax.data.normalize import normalize
 from dssn_jax.testing import numerics
-
-NUM_CLASSES = 4
-
-
-def make_config(method='dssn', **loss):
-  config = config_lib.base_config()
-  config.method = method
-  config.data.num_classes = NUM_CLASSES
-  config.train.steps = 20
-  for key, value in loss.items():
-    config.loss[key] = value
-  return config
-
-
-def make_schedule(config, warmup_steps=1, steps_per_epoch=None):
-  schedule = config_lib.resolve_steps(config, 100)
-  schedule = dataclasses.replace(schedule, warmup_steps=warmup_steps)
-  if steps_per_epoch is not None:
-    schedule = dataclasses.replace(schedule, steps_per_epoch=steps_per_epoch)
-  return schedule
-
-
-def make_batch(size, batch=2, seed=0, supervised=False):
-  """A random train batch in the docs/design.md layout."""
-  rng = np.random.default_rng(seed)
-
-  def image():
-    return rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-
-  def box():
-    out = np.zeros((batch, size, size), bool)
-    for i in range(batch):
-      h, w = rng.integers(size // 4, size // 2 + 1, 2)
-      top, left = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
-      out[i, top : top + h, left : left + w] = True
-    return out
-
-  def ignore():
-    out = np.zeros((batch, size, size), np.int32)
-    out[:, -3:, :] = 255  # padded bottom rows
-    return out
-
-  labels = rng.integers(0, NUM_CLASSES, (batch, size, size)).astype(np.int32)
-  labels[:, :, -2:] = 255
-  out = dict(x=image(), y=labels)
-  if not supervised:
-    out.update(
-      u_w=image(),
-      u_s1=image(),
-      u_s2=image(),
-      u_ignore=ignore(),
-      box1=box(),
-      box2=box(),
-      m_w=image(),
-      m_s1=image(),
-      m_s2=image(),
-      m_ignore=ignore(),
-    )
-  return out
-
-
-def to_host(tree):
-  return jax.tree.map(np.asarray, jax.device_get(tree))
+from dssn_jax.testing.train_steps import (
+  NUM_CLASSES,
+  initial_state,
+  initial_variables,
+  make_batch,
+  make_config,
+  make_schedule,
+  run_steps,
+  to_host,
+)
 
 
 def assert_tree_equal(a, b):
@@ -103,21 +50,8 @@ def mesh():
   return parallel.make_mesh(jax.devices()[:1])
 
 
-_INIT = {}
-
-
-def initial_variables(model):
-  """One random init per model, shared (params do not depend on image size)."""
-  if model not in _INIT:
-    # rbg draws compile several times faster than threefry's.
-    _INIT[model] = ts.create_train_state(model, optax.sgd(0.1), jax.random.key(0, impl='rbg'), 33)
-  state = _INIT[model]
-  return to_host({'params': state.params, 'batch_stats': state.batch_stats})
-
-
 def test_create_train_state(model):
-  initial_variables(model)
-  state = _INIT[model]
+  state = initial_state(model)
   assert int(state.step) == 0
   assert set(state.params) == {'backbone', 'head', 'reduce', 'fuse', 'classifier'}
   assert_tree_equal(state.teacher_params, state.params)
@@ -125,31 +59,6 @@ def test_create_train_state(model):
   # Distinct buffers, so donating the state never donates one buffer twice.
   pairs = zip(jax.tree.leaves(state.params), jax.tree.leaves(state.teacher_params))
   assert all(a is not b for a, b in pairs)
-
-
-def run_steps(model, mesh, config, batch, steps, warmup_steps=1, steps_per_epoch=None):
-  """Compiles the step once and runs `steps` steps from a fixed init.
-
-  Returns host copies of the states before each step and after the last,
-  and each step's metrics.
-  """
-  settings = config_lib.resolve_method(config)
-  schedule = make_schedule(config, warmup_steps, steps_per_epoch)
-  tx = optim.make_optimizer(schedule, config)
-  state = ts.create_train_state(
-    model, tx, jax.random.key(0), batch['x'].shape[1], variables=initial_variables(model)
-  )
-  step_fn = ts.make_train_step(
-    model, tx, settings, schedule, mesh, ema_decay=config.train.ema_decay
-  )
-  batch = parallel.shard_batch(batch, mesh)
-  states, metrics = [to_host(state)], []
-  state = parallel.replicate(state, mesh)
-  for t in range(steps):
-    state, m = step_fn(state, batch, jax.random.fold_in(jax.random.key(1), t))
-    states.append(to_host(state))
-    metrics.append({k: float(v) for k, v in m.items()})
-  return dict(states=states, metrics=metrics, settings=settings, schedule=schedule)
 
 
 @pytest.fixture(scope='module')
@@ -683,8 +592,7 @@ def test_ablation_fixed_threshold_changes_only_pseudo_label_terms(ablation_setup
 _MULTI_DEVICE_SCRIPT = textwrap.dedent('''
     import json, sys
     import jax, numpy as np
-    sys.path.insert(0, {tests!r})
-    import test_train_step as t
+    from dssn_jax.testing import train_steps as t
     from dssn_jax import config_lib, models, optim, parallel
     from dssn_jax import train_step as ts
     assert jax.device_count() == 8, jax.devices()
@@ -694,7 +602,7 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent('''
                            ohem_min_kept=600)
     model = models.create_model('resnet_tiny', t.NUM_CLASSES)
     batch = t.make_batch(33, batch=8, seed=5)
-    out = {{}}
+    out = {}
     for n in (1, 8):
       mesh = parallel.make_mesh(jax.devices()[:n])
       run = t.run_steps(model, mesh, config, batch, 1, warmup_steps=0)
@@ -715,7 +623,7 @@ def test_one_vs_eight_devices():
   eight: measured 4.5x over a 1e-5 bound on the momentum trace of
   `stem_conv1` with jax 0.10.2 on this CPU)."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=8')
-  script = _MULTI_DEVICE_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
+  script = _MULTI_DEVICE_SCRIPT
   proc = subprocess.run(
     [sys.executable, '-c', script],
     env=env,
