@@ -40,6 +40,14 @@ def assert_tree_equal(a, b):
   jax.tree.map(np.testing.assert_array_equal, to_host(a), to_host(b))
 
 
+def assert_ema(got, teacher, student, rel):
+  """Leaf by leaf, `got` is the EMA `0.996 * teacher + 0.004 * student`
+  within `rel` of its scale (`numerics.assert_close`)."""
+  jax.tree.map(
+    lambda g, t, s: numerics.assert_close(g, 0.996 * t + 0.004 * s, rel), got, teacher, student
+  )
+
+
 @pytest.fixture(scope='module')
 def model():
   return models.create_model('resnet_tiny', NUM_CLASSES)
@@ -140,14 +148,8 @@ def test_teacher_moves_only_by_ema(model, dssn65):
   assert_tree_equal(s1.teacher_params, s1.params)
   assert_tree_equal(s1.teacher_batch_stats, s1.batch_stats)
   # Step 1: teacher = 0.996 * teacher + 0.004 * student, no gradient step.
-  ema = lambda t, s: 0.996 * t + 0.004 * s
   # float32 EMA (two products and a sum) vs float64: a few eps of the scale.
-  jax.tree.map(
-    lambda got, t, s: numerics.assert_close(got, ema(t, s), numerics.FEW_OPS),
-    s2.teacher_params,
-    s1.teacher_params,
-    s2.params,
-  )
+  assert_ema(s2.teacher_params, s1.teacher_params, s2.params, numerics.FEW_OPS)
   # BatchNorm: the teacher's own forwards (m_w, then u_w, batch statistics)
   # update its running statistics before the EMA blends in the student's.
   batch = dssn65['batch']
@@ -167,12 +169,7 @@ def test_teacher_moves_only_by_ema(model, dssn65):
   stats = to_host(teacher_forwards(s1.teacher_params, s1.teacher_batch_stats))
   # Statistics from the step vs from this test's forward (two programs
   # through the network), then the EMA: NETWORK.
-  jax.tree.map(
-    lambda got, t, s: numerics.assert_close(got, ema(t, s), numerics.NETWORK),
-    s2.teacher_batch_stats,
-    stats,
-    s2.batch_stats,
-  )
+  assert_ema(s2.teacher_batch_stats, stats, s2.batch_stats, numerics.NETWORK)
 
 
 def test_reference_teacher_bn_switches_to_running_after_the_first_epoch(model, mesh):
@@ -183,14 +180,8 @@ def test_reference_teacher_bn_switches_to_running_after_the_first_epoch(model, m
   assert config.train.teacher_bn == 'reference'
   run = run_steps(model, mesh, config, make_batch(33), 2, steps_per_epoch=1)
   _, s1, s2 = run['states']
-  ema = lambda t, s: 0.996 * t + 0.004 * s
   # float32 EMA (two products and a sum) vs float64: a few eps of the scale.
-  jax.tree.map(
-    lambda got, t, s: numerics.assert_close(got, ema(t, s), numerics.FEW_OPS),
-    s2.teacher_batch_stats,
-    s1.teacher_batch_stats,
-    s2.batch_stats,
-  )
+  assert_ema(s2.teacher_batch_stats, s1.teacher_batch_stats, s2.batch_stats, numerics.FEW_OPS)
 
 
 def test_running_teacher_one_call_gives_the_two_calls_targets(model):
