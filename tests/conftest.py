@@ -1,4 +1,4 @@
-"""Test setup: CPU only, fast compiles, tests/ importable, one compilation cache per run.
+"""Test setup: CPU only, fast compiles, one compilation cache per run.
 
 Tests that build the same step (the stop-and-resume runs, say) reuse its
 compiled executable from the persistent cache instead of compiling again.
@@ -14,7 +14,6 @@ import tempfile
 import pytest
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
