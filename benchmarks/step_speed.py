@@ -87,7 +87,6 @@ from dssn_jax import xla_flags
 xla_flags.set_default_cpu_flags()  # the program main.py runs
 
 import jax
-import numpy as np
 
 from dssn_jax import config_lib, models, optim, parallel
 from dssn_jax import train_step as ts_lib
@@ -412,7 +411,9 @@ class _TorchEnv:
     self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     self._std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     self.batch = {}
-    for k, v in batches.synthetic_batch(args.batch, args.crop, args.num_classes, supervised=False).items():
+    for k, v in batches.synthetic_batch(
+      args.batch, args.crop, args.num_classes, supervised=False
+    ).items():
       t = torch.from_numpy(v).to(device)
       self.batch[k] = t.permute(0, 3, 1, 2).contiguous() if v.ndim == 4 else t
     for k in ('y', 'u_ignore', 'm_ignore'):
