@@ -60,8 +60,15 @@ from dssn_jax import xla_flags  # noqa: E402  pylint: disable=wrong-import-posit
 
 xla_flags.set_default_cpu_flags()
 
-import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dssn_jax import compilation, config_lib, evaluate, loading, models  # noqa: E402
+from dssn_jax.data import datasets  # noqa: E402
+from dssn_jax.train import initial_variables  # noqa: E402
+
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 # VOC's most frequent short sides (long side 500).
 VOC_SHORT_SIDES = (375, 333, 500, 281, 366, 354, 332, 338, 400, 350)
@@ -95,10 +102,8 @@ def random_records(shapes, num_classes: int, seed: int = 0) -> list[dict]:
 
 
 def _timed_eval(evaluator, variables) -> dict:
-  from dssn_jax.compilation import CompileCounter  # pylint: disable=g-import-not-at-top
-
   start = time.perf_counter()
-  with CompileCounter() as counter:
+  with compilation.CompileCounter() as counter:
     evaluator.confusion_matrices(variables)
   wall = time.perf_counter() - start
   return dict(
@@ -111,9 +116,6 @@ def _timed_eval(evaluator, variables) -> dict:
 
 
 def measure_compile(args) -> dict:
-  from dssn_jax import compilation, config_lib, evaluate, models  # pylint: disable=g-import-not-at-top
-  from dssn_jax.train import initial_variables  # pylint: disable=g-import-not-at-top
-
   shapes = voc_like_shapes(args.images, args.seed)
   distinct = sorted(set(shapes))
   rng = np.random.default_rng(args.seed + 1)
@@ -127,21 +129,27 @@ def measure_compile(args) -> dict:
   model = models.model_from_config(config)
   variables = {'teacher': initial_variables(config, model, jax.random.key(0), 65)}
   records = random_records(sample, 21)
-  mpix = sum(h * w for h, w in sample) / 1e6
 
   def fresh():
     return evaluate.Evaluator(
       model, config, records=records, class_names=[str(i) for i in range(21)]
     )
 
-  rows = {}
   print(f'# {len(sample)} sampled shapes: {sample}', flush=True)
+  rows = _compile_rows(fresh, variables, args.threads)
+  totals = _compile_totals(rows, shapes, sample, args)
+  return dict(sample=sample, rows=rows, totals=totals)
+
+
+def _compile_rows(fresh, variables, threads: int) -> dict:
+  """The exact-shape rows: cold, warm, precompiled (background, then on
+  `threads` compiler threads first), persistent cache written and read."""
+  rows = {}
   ev = fresh()
   rows['exact, cold'] = _timed_eval(ev, variables)
   print('exact, cold', rows['exact, cold'], flush=True)
   rows['exact, warm'] = _timed_eval(ev, variables)  # everything compiled: compute only
   print('exact, warm', rows['exact, warm'], flush=True)
-  warm = rows['exact, warm']['wall_s']
 
   ev = fresh()
   start = time.perf_counter()
@@ -153,12 +161,12 @@ def measure_compile(args) -> dict:
 
   ev = fresh()  # every shape first, on `--threads` compiler threads
   start = time.perf_counter()
-  ev.precompile(variables['teacher'], background=False, threads=args.threads)
+  ev.precompile(variables['teacher'], background=False, threads=threads)
   precompile_s = time.perf_counter() - start
   row = _timed_eval(ev, variables)
-  row.update(threads=args.threads, precompile_s=precompile_s, wall_s=row['wall_s'] + precompile_s)
-  rows[f'exact, {args.threads} compile threads first'] = row
-  print(f'exact, {args.threads} compile threads first', row, flush=True)
+  row.update(threads=threads, precompile_s=precompile_s, wall_s=row['wall_s'] + precompile_s)
+  rows[f'exact, {threads} compile threads first'] = row
+  print(f'exact, {threads} compile threads first', row, flush=True)
 
   cache_dir = tempfile.mkdtemp(prefix='eval_compile_cache_')
   compilation.enable_persistent_cache(cache_dir)
@@ -168,7 +176,14 @@ def measure_compile(args) -> dict:
   jax.clear_caches()
   rows['exact, persistent cache'] = _timed_eval(fresh(), variables)
   print('exact, persistent cache', rows['exact, persistent cache'], flush=True)
+  return rows
 
+
+def _compile_totals(rows: dict, shapes, sample, args) -> dict:
+  """Per-shape compile and per-megapixel compute, scaled to the whole set."""
+  distinct = sorted(set(shapes))
+  mpix = sum(h * w for h, w in sample) / 1e6
+  warm = rows['exact, warm']['wall_s']
   for row in rows.values():  # on the critical path: the wall time beyond computing
     row['overhead_s'] = max(0.0, row['wall_s'] - warm)
   per_shape_compile = rows['exact, cold']['overhead_s'] / len(sample)
@@ -208,14 +223,11 @@ def measure_compile(args) -> dict:
       programs=len(set(padded)),
       pixel_overhead=sum(h * w for h, w in padded) / (total_mpix * 1e6) - 1,
     )
-  return dict(sample=sample, rows=rows, totals=totals)
+  return totals
 
 
 def measure_buckets(args) -> dict:
-  from dssn_jax import evaluate, models  # pylint: disable=g-import-not-at-top
-  from dssn_jax.data import datasets  # pylint: disable=g-import-not-at-top
-
-  config, variables, step = evaluate.load_for_eval(workdir=args.buckets_workdir, checkpoint='best')
+  config, variables, step = loading.load_for_eval(workdir=args.buckets_workdir, checkpoint='best')
   source = datasets.get_source(config, 'val')
   rng = np.random.default_rng(args.seed)
   records = []

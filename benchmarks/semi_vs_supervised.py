@@ -30,16 +30,16 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib.util
 import json
 import os
 import shutil
 import sys
 import time
 
-from dssn_jax import xla_flags
+from absl import logging
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from dssn_jax import xla_flags
+from dssn_jax.testing import configs
 
 # name -> (method, config overrides): DSSN with one term switched off.
 ABLATIONS = {
@@ -52,13 +52,8 @@ ABLATIONS = {
 
 
 def load_digits_config(method: str, labeled: int):
-  spec = importlib.util.spec_from_file_location(
-    'digits_config', os.path.join(REPO, 'configs', 'digits.py')
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(
-    f'method={method}' if labeled is None else f'method={method},labeled={labeled}'
+  return configs.load_config(
+    'digits', f'method={method}' if labeled is None else f'method={method},labeled={labeled}'
   )
 
 
@@ -103,6 +98,7 @@ def read_evals(workdir: str) -> list[dict]:
 
 def check_reused(workdir: str, config) -> None:
   """A finished run is reused only if it trained this very config."""
+  # JAX loads only after main() has set JAX_PLATFORMS and the XLA flags.
   from dssn_jax import config_lib  # pylint: disable=g-import-not-at-top
 
   with open(os.path.join(workdir, 'config.json')) as f:
@@ -117,6 +113,7 @@ def check_reused(workdir: str, config) -> None:
 
 def run(name: str, method: str, overrides: dict, seed: int, args) -> dict:
   """Trains one variant for one seed (or reuses a finished run); summarizes it."""
+  # JAX loads only after main() has set JAX_PLATFORMS and the XLA flags.
   from dssn_jax import train  # pylint: disable=g-import-not-at-top
 
   config = load_digits_config(method, args.labeled)
@@ -214,6 +211,7 @@ def print_table(rows: list[dict], aggregated: list[dict] | None = None) -> None:
 
 
 def plot(rows: list[dict], path: str) -> None:
+  # Optional: only the plot needs matplotlib.
   import matplotlib  # pylint: disable=g-import-not-at-top
 
   matplotlib.use('Agg')
@@ -287,8 +285,6 @@ def main(argv=None) -> None:
     args.set = parse_set(args.set, load_digits_config('dssn', args.labeled))
   except ValueError as e:
     parser.error(str(e))
-  from absl import logging  # pylint: disable=g-import-not-at-top
-
   logging.set_verbosity(logging.WARNING)
 
   variants = [('supervised', 'supervised', {}), ('dssn', 'dssn', {})]

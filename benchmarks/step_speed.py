@@ -87,13 +87,13 @@ from dssn_jax import xla_flags
 xla_flags.set_default_cpu_flags()  # the program main.py runs
 
 import jax
-import numpy as np
 
 from dssn_jax import config_lib, models, optim, parallel
 from dssn_jax import train_step as ts_lib
 from dssn_jax.models import registry
 from dssn_jax.models.resnet import BACKBONES
 from dssn_jax.normalize import IMAGENET_MEAN, IMAGENET_STD
+from dssn_jax.testing import batches
 from dssn_jax.train import initial_variables
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -172,53 +172,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.levers and (args.remat or args.freeze_backbone or args.compare_remat):
     p.error('--levers builds every setting; leave out --remat, --freeze-backbone, --compare-remat')
   return args
-
-
-def synthetic_batch(
-  global_batch: int, crop: int, num_classes: int, *, supervised: bool, seed: int = 0
-) -> dict[str, np.ndarray]:
-  """A random train batch in the docs/design.md layout (numpy).
-
-  Images are uniform uint8; labels uniform classes with a padded strip of
-  255; ignore maps 255 in the bottom rows; one cutmix box per image and view.
-  """
-  rng = np.random.default_rng(seed)
-  shape = (global_batch, crop, crop)
-  pad = max(1, crop // 10)
-
-  def image():
-    return rng.integers(0, 256, shape + (3,), dtype=np.uint8)
-
-  def ignore():
-    out = np.zeros(shape, np.int32)
-    out[:, crop - pad :, :] = 255
-    return out
-
-  def box():
-    out = np.zeros(shape, bool)
-    for i in range(global_batch):
-      h, w = rng.integers(max(1, crop // 4), crop // 2 + 2, 2)
-      top, left = rng.integers(0, crop - h + 1), rng.integers(0, crop - w + 1)
-      out[i, top : top + h, left : left + w] = True
-    return out
-
-  y = rng.integers(0, num_classes, shape).astype(np.int32)
-  y[:, :, crop - pad :] = 255
-  batch = dict(x=image(), y=y)
-  if not supervised:
-    batch.update(
-      u_w=image(),
-      u_s1=image(),
-      u_s2=image(),
-      u_ignore=ignore(),
-      box1=box(),
-      box2=box(),
-      m_w=image(),
-      m_s1=image(),
-      m_s2=image(),
-      m_ignore=ignore(),
-    )
-  return batch
 
 
 def images_per_step(global_batch: int, method: str) -> int:
@@ -335,7 +288,7 @@ def prepare_jax(args: argparse.Namespace, remat: bool) -> Step:
   variables = initial_variables(config, model, jax.random.key(0), init_size)
   state = ts_lib.create_train_state(model, tx, jax.random.key(0), args.crop, variables=variables)
   state = parallel.replicate(state, mesh)
-  local = synthetic_batch(
+  local = batches.synthetic_batch(
     args.batch * jax.local_device_count(),
     args.crop,
     args.num_classes,
@@ -458,7 +411,9 @@ class _TorchEnv:
     self._mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     self._std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     self.batch = {}
-    for k, v in synthetic_batch(args.batch, args.crop, args.num_classes, supervised=False).items():
+    for k, v in batches.synthetic_batch(
+      args.batch, args.crop, args.num_classes, supervised=False
+    ).items():
       t = torch.from_numpy(v).to(device)
       self.batch[k] = t.permute(0, 3, 1, 2).contiguous() if v.ndim == 4 else t
     for k in ('y', 'u_ignore', 'm_ignore'):

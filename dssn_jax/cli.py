@@ -1,4 +1,4 @@
-"""What every command line of dssn_jax shares: user errors and quiet logs.
+"""What every command line of dssn_jax shares: user errors, quiet logs, flags.
 
 A `UserError` (a bad config value, a missing or damaged file, a run that
 stopped on a non-finite loss) is something the user can fix: the command
@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 from absl import flags
 from absl import logging as absl_logging
+
+from dssn_jax import xla_flags
 
 USER_ERROR_STATUS = 2
 
@@ -89,3 +91,50 @@ def parse_flags(argv: list[str]) -> list[str]:
     print(f'error: {e}', file=sys.stderr)
     print('Pass --helpshort or --helpfull to see help on flags.', file=sys.stderr, flush=True)
     sys.exit(USER_ERROR_STATUS)
+
+
+def define_model_flags() -> None:
+  """The flags naming the model that `evaluate` and `predict` load.
+
+  `--workdir` and `--checkpoint` (a training checkpoint), or `--weights`
+  with `--config` (converted weights); `--config` with `--workdir` replaces
+  the workdir's `config.json` (`dssn_jax.loading.load_for_eval`).
+  """
+  # Imported here, as in quiet_library_logs: absl loads only in a command line.
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  config_flags.DEFINE_config_file(
+    'config',
+    None,
+    'Config file (with --weights; with --workdir it replaces config.json).',
+    lock_config=True,
+  )
+  flags.DEFINE_string('workdir', None, 'Training workdir holding the checkpoints.')
+  flags.DEFINE_string('checkpoint', 'best', 'best | latest | a step number.')
+  flags.DEFINE_string('weights', None, 'A reference .pth or our .npz (needs --config).')
+
+
+def start_command(argv: list[str]) -> None:
+  """What a `python -m dssn_jax.*` command does first, in its `main(argv)`.
+
+  Refuses positional arguments, applies the default XLA:CPU flags (before
+  the first JAX computation) and keeps library logs quiet.
+  """
+  # Imported here, as in quiet_library_logs: absl loads only in a command line.
+  from absl import app  # pylint: disable=g-import-not-at-top
+
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}', exitcode=2)
+  xla_flags.set_default_cpu_flags()
+  quiet_library_logs()
+
+
+def run_command(main: Callable[[list[str]], object], define_flags: Callable[[], None]) -> None:
+  """Defines a command's flags and runs its absl `main`: a user error or a
+  bad flag value prints one line and exits with status 2."""
+  # Imported here, as in quiet_library_logs: absl loads only in a command line.
+  from absl import app  # pylint: disable=g-import-not-at-top
+
+  define_flags()
+  app.run(guarded(main), flags_parser=parse_flags)

@@ -48,21 +48,25 @@ configs/X.py` evaluates converted reference weights (`.pth`) or our `.npz`.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import json
-import os
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import flags
 from jax import lax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dssn_jax import cli, compilation, distributed, loading, models
+from dssn_jax.data import datasets, pipeline
 from dssn_jax.models import layers
 from dssn_jax.normalize import normalize
 
@@ -426,8 +430,6 @@ class Evaluator:
   @property
   def class_names(self) -> list[str]:
     if self._class_names is None:
-      from dssn_jax.data import datasets  # pylint: disable=g-import-not-at-top
-
       self._class_names = list(datasets.class_names(self.config))
     if len(self._class_names) != self.num_classes:
       raise ValueError(
@@ -437,10 +439,6 @@ class Evaluator:
 
   def _iter_records(self) -> Iterable[dict[str, Any]]:
     if self._records is None:
-      import grain  # pylint: disable=g-import-not-at-top
-
-      from dssn_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-
       # Decode a few images ahead in threads while the devices compute;
       # a small buffer, since whole validation images can be large.
       return pipeline.eval_records(self.config, mode=self.mode).to_iter_dataset(
@@ -530,8 +528,6 @@ class Evaluator:
       background: run in a thread (True) or here.
       threads: compiler threads.
     """
-    import concurrent.futures  # pylint: disable=g-import-not-at-top
-
     variables = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), variables)
 
     def compile_one(shape):
@@ -684,70 +680,7 @@ def eval_record(step: int | None, result: dict[str, Any], **extra) -> dict[str, 
 
 
 # ----------------------------------------------------------------------------
-# Loading what to evaluate.
-
-
-def load_weights(path: str, config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """`{model name: {'params', 'batch_stats'}}` from `.npz` or a reference `.pth`.
-
-  An `.npz` (`dssn_jax.convert` output) is one model, reported as `student`.
-  A `.pth` may be a bare state dict or a reference checkpoint dict holding it
-  under `model` (DSSN's `best.pth` / `t_best.pth`, UniMatch V2's `best.pth`)
-  or `state_dict`; it is converted with `dssn_jax.models.pretrained.from_torch`, whose
-  layout (`model`, `unimatch_v2`) is detected from the keys. A UniMatch V2
-  checkpoint also holds its EMA model (`model_ema`), which the authors
-  evaluate beside `model`: it is reported as `teacher`.
-  """
-  from dssn_jax import state_dicts  # pylint: disable=g-import-not-at-top
-  from dssn_jax.models import pretrained  # pylint: disable=g-import-not-at-top
-
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'weights file {path} does not exist')
-  ext = os.path.splitext(path)[1].lower()
-  if ext == '.npz':
-    return {'student': state_dicts.load_npz(path)}
-  if ext not in ('.pth', '.pt'):
-    raise ValueError(f'weights file {path}: expected a .pth/.pt reference checkpoint or an .npz')
-  checkpoint = state_dicts.read_file(path)  # names the file and the extra if torch is missing
-  names = {'student': False}
-  if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get('model_ema'), Mapping):
-    names['teacher'] = True
-  return {
-    name: pretrained.from_torch(
-      checkpoint,
-      backbone=config.model.backbone,
-      num_classes=int(config.data.num_classes),
-      layout=None,
-      ema=ema,
-    )
-    for name, ema in names.items()
-  }
-
-
-def load_for_eval(
-  *,
-  workdir: str | None = None,
-  checkpoint: str | int = 'best',
-  weights: str | None = None,
-  config: ml_collections.ConfigDict | None = None,
-):
-  """What the command lines evaluate: `(config, {name: variables}, step)`.
-
-  Either a workdir checkpoint (student and teacher; `config`, if given,
-  replaces the workdir's `config.json`, e.g. for another data root), or
-  `weights` with `config` (`load_weights`: the student, and the teacher when
-  the file holds an EMA model; step None).
-  """
-  if weights:
-    if config is None:
-      raise ValueError('--weights needs --config (the model and dataset of the weights)')
-    return config, load_weights(weights, config), None
-  if not workdir:
-    raise ValueError('give --workdir DIR, or --weights FILE with --config')
-  from dssn_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-
-  saved_config, variables, step = ckpt_lib.restore_for_eval(workdir, checkpoint)
-  return (config if config is not None else saved_config), variables, step
+# The command line (the flags it shares with predict: `cli.define_model_flags`).
 
 
 def run(
@@ -761,45 +694,22 @@ def run(
   records=None,
 ) -> dict[str, Any]:
   """Loads a checkpoint (or weights), evaluates it and returns the eval record."""
-  from dssn_jax import models  # pylint: disable=g-import-not-at-top
-
-  config, variables, step = load_for_eval(
+  config, variables, step = loading.load_for_eval(
     workdir=workdir, checkpoint=checkpoint, weights=weights, config=config
   )
-  from dssn_jax import compilation  # pylint: disable=g-import-not-at-top
-
   compilation.enable_persistent_cache(config.train.compilation_cache_dir)
   evaluator = Evaluator(models.model_from_config(config), config, mesh, mode=mode, records=records)
   return eval_record(step, evaluator.evaluate(variables), mode=evaluator.mode)
 
 
 def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
-  config_flags.DEFINE_config_file(
-    'config',
-    None,
-    'Config file (with --weights; with --workdir it replaces config.json).',
-    lock_config=True,
-  )
-  flags.DEFINE_string('workdir', None, 'Training workdir to evaluate.')
-  flags.DEFINE_string('checkpoint', 'best', 'best | latest | a step number.')
+  cli.define_model_flags()
+  flags.adopt_module_key_flags(cli)  # --helpshort lists them
   flags.DEFINE_enum('mode', None, list(MODES), 'Evaluation mode (default: the config\'s).')
-  flags.DEFINE_string('weights', None, 'A reference .pth or our .npz (needs --config).')
 
 
 def main(argv):
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}', exitcode=2)
-  from dssn_jax import cli  # pylint: disable=g-import-not-at-top
-
-  cli.quiet_library_logs()
-  from dssn_jax import distributed, xla_flags  # pylint: disable=g-import-not-at-top
-
-  xla_flags.set_default_cpu_flags()
+  cli.start_command(argv)
   distributed.initialize()  # pod slices, SLURM, Open MPI: every process evaluates its share
   f = flags.FLAGS
   record = run(
@@ -810,9 +720,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-
-  from dssn_jax import cli  # pylint: disable=g-import-not-at-top
-
-  _define_flags()
-  app.run(cli.guarded(main), flags_parser=cli.parse_flags)
+  cli.run_command(main, _define_flags)

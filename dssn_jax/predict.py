@@ -26,9 +26,11 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import flags
 from PIL import Image
 
-from dssn_jax import evaluate
+from dssn_jax import cli, evaluate, loading, models
+from dssn_jax.data import datasets
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.gif')
 
@@ -182,13 +184,10 @@ def run(
   alpha: float = 0.5,
 ) -> list[str]:
   """Loads a checkpoint (or weights) and predicts every input image."""
-  from dssn_jax import models  # pylint: disable=g-import-not-at-top
-  from dssn_jax.data import datasets  # pylint: disable=g-import-not-at-top
-
   if which_model not in evaluate.MODEL_NAMES:
     raise ValueError(f'--model {which_model!r} must be one of {", ".join(evaluate.MODEL_NAMES)}')
   paths = list_images(input_path)  # fail on a bad input before loading anything
-  config, variables, _ = evaluate.load_for_eval(
+  config, variables, _ = loading.load_for_eval(
     workdir=workdir, checkpoint=checkpoint, weights=weights, config=config
   )
   chosen = variables.get(which_model)
@@ -207,19 +206,9 @@ def run(
 
 
 def _define_flags():
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-
-  config_flags.DEFINE_config_file(
-    'config',
-    None,
-    'Config file (with --weights; with --workdir it replaces config.json).',
-    lock_config=True,
-  )
-  flags.DEFINE_string('workdir', None, 'Training workdir holding the checkpoints.')
-  flags.DEFINE_string('checkpoint', 'best', 'best | latest | a step number.')
+  cli.define_model_flags()
+  flags.adopt_module_key_flags(cli)  # --helpshort lists them
   flags.DEFINE_enum('model', 'teacher', list(evaluate.MODEL_NAMES), 'Which network.')
-  flags.DEFINE_string('weights', None, 'A reference .pth or our .npz (needs --config).')
   flags.DEFINE_string('input', None, 'An image file or a folder of images.')
   flags.DEFINE_string('output', None, 'Folder for the PNGs.')
   flags.DEFINE_float('alpha', 0.5, 'Opacity of the mask in the overlay.')
@@ -227,16 +216,7 @@ def _define_flags():
 
 
 def main(argv):
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}', exitcode=2)
-  from dssn_jax import xla_flags  # pylint: disable=g-import-not-at-top
-
-  xla_flags.set_default_cpu_flags()
-  from dssn_jax import cli  # pylint: disable=g-import-not-at-top
-
-  cli.quiet_library_logs()
+  cli.start_command(argv)
   f = flags.FLAGS
   written = run(
     input_path=f.input,
@@ -252,9 +232,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-
-  from dssn_jax import cli  # pylint: disable=g-import-not-at-top
-
-  _define_flags()
-  app.run(cli.guarded(main), flags_parser=cli.parse_flags)
+  cli.run_command(main, _define_flags)

@@ -1,4 +1,4 @@
-"""Test setup: CPU only, fast compiles, tests/ importable, one compilation cache per run.
+"""Test setup: CPU only, fast compiles, one compilation cache per run.
 
 Tests that build the same step (the stop-and-resume runs, say) reuse its
 compiled executable from the persistent cache instead of compiling again.
@@ -14,7 +14,6 @@ import tempfile
 import pytest
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -26,7 +25,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 # Where XLA still has them (jaxlib 0.10; gone by 0.12), the classic CPU
 # emitters compile the suite's programs about twice as fast as the MLIR
 # fusion emitters; they emit the same HLO's arithmetic with their own loop
-# code, which the tolerances (tests/numerics.py) allow for. XLA aborts on an
+# code, which the tolerances (dssn_jax/testing/numerics.py) allow for. XLA aborts on an
 # unknown flag, so a subprocess probes once (the result is inherited by
 # xdist's workers through the environment).
 _XLA_FLAGS = os.environ.get('XLA_FLAGS')

@@ -166,8 +166,8 @@ def test_needs_no_tensorflow_datasets_or_torch():
   import sys
 
   code = (
-    'import sys; sys.path.insert(0, "benchmarks"); import accelerator_check, step_speed, '
-    'data_throughput; import dssn_jax.train, dssn_jax.evaluate, dssn_jax.data.sources; '
+    'import sys; from benchmarks import accelerator_check, step_speed, data_throughput; '
+    'import dssn_jax.train, dssn_jax.evaluate, dssn_jax.data.sources; '
     'print([m for m in ("tensorflow", "tensorflow_datasets", "torch") if m in sys.modules])'
   )
   out = subprocess.run(

@@ -20,27 +20,27 @@ def test_reads_both_label_conventions_to_train_ids(tmp_path, raw):
   root, splits = make_ade20k(str(tmp_path / 'data'), raw=raw)
   config = config_for('ade20k', root, splits)
   config.data.ade20k.labels = 'raw' if raw else 'authors'
-  counts = {s: len(sources.get_source(config, s)) for s in sources.SPLITS}
+  counts = {s: len(datasets.get_source(config, s)) for s in datasets.SPLITS}
   assert counts == {'labeled': 3, 'unlabeled': 4, 'val': 2}
-  record = sources.get_source(config, 'labeled')[0]
+  record = datasets.get_source(config, 'labeled')[0]
   assert 'mask' in record and record['id'].startswith('images/training/ADE_train_')
   values = set(np.unique(record['mask']).tolist())
   assert 149 in values and 255 in values and max(values - {255}) <= 149
-  assert 'mask' not in sources.get_source(config, 'unlabeled')[0]
+  assert 'mask' not in datasets.get_source(config, 'unlabeled')[0]
   # Both conventions give the same train ids for the same generated masks.
   authors_root, authors_splits = make_ade20k(str(tmp_path / 'authors'))
   other = config_for('ade20k', authors_root, authors_splits)
-  np.testing.assert_array_equal(record['mask'], sources.get_source(other, 'labeled')[0]['mask'])
+  np.testing.assert_array_equal(record['mask'], datasets.get_source(other, 'labeled')[0]['mask'])
 
 
 def test_raw_masks_read_as_authors_name_the_key(tmp_path):
   root, splits = make_ade20k(str(tmp_path / 'data'), raw=True)
   config = config_for('ade20k', root, splits)
   with pytest.raises(sources.DatasetError, match='150'):
-    sources.get_source(config, 'labeled')[0]
+    datasets.get_source(config, 'labeled')[0]
   config.data.ade20k.labels = 'other'
   with pytest.raises(ValueError, match='ade20k.labels'):
-    sources.get_source(config, 'labeled')
+    datasets.get_source(config, 'labeled')
 
 
 def test_lut():

@@ -5,10 +5,11 @@ import json
 import pytest
 
 from dssn_jax import config_lib
+from dssn_jax.testing.configs import load_config
 
 
 def test_dssn_preset_matches_reference_total():
-  s = config_lib.resolve_method(config_lib.base_config())
+  s = config_lib.resolve(config_lib.base_config())
   # 0.5 * (L_x + 0.25*(L_s1+L_s2+L_fp1+L_fp2) + 0.01*(L_img+L_feat))
   assert (s.sup, s.strong, s.fp) == (0.5, 0.125, 0.125)
   assert (s.align_image, s.align_feature) == (0.005, 0.005)
@@ -38,7 +39,7 @@ def test_dssn_preset_matches_reference_total():
 def test_method_presets(method, expected):
   c = config_lib.base_config()
   c.method = method
-  s = config_lib.resolve_method(c)
+  s = config_lib.resolve(c)
   for key, value in expected.items():
     assert getattr(s, key) == value, key
 
@@ -48,7 +49,7 @@ def test_explicit_values_override_the_preset():
   c.loss.align_image = 0.0
   c.loss.pseudo_label = 'fixed'
   c.loss.threshold = 0.9
-  s = config_lib.resolve_method(c)
+  s = config_lib.resolve(c)
   assert s.align_image == 0.0 and s.align_feature == 0.005
   assert s.pseudo_label == 'fixed' and s.threshold == 0.9
 
@@ -56,7 +57,7 @@ def test_explicit_values_override_the_preset():
 def test_one_fp_branch_has_no_feature_alignment():
   c = config_lib.base_config()
   c.model.fp_branches = 1
-  assert config_lib.resolve_method(c).align_feature == 0.0
+  assert config_lib.resolve(c).align_feature == 0.0
 
 
 @pytest.mark.parametrize(
@@ -72,14 +73,14 @@ def test_bad_values_are_named(key, value, message):
   section, _, name = key.rpartition('.')
   (c[section] if section else c)[name] = value
   with pytest.raises(ValueError, match=message):
-    config_lib.resolve_method(c)
+    config_lib.resolve(c)
 
 
 def test_epochs_resolve_to_steps_and_warmup():
   c = config_lib.base_config()
   c.train.epochs = 2.5
   c.train.warmup_epochs = 1.0
-  s = config_lib.resolve_steps(c, num_unlabeled=100)  # batch 8 -> 12 steps/epoch
+  s = config_lib.resolve(c).schedule(num_unlabeled=100)  # batch 8 -> 12 steps/epoch
   assert s.steps_per_epoch == 12 and s.total_steps == 30 and s.warmup_steps == 12
   # float64 schedule arithmetic: approx's default rel 1e-6.
   assert s.eval_every == 12 and s.lr == 0.002 and s.head_lr == pytest.approx(0.02)
@@ -88,18 +89,18 @@ def test_epochs_resolve_to_steps_and_warmup():
 def test_steps_win_over_epochs():
   c = config_lib.base_config()
   with pytest.raises(ValueError, match='steps or config.train.epochs'):
-    config_lib.resolve_steps(c, 100)
+    config_lib.resolve(c).schedule(100)
   c.train.steps, c.train.epochs = 10, 1.0
-  assert config_lib.resolve_steps(c, 100).total_steps == 10
+  assert config_lib.resolve(c).schedule(100).total_steps == 10
 
 
 def test_lr_scales_with_global_batch_only_when_asked():
   c = config_lib.base_config()
   c.train.steps = 10
   c.data.batch_size = 4
-  assert config_lib.resolve_steps(c, 100).lr == 0.002
+  assert config_lib.resolve(c).schedule(100).lr == 0.002
   c.train.scale_lr_with_batch = True
-  s = config_lib.resolve_steps(c, 100)
+  s = config_lib.resolve(c).schedule(100)
   assert s.lr == pytest.approx(0.001) and s.head_lr == pytest.approx(0.01)
 
 
@@ -110,17 +111,6 @@ def test_parse_arg():
   assert config_lib.parse_arg('labeled=40', method='dssn', labeled=20)['labeled'] == 40
   with pytest.raises(ValueError, match="unknown config argument 'splt'"):
     config_lib.parse_arg('splt=92', split='92')
-
-
-def _load(name, arg):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location(f'cfg_{name}', f'{root}/configs/{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 # The authors' configs/*.yaml (crop, epochs, batch per GPU x 4 GPUs).
@@ -134,14 +124,14 @@ UNIMATCH_V2_YAML = {
 
 def test_dinov2_configs_reproduce_the_authors_yaml():
   for name, (crop, epochs, batch, sup) in UNIMATCH_V2_YAML.items():
-    c = _load(name, 'backbone=dinov2_base,method=unimatch_v2')
+    c = load_config(name, 'backbone=dinov2_base,method=unimatch_v2')
     assert (c.data.crop_size, c.train.epochs, c.data.batch_size) == (crop, epochs, batch), name
     assert c.loss.sup_type == sup, name
     assert (c.train.optimizer, c.train.lr, c.train.lr_multi) == ('adamw', 5e-6, 40.0), name
     assert (c.train.weight_decay, c.train.poly_power, c.train.ema_decay) == (0.01, 0.9, 0.996)
     assert c.train.freeze_backbone is False, name  # the logged runs: lock_backbone False
     assert c.model.pretrained == 'pretrained/dinov2_base.pth'
-    s = config_lib.resolve_method(c)
+    s = config_lib.resolve(c)
     assert (s.sup, s.strong, s.threshold, s.comp_drop, s.mix_partner) == (
       0.5,
       0.25,
@@ -155,9 +145,9 @@ def test_dinov2_configs_reproduce_the_authors_yaml():
     else:
       assert (c.data.eval_mode, c.data.eval_resize_multiple) == ('original', 14)
   # The ResNet recipes keep their meaning.
-  voc = _load('pascal', 'split=92')
+  voc = load_config('pascal', 'split=92')
   assert (voc.data.crop_size, voc.train.optimizer, voc.data.eval_resize_multiple) == (513, 'sgd', 0)
-  assert config_lib.resolve_method(voc).mix_partner == 'same'
+  assert config_lib.resolve(voc).mix_partner == 'same'
 
 
 def test_resume_changes_refuse_data_keys_but_not_the_scene_cache():

@@ -11,12 +11,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numerics
 import numpy as np
 import pytest
 
-from dssn_jax import convert
-from dssn_jax.models import create_model
+from dssn_jax import convert, state_dicts
+from dssn_jax.models import create_model, pretrained
+from dssn_jax.testing import numerics
 
 torch = pytest.importorskip('torch', reason='the parity tests compare with PyTorch')
 from dssn_jax.testing import torch_reference  # noqa: E402  (imports torch)
@@ -61,7 +61,7 @@ def reduced():
 
 def test_parity_reduced_depth(reduced):
   tm, model, images = reduced
-  variables = convert.from_torch(
+  variables = pretrained.from_torch(
     tm.state_dict(), backbone='resnet_tiny', layout='model', stage_sizes=REDUCED_BLOCKS
   )
   assert max_error(model, variables, tm, images) <= TOL
@@ -73,7 +73,7 @@ def test_parity_resnet50_layout():
   state = tm.state_dict()
   # Saved as the reference saves it: DDP prefix, inside a checkpoint dict.
   checkpoint = {'model': {f'module.{k}': v for k, v in state.items()}, 'epoch': 3}
-  variables = convert.from_torch(checkpoint, layout='model')  # backbone, classes inferred
+  variables = pretrained.from_torch(checkpoint, layout='model')  # backbone, classes inferred
   images = torch.randn(1, 3, 65, 65, generator=torch.Generator().manual_seed(2))
   err = max_error(create_model('resnet50', 21), variables, tm, images)
   assert err <= TOL, err
@@ -110,7 +110,7 @@ def _swap_fuse_bns(state):
 def test_broken_conversion_fails_parity(reduced, corrupt):
   """The parity comparison catches a single wrong conversion rule."""
   tm, model, images = reduced
-  variables = convert.from_torch(
+  variables = pretrained.from_torch(
     corrupt(tm.state_dict()), backbone='resnet_tiny', layout='model', stage_sizes=REDUCED_BLOCKS
   )
   assert max_error(model, variables, tm, images) > 100 * TOL
@@ -125,7 +125,7 @@ def test_torchvision_stem_backbone_parity():
   state = dict(tm.state_dict())
   state['fc.weight'] = torch.zeros(10, 256)
   state['fc.bias'] = torch.zeros(10)
-  backbone_vars = convert.from_torch(state, backbone='resnet_tiny', layout='torchvision')
+  backbone_vars = pretrained.from_torch(state, backbone='resnet_tiny', layout='torchvision')
   assert 'conv1' in backbone_vars['params'] and 'stem_conv1' not in backbone_vars['params']
   model = create_model('resnet_tiny', 3, deep_stem=False)
   images = torch.randn(2, 3, 49, 49, generator=torch.Generator().manual_seed(3))
@@ -147,12 +147,12 @@ def tiny_torch():
 @pytest.mark.parametrize('layout', ['dssn', 'timm'])
 def test_backbone_layouts_match_model_layout(tiny_torch, layout):
   """`resnet50.pth`-style backbone dicts give the same tree as `backbone.*`."""
-  whole = convert.from_torch(tiny_torch.state_dict(), backbone='resnet_tiny', layout='model')
+  whole = pretrained.from_torch(tiny_torch.state_dict(), backbone='resnet_tiny', layout='model')
   state = dict(tiny_torch.backbone.state_dict())
   state['bn1.num_batches_tracked'] = torch.tensor(7)
   if layout == 'timm':
     state['fc.weight'], state['fc.bias'] = torch.zeros(1000, 256), torch.zeros(1000)
-  backbone = convert.from_torch(state, backbone='resnet_tiny', layout=layout)
+  backbone = pretrained.from_torch(state, backbone='resnet_tiny', layout=layout)
   for c in ('params', 'batch_stats'):
     jax.tree_util.tree_map(np.testing.assert_array_equal, backbone[c], whole[c]['backbone'])
 
@@ -164,8 +164,8 @@ def test_errors_list_every_bad_key(tiny_torch):
   state['layer9.0.conv1.weight'] = torch.zeros(1)
   state['extra.bias'] = torch.zeros(3)
   state['layer1.0.conv2.weight'] = torch.zeros(8, 8, 5, 5)
-  with pytest.raises(convert.ConversionError) as info:
-    convert.from_torch(state, backbone='resnet_tiny', layout='dssn')
+  with pytest.raises(state_dicts.ConversionError) as info:
+    pretrained.from_torch(state, backbone='resnet_tiny', layout='dssn')
   msg = str(info.value)
   for key in (
     'layer2.0.bn1.running_var',
@@ -179,8 +179,8 @@ def test_errors_list_every_bad_key(tiny_torch):
 
 
 def test_stem_layout_mismatch_is_explained(tiny_torch):
-  with pytest.raises(convert.ConversionError, match='deep_stem=False'):
-    convert.from_torch(
+  with pytest.raises(state_dicts.ConversionError, match='deep_stem=False'):
+    pretrained.from_torch(
       tiny_torch.backbone.state_dict(), backbone='resnet_tiny', layout='torchvision', deep_stem=True
     )
 
@@ -192,7 +192,7 @@ def test_cli_and_load_pretrained(tiny_torch, tmp_path, capsys):
   out = tmp_path / 'tiny.npz'
   assert convert.main([str(pth), str(out), '--backbone', 'resnet_tiny']) == 0
   assert 'wrote' in capsys.readouterr().out
-  expected = convert.from_torch(str(pth), backbone='resnet_tiny', layout='dssn')
+  expected = pretrained.from_torch(str(pth), backbone='resnet_tiny', layout='dssn')
 
   model = create_model('resnet_tiny', 4)
   # Stand-in for freshly initialized variables (compiling `init` is slow on CPU).
@@ -200,7 +200,7 @@ def test_cli_and_load_pretrained(tiny_torch, tmp_path, capsys):
   rng = np.random.default_rng(0)
   fresh = jax.tree_util.tree_map(lambda s: jnp.asarray(rng.normal(size=s.shape), s.dtype), shapes)
   for src, layout in ((str(out), 'dssn'), (str(pth), 'dssn')):
-    merged = convert.load_pretrained(fresh, src, layout=layout, backbone='resnet_tiny')
+    merged = pretrained.load_pretrained(fresh, src, layout=layout, backbone='resnet_tiny')
     for c in ('params', 'batch_stats'):
       jax.tree_util.tree_map(np.testing.assert_array_equal, merged[c]['backbone'], expected[c])
       for name in fresh[c]:  # the head keeps its fresh initialization
@@ -217,7 +217,7 @@ def test_cli_and_load_pretrained(tiny_torch, tmp_path, capsys):
   )
   assert 'params/classifier/kernel' in np.load(whole_npz).files
   for src, layout in ((str(whole), 'model'), (str(whole_npz), 'dssn')):
-    merged = convert.load_pretrained(fresh, src, layout=layout)
+    merged = pretrained.load_pretrained(fresh, src, layout=layout)
     jax.tree_util.tree_map(
       np.testing.assert_array_equal, merged['params']['backbone'], expected['params']
     )
@@ -225,10 +225,10 @@ def test_cli_and_load_pretrained(tiny_torch, tmp_path, capsys):
   # A backbone of another shape is refused, naming the offending keys.
   deeper = create_model('resnet_tiny', 4, stage_sizes=(1, 1, 2, 1))
   other = jax.eval_shape(deeper.init, jax.random.key(0), jnp.zeros((1, 33, 33, 3)))
-  with pytest.raises(convert.ConversionError, match='layer3_1'):
-    convert.load_pretrained(other, str(out))
-  with pytest.raises(convert.ConversionError, match='layer3.1.conv1.weight'):
-    convert.load_pretrained(other, str(pth))
+  with pytest.raises(state_dicts.ConversionError, match='layer3_1'):
+    pretrained.load_pretrained(other, str(out))
+  with pytest.raises(state_dicts.ConversionError, match='layer3.1.conv1.weight'):
+    pretrained.load_pretrained(other, str(pth))
 
 
 def test_cli_reports_bad_file(tmp_path, capsys):

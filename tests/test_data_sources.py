@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 import dssn_jax.data
-from dssn_jax.data import classes, sources
+from dssn_jax.data import classes, datasets, sources
 from dssn_jax.testing import fake_datasets as fd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,9 +39,9 @@ def _check_record(record, with_mask, num_classes):
 
 
 def test_pascal_splits_records_and_palette_masks(voc):
-  counts = {s: len(sources.get_source(voc, s)) for s in sources.SPLITS}
+  counts = {s: len(datasets.get_source(voc, s)) for s in datasets.SPLITS}
   assert counts == {'labeled': 4, 'unlabeled': 10, 'val': 3}
-  labeled = sources.get_source(voc, 'labeled')
+  labeled = datasets.get_source(voc, 'labeled')
   for i in range(len(labeled)):
     _check_record(labeled[i], True, 21)
   # Palette PNG: the record holds the indices, not the colors.
@@ -54,7 +54,7 @@ def test_pascal_splits_records_and_palette_masks(voc):
   gray = labeled[1]['image']
   np.testing.assert_array_equal(gray[..., 0], gray[..., 1])
   assert labeled[0]['id'] == 'JPEGImages/2007_000000.jpg'
-  unlabeled = sources.get_source(voc, 'unlabeled')
+  unlabeled = datasets.get_source(voc, 'unlabeled')
   _check_record(unlabeled[0], False, 21)
   # Picklable, for grain's worker processes.
   again = pickle.loads(pickle.dumps(labeled))
@@ -65,7 +65,7 @@ def test_pascal_splits_records_and_palette_masks(voc):
 def test_cityscapes_train_ids_and_raw_label_ids(tmp_path):
   root, splits = fd.make_cityscapes(str(tmp_path), raw_ids_for=(1,))
   config = fd.config_for('cityscapes', root, splits)
-  labeled = sources.get_source(config, 'labeled')
+  labeled = datasets.get_source(config, 'labeled')
   assert len(labeled) == 3
   for i in range(3):
     _check_record(labeled[i], True, 19)
@@ -74,51 +74,51 @@ def test_cityscapes_train_ids_and_raw_label_ids(tmp_path):
   raw = np.asarray(Image.open(raw_entry.mask))
   assert raw.max() > 18  # label ids, not train ids
   np.testing.assert_array_equal(labeled[1]['mask'], classes.cityscapes_label_lut()[raw])
-  assert len(sources.get_source(config, 'unlabeled')) == 4
-  assert sources.class_names(config)[0] == 'road'
-  assert sources.palette(config).shape == (19, 3)
+  assert len(datasets.get_source(config, 'unlabeled')) == 4
+  assert datasets.class_names(config)[0] == 'road'
+  assert datasets.palette(config).shape == (19, 3)
 
 
 def test_coco_layout(tmp_path):
   root, splits = fd.make_coco(str(tmp_path))
   config = fd.config_for('coco', root, splits)
-  val = sources.get_source(config, 'val')
+  val = datasets.get_source(config, 'val')
   assert len(val) == 2
   _check_record(val[0], True, 81)
   assert val[0]['id'].startswith('val2017/')
-  assert len(sources.class_names(config)) == 81
-  assert sources.palette(config).shape == (81, 3)
+  assert len(datasets.class_names(config)) == 81
+  assert datasets.palette(config).shape == (81, 3)
 
 
 def test_folder_layout_with_nested_dirs_and_list_file(tmp_path):
   root = fd.make_folder(str(tmp_path))
   config = fd.config_for('folder', root)
   config.data.folder.class_names = 'bg,a,b,c'
-  labeled = sources.get_source(config, 'labeled')
+  labeled = datasets.get_source(config, 'labeled')
   assert len(labeled) == 3
   _check_record(labeled[0], True, 4)
   assert sorted(e.id for e in labeled.entries) == ['a/img1.png', 'b/img0.png', 'b/img2.png']
-  unlabeled = sources.get_source(config, 'unlabeled')
+  unlabeled = datasets.get_source(config, 'unlabeled')
   assert len(unlabeled) == 5
   _check_record(unlabeled[0], False, 4)
-  assert len(sources.get_source(config, 'val')) == 2
+  assert len(datasets.get_source(config, 'val')) == 2
   # Unlabeled images may also come from a list file (relative to the root).
   fd.write_lines(os.path.join(root, 'u.txt'), ['unlabeled/u1.jpg', 'unlabeled/u3.jpg x.png'])
   config.data.folder.unlabeled_images = 'u.txt'
-  assert [e.id for e in sources.get_source(config, 'unlabeled').entries] == [
+  assert [e.id for e in datasets.get_source(config, 'unlabeled').entries] == [
     'unlabeled/u1.jpg',
     'unlabeled/u3.jpg',
   ]
-  assert sources.class_names(config) == ('bg', 'a', 'b', 'c')
+  assert datasets.class_names(config) == ('bg', 'a', 'b', 'c')
   config.data.folder.class_names = ''
-  assert sources.class_names(config)[3] == 'class_3'
+  assert datasets.class_names(config)[3] == 'class_3'
 
 
 def test_folder_image_without_mask(tmp_path):
   root = fd.make_folder(str(tmp_path))
   os.remove(os.path.join(root, 'train', 'masks', 'a', 'img1_mask.png'))
   with pytest.raises(sources.DatasetError, match=r'img1\.png has no mask.*img1_mask\.png'):
-    sources.get_source(fd.config_for('folder', root), 'labeled')
+    datasets.get_source(fd.config_for('folder', root), 'labeled')
 
 
 class FakeTrimaps(tfds.core.GeneratorBasedBuilder):
@@ -157,7 +157,7 @@ def test_tfds_source_without_tensorflow(tmp_path):
   t = config.data.tfds
   t.name, t.data_dir, t.num_labeled = name, str(tmp_path), 2
   t.label_map = '1:1,2:0,3:255'
-  labeled, unlabeled, val = (sources.get_source(config, s) for s in sources.SPLITS)
+  labeled, unlabeled, val = (datasets.get_source(config, s) for s in datasets.SPLITS)
   assert (len(labeled), len(unlabeled), len(val)) == (2, 4, 2)
   record = labeled[0]
   _check_record(record, True, 2)
@@ -167,10 +167,10 @@ def test_tfds_source_without_tensorflow(tmp_path):
   # Without the mapping, trimap value 3 is out of range for 2 classes.
   t.label_map = ''
   with pytest.raises(sources.DatasetError, match=r'example \d+.*values \[2, 3\]'):
-    sources.get_source(config, 'labeled')[0]
+    datasets.get_source(config, 'labeled')[0]
   t.mask_key = 'mask'
   with pytest.raises(sources.DatasetError, match="mask_key='mask' is not a feature"):
-    sources.get_source(config, 'labeled')
+    datasets.get_source(config, 'labeled')
 
 
 def test_digits_dispatch(monkeypatch):
@@ -183,9 +183,9 @@ def test_digits_dispatch(monkeypatch):
   # real module has been imported by an earlier test.
   monkeypatch.setattr(dssn_jax.data, 'digits', fake, raising=False)
   config = fd.config_for('digits', num_classes=11)
-  assert sources.get_source(config, 'val') == ('digits source', 'val')
-  assert sources.class_names(config)[10] == 'd10'
-  assert sources.palette(config).shape == (11, 3)
+  assert datasets.get_source(config, 'val') == ('digits source', 'val')
+  assert datasets.class_names(config)[10] == 'd10'
+  assert datasets.palette(config).shape == (11, 3)
 
 
 # ----------------------------------------------------------------------------
@@ -208,7 +208,7 @@ def test_missing_image_names_file_and_line(broken):
   line = _labeled_line(broken, 1)
   os.remove(os.path.join(broken.data.root, line.split()[0]))
   with pytest.raises(sources.DatasetError) as e:
-    sources.get_source(broken, 'labeled')
+    datasets.get_source(broken, 'labeled')
   assert 'image' in str(e.value) and line.split()[0] in str(e.value)
   assert 'labeled.txt:2' in str(e.value)
 
@@ -217,18 +217,18 @@ def test_missing_mask_names_file_and_line(broken):
   line = _labeled_line(broken, 2)
   os.remove(os.path.join(broken.data.root, line.split()[1]))
   with pytest.raises(sources.DatasetError, match=r'mask .*2007_000002\.png.*labeled\.txt:3'):
-    sources.get_source(broken, 'labeled')
+    datasets.get_source(broken, 'labeled')
   # Unlabeled lines never need the mask they name.
   unl_line = open(os.path.join(broken.data.splits_dir, '92', 'unlabeled.txt')).readline()
   os.remove(os.path.join(broken.data.root, unl_line.split()[1]))
-  assert len(sources.get_source(broken, 'unlabeled')) == 3
+  assert len(datasets.get_source(broken, 'unlabeled')) == 3
 
 
 def test_unreadable_image_and_mask(broken):
   line = _labeled_line(broken, 0)
   with open(os.path.join(broken.data.root, line.split()[0]), 'wb') as f:
     f.write(b'not a jpeg')
-  source = sources.get_source(broken, 'labeled')
+  source = datasets.get_source(broken, 'labeled')
   with pytest.raises(
     sources.DatasetError, match=r'cannot read image .*2007_000000\.jpg.*labeled\.txt:1'
   ):
@@ -248,7 +248,7 @@ def test_truncated_jpeg_is_an_error_naming_the_file(broken):
   path = os.path.join(broken.data.root, line.split()[0])
   with open(path, 'rb') as f:
     data = f.read()
-  source = sources.get_source(broken, 'labeled')
+  source = datasets.get_source(broken, 'labeled')
   whole = source[0]['image']
   with open(path, 'ab') as f:  # bytes after the end-of-image marker are allowed
     f.write(b'\x00trailing')
@@ -268,7 +268,7 @@ def test_size_mismatch_names_both_files_and_sizes(broken):
   mask_path = os.path.join(broken.data.root, line.split()[1])
   fd.save_mask(mask_path, np.zeros((11, 13), np.uint8), palette=True)
   with pytest.raises(sources.DatasetError) as e:
-    sources.get_source(broken, 'labeled')[0]
+    datasets.get_source(broken, 'labeled')[0]
   msg = str(e.value)
   assert line.split()[0] in msg and line.split()[1] in msg
   assert '60x40' in msg and '13x11' in msg
@@ -280,7 +280,7 @@ def test_out_of_range_mask_values(broken):
   mask[0, 0], mask[1, 1], mask[2, 2] = 21, 200, 255
   fd.save_mask(os.path.join(broken.data.root, line.split()[1]), mask, palette=True)
   with pytest.raises(sources.DatasetError, match=r'2007_000001\.png.*values \[21, 200\]'):
-    sources.get_source(broken, 'labeled')[1]
+    datasets.get_source(broken, 'labeled')[1]
 
 
 def test_color_mask_rejected(broken):
@@ -289,7 +289,7 @@ def test_color_mask_rejected(broken):
   color[..., 0] = 128
   Image.fromarray(color).save(os.path.join(broken.data.root, line.split()[1]))
   with pytest.raises(sources.DatasetError, match='color image'):
-    sources.get_source(broken, 'labeled')[0]
+    datasets.get_source(broken, 'labeled')[0]
 
 
 def test_empty_and_malformed_split_files(broken):
@@ -298,28 +298,28 @@ def test_empty_and_malformed_split_files(broken):
   with open(path, 'w') as f:
     f.write('\n'.join([lines[0], lines[1].split()[0], lines[2]]) + '\n')
   with pytest.raises(sources.DatasetError, match=r'labeled\.txt:2: malformed line'):
-    sources.get_source(broken, 'labeled')
+    datasets.get_source(broken, 'labeled')
   open(path, 'w').close()
   with pytest.raises(sources.DatasetError, match=r'labeled\.txt is empty'):
-    sources.get_source(broken, 'labeled')
+    datasets.get_source(broken, 'labeled')
 
 
 def test_config_errors(broken, tmp_path):
   broken.data.num_classes = 20
   with pytest.raises(ValueError, match='num_classes=20 but pascal has 21'):
-    sources.get_source(broken, 'labeled')
+    datasets.get_source(broken, 'labeled')
   broken.data.num_classes = 21
   broken.data.split = '183'
   with pytest.raises(FileNotFoundError, match="split='183'"):
-    sources.get_source(broken, 'labeled')
+    datasets.get_source(broken, 'labeled')
   broken.data.root = str(tmp_path / 'nope')
   with pytest.raises(FileNotFoundError, match='config.data.root'):
-    sources.get_source(broken, 'val')
+    datasets.get_source(broken, 'val')
   broken.data.name = 'imagenet'
   with pytest.raises(ValueError, match="name='imagenet'"):
-    sources.get_source(broken, 'val')
+    datasets.get_source(broken, 'val')
   with pytest.raises(ValueError, match="split 'train'"):
-    sources.get_source(broken, 'train')
+    datasets.get_source(broken, 'train')
 
 
 def test_label_map_parsing():

@@ -13,9 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dssn_jax import config_lib, convert, optim
+from dssn_jax import config_lib, convert, evaluate, loading, optim, state_dicts
 from dssn_jax import train_step as ts
-from dssn_jax.models import create_model, dinov2_weights, layers, model_from_config, registry
+from dssn_jax.models import (
+  create_model,
+  dinov2_weights,
+  layers,
+  model_from_config,
+  pretrained,
+  registry,
+)
 
 try:  # the contract tests run without PyTorch; the layout and parity ones skip
   import torch
@@ -51,7 +58,7 @@ def tiny(swiglu=False):
   return (
     tm,
     model,
-    convert.from_torch(tm.state_dict(), 'dinov2_tiny', layout='unimatch_v2', ffn=ffn),
+    pretrained.from_torch(tm.state_dict(), 'dinov2_tiny', layout='unimatch_v2', ffn=ffn),
   )
 
 
@@ -199,7 +206,7 @@ def test_freeze_backbone_no_gradient_no_optimizer_state():
   config.train.freeze_backbone = True
   config.train.optimizer = 'adamw'
   config.train.steps = 10
-  schedule = config_lib.resolve_steps(config, 100)
+  schedule = config_lib.resolve(config).schedule(100)
   tx = optim.make_optimizer(schedule, config)
   state = tx.init(variables['params'])
   n_state = sum(x.size for x in jax.tree.leaves(state))
@@ -217,7 +224,7 @@ def test_supervised_train_step_runs():
   config.data.num_classes = C
   config.train.steps = 10
   model = model_from_config(config)
-  schedule = config_lib.resolve_steps(config, 100)
+  schedule = config_lib.resolve(config).schedule(100)
   tx = optim.make_optimizer(schedule, config)
   state = ts.create_train_state(model, tx, jax.random.key(0), 28)
   assert state.batch_stats == {}
@@ -231,7 +238,7 @@ def test_supervised_train_step_runs():
       ts.train_step,
       model=model,
       tx=tx,
-      settings=config_lib.resolve_method(config),
+      settings=config_lib.resolve(config),
       schedule=schedule,
     )
   )
@@ -328,7 +335,7 @@ def test_encoder_layouts(layout, swiglu):
   state = state[layout]
   assert registry.detect_layout(state) == layout
   ffn = 'swiglu' if swiglu else None
-  got = convert.from_torch(state, 'dinov2_tiny', layout=layout, ffn=ffn)
+  got = pretrained.from_torch(state, 'dinov2_tiny', layout=layout, ffn=ffn)
   want = {'params': whole['params']['backbone']}
   if layout == 'timm_dinov2':  # no mask token in the file: torch's zero init
     want['params'] = dict(want['params'], mask_token=np.zeros((1, 32), np.float32))
@@ -341,13 +348,13 @@ def test_pretrained_encoder_fills_the_backbone(tmp_path):
   path = tmp_path / 'dinov2_vits14_pretrain.pth'
   torch.save(hub_state(tm), path)
   fresh = jax.jit(lambda r: model.init(r, images(1, 28, 28)))(jax.random.key(3))
-  loaded = convert.load_pretrained(fresh, str(path), layout='auto', backbone='dinov2_tiny')
+  loaded = pretrained.load_pretrained(fresh, str(path), layout='auto', backbone='dinov2_tiny')
   assert_same_tree(
     jax.tree.map(np.asarray, loaded['params']['backbone']), whole['params']['backbone']
   )
   assert_same_tree(loaded['params']['head'], fresh['params']['head'])
-  with pytest.raises(convert.ConversionError, match='pretrained_layout'):
-    convert.load_pretrained(fresh, str(path), layout='dssn', backbone='dinov2_tiny')
+  with pytest.raises(state_dicts.ConversionError, match='pretrained_layout'):
+    pretrained.load_pretrained(fresh, str(path), layout='dssn', backbone='dinov2_tiny')
 
 
 @needs_torch
@@ -358,9 +365,9 @@ def test_whole_checkpoint_with_module_prefix_and_ema(tmp_path):
   path = tmp_path / 'best.pth'
   prefixed = lambda m: {'module.' + k: v for k, v in m.state_dict().items()}
   torch.save({'model': prefixed(tm), 'model_ema': prefixed(ema), 'epoch': 3}, path)
-  got = convert.from_torch(str(path), backbone='dinov2_tiny')  # layout and classes detected
+  got = pretrained.from_torch(str(path), backbone='dinov2_tiny')  # layout and classes detected
   assert_same_tree(got, whole)
-  got_ema = convert.from_torch(str(path), backbone='dinov2_tiny', ema=True)
+  got_ema = pretrained.from_torch(str(path), backbone='dinov2_tiny', ema=True)
   x = images()
   assert rel_err(jitted(model)(got_ema, x)[0], torch_logits(ema, x)) < 1e-4
 
@@ -370,8 +377,6 @@ def test_evaluate_weights_reports_model_and_model_ema(tmp_path):
   """`python -m dssn_jax.evaluate --weights best.pth` on a UniMatch V2
   checkpoint evaluates `model` (student) and `model_ema` (teacher), as the
   authors' loop does."""
-  from dssn_jax import evaluate
-
   tm, model, whole = tiny()
   ema = torch_tiny(seed=1)
   path = tmp_path / 'best.pth'
@@ -391,7 +396,7 @@ def test_evaluate_weights_reports_model_and_model_ema(tmp_path):
     for i, (h, w) in enumerate([(28, 42), (30, 25)])
   ]
   record = evaluate.run(weights=str(path), config=config, records=records)
-  got = evaluate.load_weights(str(path), config)
+  got = loading.load_weights(str(path), config)
   assert sorted(got) == ['student', 'teacher']
   assert_same_tree(got['student'], whole)
   want = evaluate.Evaluator(model, config, records=records).evaluate(got)
@@ -408,8 +413,8 @@ def test_key_mismatches_are_reported_together():
   del state['backbone.blocks.1.ls2.gamma']
   state['head.scratch.extra.weight'] = torch.zeros(3)
   state['head.projects.0.weight'] = torch.zeros(9, 32, 1, 1)
-  with pytest.raises(convert.ConversionError) as e:
-    convert.from_torch(state, 'dinov2_tiny', layout='unimatch_v2')
+  with pytest.raises(state_dicts.ConversionError) as e:
+    pretrained.from_torch(state, 'dinov2_tiny', layout='unimatch_v2')
   msg = str(e.value)
   assert '1 missing' in msg and 'backbone.blocks.1.ls2.gamma' in msg
   assert '1 unexpected' in msg and 'head.scratch.extra.weight' in msg
@@ -417,7 +422,7 @@ def test_key_mismatches_are_reported_together():
 
 
 def test_unknown_keys_name_the_layouts():
-  with pytest.raises(convert.ConversionError, match='pass --layout.*unimatch_v2'):
+  with pytest.raises(state_dicts.ConversionError, match='pass --layout.*unimatch_v2'):
     registry.detect_layout({'foo.weight': np.zeros(2)})
 
 
@@ -430,7 +435,7 @@ def test_convert_cli_detects_whole_checkpoints(tmp_path, capsys):
   torch.save({'model': {'module.' + k: v for k, v in tm.state_dict().items()}}, v2)
   assert convert.main([str(v2), str(tmp_path / 'v2.npz'), '--backbone', 'dinov2_tiny']) == 0
   assert 'layout unimatch_v2 (detected' in capsys.readouterr().out
-  assert_same_tree(convert.load_npz(str(tmp_path / 'v2.npz')), whole)
+  assert_same_tree(state_dicts.load_npz(str(tmp_path / 'v2.npz')), whole)
 
   dssn = torch_reference.DeepLabV3Plus(
     3, blocks=(1, 1, 1, 1), widths=(8, 16, 32, 64), stem=8, aspp=32, low=8, decoder=32
@@ -470,9 +475,9 @@ def test_hf_safetensors_file(tmp_path):
     import safetensors  # noqa: F401
   except ImportError:
     with pytest.raises(ImportError, match='pip install safetensors'):
-      convert.from_torch(str(path), 'dinov2_tiny')
+      pretrained.from_torch(str(path), 'dinov2_tiny')
     return
-  got = convert.from_torch(str(path), 'dinov2_tiny')
+  got = pretrained.from_torch(str(path), 'dinov2_tiny')
   assert_same_tree(got, {'params': whole['params']['backbone']})
 
 

@@ -1,7 +1,7 @@
 """DINOv2 + DPT: numerical parity with a PyTorch rendering of the authors' model.
 
 `torch_dinov2_reference.DPT` (random weights at a realistic scale) is
-converted with `convert.from_torch(layout='unimatch_v2')` and must give the
+converted with `pretrained.from_torch(layout='unimatch_v2')` and must give the
 same logits as our model. Both sides compute in float32 with different
 summation orders (XLA vs torch CPU kernels, through ~4 blocks and the
 head): the errors are float32 rounding, a few 1e-7 relative per op, so
@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip('torch', reason='the parity tests compare with PyTorch')
-from dssn_jax import convert  # noqa: E402
-from dssn_jax.models import create_model  # noqa: E402
+from dssn_jax.models import create_model, pretrained  # noqa: E402
 from dssn_jax.models.dinov2 import torch_bicubic_matrix  # noqa: E402
 from dssn_jax.testing import torch_dinov2_reference as ref  # noqa: E402  (imports torch)
 
@@ -46,7 +45,7 @@ def pair(backbone: str, num_classes: int = 5):
   )
   tm = ref.randomize(tm)
   model = create_model(backbone, num_classes, depth=DEPTH, taps=TAPS)
-  variables = convert.from_torch(
+  variables = pretrained.from_torch(
     tm.state_dict(), backbone=backbone, layout='unimatch_v2', depth=DEPTH, taps=TAPS
   )
   return tm, model, variables

@@ -1,126 +1,38 @@
 """Evaluation: confusion-matrix mIoU, the three modes, the Evaluator."""
 
-import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dssn_jax import config_lib, evaluate
-from dssn_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD
-
-NAMES3 = ('bg', 'cat', 'dog')
-
-# A fixed toy prediction set (C = 3, 255 = ignore) with its hand-computed
-# confusion. Image b has no class 2 at all; image c has an ignored pixel
-# predicted as class 1, which must not count.
-TOY = [
-  dict(id='a', label=[[0, 0, 1], [1, 255, 2]], pred=[[0, 1, 1], [1, 2, 2]]),
-  dict(id='b', label=[[0, 0], [0, 1]], pred=[[0, 0], [1, 1]]),
-  dict(id='c', label=[[2], [2], [255]], pred=[[2], [0], [1]]),
-]
-# Summed over the set (rows: label, columns: prediction):
-#   label 0: pred 0 = 1+2, pred 1 = 1+1          -> 3, 2, 0
-#   label 1: pred 1 = 2+1                        -> 0, 3, 0
-#   label 2: pred 2 = 1+1, pred 0 = 1            -> 1, 0, 2
-TOY_CM = np.array([[3, 2, 0], [0, 3, 0], [1, 0, 2]])
-# IoU: class 0: 3 / (4 + 5 - 3) = 1/2; class 1: 3 / (5 + 3 - 3) = 3/5;
-# class 2: 2 / (2 + 3 - 2) = 2/3.  mIoU = (1/2 + 3/5 + 2/3) / 3.
-TOY_IOU = np.array([1 / 2, 3 / 5, 2 / 3]) * 100
-TOY_MIOU = (1 / 2 + 3 / 5 + 2 / 3) / 3 * 100  # 58.89
-# Per-image averaging (wrong) gives: a (1/2, 2/3, 1), b (2/3, 1/2, 0),
-# c (0, 0, 1/2); the mean of the per-image means is 42.59.
-PER_IMAGE_MEAN = (
-  np.mean([np.mean([1 / 2, 2 / 3, 1]), np.mean([2 / 3, 1 / 2, 0]), np.mean([0, 0, 1 / 2])]) * 100
+from dssn_jax import evaluate, loading, state_dicts
+from dssn_jax.compilation import CompileCounter
+from dssn_jax.data import datasets
+from dssn_jax.testing.evaluation import (
+  NAMES3,
+  PER_IMAGE_MEAN,
+  TOY,
+  TOY_CM,
+  TOY_IOU,
+  TOY_MIOU,
+  DecodeModel,
+  TinySeg,
+  make_workdir,
+  numpy_confusion,
+  random_records,
+  run_module,
+  shift_vars,
+  tiny_variables,
+  toy_config,
+  toy_records,
 )
-
-
-def toy_config(mode='original', crop=8, num_classes=3):
-  c = config_lib.base_config()
-  c.data.num_classes = num_classes
-  c.data.crop_size = crop
-  c.data.eval_mode = mode
-  return c
-
-
-class DecodeModel:
-  """A "model" whose prediction is written in the image's red channel.
-
-  It undoes the ImageNet normalization, reads the class id from channel 0
-  and adds `params['shift']` (mod C), so the predictions are known exactly.
-  """
-
-  def __init__(self, num_classes=3):
-    self.num_classes = num_classes
-    self.traces = 0  # apply runs only when jit traces a new input shape
-
-  def apply(self, variables, x, train=False):
-    assert not train
-    self.traces += 1
-    red = (x[..., 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0]) * 255.0
-    cls = (jnp.round(red).astype(jnp.int32) + variables['params']['shift']) % self.num_classes
-    return jax.nn.one_hot(cls, self.num_classes) * 10.0, {}
-
-
-def toy_records():
-  out = []
-  for t in TOY:
-    pred = np.asarray(t['pred'], np.uint8)
-    image = np.stack([pred, np.full_like(pred, 7), np.full_like(pred, 200)], -1)
-    out.append({'image': image, 'label': np.asarray(t['label'], np.int32), 'id': t['id']})
-  return out
-
-
-def shift_vars(shift):
-  return {'params': {'shift': jnp.int32(shift)}}
-
-
-class TinySeg(nn.Module):
-  """A small fully convolutional net with BatchNorm, `(logits, aux)` API."""
-
-  num_classes: int = 3
-
-  @nn.compact
-  def __call__(self, x, train=False):
-    y = nn.Conv(8, (3, 3), strides=(2, 2))(x)
-    y = nn.BatchNorm(use_running_average=not train)(y)
-    y = nn.relu(y)
-    y = nn.Conv(8, (3, 3), kernel_dilation=(2, 2))(y)
-    y = nn.relu(y)
-    y = nn.Conv(self.num_classes, (1, 1))(y)
-    y = jax.image.resize(y, x.shape[:3] + (self.num_classes,), 'bilinear')
-    return y, {}
-
-
-def tiny_variables(model, seed):
-  """Random variables, non-trivial BN statistics included (`random_like`)."""
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
-  return random_like(shapes, seed)
-
-
-def random_records(shapes, num_classes=3, seed=0):
-  rng = np.random.default_rng(seed)
-  out = []
-  for i, (h, w) in enumerate(shapes):
-    label = rng.integers(0, num_classes, (h, w)).astype(np.int32)
-    label[rng.random((h, w)) < 0.1] = 255
-    out.append(
-      {'image': rng.integers(0, 256, (h, w, 3), dtype=np.uint8), 'label': label, 'id': f'r{i}'}
-    )
-  return out
-
-
-def numpy_confusion(pred, label, c):
-  keep = label != 255
-  return np.bincount(label[keep] * c + pred[keep], minlength=c * c).reshape(c, c)
-
 
 # ----------------------------------------------------------------------------
 
@@ -329,20 +241,18 @@ def test_center_crop_cuts_like_the_reference():
 
 def test_evaluator_over_two_devices_pads_and_sums():
   """Two local devices: images of one shape are paired, leftovers padded."""
-  script = textwrap.dedent(f"""
+  script = textwrap.dedent("""
       import os
       os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
-      import sys
-      sys.path.insert(0, {os.path.dirname(__file__)!r})
       import jax, numpy as np
-      import test_evaluate as t
+      from dssn_jax.testing import evaluation as t
       from dssn_jax import evaluate, parallel
       assert jax.device_count() == 2
       recs = t.toy_records() + t.toy_records()[:2]  # shapes: a, b, c, a, b
       ev = evaluate.Evaluator(t.DecodeModel(), t.toy_config(), parallel.make_mesh(),
                               records=recs, class_names=t.NAMES3)
       assert ev.batch_size == 2
-      cm = ev.confusion_matrices({{'student': t.shift_vars(0)}})['student']
+      cm = ev.confusion_matrices({'student': t.shift_vars(0)})['student']
       extra = sum(t.numpy_confusion(np.asarray(x['pred']), np.asarray(x['label']), 3)
                   for x in t.TOY[:2])
       np.testing.assert_array_equal(cm, t.TOY_CM + extra)
@@ -359,101 +269,29 @@ def test_evaluator_over_two_devices_pads_and_sums():
 # ----------------------------------------------------------------------------
 # Workdirs and the command line (the digits config, resnet_tiny).
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def digits_config(num_val=3):
-  spec = importlib.util.spec_from_file_location(
-    'digits_config', os.path.join(ROOT, 'configs', 'digits.py')
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.data.digits.num_val = num_val
-  return config
-
-
-def random_like(shapes, seed):
-  """Random variables of the given shapes without compiling `init`: kernels
-  scaled by fan-in, BN scales and variances near 1, the rest near 0."""
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, s):
-    name = jax.tree_util.keystr(path)
-    if 'kernel' in name:
-      value = rng.normal(0.0, 1.0, s.shape) / np.sqrt(np.prod(s.shape[:-1]))
-    elif 'var' in name or 'scale' in name:
-      value = rng.uniform(0.5, 1.5, s.shape)
-    else:
-      value = rng.normal(0.0, 0.1, s.shape)
-    return jnp.asarray(value, s.dtype)
-
-  tree = jax.tree_util.tree_map_with_path(leaf, shapes)
-  return {'params': tree['params'], 'batch_stats': tree['batch_stats']}
-
-
-def make_workdir(path, step=3):
-  """A workdir like training leaves: config.json and one checkpoint."""
-  from dssn_jax import checkpoint as ckpt_lib
-  from dssn_jax import models
-
-  config = digits_config()
-  model = models.model_from_config(config)
-  dummy = jnp.zeros((1, 32, 32, 3))
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, train=False))
-  student, teacher = random_like(shapes, 1), random_like(shapes, 2)
-  state = {
-    'step': jnp.int32(step),
-    'params': student['params'],
-    'batch_stats': student['batch_stats'],
-    'teacher_params': teacher['params'],
-    'teacher_batch_stats': teacher['batch_stats'],
-  }
-  ckpt_lib.save_config(str(path), config)
-  saver = ckpt_lib.Checkpointer(os.path.join(str(path), 'checkpoints'))
-  saver.save(step, state, jax.random.key(0), metrics={'miou_teacher': 1.0})
-  saver.close()
-  return config, model, {'student': student, 'teacher': teacher}
-
-
-def run_module(module, *args):
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  return subprocess.run(
-    [sys.executable, '-m', module, *args],
-    capture_output=True,
-    text=True,
-    env=env,
-    cwd=ROOT,
-    timeout=300,
-  )
-
 
 def test_run_on_a_workdir_matches_the_evaluator(tmp_path):
-  from dssn_jax.data import sources
-
   config, model, variables = make_workdir(tmp_path)
-  val = sources.get_source(config, 'val')
+  val = datasets.get_source(config, 'val')
   records = [
     {'image': val[i]['image'], 'label': val[i]['mask'].astype(np.int32), 'id': val[i]['id']}
     for i in range(len(val))
   ]
   record = evaluate.run(workdir=str(tmp_path), checkpoint='best', records=records)
   assert record['step'] == 3 and record['split'] == 'eval' and record['mode'] == 'original'
-  assert list(record['iou_per_class']) == list(sources.class_names(config))
+  assert list(record['iou_per_class']) == list(datasets.class_names(config))
   want = evaluate.Evaluator(model, config, records=records).evaluate(variables)
   # The same evaluation program twice: same counts, float64 mIoU.
   assert record['miou'] == pytest.approx(want['miou'])
   assert record['miou_teacher'] == pytest.approx(want['miou_teacher'])
   json.dumps(record)  # the command line prints it
   with pytest.raises(ValueError, match='no checkpoint at step 7'):
-    evaluate.load_for_eval(workdir=str(tmp_path), checkpoint='7')
+    loading.load_for_eval(workdir=str(tmp_path), checkpoint='7')
 
 
 def test_run_on_converted_weights(tmp_path):
-  from dssn_jax import convert
-
   config, model, variables = make_workdir(tmp_path)
-  path = convert.save_npz(variables['teacher'], str(tmp_path / 'teacher.npz'))
+  path = state_dicts.save_npz(variables['teacher'], str(tmp_path / 'teacher.npz'))
   records = random_records([(40, 52)], num_classes=11, seed=4)
   record = evaluate.run(weights=path, config=config, records=records, mode='sliding_window')
   assert record['step'] is None and record['miou_teacher'] is None
@@ -462,11 +300,11 @@ def test_run_on_converted_weights(tmp_path):
   )
   assert record['miou'] == pytest.approx(want['miou'])  # same program, float64 mIoU
   with pytest.raises(ValueError, match='needs --config'):
-    evaluate.load_for_eval(weights=path)
+    loading.load_for_eval(weights=path)
   bad = tmp_path / 'w.ckpt'
   bad.write_bytes(b'')
   with pytest.raises(ValueError, match='w.ckpt'):
-    evaluate.load_weights(str(bad), config)
+    loading.load_weights(str(bad), config)
 
 
 def test_command_line_prints_the_eval_record(tmp_path):
@@ -483,8 +321,6 @@ def test_command_line_prints_the_eval_record(tmp_path):
 
 def test_two_processes_sum_their_confusion_matrices():
   """Each process evaluates its share; the counts are summed over hosts."""
-  import socket
-
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     port = s.getsockname()[1]
@@ -495,9 +331,8 @@ def test_two_processes_sum_their_confusion_matrices():
       pid = int(sys.argv[1])
       jax.distributed.initialize(coordinator_address='127.0.0.1:{port}',
                                  num_processes=2, process_id=pid)
-      sys.path.insert(0, {os.path.dirname(__file__)!r})
       import numpy as np
-      import test_evaluate as t
+      from dssn_jax.testing import evaluation as t
       from dssn_jax import evaluate, parallel
       share = t.toy_records()[pid::2]  # process 0: a and c, process 1: b
       ev = evaluate.Evaluator(t.DecodeModel(), t.toy_config(), parallel.make_mesh(),
@@ -534,8 +369,6 @@ def test_two_processes_sum_their_confusion_matrices():
 def test_evaluation_after_precompile_compiles_nothing(background):
   """Every shape compiled ahead: the evaluation itself compiles no program,
   and gives the same confusion matrices as the plain (jit) path."""
-  from dssn_jax.compilation import CompileCounter
-
   model = TinySeg()
   student, teacher = tiny_variables(model, 1), tiny_variables(model, 5)
   records = random_records([(13, 17), (12, 12), (17, 13), (13, 17), (9, 20)], seed=4)
@@ -559,8 +392,6 @@ def test_evaluation_after_precompile_compiles_nothing(background):
 
 def test_without_precompile_the_counter_sees_each_shape():
   """The counter the test above relies on does count evaluation compiles."""
-  from dssn_jax.compilation import CompileCounter
-
   model = TinySeg()
   records = random_records([(11, 14), (14, 11), (11, 14)], seed=5)
   ev = evaluate.Evaluator(model, toy_config(crop=10), records=records, class_names=NAMES3)

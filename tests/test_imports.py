@@ -119,7 +119,7 @@ def test_a_missing_optional_dependency_names_the_extra():
       print(e)
     from dssn_jax import convert
     try:
-      convert.read_state_dict('main.py')  # any existing file
+      state_dicts.read_state_dict('main.py')  # any existing file
     except ImportError as e:
       print(e)
     """,

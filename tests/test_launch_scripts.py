@@ -169,24 +169,29 @@ def fake_main(tmp_path):
   return path
 
 
-def test_local_runs_every_process_with_prefixed_output(fake_main):
-  result = run(
+def run_fake_main(fake_main, *args, mode, timeout=60):
+  """local_multihost.sh ARGS on `fake_main` (whose `--mode` says how it ends)."""
+  return run(
     'local_multihost.sh',
     '--python',
     sys.executable,
     '--main',
     str(fake_main),
-    '3',
-    '2',
+    *args,
     '--',
     '--config',
     'cfg.py',
     '--workdir',
     'w',
     '--mode',
-    'ok',
+    mode,
     cwd=fake_main.parent,
+    timeout=timeout,
   )
+
+
+def test_local_runs_every_process_with_prefixed_output(fake_main):
+  result = run_fake_main(fake_main, '3', '2', mode='ok')
   assert result.returncode == 0, result.stderr
   out = result.stdout.splitlines()
   for i in range(3):
@@ -196,26 +201,7 @@ def test_local_runs_every_process_with_prefixed_output(fake_main):
 
 
 def test_local_failure_stops_the_others_and_propagates_the_status(fake_main):
-  result = run(
-    'local_multihost.sh',
-    '--python',
-    sys.executable,
-    '--main',
-    str(fake_main),
-    '--grace',
-    '1',
-    '3',
-    '1',
-    '--',
-    '--config',
-    'cfg.py',
-    '--workdir',
-    'w',
-    '--mode',
-    'fail',
-    cwd=fake_main.parent,
-    timeout=30,
-  )
+  result = run_fake_main(fake_main, '--grace', '1', '3', '1', mode='fail', timeout=30)
   assert result.returncode == 3, (result.stdout, result.stderr)
   assert 'process 1 exited with status 3; stopping the others' in result.stderr
   # Nothing is left behind: the SIGTERM-ignoring process was killed.

@@ -9,11 +9,11 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numerics
 import numpy as np
 import pytest
 
 from dssn_jax import losses, pseudo_labels
+from dssn_jax.testing import numerics
 
 
 def logits_from_probs(probs):

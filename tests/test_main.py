@@ -1,6 +1,5 @@
 """End to end: every config trains, stop-and-resume is exact, the CLI checks input."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -13,49 +12,13 @@ import pytest
 
 from dssn_jax import config_lib, train
 from dssn_jax.testing import fake_datasets
+from dssn_jax.testing.configs import REPO, load_config, read_metrics, tiny
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(
   f[:-3]
   for f in os.listdir(os.path.join(REPO, 'configs'))
   if f.endswith('.py') and not f.startswith('_')
 )
-
-
-def load_config(name, arg=None):
-  spec = importlib.util.spec_from_file_location(
-    f'configs_{name}', os.path.join(REPO, 'configs', f'{name}.py')
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
-def tiny(config, steps=2):
-  """The tiny override every config must accept: `resnet_tiny`, or for a
-  `dinov2_*` config `dinov2_tiny` at a crop of 28 (two 14-pixel patches)."""
-  dinov2 = config.model.backbone.startswith('dinov2')
-  config.model.backbone = 'dinov2_tiny' if dinov2 else 'resnet_tiny'
-  crop = 28 if dinov2 else 33
-  config.model.pretrained = ''
-  config.data.crop_size = crop
-  config.data.batch_size = 2
-  config.data.workers = 0
-  config.data.eval_crop_size = crop
-  config.data.digits.num_unlabeled = 16
-  config.data.digits.num_labeled = 4
-  config.data.digits.num_val = 4
-  config.train.steps = steps
-  config.train.warmup_epochs = None
-  config.train.log_every = 1
-  config.train.eval_every = 1000
-  config.train.checkpoint_every = 1000
-  return config
-
-
-def read_metrics(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 def test_configs_are_listed():

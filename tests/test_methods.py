@@ -12,13 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from tapped_model import TinyTapped, init, torch_module
 
 from dssn_jax import config_lib, evaluate, methods, optim
 from dssn_jax import train_step as ts
 from dssn_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from dssn_jax.methods import common
 from dssn_jax.methods import unimatch_v2 as uv2
+from dssn_jax.models import pretrained
+from dssn_jax.testing.tapped_model import TinyTapped, init, torch_module
 
 C = 3  # classes
 SIZE = 12
@@ -152,8 +153,8 @@ def test_unimatch_v2_matches_the_authors_iteration_in_torch():
   pytest.importorskip('torch')
   model = TinyTapped(C)
   config = make_config('unimatch_v2', **{'loss.threshold': 0.4})  # some pixels pass at init
-  settings = config_lib.resolve_method(config)
-  schedule = config_lib.resolve_steps(config, 80)
+  settings = config_lib.resolve(config)
+  schedule = config_lib.resolve(config).schedule(80)
   state = state_for(model, optax.sgd(0.0))
   batch = make_batch()
   rng = jax.random.key(7)
@@ -185,7 +186,6 @@ def test_unimatch_v2_on_a_tiny_vit_matches_the_authors_iteration_in_torch():
   reaches every encoder and head weight (converted back with the layout
   that converts the torch weights)."""
   torch = pytest.importorskip('torch')
-  from dssn_jax import convert  # pylint: disable=g-import-not-at-top
   from dssn_jax.models import create_model  # pylint: disable=g-import-not-at-top
   from dssn_jax.testing import torch_dinov2_reference as ref  # pylint: disable=g-import-not-at-top
 
@@ -196,13 +196,13 @@ def test_unimatch_v2_on_a_tiny_vit_matches_the_authors_iteration_in_torch():
     return ref.randomize(net, seed).train()
 
   def to_ours(state_dict):
-    return convert.from_torch(state_dict, 'dinov2_tiny', layout='unimatch_v2')['params']
+    return pretrained.from_torch(state_dict, 'dinov2_tiny', layout='unimatch_v2')['params']
 
   net, ema = torch_dpt(0), torch_dpt(1)
   model = create_model('dinov2_tiny', C)
   config = make_config('unimatch_v2', **{'data.crop_size': size, 'loss.threshold': 0.6})
-  settings = config_lib.resolve_method(config)
-  schedule = config_lib.resolve_steps(config, 80)
+  settings = config_lib.resolve(config)
+  schedule = config_lib.resolve(config).schedule(80)
   params = to_ours(net.state_dict())
   state = ts.create_train_state(model, optax.sgd(0.0), None, size, variables={'params': params})
   state = state.replace(teacher_params=to_ours(ema.state_dict()))
@@ -231,7 +231,7 @@ def test_unimatch_v2_optimizer_is_the_authors_adamw():
   fresh AdamW is `-lr * (g / (|g| + eps) + wd * p)`."""
   config = make_config('unimatch_v2')
   config_lib.apply_unimatch_v2_recipe(config)
-  schedule = config_lib.resolve_steps(config, 80)
+  schedule = config_lib.resolve(config).schedule(80)
   assert (schedule.lr, schedule.head_lr) == (5e-6, 5e-6 * 40)
   tx = optim.make_optimizer(schedule, config)
   params = {'backbone': {'w': jnp.array([1.0, -2.0])}, 'head': {'w': jnp.array([0.5, 3.0])}}
@@ -248,27 +248,27 @@ def test_unimatch_v2_optimizer_is_the_authors_adamw():
 def test_ema_keep_rate_schedule():
   """UniMatch V2: min(1 - 1/(it + 1), 0.996), 0 at the first iteration; DSSN:
   0 during the warm-up, then ema_decay; student methods: 0."""
-  schedule = config_lib.resolve_steps(make_config('dssn'), 80)
-  s_v2 = config_lib.resolve_method(make_config('unimatch_v2'))
+  schedule = config_lib.resolve(make_config('dssn')).schedule(80)
+  s_v2 = config_lib.resolve(make_config('unimatch_v2'))
   for step in (0, 1, 2, 9, 248, 249, 250, 1000):
     got = float(methods.ema_keep(s_v2, schedule, step, 0.996))
     assert got == pytest.approx(min(1 - 1 / (step + 1), 0.996), rel=1e-6), step
-  s_dssn = config_lib.resolve_method(make_config('dssn'))
+  s_dssn = config_lib.resolve(make_config('dssn'))
   warm = dataclasses.replace(schedule, warmup_steps=3)
   assert [float(methods.ema_keep(s_dssn, warm, t, 0.99)) for t in (0, 2, 3)] == [
     0.0,
     0.0,
     pytest.approx(0.99),
   ]
-  s_um = config_lib.resolve_method(make_config('unimatch'))
+  s_um = config_lib.resolve(make_config('unimatch'))
   assert float(methods.ema_keep(s_um, schedule, 50, 0.996)) == 0.0
 
 
 def test_unimatch_v2_step_blends_the_teacher_with_its_keep_rate():
   model = TinyTapped(C)
   config = make_config('unimatch_v2', **{'train.optimizer': 'adamw'})
-  settings = config_lib.resolve_method(config)
-  schedule = config_lib.resolve_steps(config, 80)
+  settings = config_lib.resolve(config)
+  schedule = config_lib.resolve(config).schedule(80)
   tx = optim.make_optimizer(schedule, config)
   state = state_for(model, tx, step=5)
   new, metrics = ts.train_step(
@@ -320,8 +320,8 @@ def test_grad_accum_gives_the_full_batch_update(method, overrides):
   out = {}
   for k in (1, 4):
     config = make_config(method, **overrides, **{'train.grad_accum': k})
-    settings = config_lib.resolve_method(config)
-    schedule = dataclasses.replace(config_lib.resolve_steps(config, 80), warmup_steps=0)
+    settings = config_lib.resolve(config)
+    schedule = dataclasses.replace(config_lib.resolve(config).schedule(80), warmup_steps=0)
     tx = optim.make_optimizer(schedule, config)
     state = state_for(model, tx)
     step = jax.jit(
@@ -366,8 +366,8 @@ def test_grad_accum_gives_the_full_batch_update_on_dinov2_dpt(method, overrides)
   for k in (1, 4):
     config = make_config(method, **overrides, **{'train.grad_accum': k})
     config.data.crop_size = size
-    settings = config_lib.resolve_method(config)
-    schedule = dataclasses.replace(config_lib.resolve_steps(config, 80), warmup_steps=0)
+    settings = config_lib.resolve(config)
+    schedule = dataclasses.replace(config_lib.resolve(config).schedule(80), warmup_steps=0)
     tx = optim.make_optimizer(schedule, config)
     state = ts.create_train_state(model, tx, jax.random.key(0), size)
     state = state.replace(teacher_params=jax.tree.map(lambda p: p * 1.1, state.params))
@@ -393,8 +393,8 @@ def test_grad_accum_refuses_batchnorm_models():
 
   model = models.create_model('resnet_tiny', C)
   config = make_config('dssn', **{'train.grad_accum': 2})
-  settings = config_lib.resolve_method(config)
-  schedule = config_lib.resolve_steps(config, 80)
+  settings = config_lib.resolve(config)
+  schedule = config_lib.resolve(config).schedule(80)
   tx = optim.make_optimizer(schedule, config)
   state = ts.create_train_state(model, tx, jax.random.key(0, impl='rbg'), SIZE)
   with pytest.raises(ValueError, match='BatchNorm'):
@@ -409,9 +409,9 @@ def test_grad_accum_refuses_batchnorm_models():
 
 def test_grad_accum_checks():
   with pytest.raises(ValueError, match='grad_accum=3 does not divide'):
-    config_lib.resolve_method(make_config('unimatch_v2', **{'train.grad_accum': 3}))
+    config_lib.resolve(make_config('unimatch_v2', **{'train.grad_accum': 3}))
   with pytest.raises(ValueError, match='ohem'):
-    config_lib.resolve_method(
+    config_lib.resolve(
       make_config('unimatch_v2', **{'train.grad_accum': 2, 'loss.sup_type': 'ohem'})
     )
 
@@ -439,15 +439,16 @@ def test_mix_partner_defaults_live_in_the_presets():
     ('fixmatch', 'same'),
     ('unimatch_v2', 'reversed'),
   ):
-    assert config_lib.resolve_mix_partner(make_config(method)) == want
-    assert config_lib.resolve_method(make_config(method)).mix_partner == want
-  assert config_lib.resolve_mix_partner(
-    make_config('dssn', **{'data.mix_partner': 'shuffled'})
-  ) == ('shuffled')
+    assert config_lib.resolve(make_config(method)).mix_partner == want
+    assert config_lib.resolve(make_config(method)).mix_partner == want
+  assert (
+    config_lib.resolve(make_config('dssn', **{'data.mix_partner': 'shuffled'})).mix_partner
+    == 'shuffled'
+  )
   with pytest.raises(ValueError, match="mix_partner='reversed'"):
-    config_lib.resolve_mix_partner(make_config('dssn', **{'data.mix_partner': 'reversed'}))
+    config_lib.resolve(make_config('dssn', **{'data.mix_partner': 'reversed'}))
   with pytest.raises(ValueError, match="mix_partner='same'"):
-    config_lib.resolve_mix_partner(make_config('unimatch_v2', **{'data.mix_partner': 'same'}))
+    config_lib.resolve(make_config('unimatch_v2', **{'data.mix_partner': 'same'}))
 
 
 def test_dssn_feature_mask_flags_on_the_tapped_model():
@@ -456,8 +457,8 @@ def test_dssn_feature_mask_flags_on_the_tapped_model():
   with tapped features."""
   model = TinyTapped(C)
   config = make_config('dssn', **{'model.fp_masks': 'complementary', 'model.comp_drop': True})
-  settings = config_lib.resolve_method(config)
-  ctx = common.Context(model, settings, config_lib.resolve_steps(config, 80))
+  settings = config_lib.resolve(config)
+  ctx = common.Context(model, settings, config_lib.resolve(config).schedule(80))
   state = state_for(model, optax.sgd(0.0))
   prepared, _ = methods.get('dssn').prepare(state, make_batch(), jax.random.key(0), ctx)
   fp = np.asarray(prepared['fp_masks'])  # (n, 2, D)
@@ -465,7 +466,7 @@ def test_dssn_feature_mask_flags_on_the_tapped_model():
   sm = np.asarray(prepared['strong_masks'])
   np.testing.assert_array_equal(sm[:, 0] + sm[:, 1], 2.0)
   assert np.all(sm[:, 0] == 1.0, axis=1).sum() == 4
-  default = config_lib.resolve_method(make_config('dssn'))
+  default = config_lib.resolve(make_config('dssn'))
   assert (default.fp_masks, default.comp_drop) == ('independent', False)
 
   class NoTaps:  # a model without feature_dim (DeepLabV3+)

@@ -62,8 +62,8 @@ def run(dtype, variables, batch, mesh):
   config.model.backbone = 'resnet_tiny'
   config.model.dtype = dtype
   config.train.steps = 100
-  settings = config_lib.resolve_method(config)
-  schedule = config_lib.resolve_steps(config, 100 * 2)
+  settings = config_lib.resolve(config)
+  schedule = config_lib.resolve(config).schedule(100 * 2)
   model = models.model_from_config(config)
   tx = optim.make_optimizer(schedule, config)
   state = ts.create_train_state(model, tx, jax.random.key(0), CROP, variables=variables)

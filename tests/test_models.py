@@ -8,13 +8,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numerics
 import numpy as np
 import pytest
 
 from dssn_jax import config_lib
 from dssn_jax.models import __main__ as models_cli
 from dssn_jax.models import create_model, layers, model_from_config
+from dssn_jax.testing import numerics
 
 NUM_CLASSES = 5
 

@@ -19,7 +19,6 @@ On this project's 2-core machine, shared with other jobs (load 7), the
 rehearsal took 3 min; most of it is compiling the train step.
 """
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -32,6 +31,7 @@ import pytest
 
 from dssn_jax import config_lib, train
 from dssn_jax.data import pipeline
+from dssn_jax.testing.configs import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -201,10 +201,7 @@ def test_two_hosts_match_one_host_and_resume_on_one(tmp_path):
 
 
 def _digits_config():
-  spec = importlib.util.spec_from_file_location('configs_digits', ROOT / 'configs' / 'digits.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = load_config('digits')
   c.data.crop_size, c.data.digits.image_size = 32, 48
   c.data.digits.num_unlabeled, c.data.digits.num_val = 64, 4
   return c
@@ -245,7 +242,7 @@ def _schedule(batch, scale, epochs=None, steps=None):
   c.data.batch_size = batch
   c.train.scale_lr_with_batch = scale
   c.train.epochs, c.train.steps = epochs, steps
-  return config_lib.resolve_steps(c, num_unlabeled=10_582)
+  return config_lib.resolve(c).schedule(num_unlabeled=10_582)
 
 
 # The schedule tests below: float64 arithmetic on the config's numbers.
@@ -276,4 +273,4 @@ def test_reference_batch_size_is_the_denominator():
   c = config_lib.base_config()
   c.train.steps, c.data.batch_size = 10, 16
   c.train.scale_lr_with_batch, c.train.reference_batch_size = True, 16
-  assert config_lib.resolve_steps(c, 100).lr == pytest.approx(0.002)
+  assert config_lib.resolve(c).schedule(100).lr == pytest.approx(0.002)

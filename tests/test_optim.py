@@ -2,12 +2,12 @@
 
 import jax
 import jax.numpy as jnp
-import numerics
 import numpy as np
 import optax
 import pytest
 
 from dssn_jax import config_lib, optim
+from dssn_jax.testing import numerics
 
 
 def schedule(total=10, lr=0.01, multi=10.0):

@@ -12,19 +12,12 @@ from dssn_jax import config_lib, parallel
 from dssn_jax.data import pipeline
 from dssn_jax.testing import fake_datasets as fd
 
+# key -> (dtype, rank) of a semi-supervised batch's arrays.
+IMAGE, LABEL, BOX = (np.uint8, 3), (np.int32, 2), (np.bool_, 2)
 SEMI_KEYS = {
-  'x': (np.uint8, 3),
-  'y': (np.int32, 2),
-  'u_w': (np.uint8, 3),
-  'u_s1': (np.uint8, 3),
-  'u_s2': (np.uint8, 3),
-  'u_ignore': (np.int32, 2),
-  'box1': (np.bool_, 2),
-  'box2': (np.bool_, 2),
-  'm_w': (np.uint8, 3),
-  'm_s1': (np.uint8, 3),
-  'm_s2': (np.uint8, 3),
-  'm_ignore': (np.int32, 2),
+  **dict.fromkeys(('x', 'u_w', 'u_s1', 'u_s2', 'm_w', 'm_s1', 'm_s2'), IMAGE),
+  **dict.fromkeys(('y', 'u_ignore', 'm_ignore'), LABEL),
+  **dict.fromkeys(('box1', 'box2'), BOX),
 }
 
 

@@ -6,10 +6,11 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
-from test_evaluate import TinySeg, make_workdir, run_module, tiny_variables
 
 from dssn_jax import evaluate, predict
+from dssn_jax.data import datasets
 from dssn_jax.data.normalize import normalize
+from dssn_jax.testing.evaluation import TinySeg, make_workdir, run_module, tiny_variables
 
 PALETTE3 = np.array([[0, 0, 0], [200, 10, 10], [10, 200, 10]], np.uint8)
 
@@ -104,8 +105,6 @@ def test_bad_inputs_name_the_file(tiny, tmp_path):
 
 
 def test_command_line_on_a_workdir(tmp_path):
-  from dssn_jax.data import sources
-
   config, _, _ = make_workdir(tmp_path / 'work')
   src = tmp_path / 'in'
   src.mkdir()
@@ -122,7 +121,7 @@ def test_command_line_on_a_workdir(tmp_path):
     '--checkpoint=latest',
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  palette = np.asarray(sources.palette(config))
+  palette = np.asarray(datasets.palette(config))
   for name, (h, w) in (('a', (30, 70)), ('b', (40, 60))):
     with Image.open(out / f'{name}.png') as mask:
       assert mask.mode == 'P' and mask.size == (w, h)

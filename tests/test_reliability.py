@@ -14,11 +14,11 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
-from test_main import REPO, load_config, read_metrics, tiny
 
 from dssn_jax import checkpoint as ckpt_lib
 from dssn_jax import config_lib, train
 from dssn_jax.data import sources
+from dssn_jax.testing.configs import REPO, load_config, read_metrics, tiny
 
 # --- config validation -------------------------------------------------------
 

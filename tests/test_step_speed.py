@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from benchmarks import step_speed
+from dssn_jax.testing import batches
 
 LINE = re.compile(
   r'^step_speed: backbone=(\S+) crop=(\d+) batch=(\d+) dtype=(\S+) '
@@ -22,7 +23,7 @@ TINY = ['--backbone', 'resnet_tiny', '--crop', '33', '--batch', '2', '--num-clas
 
 
 def test_synthetic_batch_matches_design():
-  batch = step_speed.synthetic_batch(3, 33, 4, supervised=False)
+  batch = batches.synthetic_batch(3, 33, 4, supervised=False)
   images = ('x', 'u_w', 'u_s1', 'u_s2', 'm_w', 'm_s1', 'm_s2')
   assert set(batch) == set(images) | {'y', 'u_ignore', 'm_ignore', 'box1', 'box2'}
   for k in images:
@@ -35,7 +36,7 @@ def test_synthetic_batch_matches_design():
   y = batch['y']
   assert set(np.unique(y)) <= {0, 1, 2, 3, 255} and (y == 255).any() and (y < 4).any()
   assert set(np.unique(batch['u_ignore'])) == {0, 255}
-  supervised = step_speed.synthetic_batch(2, 17, 4, supervised=True)
+  supervised = batches.synthetic_batch(2, 17, 4, supervised=True)
   assert set(supervised) == {'x', 'y'}
 
 

@@ -16,7 +16,6 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
-import numerics
 import numpy as np
 import optax
 import pytest
@@ -24,73 +23,29 @@ import pytest
 from dssn_jax import compilation, config_lib, losses, models, optim, parallel, pseudo_labels
 from dssn_jax import train_step as ts
 from dssn_jax.data.normalize import normalize
-
-NUM_CLASSES = 4
-
-
-def make_config(method='dssn', **loss):
-  config = config_lib.base_config()
-  config.method = method
-  config.data.num_classes = NUM_CLASSES
-  config.train.steps = 20
-  for key, value in loss.items():
-    config.loss[key] = value
-  return config
-
-
-def make_schedule(config, warmup_steps=1, steps_per_epoch=None):
-  schedule = config_lib.resolve_steps(config, 100)
-  schedule = dataclasses.replace(schedule, warmup_steps=warmup_steps)
-  if steps_per_epoch is not None:
-    schedule = dataclasses.replace(schedule, steps_per_epoch=steps_per_epoch)
-  return schedule
-
-
-def make_batch(size, batch=2, seed=0, supervised=False):
-  """A random train batch in the docs/design.md layout."""
-  rng = np.random.default_rng(seed)
-
-  def image():
-    return rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-
-  def box():
-    out = np.zeros((batch, size, size), bool)
-    for i in range(batch):
-      h, w = rng.integers(size // 4, size // 2 + 1, 2)
-      top, left = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
-      out[i, top : top + h, left : left + w] = True
-    return out
-
-  def ignore():
-    out = np.zeros((batch, size, size), np.int32)
-    out[:, -3:, :] = 255  # padded bottom rows
-    return out
-
-  labels = rng.integers(0, NUM_CLASSES, (batch, size, size)).astype(np.int32)
-  labels[:, :, -2:] = 255
-  out = dict(x=image(), y=labels)
-  if not supervised:
-    out.update(
-      u_w=image(),
-      u_s1=image(),
-      u_s2=image(),
-      u_ignore=ignore(),
-      box1=box(),
-      box2=box(),
-      m_w=image(),
-      m_s1=image(),
-      m_s2=image(),
-      m_ignore=ignore(),
-    )
-  return out
-
-
-def to_host(tree):
-  return jax.tree.map(np.asarray, jax.device_get(tree))
+from dssn_jax.testing import numerics
+from dssn_jax.testing.train_steps import (
+  NUM_CLASSES,
+  initial_state,
+  initial_variables,
+  make_batch,
+  make_config,
+  make_schedule,
+  run_steps,
+  to_host,
+)
 
 
 def assert_tree_equal(a, b):
   jax.tree.map(np.testing.assert_array_equal, to_host(a), to_host(b))
+
+
+def assert_ema(got, teacher, student, rel):
+  """Leaf by leaf, `got` is the EMA `0.996 * teacher + 0.004 * student`
+  within `rel` of its scale (`numerics.assert_close`)."""
+  jax.tree.map(
+    lambda g, t, s: numerics.assert_close(g, 0.996 * t + 0.004 * s, rel), got, teacher, student
+  )
 
 
 @pytest.fixture(scope='module')
@@ -103,21 +58,8 @@ def mesh():
   return parallel.make_mesh(jax.devices()[:1])
 
 
-_INIT = {}
-
-
-def initial_variables(model):
-  """One random init per model, shared (params do not depend on image size)."""
-  if model not in _INIT:
-    # rbg draws compile several times faster than threefry's.
-    _INIT[model] = ts.create_train_state(model, optax.sgd(0.1), jax.random.key(0, impl='rbg'), 33)
-  state = _INIT[model]
-  return to_host({'params': state.params, 'batch_stats': state.batch_stats})
-
-
 def test_create_train_state(model):
-  initial_variables(model)
-  state = _INIT[model]
+  state = initial_state(model)
   assert int(state.step) == 0
   assert set(state.params) == {'backbone', 'head', 'reduce', 'fuse', 'classifier'}
   assert_tree_equal(state.teacher_params, state.params)
@@ -125,31 +67,6 @@ def test_create_train_state(model):
   # Distinct buffers, so donating the state never donates one buffer twice.
   pairs = zip(jax.tree.leaves(state.params), jax.tree.leaves(state.teacher_params))
   assert all(a is not b for a, b in pairs)
-
-
-def run_steps(model, mesh, config, batch, steps, warmup_steps=1, steps_per_epoch=None):
-  """Compiles the step once and runs `steps` steps from a fixed init.
-
-  Returns host copies of the states before each step and after the last,
-  and each step's metrics.
-  """
-  settings = config_lib.resolve_method(config)
-  schedule = make_schedule(config, warmup_steps, steps_per_epoch)
-  tx = optim.make_optimizer(schedule, config)
-  state = ts.create_train_state(
-    model, tx, jax.random.key(0), batch['x'].shape[1], variables=initial_variables(model)
-  )
-  step_fn = ts.make_train_step(
-    model, tx, settings, schedule, mesh, ema_decay=config.train.ema_decay
-  )
-  batch = parallel.shard_batch(batch, mesh)
-  states, metrics = [to_host(state)], []
-  state = parallel.replicate(state, mesh)
-  for t in range(steps):
-    state, m = step_fn(state, batch, jax.random.fold_in(jax.random.key(1), t))
-    states.append(to_host(state))
-    metrics.append({k: float(v) for k, v in m.items()})
-  return dict(states=states, metrics=metrics, settings=settings, schedule=schedule)
 
 
 @pytest.fixture(scope='module')
@@ -231,14 +148,8 @@ def test_teacher_moves_only_by_ema(model, dssn65):
   assert_tree_equal(s1.teacher_params, s1.params)
   assert_tree_equal(s1.teacher_batch_stats, s1.batch_stats)
   # Step 1: teacher = 0.996 * teacher + 0.004 * student, no gradient step.
-  ema = lambda t, s: 0.996 * t + 0.004 * s
   # float32 EMA (two products and a sum) vs float64: a few eps of the scale.
-  jax.tree.map(
-    lambda got, t, s: numerics.assert_close(got, ema(t, s), numerics.FEW_OPS),
-    s2.teacher_params,
-    s1.teacher_params,
-    s2.params,
-  )
+  assert_ema(s2.teacher_params, s1.teacher_params, s2.params, numerics.FEW_OPS)
   # BatchNorm: the teacher's own forwards (m_w, then u_w, batch statistics)
   # update its running statistics before the EMA blends in the student's.
   batch = dssn65['batch']
@@ -258,12 +169,7 @@ def test_teacher_moves_only_by_ema(model, dssn65):
   stats = to_host(teacher_forwards(s1.teacher_params, s1.teacher_batch_stats))
   # Statistics from the step vs from this test's forward (two programs
   # through the network), then the EMA: NETWORK.
-  jax.tree.map(
-    lambda got, t, s: numerics.assert_close(got, ema(t, s), numerics.NETWORK),
-    s2.teacher_batch_stats,
-    stats,
-    s2.batch_stats,
-  )
+  assert_ema(s2.teacher_batch_stats, stats, s2.batch_stats, numerics.NETWORK)
 
 
 def test_reference_teacher_bn_switches_to_running_after_the_first_epoch(model, mesh):
@@ -274,14 +180,8 @@ def test_reference_teacher_bn_switches_to_running_after_the_first_epoch(model, m
   assert config.train.teacher_bn == 'reference'
   run = run_steps(model, mesh, config, make_batch(33), 2, steps_per_epoch=1)
   _, s1, s2 = run['states']
-  ema = lambda t, s: 0.996 * t + 0.004 * s
   # float32 EMA (two products and a sum) vs float64: a few eps of the scale.
-  jax.tree.map(
-    lambda got, t, s: numerics.assert_close(got, ema(t, s), numerics.FEW_OPS),
-    s2.teacher_batch_stats,
-    s1.teacher_batch_stats,
-    s2.batch_stats,
-  )
+  assert_ema(s2.teacher_batch_stats, s1.teacher_batch_stats, s2.batch_stats, numerics.FEW_OPS)
 
 
 def test_running_teacher_one_call_gives_the_two_calls_targets(model):
@@ -289,7 +189,7 @@ def test_running_teacher_one_call_gives_the_two_calls_targets(model):
   the strong-view losses equal those from two separate teacher calls."""
   config = make_config()
   config.train.teacher_bn = 'running'
-  settings = config_lib.resolve_method(config)
+  settings = config_lib.resolve(config)
   schedule = make_schedule(config, warmup_steps=0)
   state = ts.create_train_state(
     model, optax.sgd(0.1), jax.random.key(0), 33, variables=initial_variables(model)
@@ -362,7 +262,7 @@ def test_strong_view_bn_stats_flag(model):
     model, optax.sgd(0.1), jax.random.key(0), 33, variables=initial_variables(model)
   )
   config = make_config()
-  settings = config_lib.resolve_method(config)
+  settings = config_lib.resolve(config)
   schedule = make_schedule(config, warmup_steps=0)
   _, _, clean = ts._forward(
     model,
@@ -376,7 +276,7 @@ def test_strong_view_bn_stats_flag(model):
   stats = {}
   for flag in (True, False):
     config.train.strong_view_bn_stats = flag
-    settings = config_lib.resolve_method(config)
+    settings = config_lib.resolve(config)
     _, aux = ts.objective(
       state.params, state, batch, rng, model=model, settings=settings, schedule=schedule
     )
@@ -399,7 +299,7 @@ def test_warmup_terms(model, warmup_terms):
   )
   config = make_config(pseudo_label='fixed', threshold=0.0)  # every pixel teaches
   config.train.warmup_terms = warmup_terms
-  settings = config_lib.resolve_method(config)
+  settings = config_lib.resolve(config)
   total, aux = ts.objective(
     state.params,
     state,
@@ -429,7 +329,7 @@ def test_supervised_warmup_runs_the_supervised_program(model, mesh):
   config.train.teacher_bn = 'batch'
   config.train.labeled_bn = 'separate'
   config.train.warmup_terms = 'supervised'
-  settings = config_lib.resolve_method(config)
+  settings = config_lib.resolve(config)
   schedule = make_schedule(config, warmup_steps=1)
   tx = optim.make_optimizer(schedule, config)
   state = ts.create_train_state(model, tx, None, 33, variables=initial_variables(model))
@@ -457,7 +357,7 @@ def test_precompile_runs_the_background_compile_executable():
   what the jitted step gives; a compile error is raised by that call."""
   config = make_config()
   config.train.warmup_terms = 'supervised'
-  settings = config_lib.resolve_method(config)
+  settings = config_lib.resolve(config)
   schedule = make_schedule(config, warmup_steps=1)
 
   def compile_for(phase_settings):  # a stand-in step: which program ran shows in its output
@@ -499,7 +399,7 @@ def test_labeled_bn_separate(model):
       batch,
       jax.random.key(4),
       model=model,
-      settings=config_lib.resolve_method(config),
+      settings=config_lib.resolve(config),
       schedule=schedule,
     )
     return float(aux.metrics['loss_x'])
@@ -513,14 +413,14 @@ def test_labeled_bn_separate(model):
   assert abs(loss_x(config) - sup) > 1e-4
   config.train.labeled_bn = 'split'
   with pytest.raises(ValueError, match='labeled_bn'):
-    config_lib.resolve_method(config)
+    config_lib.resolve(config)
 
 
 def test_warmup_terms_rejects_unknown():
   config = make_config()
   config.train.warmup_terms = 'all'
   with pytest.raises(ValueError, match='warmup_terms'):
-    config_lib.resolve_method(config)
+    config_lib.resolve(config)
 
 
 @pytest.mark.parametrize('method', sorted(METHOD_TERMS))
@@ -545,7 +445,7 @@ def test_nonfinite_step_leaves_the_state_unchanged(model):
   `nonfinite` and keeps every variable; only `step` advances. A finite step
   reports 0 and moves the params."""
   config = make_config('supervised')
-  settings = config_lib.resolve_method(config)
+  settings = config_lib.resolve(config)
   schedule = make_schedule(config, warmup_steps=0)
   tx = optim.make_optimizer(schedule, config)
   step_fn = jax.jit(
@@ -573,7 +473,7 @@ def test_nonfinite_step_leaves_the_state_unchanged(model):
 
 def test_batch_missing_key_is_named(model):
   config = make_config()
-  settings = config_lib.resolve_method(config)
+  settings = config_lib.resolve(config)
   schedule = make_schedule(config)
   tx = optim.make_optimizer(schedule, config)
   batch = make_batch(33)
@@ -591,9 +491,7 @@ def test_batch_missing_key_is_named(model):
     ts.train_step(
       state, batch, jax.random.key(1), model=model, tx=tx, settings=settings, schedule=schedule
     )
-  fixmatch = dataclasses.replace(
-    config_lib.resolve_method(make_config('fixmatch')), align_image=0.01
-  )
+  fixmatch = dataclasses.replace(config_lib.resolve(make_config('fixmatch')), align_image=0.01)
   with pytest.raises(ValueError, match='align_image'):
     ts.train_step(
       state,
@@ -627,9 +525,7 @@ def ablation_setup(model):
   )
 
   def run(**loss):
-    settings = config_lib.resolve_method(
-      make_config(class_aware_high=0.3, class_aware_scale=0.9, **loss)
-    )
+    settings = config_lib.resolve(make_config(class_aware_high=0.3, class_aware_scale=0.9, **loss))
     total, aux = ts.objective(
       state.params,
       state,
@@ -654,7 +550,7 @@ def test_ablation_removes_exactly_its_term(ablation_setup, flag):
   assert set(base) - set(got) == removed
   for key in got:
     np.testing.assert_array_equal(got[key], base[key], err_msg=key)  # to the last bit
-  settings = config_lib.resolve_method(make_config(class_aware_high=0.3, class_aware_scale=0.9))
+  settings = config_lib.resolve(make_config(class_aware_high=0.3, class_aware_scale=0.9))
   weight = {
     'align_image': settings.align_image,
     'align_feature': settings.align_feature,
@@ -683,8 +579,7 @@ def test_ablation_fixed_threshold_changes_only_pseudo_label_terms(ablation_setup
 _MULTI_DEVICE_SCRIPT = textwrap.dedent('''
     import json, sys
     import jax, numpy as np
-    sys.path.insert(0, {tests!r})
-    import test_train_step as t
+    from dssn_jax.testing import train_steps as t
     from dssn_jax import config_lib, models, optim, parallel
     from dssn_jax import train_step as ts
     assert jax.device_count() == 8, jax.devices()
@@ -694,7 +589,7 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent('''
                            ohem_min_kept=600)
     model = models.create_model('resnet_tiny', t.NUM_CLASSES)
     batch = t.make_batch(33, batch=8, seed=5)
-    out = {{}}
+    out = {}
     for n in (1, 8):
       mesh = parallel.make_mesh(jax.devices()[:n])
       run = t.run_steps(model, mesh, config, batch, 1, warmup_steps=0)
@@ -715,7 +610,7 @@ def test_one_vs_eight_devices():
   eight: measured 4.5x over a 1e-5 bound on the momentum trace of
   `stem_conv1` with jax 0.10.2 on this CPU)."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=8')
-  script = _MULTI_DEVICE_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
+  script = _MULTI_DEVICE_SCRIPT
   proc = subprocess.run(
     [sys.executable, '-c', script],
     env=env,

@@ -209,53 +209,80 @@ class DPTSegmenter(nn.Module):
       `aux['features']`, the four clean tapped maps as float32
       `(N, h, w, dim)`.
     """
-    if x.ndim != 4:
-      raise ValueError(f'DPTSegmenter expects images (N, H, W, C), got shape {x.shape}')
-    n, height, width = x.shape[:3]
-    if height % PATCH or width % PATCH:
-      raise ValueError(
-        f'DINOv2 + DPT needs image sides that are multiples of {PATCH}; got images {x.shape}'
-        f' (resize to e.g. {PATCH * max(1, round(height / PATCH))}'
-        f'x{PATCH * max(1, round(width / PATCH))})'
-      )
-    if perturb < 0:
-      raise ValueError(f'perturb={perturb} must be >= 0')
-    h, w = height // PATCH, width // PATCH
+    n, h, w = _patch_grid(x, perturb)
     tokens = self.backbone(x, train=train)
     if self.freeze_backbone:
       tokens = jax.lax.stop_gradient(tokens)
     dim = tokens[0].shape[-1]
+    perturb, perturb_masks = self._perturb_masks(perturb, perturb_masks, n, dim)
+    maps = [t.reshape(n, h, w, dim) for t in tokens]
+    main = _mask_features(maps, feature_masks)
+    head_in = _with_perturbed_copies(main, maps, perturb_masks) if perturb else main
+    logits = self.head(head_in).astype(jnp.float32)
+    logits = layers.resize_bilinear(logits, (PATCH * h, PATCH * w))
+    copies = jnp.split(logits, 1 + perturb) if perturb else [logits]
+    return copies[0], dict(perturbed=tuple(copies[1:]), features=tuple(maps))
+
+  def _perturb_masks(self, perturb: int, perturb_masks: jax.Array | None, n: int, dim: int):
+    """`(k, masks)`: the given `(k, N, dim)` masks checked, or `perturb` drawn
+    channel masks `Bernoulli(1 - dropout) / (1 - dropout)` (None when k = 0)."""
     if perturb_masks is not None:
       perturb_masks = jnp.asarray(perturb_masks)
       if perturb_masks.ndim != 3 or perturb_masks.shape[1:] != (n, dim):
         raise ValueError(f'perturb_masks must be (k, {n}, {dim}), got {perturb_masks.shape}')
       if perturb not in (0, perturb_masks.shape[0]):
         raise ValueError(f'perturb={perturb} but {perturb_masks.shape[0]} perturb_masks')
-      perturb = perturb_masks.shape[0]
-    elif perturb:
+      return perturb_masks.shape[0], perturb_masks
+    if perturb:
       if not 0.0 <= self.dropout < 1.0:
         raise ValueError(f'dropout={self.dropout} must be in [0, 1)')
       keep = jax.random.bernoulli(self.make_rng('dropout'), 1.0 - self.dropout, (perturb, n, dim))
-      perturb_masks = keep.astype(jnp.float32) / (1.0 - self.dropout)
-    maps = [t.reshape(n, h, w, dim) for t in tokens]
-    main = maps
-    if feature_masks is not None:
-      feature_masks = jnp.asarray(feature_masks)
-      if feature_masks.shape != (n, dim):
-        raise ValueError(f'feature_masks must be ({n}, {dim}), got {feature_masks.shape}')
-      fm = feature_masks.astype(jnp.float32)[:, None, None, :]
-      main = [(f.astype(jnp.float32) * fm).astype(f.dtype) for f in maps]
-    head_in = main
-    if perturb:
-      m = perturb_masks.astype(jnp.float32)[:, :, None, None, :]  # (k, N, 1, 1, dim)
-      head_in = [
-        jnp.concatenate([c[None], f[None] * m]).reshape((1 + perturb) * n, h, w, dim)
-        for c, f in zip(main, maps)
-      ]
-    logits = self.head(head_in).astype(jnp.float32)
-    logits = layers.resize_bilinear(logits, (PATCH * h, PATCH * w))
-    copies = jnp.split(logits, 1 + perturb) if perturb else [logits]
-    return copies[0], dict(perturbed=tuple(copies[1:]), features=tuple(maps))
+      return perturb, keep.astype(jnp.float32) / (1.0 - self.dropout)
+    return perturb, None
+
+
+def _patch_grid(x: jax.Array, perturb: int) -> tuple[int, int, int]:
+  """`(N, H // 14, W // 14)` of images `x`, after checking their shape and `perturb`."""
+  if x.ndim != 4:
+    raise ValueError(f'DPTSegmenter expects images (N, H, W, C), got shape {x.shape}')
+  n, height, width = x.shape[:3]
+  if height % PATCH or width % PATCH:
+    raise ValueError(
+      f'DINOv2 + DPT needs image sides that are multiples of {PATCH}; got images {x.shape}'
+      f' (resize to e.g. {PATCH * max(1, round(height / PATCH))}'
+      f'x{PATCH * max(1, round(width / PATCH))})'
+    )
+  if perturb < 0:
+    raise ValueError(f'perturb={perturb} must be >= 0')
+  return n, height // PATCH, width // PATCH
+
+
+def _mask_features(maps: list[jax.Array], feature_masks: jax.Array | None) -> list[jax.Array]:
+  """The main forward's head input: each `(N, h, w, dim)` tapped map times
+  `feature_masks[:, None, :]` (in float32, back to the map's dtype), or the
+  maps themselves without masks."""
+  if feature_masks is None:
+    return maps
+  n, _, _, dim = maps[0].shape
+  feature_masks = jnp.asarray(feature_masks)
+  if feature_masks.shape != (n, dim):
+    raise ValueError(f'feature_masks must be ({n}, {dim}), got {feature_masks.shape}')
+  fm = feature_masks.astype(jnp.float32)[:, None, None, :]
+  return [(f.astype(jnp.float32) * fm).astype(f.dtype) for f in maps]
+
+
+def _with_perturbed_copies(
+  main: list[jax.Array], maps: list[jax.Array], perturb_masks: jax.Array
+) -> list[jax.Array]:
+  """Per level, the main input followed by the k copies `maps * mask_j`:
+  `((1 + k) * N, h, w, dim)`, one head call for all of them."""
+  k = perturb_masks.shape[0]
+  n, h, w, dim = maps[0].shape
+  m = perturb_masks.astype(jnp.float32)[:, :, None, None, :]  # (k, N, 1, 1, dim)
+  return [
+    jnp.concatenate([c[None], f[None] * m]).reshape((1 + k) * n, h, w, dim)
+    for c, f in zip(main, maps)
+  ]
 
 
 def create_dpt(

@@ -136,7 +136,7 @@ def detect_layout(state: Mapping[str, Any]) -> str:
   """The layout whose keys `state` has.
 
   Raises:
-    ValueError (a `convert.ConversionError`): when no family recognises the
+    `ConversionError` (a ValueError): when no family recognises the
       keys; the message shows a few of them and lists the layouts.
   """
   found = [(f, name) for f in families() if (name := f.detect_layout(state))]

@@ -1,6 +1,16 @@
 """Support shared by the tests and the benchmarks; imported by neither the
 training nor the evaluation code.
 
+- `numerics`: the float32 comparison tolerances and `assert_close`.
+- `configs`: the repository's `configs/*.py` loaded by name, the tiny
+  override every config must accept, a run's metrics.
+- `batches`: random train batches in the docs/design.md layout.
+- `train_steps`: `resnet_tiny` train steps on random batches from one fixed
+  init (the train-step tests, in process and in a subprocess).
+- `evaluation`: toy models, records and workdirs for the evaluation and
+  prediction tests (also run in subprocesses).
+- `tapped_model`: a tiny segmenter with the tapped-feature contract of the
+  DINOv2/DPT family, and its PyTorch rendering (`torch` only when asked).
 - `fake_datasets`: small VOC / Cityscapes / COCO trees on disk, in each
   dataset's real layout, for the data-pipeline tests and benchmarks.
 - `torch_reference`: a plain-PyTorch DeepLabV3+ (needs `torch`, the
