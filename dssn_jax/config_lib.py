@@ -627,7 +627,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       'with 0 < low <= high'
     )
   if config.train.steps is None and config.train.epochs is None:
-    problems.append('config.train.steps and config.train.epochs are both unset: set one')
+    problems.append(
+      'config.train.steps and config.train.epochs are both unset: set config.train.steps or config.train.epochs'
+    )
   if not problems:
     try:
       _resolve_unchecked(config)

@@ -329,7 +329,9 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
   parallel.check_batch_divisible(config.data.batch_size, mesh, 'config.data.batch_size')
 
   # A supervised warm-up's batches hold x, y alone (labeled_only_steps).
-  data = pipeline.TrainData(config, mesh, seed=config.seed, settings=settings)
+  data = pipeline.TrainData(
+    config, mesh, seed=config.seed, settings=settings, labeled_only_steps=None
+  )
   schedule = settings.schedule(data.num_labeled if data.supervised else data.num_unlabeled)
   _log(
     f'{settings.method.method}: {data.num_labeled} labeled, {data.num_unlabeled} unlabeled; '

@@ -4,17 +4,24 @@ import json
 
 import pytest
 
-from dssn_jax import config_lib
+from dssn_jax import config_lib, methods
 from dssn_jax.testing.configs import load_config
 
 
+def method_settings(c):
+  """The method's own settings of `c` (a length set if it has none)."""
+  if c.train.steps is None and c.train.epochs is None:
+    c.train.steps = 1
+  return config_lib.resolve(c).method
+
+
 def test_dssn_preset_matches_reference_total():
-  s = config_lib.resolve(config_lib.base_config())
+  s = method_settings(config_lib.base_config())
   # 0.5 * (L_x + 0.25*(L_s1+L_s2+L_fp1+L_fp2) + 0.01*(L_img+L_feat))
   assert (s.sup, s.strong, s.fp) == (0.5, 0.125, 0.125)
   assert (s.align_image, s.align_feature) == (0.005, 0.005)
   assert s.fp_branches == 2 and s.strong_views == 2
-  assert s.pseudo_label == 'class_aware' and s.teacher == 'ema'
+  assert s.pseudo_label == 'class_aware' and methods.get('dssn').ema_schedule == 'warmup'
 
 
 @pytest.mark.parametrize(
@@ -33,15 +40,17 @@ def test_dssn_preset_matches_reference_total():
       ),
     ),
     ('fixmatch', dict(sup=0.5, strong=0.5, fp=0.0, strong_views=1, fp_branches=0)),
-    ('supervised', dict(sup=1.0, strong=0.0, fp=0.0, align_feature=0.0)),
+    ('supervised', dict(sup=1.0)),
   ],
 )
 def test_method_presets(method, expected):
   c = config_lib.base_config()
   c.method = method
-  s = config_lib.resolve(c)
+  s = method_settings(c)
   for key, value in expected.items():
     assert getattr(s, key) == value, key
+  if method == 'supervised':  # its settings hold L_x's knobs alone: no unlabeled term
+    assert not any(hasattr(s, k) for k in ('strong', 'fp', 'align_image', 'align_feature'))
 
 
 def test_explicit_values_override_the_preset():
@@ -49,7 +58,7 @@ def test_explicit_values_override_the_preset():
   c.loss.align_image = 0.0
   c.loss.pseudo_label = 'fixed'
   c.loss.threshold = 0.9
-  s = config_lib.resolve(c)
+  s = method_settings(c)
   assert s.align_image == 0.0 and s.align_feature == 0.005
   assert s.pseudo_label == 'fixed' and s.threshold == 0.9
 
@@ -57,7 +66,7 @@ def test_explicit_values_override_the_preset():
 def test_one_fp_branch_has_no_feature_alignment():
   c = config_lib.base_config()
   c.model.fp_branches = 1
-  assert config_lib.resolve(c).align_feature == 0.0
+  assert method_settings(c).align_feature == 0.0
 
 
 @pytest.mark.parametrize(
@@ -73,7 +82,7 @@ def test_bad_values_are_named(key, value, message):
   section, _, name = key.rpartition('.')
   (c[section] if section else c)[name] = value
   with pytest.raises(ValueError, match=message):
-    config_lib.resolve(c)
+    method_settings(c)
 
 
 def test_epochs_resolve_to_steps_and_warmup():
@@ -131,7 +140,7 @@ def test_dinov2_configs_reproduce_the_authors_yaml():
     assert (c.train.weight_decay, c.train.poly_power, c.train.ema_decay) == (0.01, 0.9, 0.996)
     assert c.train.freeze_backbone is False, name  # the logged runs: lock_backbone False
     assert c.model.pretrained == 'pretrained/dinov2_base.pth'
-    s = config_lib.resolve(c)
+    s = method_settings(c)
     assert (s.sup, s.strong, s.threshold, s.comp_drop, s.mix_partner) == (
       0.5,
       0.25,

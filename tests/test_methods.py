@@ -158,11 +158,11 @@ def test_unimatch_v2_matches_the_authors_iteration_in_torch():
   state = state_for(model, optax.sgd(0.0))
   batch = make_batch()
   rng = jax.random.key(7)
-  ctx = common.Context(model, settings, schedule)
+  ctx = common.Context(model, settings.method, schedule)
   prepared, _ = uv2.prepare(state, batch, rng, ctx)
   masks = check_strong_masks(prepared, 8)
   (total, aux), grads = methods.value_and_grad(
-    state, batch, rng, model=model, settings=settings, schedule=schedule
+    state, batch, rng, model=model, settings=settings.method, schedule=schedule
   )
   net, ema = torch_module(state.params), torch_module(state.teacher_params)
   ref_total, ref_x, ref_s = torch_unimatch_v2(net, ema, batch, masks, thresh=0.4)
@@ -210,11 +210,13 @@ def test_unimatch_v2_on_a_tiny_vit_matches_the_authors_iteration_in_torch():
   rng = jax.random.key(7)
   # Compiled: op by op, a ViT's forward and backward dispatch thousands of
   # small programs.
-  ctx = common.Context(model, settings, schedule)
+  ctx = common.Context(model, settings.method, schedule)
   prepared, _ = jax.jit(lambda st, b, r: uv2.prepare(st, b, r, ctx))(state, batch, rng)
   masks = check_strong_masks(prepared, 8)
   (total, aux), grads = jax.jit(
-    functools.partial(methods.value_and_grad, model=model, settings=settings, schedule=schedule)
+    functools.partial(
+      methods.value_and_grad, model=model, settings=settings.method, schedule=schedule
+    )
   )(state, batch, rng)
   ref_total, ref_x, ref_s = torch_unimatch_v2(net, ema, batch, masks, thresh=0.6)
   ref_grads = to_ours(
@@ -251,17 +253,17 @@ def test_ema_keep_rate_schedule():
   schedule = config_lib.resolve(make_config('dssn')).schedule(80)
   s_v2 = config_lib.resolve(make_config('unimatch_v2'))
   for step in (0, 1, 2, 9, 248, 249, 250, 1000):
-    got = float(methods.ema_keep(s_v2, schedule, step, 0.996))
+    got = float(methods.ema_keep(s_v2.ema_schedule, schedule, step, 0.996))
     assert got == pytest.approx(min(1 - 1 / (step + 1), 0.996), rel=1e-6), step
   s_dssn = config_lib.resolve(make_config('dssn'))
   warm = dataclasses.replace(schedule, warmup_steps=3)
-  assert [float(methods.ema_keep(s_dssn, warm, t, 0.99)) for t in (0, 2, 3)] == [
+  assert [float(methods.ema_keep(s_dssn.ema_schedule, warm, t, 0.99)) for t in (0, 2, 3)] == [
     0.0,
     0.0,
     pytest.approx(0.99),
   ]
   s_um = config_lib.resolve(make_config('unimatch'))
-  assert float(methods.ema_keep(s_um, schedule, 50, 0.996)) == 0.0
+  assert float(methods.ema_keep(s_um.ema_schedule, schedule, 50, 0.996)) == 0.0
 
 
 def test_unimatch_v2_step_blends_the_teacher_with_its_keep_rate():
@@ -440,7 +442,6 @@ def test_mix_partner_defaults_live_in_the_presets():
     ('unimatch_v2', 'reversed'),
   ):
     assert config_lib.resolve(make_config(method)).mix_partner == want
-    assert config_lib.resolve(make_config(method)).mix_partner == want
   assert (
     config_lib.resolve(make_config('dssn', **{'data.mix_partner': 'shuffled'})).mix_partner
     == 'shuffled'
@@ -458,7 +459,7 @@ def test_dssn_feature_mask_flags_on_the_tapped_model():
   model = TinyTapped(C)
   config = make_config('dssn', **{'model.fp_masks': 'complementary', 'model.comp_drop': True})
   settings = config_lib.resolve(config)
-  ctx = common.Context(model, settings, config_lib.resolve(config).schedule(80))
+  ctx = common.Context(model, settings.method, config_lib.resolve(config).schedule(80))
   state = state_for(model, optax.sgd(0.0))
   prepared, _ = methods.get('dssn').prepare(state, make_batch(), jax.random.key(0), ctx)
   fp = np.asarray(prepared['fp_masks'])  # (n, 2, D)
@@ -467,12 +468,12 @@ def test_dssn_feature_mask_flags_on_the_tapped_model():
   np.testing.assert_array_equal(sm[:, 0] + sm[:, 1], 2.0)
   assert np.all(sm[:, 0] == 1.0, axis=1).sum() == 4
   default = config_lib.resolve(make_config('dssn'))
-  assert (default.fp_masks, default.comp_drop) == ('independent', False)
+  assert (default.method.fp_masks, default.method.comp_drop) == ('independent', False)
 
   class NoTaps:  # a model without feature_dim (DeepLabV3+)
     pass
 
-  ctx = common.Context(NoTaps(), settings, ctx.schedule)
+  ctx = common.Context(NoTaps(), settings.method, ctx.schedule)
   with pytest.raises(ValueError, match='feature_dim'):
     methods.get('dssn').prepare(state, make_batch(), jax.random.key(0), ctx)
 

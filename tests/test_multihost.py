@@ -30,8 +30,7 @@ import numpy as np
 import pytest
 
 from dssn_jax import config_lib, train
-from dssn_jax.data import pipeline
-from dssn_jax.testing.configs import load_config
+from dssn_jax.testing.configs import load_config, train_data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -212,10 +211,10 @@ def test_hosts_read_their_slice_of_the_one_host_batches():
   same records, same augmentations, same order, for 1, 2 and 4 hosts; and an
   iterator position saved by one host count resumes another."""
   c = _digits_config()
-  one = pipeline.TrainData(c, seed=0, process_index=0, process_count=1)
+  one = train_data(c, seed=0, process_index=0, process_count=1)
   want = [one.local_batch() for _ in range(3)]
   for n in (2, 4):
-    hosts = [pipeline.TrainData(c, seed=0, process_index=p, process_count=n) for p in range(n)]
+    hosts = [train_data(c, seed=0, process_index=p, process_count=n) for p in range(n)]
     for step in range(2):
       got = [h.local_batch() for h in hosts]
       for key in want[step]:
@@ -226,7 +225,7 @@ def test_hosts_read_their_slice_of_the_one_host_batches():
         )
     states = [h.get_state() for h in hosts]
     assert all(state == states[0] for state in states)
-    resumed = pipeline.TrainData(c, seed=0, process_index=0, process_count=1)
+    resumed = train_data(c, seed=0, process_index=0, process_count=1)
     resumed.set_state(states[0])
     batch = resumed.local_batch()
     for key in want[2]:

@@ -11,6 +11,7 @@ from absl import flags
 from dssn_jax import config_lib, parallel
 from dssn_jax.data import pipeline
 from dssn_jax.testing import fake_datasets as fd
+from dssn_jax.testing.configs import train_data
 
 # key -> (dtype, rank) of a semi-supervised batch's arrays.
 IMAGE, LABEL, BOX = (np.uint8, 3), (np.int32, 2), (np.bool_, 2)
@@ -42,7 +43,7 @@ def _assert_same(a, b):
 
 
 def test_batch_keys_dtypes_and_shapes(voc):
-  data = pipeline.TrainData(_config(voc), seed=0, process_index=0, process_count=1)
+  data = train_data(_config(voc), seed=0, process_index=0, process_count=1)
   assert (data.num_labeled, data.num_unlabeled, data.local_batch_size) == (4, 10, 2)
   batch = data.local_batch()
   assert set(batch) == set(SEMI_KEYS) | {'x_id', 'u_id', 'm_id'}
@@ -56,7 +57,7 @@ def test_batch_keys_dtypes_and_shapes(voc):
 
 def test_global_batch_on_a_mesh(voc):
   mesh = parallel.make_mesh(jax.devices()[:1])
-  data = pipeline.TrainData(_config(voc), mesh, seed=0, process_index=0, process_count=1)
+  data = train_data(_config(voc), mesh, seed=0, process_index=0, process_count=1)
   batch = next(data)
   assert set(batch) == set(SEMI_KEYS)
   assert isinstance(batch['x'], jax.Array) and batch['x'].shape == (2, 40, 40, 3)
@@ -67,7 +68,7 @@ def test_global_batch_on_a_mesh(voc):
 def test_supervised_gives_only_labeled_views(voc):
   config = _config(voc)
   config.method = 'supervised'
-  data = pipeline.TrainData(config, seed=0, process_index=0, process_count=1)
+  data = train_data(config, seed=0, process_index=0, process_count=1)
   assert data.num_unlabeled == 0
   batches = _batches(data, 2)
   assert set(batches[0]) == {'x', 'y', 'x_id'}
@@ -85,10 +86,8 @@ def test_supervised_warmup_batches_hold_the_labeled_views_alone(voc):
   config = _config(voc)
   config.train.warmup_terms = 'supervised'
   config.train.steps, config.train.warmup_steps = 10, 2
-  plain = _batches(pipeline.TrainData(config, seed=5, process_index=0, process_count=1), 4)
-  data = pipeline.TrainData(
-    config, seed=5, process_index=0, process_count=1, labeled_only_steps=None
-  )
+  plain = _batches(train_data(config, seed=5, process_index=0, process_count=1), 4)
+  data = train_data(config, seed=5, process_index=0, process_count=1, labeled_only_steps=None)
   assert data.labeled_only_steps == 2
   warm = _batches(data, 4)
   for step in (0, 1):
@@ -97,15 +96,13 @@ def test_supervised_warmup_batches_hold_the_labeled_views_alone(voc):
   for step in (2, 3):
     _assert_same(warm[step], plain[step])
   # Two hosts (one record each): host 1's first full batch is step 2's second record.
-  host1 = pipeline.TrainData(
-    config, seed=5, process_index=1, process_count=2, labeled_only_steps=None
-  )
+  host1 = train_data(config, seed=5, process_index=1, process_count=2, labeled_only_steps=None)
   batches = _batches(host1, 3)
   assert set(batches[1]) == {'x', 'y', 'x_id'}
   assert batches[2]['u_id'][0] == plain[2]['u_id'][1]
   # The spec a full step's program compiles for, before any such batch exists.
   mesh = parallel.make_mesh(jax.devices()[:1])
-  spec = pipeline.TrainData(
+  spec = train_data(
     config, mesh, seed=5, process_index=0, process_count=1, labeled_only_steps=None
   ).batch_spec()
   assert set(spec) == set(SEMI_KEYS)
@@ -116,11 +113,11 @@ def test_supervised_warmup_batches_hold_the_labeled_views_alone(voc):
 
 def test_same_seed_same_batches_other_seed_differs(voc):
   config = _config(voc)
-  a = _batches(pipeline.TrainData(config, seed=3, process_index=0, process_count=1), 3)
-  b = _batches(pipeline.TrainData(config, seed=3, process_index=0, process_count=1), 3)
+  a = _batches(train_data(config, seed=3, process_index=0, process_count=1), 3)
+  b = _batches(train_data(config, seed=3, process_index=0, process_count=1), 3)
   for x, y in zip(a, b):
     _assert_same(x, y)
-  c = pipeline.TrainData(config, seed=4, process_index=0, process_count=1).local_batch()
+  c = train_data(config, seed=4, process_index=0, process_count=1).local_batch()
   assert not np.array_equal(a[0]['u_s1'], c['u_s1'])
 
 
@@ -130,7 +127,7 @@ def test_epoch_covers_lists_and_hosts_are_disjoint(voc):
   config.data.mix_partner = 'shuffled'  # the default, 'same', reads the unlabeled order
   ids = collections.defaultdict(list)
   for index in (0, 1):
-    data = pipeline.TrainData(config, seed=0, process_index=index, process_count=2)
+    data = train_data(config, seed=0, process_index=index, process_count=2)
     assert data.local_batch_size == 1
     for batch in _batches(data, 5):
       for stream in ('x', 'u', 'm'):
@@ -149,18 +146,18 @@ def test_epoch_covers_lists_and_hosts_are_disjoint(voc):
 def test_mix_partner_same_order_option(voc):
   config = _config(voc)
   config.data.mix_partner = 'same'  # the reference's zip(loader_u, loader_u)
-  batch = pipeline.TrainData(config, seed=0, process_index=0, process_count=1).local_batch()
+  batch = train_data(config, seed=0, process_index=0, process_count=1).local_batch()
   np.testing.assert_array_equal(batch['u_id'], batch['m_id'])
   assert not np.array_equal(batch['u_w'], batch['m_w'])
 
 
 def test_restored_iterator_continues_with_the_next_batch(voc):
   config = _config(voc)
-  data = pipeline.TrainData(config, seed=1, process_index=0, process_count=1)
+  data = train_data(config, seed=1, process_index=0, process_count=1)
   _batches(data, 2)
   state = data.get_state()
   expected = _batches(data, 2)
-  fresh = pipeline.TrainData(config, seed=1, process_index=0, process_count=1)
+  fresh = train_data(config, seed=1, process_index=0, process_count=1)
   fresh.set_state(state)
   for got, want in zip(_batches(fresh, 2), expected):
     _assert_same(got, want)
@@ -172,9 +169,9 @@ def test_worker_processes_match_in_process_and_resume(voc):
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
   config = _config(voc)
-  reference = _batches(pipeline.TrainData(config, seed=2, process_index=0, process_count=1), 4)
+  reference = _batches(train_data(config, seed=2, process_index=0, process_count=1), 4)
   config.data.workers = 2
-  data = pipeline.TrainData(config, seed=2, process_index=0, process_count=1)
+  data = train_data(config, seed=2, process_index=0, process_count=1)
   try:
     first = _batches(data, 2)
     state = data.get_state()
@@ -189,13 +186,13 @@ def test_worker_processes_match_in_process_and_resume(voc):
 
 def test_bad_train_configs(voc):
   with pytest.raises(ValueError, match='batch_size=3 must be a positive multiple'):
-    pipeline.TrainData(_config(voc, batch_size=3), seed=0, process_index=0, process_count=2)
+    train_data(_config(voc, batch_size=3), seed=0, process_index=0, process_count=2)
   with pytest.raises(ValueError, match='fewer than one global batch'):
-    pipeline.TrainData(_config(voc, batch_size=12), seed=0, process_index=0, process_count=1)
+    train_data(_config(voc, batch_size=12), seed=0, process_index=0, process_count=1)
   config = _config(voc)
   config.data.mix_partner = 'other'
   with pytest.raises(ValueError, match="mix_partner='other'"):
-    pipeline.TrainData(config, seed=0, process_index=0, process_count=1)
+    train_data(config, seed=0, process_index=0, process_count=1)
 
 
 def test_eval_records_modes_and_host_padding(voc):
@@ -236,8 +233,10 @@ def test_auto_workers_feed_the_target_step_within_the_cores():
   assert pipeline.auto_workers(config, 8, cores=2) == 1  # one core left to the main process
   config.data.workers_step_s = 100.0
   assert pipeline.auto_workers(config, 8, cores=64) == 1
-  config.method = 'supervised'  # labeled views only
-  assert pipeline.input_cpu_s_per_step(config, 8) == pytest.approx(8 * cost['labeled'])
+  # A supervised method reads labeled views only.
+  assert pipeline.input_cpu_s_per_step(config, 8, unlabeled=False) == pytest.approx(
+    8 * cost['labeled']
+  )
   config.data.workers = -2
   with pytest.raises(ValueError, match='config.data.workers=-2'):
     pipeline._check_train_config(config)

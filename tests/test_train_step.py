@@ -132,8 +132,8 @@ def test_dssn_step_65(dssn65):
 def test_total_and_warmup(dssn65):
   """VOC weights 0.5 / 0.125 / 0.125 / 0.005; step 0 leaves the strong terms out."""
   settings = dssn65['settings']
-  assert (settings.sup, settings.strong, settings.fp) == (0.5, 0.125, 0.125)
-  assert settings.align_image == settings.align_feature == 0.005
+  assert (settings.method.sup, settings.method.strong, settings.method.fp) == (0.5, 0.125, 0.125)
+  assert settings.method.align_image == settings.method.align_feature == 0.005
   m0, m1 = dssn65['metrics']
   # The step's total vs the weighted sum of its reported terms: one program,
   # but XLA may compute a term twice in different fusions (its mean over
@@ -216,7 +216,7 @@ def test_running_teacher_one_call_gives_the_two_calls_targets(model):
     state.batch_stats,
     jnp.concatenate([x, u_w]),
     train=True,
-    perturb=settings.fp_branches,
+    perturb=settings.method.fp_branches,
     rng=jax.random.fold_in(rng, 0),
   )
   strong = normalize(
@@ -233,10 +233,10 @@ def test_running_teacher_one_call_gives_the_two_calls_targets(model):
     valid = pseudo_labels.compose_cutmix(batch[key], batch['m_ignore'], batch['u_ignore']) != 255
     mask = pseudo_labels.confidence_mask(
       t_k,
-      settings.pseudo_label,
-      threshold=settings.threshold,
-      high=settings.class_aware_high,
-      scale=settings.class_aware_scale,
+      settings.method.pseudo_label,
+      threshold=settings.method.threshold,
+      high=settings.method.class_aware_high,
+      scale=settings.method.class_aware_scale,
     )
     want = losses.pseudo_label_ce(p_s[k], pseudo_labels.hard_labels(t_k), mask, valid)
     # The step's term vs this test's recomputation (two programs through the
@@ -270,7 +270,7 @@ def test_strong_view_bn_stats_flag(model):
     state.batch_stats,
     jnp.concatenate([normalize(batch['x']), normalize(batch['u_w'])]),
     train=True,
-    perturb=settings.fp_branches,
+    perturb=settings.method.fp_branches,
     rng=jax.random.fold_in(rng, 0),
   )
   stats = {}
@@ -312,10 +312,10 @@ def test_warmup_terms(model, warmup_terms):
   m = {k: float(v) for k, v in aux.metrics.items()}
   assert m['loss_fp1'] > 0 and m['loss_align_feature'] > 0
   if warmup_terms != 'strong':
-    expected = settings.sup * m['loss_x']
+    expected = settings.method.sup * m['loss_x']
   else:
     expected = total_of(m, settings, warm=True)
-    assert expected > settings.sup * m['loss_x']
+    assert expected > settings.method.sup * m['loss_x']
   # Total vs the weighted sum of the reported terms (see test_total_and_warmup).
   assert float(total) == pytest.approx(expected, rel=numerics.LAYER)
 
@@ -343,7 +343,7 @@ def test_supervised_warmup_runs_the_supervised_program(model, mesh):
   assert not step_fn.compiles(state, 0) and step_fn.compiles(state, 1)
   m0 = {k: float(v) for k, v in m0.items()}
   assert set(m0) == {'loss', 'loss_x', 'lr', 'grad_norm', 'nonfinite'}
-  assert m0['loss'] == pytest.approx(settings.sup * m0['loss_x'], rel=numerics.FEW_OPS)
+  assert m0['loss'] == pytest.approx(settings.method.sup * m0['loss_x'], rel=numerics.FEW_OPS)
   s1 = to_host(state)
   assert_tree_equal(s1.teacher_params, s1.params)  # keep rate 0 in the warm-up
   lowered = step_fn.lower(state, parallel.shard_batch(full, mesh), jax.random.key(2), step=1)
@@ -491,7 +491,10 @@ def test_batch_missing_key_is_named(model):
     ts.train_step(
       state, batch, jax.random.key(1), model=model, tx=tx, settings=settings, schedule=schedule
     )
-  fixmatch = dataclasses.replace(config_lib.resolve(make_config('fixmatch')), align_image=0.01)
+  fixmatch = config_lib.resolve(make_config('fixmatch'))
+  fixmatch = dataclasses.replace(
+    fixmatch, method=dataclasses.replace(fixmatch.method, align_image=0.01)
+  )
   with pytest.raises(ValueError, match='align_image'):
     ts.train_step(
       state,
@@ -552,10 +555,10 @@ def test_ablation_removes_exactly_its_term(ablation_setup, flag):
     np.testing.assert_array_equal(got[key], base[key], err_msg=key)  # to the last bit
   settings = config_lib.resolve(make_config(class_aware_high=0.3, class_aware_scale=0.9))
   weight = {
-    'align_image': settings.align_image,
-    'align_feature': settings.align_feature,
-    'fp': settings.fp,
-    'strong': settings.strong,
+    'align_image': settings.method.align_image,
+    'align_feature': settings.method.align_feature,
+    'fp': settings.method.fp,
+    'strong': settings.method.strong,
   }[flag]
   # Two programs (with and without the term) through the network.
   assert total == pytest.approx(

@@ -346,7 +346,7 @@ class TrainData:
     process_count: int | None = None,
     settings,
     num_threads: int | None = None,
-    labeled_only_steps: int | None = None,
+    labeled_only_steps: int | None = 0,
   ):
     if process_index is None or process_count is None:
       import jax  # pylint: disable=g-import-not-at-top  # not at import: workers stay jax-free

@@ -60,7 +60,8 @@ class Context:
     model: the segmentation model.
     settings: the method's own `Settings`.
     schedule: `config_lib.Schedule` (warm-up length, steps per epoch).
-    global_batch: samples in the global batch (the loss denominators' span).
+    global_batch: samples in the global batch (the loss denominators' span);
+      0: the batch a method function sees is the whole batch.
     micro_batches: how many micro-batches `loss` runs on (owned by
       `methods.gradients`; methods read it only through `map_micro`).
   """

@@ -335,7 +335,7 @@ def loss(params, state, mb, rng, ctx):
     return jnp.where(warm, 0.0, weight) if s.warmup_terms != 'strong' else weight
 
   def elements(p):  # every element of the global batch
-    return p.size // p.shape[0] * ctx.global_batch
+    return p.size // p.shape[0] * (ctx.global_batch or p.shape[0])
 
   if s.fp > 0:
     for p, suffix in zip(p_fp, common.suffixes(len(p_fp))):

@@ -15,6 +15,9 @@ from typing import Any
 
 import ml_collections
 
+from dssn_jax import config_lib
+from dssn_jax.data import pipeline
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -54,3 +57,12 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """The records of a run's `metrics.jsonl`."""
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def train_data(config, *args, **kwargs):
+  """`pipeline.TrainData` of `config`, with the settings `config_lib.resolve`
+  gives it (a length of 1 step set if the config has none)."""
+  resolved = config.copy_and_resolve_references()
+  if resolved.train.steps is None and resolved.train.epochs is None:
+    resolved.train.steps = 1
+  return pipeline.TrainData(config, *args, settings=config_lib.resolve(resolved), **kwargs)
