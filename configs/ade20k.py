@@ -35,7 +35,9 @@ from dssn_jax.data import ade20k
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, split='1_64', backbone='dinov2_base', method='unimatch_v2')
   if args['split'] not in ade20k.SPLITS:
-    raise ValueError(f'ade20k split {args["split"]!r} is not one of {", ".join(ade20k.SPLITS)}')
+    raise config_lib.ConfigError(
+      f'ade20k split {args["split"]!r} is not one of {", ".join(ade20k.SPLITS)}'
+    )
   c = config_lib.base_config()
   c.method = args['method']
   c.model.backbone = args['backbone']

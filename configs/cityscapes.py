@@ -44,7 +44,9 @@ SPLITS = ('1_16', '1_8', '1_4', '1_2')
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, split='1_16', backbone='resnet101', method='dssn')
   if args['split'] not in SPLITS:
-    raise ValueError(f'cityscapes split {args["split"]!r} is not one of {", ".join(SPLITS)}')
+    raise config_lib.ConfigError(
+      f'cityscapes split {args["split"]!r} is not one of {", ".join(SPLITS)}'
+    )
   c = config_lib.base_config()
   c.method = args['method']
   c.model.backbone = args['backbone']

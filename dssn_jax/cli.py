@@ -86,8 +86,61 @@ def parse_flags(argv: list[str]) -> list[str]:
   from absl import flags  # pylint: disable=g-import-not-at-top
 
   try:
-    return flags.FLAGS(argv)
+    argv = flags.FLAGS(argv)
   except flags.Error as e:
+    cause = _user_error_in(e)
+    if cause is not None:  # raised by a config file's get_config: its message, no traceback
+      head = str(e).split('\n', 1)[0].removesuffix('Error whilst parsing config file:')
+      sys.exit(report(f'{head if head.startswith("flag --") else ""}{cause}'))
     print(f'error: {e}', file=sys.stderr)
     print('Pass --helpshort or --helpfull to see help on flags.', file=sys.stderr, flush=True)
     sys.exit(USER_ERROR_STATUS)
+  try:
+    _check_config_files(flags.FLAGS)
+  except UserError as e:
+    sys.exit(report(e))
+  return argv
+
+
+def _user_error_in(error: BaseException) -> UserError | None:
+  """The innermost `UserError` an exception was raised from (absl and
+  ml_collections re-raise a config file's errors as new exceptions), or None."""
+  found, seen = None, set()
+  while error is not None and id(error) not in seen:
+    if isinstance(error, UserError):
+      found = error  # the innermost: the re-raised copies carry a traceback in their text
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return found
+
+
+def _check_config_files(flag_values) -> None:
+  """A config file flag naming a file that does not exist is a `UserError`.
+
+  ml_collections defers that error until the config is first read, then
+  raises it with a traceback; this names the file and what its folder holds.
+  """
+  import os  # pylint: disable=g-import-not-at-top
+
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  for name in list(flag_values):
+    flag = flag_values[name]
+    if not flag.present:
+      continue
+    try:
+      path = config_flags.get_config_filename(flag)
+    except TypeError:  # not a config flag
+      continue
+    if not isinstance(path, str):  # a config given inline, not a file
+      continue
+    path = path.split(':', 1)[0]  # without its ARG
+    if os.path.isfile(path):
+      continue
+    what = 'is a folder' if os.path.isdir(path) else 'does not exist'
+    folder = path if os.path.isdir(path) else os.path.dirname(path) or '.'
+    held = (
+      sorted(f for f in os.listdir(folder) if f.endswith('.py')) if os.path.isdir(folder) else []
+    )
+    listing = f'; {folder}/ holds {", ".join(held)}' if held else ''
+    raise UserError(f'--{name}: config file {path} {what}{listing}')
