@@ -115,7 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_crop_size = config_dict.placeholder(int)  # None: crop_size
   # Evaluation shape buckets: 0 = every image at its own shape (reference);
   # N = pad each side to a multiple of N (zeros / ignore): few programs,
-  # slightly different predictions near the padding (README "Performance").
+  # slightly different predictions near the padding (docs/performance.md).
   c.data.eval_pad_to = 0
   # Source-specific settings (read only by that source).
   c.data.folder = ml_collections.ConfigDict(

@@ -179,14 +179,12 @@ def available_cores() -> int:
   return cores
 
 
-# CPU-seconds of input work per sample, measured on this project's 2-core CPU
-# with `benchmarks/data_throughput.py --recipes voc,cityscapes` (generated
-# images, scale range 0.5-2.0) under a load average of ~19 from other jobs:
-# labeled views, unlabeled views (weak, two strong, cutmix boxes), mix-partner
-# views. VOC at crop 513 (74 / 32 / 32 per CPU-second); Cityscapes (1024x2048
-# PNG) at crop 801 (9.5 / 8.2 / 8.2). The same benchmark on the idle machine
-# (docs: README "Performance") measured 94 / 37 / 36 and 9.6 / 8.8 / 7.8: these
-# costs are 10-25% high, so auto workers err on the side of more.
+# CPU-seconds of input work per sample: labeled views, unlabeled views (weak,
+# two strong, cutmix boxes), mix-partner views; VOC at crop 513, Cityscapes
+# (1024x2048 PNG) at crop 801 (`benchmarks/data_throughput.py --recipes
+# voc,cityscapes`, generated images, scale range 0.5-2.0). They are 10-25%
+# above the costs in docs/performance.md, so auto workers err on the side of
+# more.
 SAMPLE_CPU_S = {
   'voc': dict(crop=513, labeled=1 / 74.1, unlabeled=1 / 32.4, partner=1 / 31.6),
   'cityscapes': dict(crop=801, labeled=1 / 9.5, unlabeled=1 / 8.2, partner=1 / 8.2),
