@@ -95,6 +95,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     print(f'error: {e}', file=sys.stderr)
     print('Pass --helpshort or --helpfull to see help on flags.', file=sys.stderr, flush=True)
     sys.exit(USER_ERROR_STATUS)
+  except (AttributeError, KeyError) as e:
+    message = _unknown_override(e, argv)
+    if message is None:
+      raise
+    sys.exit(report(message))
   try:
     _check_config_files(flags.FLAGS)
   except UserError as e:
@@ -112,6 +117,34 @@ def _user_error_in(error: BaseException) -> UserError | None:
     seen.add(id(error))
     error = error.__cause__ or error.__context__
   return found
+
+
+def _unknown_override(error: BaseException, argv: list[str]) -> str | None:
+  """`--config.a.stepz=3`: ml_collections raises a KeyError inside an
+  AttributeError from the flag parser; its message and the flag, or None
+  when the error did not come from a config override."""
+  import traceback  # pylint: disable=g-import-not-at-top
+
+  if 'ml_collections' not in ''.join(traceback.format_tb(error.__traceback__)):
+    return None
+  chain, node = [], error
+  while node is not None and node not in chain:
+    chain.append(node)
+    node = node.__context__
+  key = next((str(c.args[0]) for c in reversed(chain) if isinstance(c, KeyError) and c.args), '')
+  hint = next(
+    (
+      c.args[0]
+      for c in chain
+      if c.args and isinstance(c.args[0], str) and 'Did you mean' in c.args[0]
+    ),
+    '',
+  )
+  flag = next((a for a in argv[1:] if a.startswith('--') and f'.{key}' in a.split('=')[0]), None)
+  if not key or flag is None:
+    return None
+  said = '; ' + hint.split('\n', 1)[1] if '\n' in hint else ''
+  return f'{flag.split("=")[0]}: the config has no key {key!r}{said}'
 
 
 def _check_config_files(flag_values) -> None:
