@@ -10,8 +10,10 @@ Multi-host (Cloud TPU pods, SLURM, Open MPI) is detected by
 
 A user error (a bad config value, a missing file, a workdir in use, a
 non-finite loss) prints one `error: ...` line and exits with status 2
-(`dssn_jax/cli.py`); README "What a run survives" lists the faults.
+(`dssn_jax/cli.py`); docs/reliability.md lists the faults.
 """
+
+import os
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -43,6 +45,8 @@ def main(argv):
   xla_flags.set_default_cpu_flags()  # before anything imports jax
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}', exitcode=2)
+  if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
+    raise cli.UserError(f'--workdir {FLAGS.workdir} is a file; name a folder (it is created)')
   cli.quiet_library_logs()  # orbax logs every save at INFO
   from dssn_jax import distributed  # pylint: disable=g-import-not-at-top
 

@@ -18,14 +18,14 @@ ARG (`k=v,...`; a bare value sets `split`):
 
 Recipe: UniMatch V2's `configs/ade20k.yaml`: crop 518, 60 epochs, global
 batch 8 (4 GPUs x 2), AdamW lr 5e-6 with the head at 40x, weight decay 0.01,
-CE, threshold 0.95, whole-image evaluation resized to multiples of 14. The
-yaml says `lock_backbone: True`, but the logged runs behind the published
-numbers (`training-logs/table03-ade20k_unimatch_v2_*`) print
-`lock_backbone: False`; this follows the runs
-(`--config.train.freeze_backbone=True` gives the yaml's frozen encoder,
-the authors' table 7). With a ResNet backbone: UniMatch V1's ADE20K recipe
-is not reproduced; the VOC optimizer (SGD 0.002 / head 10x, crop 513) with
-60 epochs is used.
+CE, threshold 0.95, whole-image evaluation resized to multiples of 14.
+
+Departures from the authors' code (docs/faithfulness.md):
+  - encoder trained: the yaml says `lock_backbone: True`, but the logged runs
+    behind the published numbers (`training-logs/table03-ade20k_unimatch_v2_*`)
+    print `False`; `--config.train.freeze_backbone=True` gives the yaml's;
+  - ResNet backbones: UniMatch V1's ADE20K recipe is not reproduced; the VOC
+    optimizer (SGD 0.002 / head 10x, crop 513) with 60 epochs is used.
 """
 
 from dssn_jax import config_lib
@@ -35,7 +35,9 @@ from dssn_jax.data import ade20k
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, split='1_64', backbone='dinov2_base', method='unimatch_v2')
   if args['split'] not in ade20k.SPLITS:
-    raise ValueError(f'ade20k split {args["split"]!r} is not one of {", ".join(ade20k.SPLITS)}')
+    raise config_lib.ConfigError(
+      f'ade20k split {args["split"]!r} is not one of {", ".join(ade20k.SPLITS)}'
+    )
   c = config_lib.base_config()
   c.method = args['method']
   c.model.backbone = args['backbone']

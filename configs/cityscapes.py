@@ -1,4 +1,6 @@
-r"""DSSN on Cityscapes (fine annotations): the published recipe.
+r"""DSSN and UniMatch V2 on Cityscapes (fine annotations).
+
+DSSN, ResNet-101 (published 76.7 mIoU at 1/16):
 
     python main.py --config configs/cityscapes.py:split=1_16,backbone=resnet101 \
         --workdir runs/city_1_16_r101 \
@@ -18,15 +20,13 @@ ARG (`k=v,...`; a bare value sets `split`):
             dinov2_small | dinov2_base | dinov2_large
   method    dssn | unimatch | fixmatch | supervised | unimatch_v2
 
-With a `dinov2_*` backbone: UniMatch V2's `configs/cityscapes.yaml`: crop
-798, 180 epochs, global batch 8 (4 GPUs x 2), AdamW 5e-6 / head 40x, OHEM
-(thresh 0.7; their min_kept 200000 per GPU batch of 2 images is 100000 per
-image here, where OHEM selects per image so that neither the device count
-nor `grad_accum` changes it), threshold 0.95, encoder trained, sliding-window
-evaluation with 798 windows. DSSN's Cityscapes specifics (threshold 0, 5
-warm-up epochs) stay with `method=dssn`.
+Recipe, DINOv2 (UniMatch V2's `configs/cityscapes.yaml`): crop 798, 180
+epochs, global batch 8 (4 GPUs x 2), AdamW 5e-6 / head 40x, OHEM (thresh
+0.7), threshold 0.95, encoder trained, sliding-window evaluation with 798
+windows. DSSN's Cityscapes specifics (threshold 0, 5 warm-up epochs) stay
+with `method=dssn`.
 
-Differences from VOC (spec "Cityscapes recipe"): crop 801, 240 epochs,
+Recipe, ResNet (DSSN's, differences from VOC): crop 801, 240 epochs,
 lr 0.005 with lr_multi 1, global batch 8, OHEM for the supervised loss
 (thresh 0.7, min_kept 100000), every pseudo-label mask is the fixed rule
 `conf >= 0` (all valid pixels), no random strong ops, and during the first 5
@@ -34,6 +34,11 @@ epochs no strong-view terms and EMA keep rate 0. The total
 `(L_x + 0.25*(L_s1+L_s2+L_fp1+L_fp2))/2 + 0.005*(L_img+L_feat)` has the same
 effective weights as the defaults. Evaluation: sliding window (crop-sized
 windows, stride 2/3 crop).
+
+Departures from the authors' code (docs/faithfulness.md):
+  - DINOv2 OHEM keeps 100000 pixels per image, not 200000 per GPU batch of
+    2: OHEM selects per image, so neither device count nor grad_accum
+    changes it.
 """
 
 from dssn_jax import config_lib
@@ -44,7 +49,9 @@ SPLITS = ('1_16', '1_8', '1_4', '1_2')
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, split='1_16', backbone='resnet101', method='dssn')
   if args['split'] not in SPLITS:
-    raise ValueError(f'cityscapes split {args["split"]!r} is not one of {", ".join(SPLITS)}')
+    raise config_lib.ConfigError(
+      f'cityscapes split {args["split"]!r} is not one of {", ".join(SPLITS)}'
+    )
   c = config_lib.base_config()
   c.method = args['method']
   c.model.backbone = args['backbone']

@@ -17,15 +17,16 @@ ARG (`k=v,...`; a bare value sets `split`):
   backbone  resnet101 | resnet50 | dinov2_small | dinov2_base | dinov2_large
   method    dssn | unimatch | fixmatch | supervised | unimatch_v2
 
-With a `dinov2_*` backbone: UniMatch V2's `configs/coco.yaml` (crop 518, 20
-epochs, global batch 16 = 4 GPUs x 4, AdamW 5e-6 / head 40x, CE, encoder
-trained, whole-image evaluation resized to multiples of 14).
+Recipe, DINOv2: UniMatch V2's `configs/coco.yaml` (crop 518, 20 epochs,
+global batch 16 = 4 GPUs x 4, AdamW 5e-6 / head 40x, CE, encoder trained,
+whole-image evaluation resized to multiples of 14). ResNet: UniMatch's COCO
+recipe (crop 513, 30 epochs, global batch 8 = 8 GPUs x 1, lr 0.004 with the
+head at 10x, whole-image evaluation) with DSSN's losses, CPLG and teacher.
 
-The DSSN paper publishes no COCO run; this follows UniMatch's COCO recipe
-(crop 513, 30 epochs, global batch 8 = 8 GPUs x 1, lr 0.004 with the head at
-10x, whole-image evaluation) with DSSN's losses, CPLG and teacher. UniMatch
-used an Xception-65 backbone, which dssn_jax does not ship: expect numbers
-below theirs with ResNet-101.
+Departures from the papers (docs/faithfulness.md):
+  - DSSN publishes no COCO run: the ResNet recipe is UniMatch's;
+  - UniMatch's COCO numbers used Xception-65, which dssn_jax does not ship:
+    expect numbers below theirs with ResNet-101.
 """
 
 from dssn_jax import config_lib

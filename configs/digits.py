@@ -15,7 +15,7 @@ ARG (`k=v,...`; a bare value sets `method`):
 
 The DSSN recipe with the spec's constants (CPLG 0.92/0.96, loss weights,
 channel dropout 0.5, cutmix p 0.5, random strong ops), except what a
-from-scratch model on a 2-core CPU needs (measurements: docs/digits.md):
+from-scratch model on a laptop CPU needs (measurements: docs/digits.md):
   - `resnet_tiny` at 1.5x width, no pretrained weights: none exist for it;
   - 72x72 scenes, crop 48, batch 8 + 8: a step 2x cheaper than at 96x96, crop 64;
   - AdamW 0.003, head at 1x: SGD from scratch stalls at half the mIoU;
@@ -32,8 +32,8 @@ from-scratch model on a 2-core CPU needs (measurements: docs/digits.md):
   - `tail=0.8`, `data_seed=0`, 0-2 clutter items: every digit occurs among
     the 100 labeled scenes;
   - an independently shuffled cutmix partner: what every measurement used;
-  - 3,000 steps, evaluated every 500: where DSSN pulls ahead of supervised
-    (11 minutes on a 2-core CPU, install included: over the 10 aimed at).
+  - 3,000 steps, evaluated every 500: where DSSN's teacher is ahead of
+    supervised training on every seed.
 The last lines of a run print the supervised baseline this config was
 measured against (`config.baseline`).
 """
@@ -57,8 +57,7 @@ def get_config(arg=None):
   c.data.scale_range = (1.0, 1.0)
   c.data.hflip = False
   c.data.eval_mode = 'original'
-  # Every number above was measured with an independently shuffled mix
-  # partner, the default until the reference's 'same' became the default.
+  # The measurements of docs/digits.md use an independently shuffled partner.
   if c.method != 'unimatch_v2':  # which pairs the batch reversed, no partner
     c.data.mix_partner = 'shuffled'
   c.data.digits.image_size = 72

@@ -1,4 +1,6 @@
-r"""DSSN on PASCAL VOC 2012 (+SBD for the blended splits): the published recipe.
+r"""DSSN and UniMatch V2 on PASCAL VOC 2012 (+SBD for the blended splits).
+
+DSSN, ResNet-101 (published 75.2 mIoU with 92 labels):
 
     python main.py --config configs/pascal.py:split=92,backbone=resnet101 \
         --workdir runs/voc_92_r101 \
@@ -13,25 +15,26 @@ UniMatch V2 (DINOv2-B, published 86.3 mIoU with 92 labels):
         --config.model.pretrained=pretrained/dinov2_base.pth
 
 DSSN on DINOv2 (new; no published number): the same with `method=dssn`.
+On one 24 GB GPU add `--config.train.grad_accum=4` (docs/performance.md).
 
 ARG (`k=v,...`; a bare value sets `split`):
   split     92 | 183 | 366 | 732 | 1464 (classic) | 1_16 | 1_8 | 1_4 | 1_2 (blended)
   backbone  resnet101 (published) | resnet50 | dinov2_small | dinov2_base | dinov2_large
   method    dssn | unimatch | fixmatch | supervised | unimatch_v2
 
-With a `dinov2_*` backbone the recipe is UniMatch V2's `configs/pascal.yaml`
-(`config_lib.dinov2_recipe`): crop 518, 60 epochs, global batch 16 (4 GPUs
-x 4), AdamW lr 5e-6 with the head at 40x, weight decay 0.01, CE, threshold
-0.95, encoder trained (`lock_backbone: False`), whole-image evaluation
-resized to multiples of 14. On one 24 GB GPU add
-`--config.train.grad_accum=4` (README, "UniMatch V2 on one GPU").
+Recipe, ResNet (DSSN's `pascal.yaml`): crop 513, 100 epochs, global batch
+8 labeled + 8 unlabeled (4 GPUs x 2), SGD lr 0.002 with the head at 10x, CE,
+EMA 0.996, CPLG 0.92/0.96, up to three random strong ops, whole-image
+("original") evaluation; `pretrained` is the deep-stem ImageNet ResNet of
+UniMatch/DSSN (`resnet101.pth`, read directly or converted:
+docs/backbones.md). DINOv2 (UniMatch V2's `configs/pascal.yaml`,
+`config_lib.dinov2_recipe`): crop 518, 60 epochs, global batch 16 (4 GPUs x
+4), AdamW lr 5e-6 with the head at 40x, weight decay 0.01, CE, threshold
+0.95, encoder trained, whole-image evaluation resized to multiples of 14.
 
-Reference recipe (spec "Hyperparameters (VOC)"): crop 513, 100 epochs,
-global batch 8 labeled + 8 unlabeled (4 GPUs x 2), SGD lr 0.002 with the
-head at 10x, CE, EMA 0.996, CPLG 0.92/0.96, up to three random strong ops,
-whole-image ("original") evaluation. `pretrained` is the deep-stem
-ImageNet ResNet of UniMatch/DSSN (`resnet101.pth`; convert it or point at it
-directly, see README "Pretrained weights").
+Departures from the authors' code: none of this config's own; the
+framework's (each a flag with the code's behaviour as default) are in
+docs/faithfulness.md.
 """
 
 from dssn_jax import config_lib
@@ -42,7 +45,9 @@ SPLITS = ('92', '183', '366', '732', '1464', '1_16', '1_8', '1_4', '1_2')
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, split='92', backbone='resnet101', method='dssn')
   if args['split'] not in SPLITS:
-    raise ValueError(f'pascal split {args["split"]!r} is not one of {", ".join(SPLITS)}')
+    raise config_lib.ConfigError(
+      f'pascal split {args["split"]!r} is not one of {", ".join(SPLITS)}'
+    )
   c = config_lib.base_config()
   c.method = args['method']
   c.model.backbone = args['backbone']

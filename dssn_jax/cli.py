@@ -16,8 +16,9 @@ import sys
 import warnings
 from collections.abc import Callable
 
-from absl import flags
+from absl import app, flags
 from absl import logging as absl_logging
+from ml_collections import config_flags
 
 from dssn_jax import xla_flags
 
@@ -86,11 +87,95 @@ def parse_flags(argv: list[str]) -> list[str]:
   Pass as `app.run(main, flags_parser=cli.parse_flags)`.
   """
   try:
-    return flags.FLAGS(argv)
+    argv = flags.FLAGS(argv)
   except flags.Error as e:
+    cause = _user_error_in(e)
+    if cause is not None:  # raised by a config file's get_config: its message, no traceback
+      head = str(e).split('\n', 1)[0].removesuffix('Error whilst parsing config file:')
+      sys.exit(report(f'{head if head.startswith("flag --") else ""}{cause}'))
     print(f'error: {e}', file=sys.stderr)
     print('Pass --helpshort or --helpfull to see help on flags.', file=sys.stderr, flush=True)
     sys.exit(USER_ERROR_STATUS)
+  except (AttributeError, KeyError) as e:
+    message = _unknown_override(e, argv)
+    if message is None:
+      raise
+    sys.exit(report(message))
+  try:
+    _check_config_files(flags.FLAGS)
+  except UserError as e:
+    sys.exit(report(e))
+  return argv
+
+
+def _user_error_in(error: BaseException) -> UserError | None:
+  """The innermost `UserError` an exception was raised from (absl and
+  ml_collections re-raise a config file's errors as new exceptions), or None."""
+  found, seen = None, set()
+  while error is not None and id(error) not in seen:
+    if isinstance(error, UserError):
+      found = error  # the innermost: the re-raised copies carry a traceback in their text
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return found
+
+
+def _unknown_override(error: BaseException, argv: list[str]) -> str | None:
+  """`--config.a.stepz=3`: ml_collections raises a KeyError inside an
+  AttributeError from the flag parser; its message and the flag, or None
+  when the error did not come from a config override."""
+  import traceback  # pylint: disable=g-import-not-at-top
+
+  if 'ml_collections' not in ''.join(traceback.format_tb(error.__traceback__)):
+    return None
+  chain, node = [], error
+  while node is not None and node not in chain:
+    chain.append(node)
+    node = node.__context__
+  key = next((str(c.args[0]) for c in reversed(chain) if isinstance(c, KeyError) and c.args), '')
+  hint = next(
+    (
+      c.args[0]
+      for c in chain
+      if c.args and isinstance(c.args[0], str) and 'Did you mean' in c.args[0]
+    ),
+    '',
+  )
+  flag = next((a for a in argv[1:] if a.startswith('--') and f'.{key}' in a.split('=')[0]), None)
+  if not key or flag is None:
+    return None
+  said = '; ' + hint.split('\n', 1)[1] if '\n' in hint else ''
+  return f'{flag.split("=")[0]}: the config has no key {key!r}{said}'
+
+
+def _check_config_files(flag_values) -> None:
+  """A config file flag naming a file that does not exist is a `UserError`.
+
+  ml_collections defers that error until the config is first read, then
+  raises it with a traceback; this names the file and what its folder holds.
+  """
+  import os  # pylint: disable=g-import-not-at-top
+
+  for name in list(flag_values):
+    flag = flag_values[name]
+    if not flag.present:
+      continue
+    try:
+      path = config_flags.get_config_filename(flag)
+    except TypeError:  # not a config flag
+      continue
+    if not isinstance(path, str):  # a config given inline, not a file
+      continue
+    path = path.split(':', 1)[0]  # without its ARG
+    if os.path.isfile(path):
+      continue
+    what = 'is a folder' if os.path.isdir(path) else 'does not exist'
+    folder = path if os.path.isdir(path) else os.path.dirname(path) or '.'
+    held = (
+      sorted(f for f in os.listdir(folder) if f.endswith('.py')) if os.path.isdir(folder) else []
+    )
+    listing = f'; {folder}/ holds {", ".join(held)}' if held else ''
+    raise UserError(f'--{name}: config file {path} {what}{listing}')
 
 
 def define_model_flags() -> None:
@@ -100,9 +185,6 @@ def define_model_flags() -> None:
   with `--config` (converted weights); `--config` with `--workdir` replaces
   the workdir's `config.json` (`dssn_jax.loading.load_for_eval`).
   """
-  # Imported here, as in quiet_library_logs: absl loads only in a command line.
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
   config_flags.DEFINE_config_file(
     'config',
@@ -121,8 +203,6 @@ def start_command(argv: list[str]) -> None:
   Refuses positional arguments, applies the default XLA:CPU flags (before
   the first JAX computation) and keeps library logs quiet.
   """
-  # Imported here, as in quiet_library_logs: absl loads only in a command line.
-  from absl import app  # pylint: disable=g-import-not-at-top
 
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}', exitcode=2)
@@ -133,8 +213,6 @@ def start_command(argv: list[str]) -> None:
 def run_command(main: Callable[[list[str]], object], define_flags: Callable[[], None]) -> None:
   """Defines a command's flags and runs its absl `main`: a user error or a
   bad flag value prints one line and exits with status 2."""
-  # Imported here, as in quiet_library_logs: absl loads only in a command line.
-  from absl import app  # pylint: disable=g-import-not-at-top
 
   define_flags()
   app.run(guarded(main), flags_parser=parse_flags)

@@ -23,6 +23,7 @@ the term is not computed at all.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from typing import Any
 
@@ -129,7 +130,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_crop_size = config_dict.placeholder(int)  # None: crop_size
   # Evaluation shape buckets: 0 = every image at its own shape (reference);
   # N = pad each side to a multiple of N (zeros / ignore): few programs,
-  # slightly different predictions near the padding (README "Performance").
+  # slightly different predictions near the padding (docs/performance.md).
   c.data.eval_pad_to = 0
   # Source-specific settings (read only by that source).
   c.data.folder = ml_collections.ConfigDict(
@@ -491,15 +492,24 @@ def parse_arg(arg: str | None, **defaults) -> dict[str, Any]:
     elif first is not None:
       key, value = first, part
     else:
-      raise ValueError(f'config argument {part!r} has no key')
+      raise ConfigError(f'config argument {part!r} has no key')
     key = key.strip()
     if key not in defaults:
-      raise ValueError(f'unknown config argument {key!r} in {arg!r}; known: {", ".join(defaults)}')
+      close = difflib.get_close_matches(key, list(defaults), n=1)
+      hint = f'did you mean {close[0]!r}? ' if close else ''
+      raise ConfigError(
+        f'unknown config argument {key!r} in {arg!r}; {hint}known: {", ".join(defaults)}'
+      )
     kind = type(defaults[key])
     if kind is bool:
       out[key] = value.lower() in ('1', 'true', 'yes')
     else:
-      out[key] = kind(value)
+      try:
+        out[key] = kind(value)
+      except ValueError:
+        raise ConfigError(
+          f'config argument {key}={value!r} cannot be read as {kind.__name__}'
+        ) from None
   return out
 
 

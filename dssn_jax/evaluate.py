@@ -34,7 +34,7 @@ Neither changes a number. `config.data.eval_pad_to = N` (opt-in; 0, exact
 shapes, is the reference protocol) pads every image at the bottom and right
 to a multiple of N with zeros and the labels with ignore, which bounds the
 number of programs (VOC at N=64: at most 64 shapes) but changes the
-predictions near the padding: README "Performance" gives the measured mIoU
+predictions near the padding: docs/performance.md gives the measured mIoU
 difference. Each host evaluates its own records on its local
 devices, one image per device (images of equal shape are grouped so all
 local devices work); confusion matrices accumulate on device and are summed

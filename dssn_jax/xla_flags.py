@@ -1,8 +1,8 @@
 """XLA:CPU flags that every entry point applies before JAX starts a backend.
 
 Convolutions through Eigen rather than YNNPACK: the ResNet-50 DSSN step (crop
-161, 2+2) ran 1.6-2x faster on 2 cores (benchmarks/step_speed.py, README
-"Performance"). The flag touches the CPU backend only; a user's own
+161, 2+2) runs 1.5-2x faster (benchmarks/step_speed.py, docs/performance.md;
+DigitScenes' step 2x, docs/digits.md). The flag touches the CPU backend only; a user's own
 `XLA_FLAGS` setting of it wins.
 
 `set_default_cpu_flags()` is the one helper: `main.py`, the `python -m

@@ -118,8 +118,12 @@ def test_parse_arg():
   out = config_lib.parse_arg('split=1_8,backbone=resnet50', split='92', backbone='r')
   assert out == {'split': '1_8', 'backbone': 'resnet50'}
   assert config_lib.parse_arg('labeled=40', method='dssn', labeled=20)['labeled'] == 40
-  with pytest.raises(ValueError, match="unknown config argument 'splt'"):
+  with pytest.raises(
+    config_lib.ConfigError, match="unknown config argument 'splt'.*did you mean 'split'"
+  ):
     config_lib.parse_arg('splt=92', split='92')
+  with pytest.raises(config_lib.ConfigError, match="labeled='many' cannot be read as int"):
+    config_lib.parse_arg('labeled=many', method='dssn', labeled=20)
 
 
 # The authors' configs/*.yaml (crop, epochs, batch per GPU x 4 GPUs).

@@ -275,6 +275,36 @@ def test_cli_user_errors_are_one_line_and_status_2(args, message, tmp_path):
   assert len([line for line in proc.stderr.splitlines() if line.strip()]) <= 3, proc.stderr
 
 
+@pytest.mark.parametrize(
+  'mistake,message',
+  [
+    ('config', 'config file configs/nope.py does not exist; configs/ holds'),
+    ('workdir', 'is a file; name a folder'),
+    ('arg', "unknown config argument 'splt' in 'splt=92'; did you mean 'split'?"),
+    ('override', "--config.train.stepz: the config has no key 'stepz'; Did you mean \"steps\""),
+  ],
+)
+def test_a_newcomers_first_mistakes_are_one_line_and_status_2(mistake, message, tmp_path):
+  """A config path that does not exist, a workdir that is a file, a misspelled
+  ARG or override key: one `error:` line each, before anything is written."""
+  config = {'config': 'configs/nope.py', 'arg': 'configs/pascal.py:splt=92'}
+  workdir = tmp_path / 'run'
+  if mistake == 'workdir':
+    workdir.write_text('')
+  extra = ['--config.train.stepz=3'] if mistake == 'override' else []
+  proc = _cli(
+    'main.py',
+    '--config',
+    config.get(mistake, 'configs/digits.py'),
+    '--workdir',
+    str(workdir),
+    *extra,
+  )
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], proc.stderr
+
+
 # --- a training image deleted after the data check -----------------------------
 
 

@@ -185,8 +185,8 @@ def available_cores() -> int:
 # from `benchmarks/data_throughput.py --recipes voc,cityscapes` (generated
 # images, scale range 0.5-2.0; docs/performance.md): labeled views, unlabeled
 # views (weak, two strong, cutmix boxes), mix-partner views. VOC at crop 513;
-# Cityscapes (1024x2048 PNG) at crop 801. These are a loaded machine's costs,
-# on the high side, so auto workers err on the side of more.
+# Cityscapes (1024x2048 PNG) at crop 801. They are 10-25% above the costs in
+# docs/performance.md, so auto workers err on the side of more.
 SAMPLE_CPU_S = {
   'voc': dict(crop=513, labeled=1 / 74.1, unlabeled=1 / 32.4, partner=1 / 31.6),
   'cityscapes': dict(crop=801, labeled=1 / 9.5, unlabeled=1 / 8.2, partner=1 / 8.2),
