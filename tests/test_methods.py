@@ -15,10 +15,10 @@ import pytest
 
 from dssn_jax import config_lib, evaluate, methods, optim
 from dssn_jax import train_step as ts
-from dssn_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD
 from dssn_jax.methods import common
 from dssn_jax.methods import unimatch_v2 as uv2
 from dssn_jax.models import pretrained
+from dssn_jax.normalize import IMAGENET_MEAN, IMAGENET_STD
 from dssn_jax.testing.tapped_model import TinyTapped, init, torch_module
 
 C = 3  # classes

@@ -9,7 +9,7 @@ from PIL import Image
 
 from dssn_jax import evaluate, predict
 from dssn_jax.data import datasets
-from dssn_jax.data.normalize import normalize
+from dssn_jax.normalize import normalize
 from dssn_jax.testing.evaluation import TinySeg, make_workdir, run_module, tiny_variables
 
 PALETTE3 = np.array([[0, 0, 0], [200, 10, 10], [10, 200, 10]], np.uint8)

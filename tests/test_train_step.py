@@ -22,7 +22,7 @@ import pytest
 
 from dssn_jax import compilation, config_lib, losses, models, optim, parallel, pseudo_labels
 from dssn_jax import train_step as ts
-from dssn_jax.data.normalize import normalize
+from dssn_jax.normalize import normalize
 from dssn_jax.testing import numerics
 from dssn_jax.testing.train_steps import (
   NUM_CLASSES,
