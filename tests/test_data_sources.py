@@ -4,7 +4,6 @@ import os
 import pickle
 import subprocess
 import sys
-import types
 
 import cv2
 import numpy as np
@@ -12,8 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-import dssn_jax.data
-from dssn_jax.data import classes, datasets, sources
+from dssn_jax.data import classes, datasets, digits, sources
 from dssn_jax.testing import fake_datasets as fd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -173,19 +171,13 @@ def test_tfds_source_without_tensorflow(tmp_path):
     datasets.get_source(config, 'labeled')
 
 
-def test_digits_dispatch(monkeypatch):
-  fake = types.ModuleType('dssn_jax.data.digits')
-  fake.get_source = lambda config, split: ('digits source', split)
-  fake.CLASS_NAMES = tuple(f'd{i}' for i in range(11))
-  fake.PALETTE = np.zeros((11, 3), np.uint8)
-  monkeypatch.setitem(sys.modules, 'dssn_jax.data.digits', fake)
-  # `from dssn_jax.data import digits` reads the package attribute once the
-  # real module has been imported by an earlier test.
-  monkeypatch.setattr(dssn_jax.data, 'digits', fake, raising=False)
+def test_digits_dispatch():
+  """The embedded dataset registers itself in its own module, which the
+  registry imports the first time `digits` is asked for."""
   config = fd.config_for('digits', num_classes=11)
-  assert datasets.get_source(config, 'val') == ('digits source', 'val')
-  assert datasets.class_names(config)[10] == 'd10'
-  assert datasets.palette(config).shape == (11, 3)
+  assert datasets.get('digits').source is digits.get_source
+  assert datasets.class_names(config) == digits.CLASS_NAMES
+  np.testing.assert_array_equal(datasets.palette(config), digits.PALETTE)
 
 
 # ----------------------------------------------------------------------------

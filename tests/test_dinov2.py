@@ -222,6 +222,7 @@ def test_supervised_train_step_runs():
   config.method = 'supervised'
   config.model.backbone = 'dinov2_tiny'
   config.data.num_classes = C
+  config.data.crop_size = 28
   config.train.steps = 10
   model = model_from_config(config)
   schedule = config_lib.resolve(config).schedule(100)

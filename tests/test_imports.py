@@ -117,7 +117,7 @@ def test_a_missing_optional_dependency_names_the_extra():
                          mask_key=None, label_map=None, num_classes=2)
     except ImportError as e:
       print(e)
-    from dssn_jax import convert
+    from dssn_jax import state_dicts
     try:
       state_dicts.read_state_dict('main.py')  # any existing file
     except ImportError as e:

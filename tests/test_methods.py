@@ -30,6 +30,7 @@ def make_config(method, **overrides):
   c.method = method
   c.data.num_classes = C
   c.data.crop_size = SIZE
+  c.model.output_stride = 8  # the config check's; the test models have no stride
   c.data.batch_size = 8
   c.train.steps = 10
   for key, value in overrides.items():

@@ -97,18 +97,19 @@ DSSN_TERMS = {
 
 def total_of(m, settings, warm):
   """The weighted total from the reported terms."""
-  s = settings
-  strong = 0.0 if warm else s.strong
+  s = settings.method
+  weight = lambda name: getattr(s, name, 0.0)  # a method without the term has no knob
+  strong = 0.0 if warm else weight('strong')
   parts = {
-    'loss_x': s.sup,
+    'loss_x': weight('sup'),
     'loss_s': strong,
     'loss_s1': strong,
     'loss_s2': strong,
-    'loss_fp': s.fp,
-    'loss_fp1': s.fp,
-    'loss_fp2': s.fp,
-    'loss_align_image': s.align_image,
-    'loss_align_feature': s.align_feature,
+    'loss_fp': weight('fp'),
+    'loss_fp1': weight('fp'),
+    'loss_fp2': weight('fp'),
+    'loss_align_image': weight('align_image'),
+    'loss_align_feature': weight('align_feature'),
   }
   return sum(w * m[k] for k, w in parts.items() if k in m)
 
@@ -361,7 +362,7 @@ def test_precompile_runs_the_background_compile_executable():
   schedule = make_schedule(config, warmup_steps=1)
 
   def compile_for(phase_settings):  # a stand-in step: which program ran shows in its output
-    scale = 2.0 if phase_settings.method == 'supervised' else 3.0
+    scale = 2.0 if phase_settings.method.method == 'supervised' else 3.0
     return jax.jit(lambda state, batch, rng: (state + scale * batch['x'], {'scale': scale}))
 
   state, batch, rng = jnp.ones(4), {'x': jnp.arange(4.0)}, jax.random.key(0)

@@ -115,9 +115,7 @@ def family_of(backbone: str) -> Family:
   for family in families():
     if backbone in family.backbones:
       return family
-  raise ConfigError(
-    f'config.model.backbone={backbone!r} is not one of {", ".join(backbone_names())}'
-  )
+  raise ConfigError(f'unknown backbone {backbone!r}; known: {", ".join(backbone_names())}')
 
 
 def layout_names() -> list[str]:
