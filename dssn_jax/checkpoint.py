@@ -275,7 +275,7 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> list
   has_ckpt = ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())
   if not (has_ckpt and path.exists()):
     return []
-  saved = json.loads(path.read_text())
+  saved = _with_defaults(json.loads(path.read_text()))  # keys added since: their defaults
   new = json.loads(config.to_json_best_effort())
   refused, allowed = config_lib.resume_changes(saved, new)
   if refused:
@@ -399,7 +399,11 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = epath.Path(workdir) / 'config.json'
   if not path.exists():
     raise FileNotFoundError(f'{path} does not exist: is {workdir!r} a dssn_jax workdir?')
-  saved = json.loads(path.read_text())
+  return ml_collections.ConfigDict(_with_defaults(json.loads(path.read_text())))
+
+
+def _with_defaults(saved: dict) -> dict:
+  """A saved config (JSON) with the `base_config` keys it lacks at their defaults."""
 
   def fill(into, defaults):
     for key, value in defaults.items():
@@ -409,7 +413,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         fill(into[key], value)
 
   fill(saved, json.loads(config_lib.base_config().to_json_best_effort()))
-  return ml_collections.ConfigDict(saved)
+  return saved
 
 
 def resolve_step(checkpointer: Checkpointer, which: str | int) -> int:

@@ -91,6 +91,23 @@ def test_resume_with_changed_frequencies_is_allowed_and_noted(tmp_path):
   assert ckpt_lib.check_resume_config(workdir, config) == []
 
 
+def test_a_workdir_older_than_a_key_resumes_with_its_default_unnoted(tmp_path):
+  """A config.json written before a key existed (here `imports`, added with
+  the registries) resumes: the missing key reads as its default, which is
+  no change; another value is one."""
+  workdir = _workdir_with_checkpoint(tmp_path, load_config('digits'))
+  path = os.path.join(workdir, 'config.json')
+  with open(path) as f:
+    saved = json.load(f)
+  del saved['imports']
+  with open(path, 'w') as f:
+    json.dump(saved, f)
+  assert ckpt_lib.check_resume_config(workdir, load_config('digits')) == []
+  config = load_config('digits')
+  config.imports = ('json',)
+  assert ckpt_lib.check_resume_config(workdir, config) == ["config.imports: [] -> ['json']"]
+
+
 # --- one run per workdir ----------------------------------------------------
 
 
