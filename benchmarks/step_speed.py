@@ -88,7 +88,7 @@ xla_flags.set_default_cpu_flags()  # the program main.py runs
 
 import jax
 
-from dssn_jax import config_lib, models, optim, parallel
+from dssn_jax import config_lib, methods, models, optim, parallel
 from dssn_jax import train_step as ts_lib
 from dssn_jax.models import registry
 from dssn_jax.models.resnet import BACKBONES
@@ -98,7 +98,7 @@ from dssn_jax.train import initial_variables
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-METHODS = config_lib.METHODS  # the method registry
+METHODS = methods.names()  # the method registry
 JSON_PREFIX = 'step_speed_json: '
 
 

@@ -36,10 +36,6 @@ from dssn_jax.errors import ConfigError, one_of
 from dssn_jax.models import layers
 from dssn_jax.models import registry as model_registry
 
-# The methods and their settings live in `dssn_jax.methods` (one module per
-# method, each with its `Settings`); this is a view of that registry.
-METHODS = methods_lib.names()
-
 LOSS_WEIGHTS = ('sup', 'strong', 'fp', 'align_image', 'align_feature')
 
 __all__ = [
