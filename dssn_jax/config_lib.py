@@ -230,6 +230,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 2
   c.train.eval_student = True
+  c.train.prediction_grid = 8  # validation scenes in DIR/predictions.png and TensorBoard; 0: off
   # A step whose loss or gradient is not finite applies no update. 'stop':
   # the run ends with an error (the newest checkpoint is the last good
   # state); 'skip': training goes on, failing after `nonfinite_max_skips`
@@ -534,6 +535,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool, str]] = {
   'train.checkpoint_every': (1, None, False, False, 'a step count'),
   'train.keep_checkpoints': (1, None, False, False, 'a checkpoint count'),
   'train.nonfinite_max_skips': (1, None, False, False, 'a step count'),
+  'train.prediction_grid': (0, None, False, False, 'a scene count'),
   'model.dropout': (0.0, 1.0, False, True, 'a dropout rate'),
   'model.width_multiplier': (0.0, None, True, False, 'a width factor'),
   'model.fp_branches': (0, 2, False, False, 'a branch count'),

@@ -412,20 +412,27 @@ class Evaluator:
     self._batch_sharding = NamedSharding(self._mesh, P('data'))
     self._replicated = NamedSharding(self._mesh, P())
     self._flush_pixels = _INT32_SAFE_PIXELS
+    # The forward of every evaluation (and of `predict`'s class maps).
+    forward = dict(
+      sliding=self.mode == 'sliding_window',
+      window=self.window,
+      resize_multiple=self.resize_multiple,
+      shift_windows=config.data.eval_window_edges == 'shift',
+    )
     step = lambda v, cm, x, y: _eval_step(
       v,
       cm,
       x,
       y,
       model=model,
-      sliding=self.mode == 'sliding_window',
-      window=self.window,
-      resize_multiple=self.resize_multiple,
-      shift_windows=config.data.eval_window_edges == 'shift',
+      **forward,
       num_classes=self.num_classes,
       ignore_index=self.ignore_index,
     )
     self._step = jax.jit(step, donate_argnums=(1,), out_shardings=self._replicated)
+    self._predict = jax.jit(
+      lambda v, x: predict_labels(model, v, x, **forward), out_shardings=self._replicated
+    )
 
   @property
   def class_names(self) -> list[str]:
@@ -646,6 +653,38 @@ class Evaluator:
     to_host(cms)
     totals = _sum_over_hosts(totals)
     return {k: totals[i] for i, k in enumerate(names)}
+
+  def predict(
+    self, variables: dict[str, Any], count: int
+  ) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, list[np.ndarray]]]:
+    """Class maps of this host's first `count` validation records.
+
+    The records as evaluated (center-cropped, padded) and the same forward
+    as `evaluate`, one image at a time; this host's devices only, so one
+    process may call it alone.
+
+    Args:
+      variables: `{'student': ..., 'teacher': ...}` (either or both).
+      count: how many records (fewer if the host holds fewer).
+    Returns:
+      `(images, labels, {name: class maps})`: uint8 `(H, W, 3)`, int32
+      `(H, W)` and int32 `(H, W)` arrays per record, models in the order given.
+    """
+    images, labels = [], []
+    if count > 0:
+      for record in self._iter_records():
+        image, label = self._prepare(record)
+        images.append(image)
+        labels.append(label)
+        if len(images) == count:
+          break
+    local = {k: self._to_local(v) for k, v in variables.items()}
+    preds: dict[str, list[np.ndarray]] = {k: [] for k in variables}
+    for image in images:
+      x = jax.device_put(image[None], self._replicated)
+      for k, v in local.items():
+        preds[k].append(np.asarray(jax.device_get(self._predict(v, x)))[0])
+    return images, labels, preds
 
   def evaluate(self, variables: dict[str, Any]) -> dict[str, Any]:
     """mIoU and per-class IoU (percent) of each given model.

@@ -11,8 +11,13 @@ every `eval_every` steps, and writes
                         lines carry `input_wait_s`, the seconds the loop
                         waited for input batches in the interval, and
                         `input_wait_frac`, that over the interval's time)
-    DIR/events.*        TensorBoard scalars (tensorboardX, no TensorFlow)
+    DIR/events.*        TensorBoard scalars and the prediction grid
+                        (tensorboardX, no TensorFlow)
     DIR/config.json     the config
+    DIR/predictions.png the final teacher's and student's class maps of the
+                        first `config.train.prediction_grid` validation
+                        scenes (`dssn_jax.visualize`; also in TensorBoard
+                        at every evaluation)
     DIR/checkpoints/    orbax checkpoints (a damaged one is moved to
                         DIR/checkpoints_damaged/ on resume)
 
@@ -37,10 +42,10 @@ from etils import epath
 from tqdm import tqdm
 
 from dssn_jax import checkpoint as ckpt_lib
-from dssn_jax import compilation, config_lib, evaluate, models, optim, parallel
+from dssn_jax import compilation, config_lib, evaluate, models, optim, parallel, visualize
 from dssn_jax import train_step as ts_lib
 from dssn_jax.cli import UserError
-from dssn_jax.data import pipeline
+from dssn_jax.data import datasets, pipeline
 from dssn_jax.models import pretrained
 
 
@@ -118,6 +123,17 @@ class MetricWriter:
         elif isinstance(value, dict):
           for k, v in value.items():
             self._tb.add_scalar(f'{split}/{key}/{k}', v, step)
+      self._tb.flush()
+
+  @property
+  def takes_images(self) -> bool:
+    """Whether `image` writes anywhere (process 0 with TensorBoard)."""
+    return self.enabled and self._tb is not None
+
+  def image(self, tag: str, image: np.ndarray, step: int) -> None:
+    """A uint8 `(H, W, 3)` image to TensorBoard."""
+    if self.takes_images:
+      self._tb.add_image(tag, image, step, dataformats='HWC')
       self._tb.flush()
 
   def flush(self) -> None:
@@ -314,6 +330,7 @@ class _Run:
   writer: Any
   history: list
   start: int
+  grid: tuple[int, np.ndarray] | None = None  # (step, prediction grid) of the last evaluation
 
 
 def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
@@ -403,6 +420,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step, preempted = _train_loop(run, bar, clock)
   clock.lap('steps')
   bar.close()
+  if not preempted:
+    _write_prediction_grid(run, workdir, step)
+    clock.lap('eval')
   run.evaluator.close()
   run.checkpointer.close()  # waits for the last save
   clock.lap('checkpoint')
@@ -416,11 +436,41 @@ def _run_eval(run: _Run, step: int) -> dict[str, Any]:
   record = _eval_record(run.evaluator, run.config, run.state, step)
   run.writer.write(record)
   run.history.append(record)
+  if run.writer.takes_images and run.config.train.prediction_grid > 0:
+    run.grid = step, _prediction_grid(run)
+    run.writer.image('eval/predictions', run.grid[1], step)
   _log(
     f'step {step}: mIoU student {_format_percent(record["miou"])} '
     f'teacher {_format_percent(record["miou_teacher"])}'
   )
   return record
+
+
+def _prediction_grid(run: _Run) -> np.ndarray:
+  """The current models' class maps of the first `config.train.prediction_grid`
+  validation scenes of this host (`visualize.prediction_grid`)."""
+  config = run.config
+  images, labels, preds = run.evaluator.predict(
+    _eval_models(config, run.state), int(config.train.prediction_grid)
+  )
+  preds = {k: preds[k] for k in ('teacher', 'student') if k in preds}
+  return visualize.prediction_grid(
+    images,
+    labels,
+    preds,
+    datasets.palette(config),
+    run.evaluator.class_names,
+    ignore_index=int(config.data.ignore_index),
+  )
+
+
+def _write_prediction_grid(run: _Run, workdir: str, step: int) -> None:
+  """DIR/predictions.png of the final models (process 0; the grid of the
+  last evaluation when it was of this step)."""
+  if jax.process_index() != 0 or run.config.train.prediction_grid <= 0:
+    return
+  grid = run.grid[1] if run.grid is not None and run.grid[0] == step else _prediction_grid(run)
+  (epath.Path(workdir) / 'predictions.png').write_bytes(visualize.png_bytes(grid))
 
 
 def _train_loop(run: _Run, bar, clock: RunClock) -> tuple[int, bool]:
@@ -539,12 +589,47 @@ def _report(config, workdir: str, history, clock: RunClock, step: int, start: in
         for k in ('miou', 'best', 'miou_teacher', 'best_teacher')
       )
     )
+    for line in per_class_lines(history):
+      _log(line)
     line = baseline_line(config, summary)
     if line:
       _log(line)
   _log(RunClock.line(timing))
   summary['time'] = timing
   return summary
+
+
+# More classes than this: the per-class lines name the lowest and highest few.
+_PER_CLASS_ALL = 20
+_PER_CLASS_ENDS = 5
+
+
+def per_class_lines(history: list[dict[str, Any]]) -> list[str]:
+  """Per-class IoU (percent) of the teacher and the student at the evaluation
+  with the best teacher mIoU (the first of equals), one line per model:
+  `iou teacher (step N, best teacher): background=95.1 digit_0=40.2 ...`
+  (spaces in names as `_`). Over 20 classes: the 5 lowest and 5 highest."""
+  evals = [r for r in history if r.get('miou_teacher') is not None]
+  if not evals:
+    return []
+  best = max(evals, key=lambda r: r['miou_teacher'])
+  models = [('teacher', best.get('iou_per_class_teacher'))]
+  if best.get('miou') is not None:  # student evaluated (else its key holds the teacher's)
+    models.append(('student', best.get('iou_per_class')))
+  lines = []
+  for name, ious in models:
+    if not ious:
+      continue
+    pairs = [(str(k).replace(' ', '_'), v) for k, v in ious.items()]
+    head = f'iou {name} (step {best["step"]}, best teacher'
+    if len(pairs) > _PER_CLASS_ALL:
+      ranked = sorted(pairs, key=lambda p: p[1])
+      ends = _PER_CLASS_ENDS
+      head += f'; {len(pairs)} classes, lowest {ends} .. highest {ends}'
+      pairs = [*ranked[:ends], ('..', None), *ranked[-ends:]]
+    text = ' '.join('..' if v is None else f'{k}={v:.1f}' for k, v in pairs)
+    lines.append(f'{head}): {text}')
+  return lines
 
 
 def baseline_line(config: ml_collections.ConfigDict, summary: dict[str, Any]) -> str:
@@ -585,14 +670,19 @@ def _initial_or_restored_state(config, model, tx, mesh, data, workdir: str):
   return state, train_rng, checkpointer
 
 
-def _eval_record(evaluator, config: ml_collections.ConfigDict, state, step: int) -> dict[str, Any]:
-  """The metrics.jsonl line of an evaluation of the teacher (and student)."""
+def _eval_models(config: ml_collections.ConfigDict, state) -> dict[str, Any]:
+  """The variables of the teacher (and the student) to evaluate."""
   models_to_eval = {
     'teacher': {'params': state.teacher_params, 'batch_stats': state.teacher_batch_stats}
   }
   if config.train.eval_student:
     models_to_eval['student'] = {'params': state.params, 'batch_stats': state.batch_stats}
-  return evaluate.eval_record(step, evaluator.evaluate(models_to_eval))
+  return models_to_eval
+
+
+def _eval_record(evaluator, config: ml_collections.ConfigDict, state, step: int) -> dict[str, Any]:
+  """The metrics.jsonl line of an evaluation of the teacher (and student)."""
+  return evaluate.eval_record(step, evaluator.evaluate(_eval_models(config, state)))
 
 
 # Train-line keys that measure the machine, not the run: they differ between
