@@ -58,6 +58,29 @@ def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
   return right - left, bottom - top
 
 
+def _legend_rows(masks, palette, class_names, ignore_index: int, width: int, probe, font):
+  """The legend laid out in rows of `(colour, name, x)`: the classes present
+  in the shown masks (and the ignore label), wrapped at `width`."""
+  present = np.unique(np.concatenate([np.unique(np.asarray(m)) for m in masks]))
+  entries = [
+    (tuple(int(c) for c in palette[i]), str(class_names[i]))
+    for i in present
+    if 0 <= i < min(len(palette), len(class_names)) and i != ignore_index
+  ]
+  if ignore_index in present:
+    entries.append((IGNORE_COLOUR, 'ignore'))
+  rows: list[list[tuple[tuple[int, ...], str, int]]] = [[]]
+  x = _PAD
+  for colour, name in entries:
+    w = _SWATCH + 3 + _text_size(probe, name, font)[0] + 2 * _PAD
+    if rows[-1] and x + w > width:
+      rows.append([])
+      x = _PAD
+    rows[-1].append((colour, name, x))
+    x += w
+  return rows
+
+
 def prediction_grid(
   images: Sequence[np.ndarray],
   labels: Sequence[np.ndarray],
@@ -91,28 +114,10 @@ def prediction_grid(
   probe = ImageDraw.Draw(Image.new('RGB', (1, 1)))
   line_h = max(_text_size(probe, t, font)[1] for t in [*titles, 'Ag']) + 2
 
-  # The legend: classes present in the shown masks (and the ignore label).
-  masks = [*labels, *(m for ms in predictions.values() for m in ms)]
-  present = np.unique(np.concatenate([np.unique(np.asarray(m)) for m in masks]))
-  entries = [
-    (tuple(int(c) for c in palette[i]), str(class_names[i]))
-    for i in present
-    if 0 <= i < min(len(palette), len(class_names)) and i != ignore_index
-  ]
-  if ignore_index in present:
-    entries.append((IGNORE_COLOUR, 'ignore'))
-
   width = _PAD + len(titles) * (cell + _PAD)
-  legend_rows: list[list[tuple[tuple[int, ...], str, int]]] = [[]]
-  x = _PAD
-  for colour, name in entries:
-    w = _SWATCH + 3 + _text_size(probe, name, font)[0] + 2 * _PAD
-    if legend_rows[-1] and x + w > width:
-      legend_rows.append([])
-      x = _PAD
-    legend_rows[-1].append((colour, name, x))
-    x += w
-  legend_h = len(legend_rows) * (max(line_h, _SWATCH) + 2) + _PAD if entries else 0
+  masks = [*labels, *(m for ms in predictions.values() for m in ms)]
+  legend_rows = _legend_rows(masks, palette, class_names, ignore_index, width, probe, font)
+  legend_h = len(legend_rows) * (max(line_h, _SWATCH) + 2) + _PAD if legend_rows[0] else 0
   top = _PAD + line_h
   height = top + rows * (cell + _PAD) + legend_h
 
