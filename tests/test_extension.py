@@ -14,7 +14,7 @@ import pytest
 from dssn_jax import config_lib, methods, train
 from dssn_jax.data import datasets
 from dssn_jax.errors import ConfigError
-from dssn_jax.methods import common
+from dssn_jax.methods import common, supervised
 from dssn_jax.methods.base import knob
 from dssn_jax.models import registry
 
@@ -107,13 +107,6 @@ class DoubledSettings(methods.Settings):
   sup: float = knob('loss.sup', 2.0)
 
 
-def doubled_prepare(state, batch, rng, ctx):
-  del rng
-  s = ctx.settings
-  out = {'x': batch['x'], 'y': batch['y'], 'den_x': common.count(batch['y'] != s.ignore_index)}
-  return out, state.teacher_batch_stats
-
-
 def doubled_loss(params, state, mb, rng, ctx):
   del rng
   s = ctx.settings
@@ -125,7 +118,7 @@ def doubled_loss(params, state, mb, rng, ctx):
 
 
 methods.register(
-  methods.Method('test_doubled', DoubledSettings, doubled_prepare, doubled_loss, unlabeled=False)
+  methods.Method('test_doubled', DoubledSettings, supervised.prepare, doubled_loss, unlabeled=False)
 )
 
 
