@@ -198,6 +198,12 @@ def base_config() -> ml_collections.ConfigDict:
   # Micro-batches per global batch: one optimizer update from the summed
   # gradients, equal to the full-batch update (models without BatchNorm).
   c.train.grad_accum = 1
+  # The number of GPUs of the recipe being reproduced: every per-GPU quantity
+  # of the authors' loop (loss denominators, cutmix partners, complementary
+  # dropout's undropped pairs, OHEM's min_kept) is computed per group of
+  # batch_size / loss_groups consecutive samples, the groups averaged as DDP
+  # averages gradients (methods.common). 1: one objective over the global batch.
+  c.train.loss_groups = 1
   # Warm-up (DSSN only): strong-view terms off and EMA keep rate 0 while
   # step < warmup.
   c.train.warmup_steps = 1  # VOC reference: the first iteration only
@@ -409,18 +415,26 @@ class Settings:
 
 def _grad_accum(config: ml_collections.ConfigDict, method) -> int:
   grad_accum = int(config.train.grad_accum)
+  groups = method.loss_groups
+  batch = int(config.data.batch_size)
+  if batch % groups:
+    raise ConfigError(
+      f'config.train.loss_groups={groups} does not divide config.data.batch_size={batch}: '
+      'each group is one GPU batch of the reproduced recipe, of batch_size / loss_groups samples'
+    )
   if grad_accum < 1:
     raise ConfigError(f'config.train.grad_accum={grad_accum} must be >= 1')
-  if grad_accum > 1 and method.sup_type == 'ohem':
+  if grad_accum > 1 and batch % grad_accum:
     raise ConfigError(
-      f"config.train.grad_accum={grad_accum} with loss.sup_type='ohem': OHEM keeps a number "
-      'of pixels per image whose count is known only after the forward, so micro-batches '
-      'cannot share its denominator; use grad_accum=1 or sup_type=ce'
+      f'config.train.grad_accum={grad_accum} does not divide config.data.batch_size={batch}'
     )
-  if grad_accum > 1 and int(config.data.batch_size) % grad_accum:
+  if grad_accum > 1 and method.sup_type == 'ohem' and (groups == 1 or groups % grad_accum):
     raise ConfigError(
-      f'config.train.grad_accum={grad_accum} does not divide '
-      f'config.data.batch_size={config.data.batch_size}'
+      f"config.train.grad_accum={grad_accum} with loss.sup_type='ohem' and "
+      f'config.train.loss_groups={groups}: OHEM keeps a number of pixels whose count is '
+      'known only after the forward, so its selection and mean need whole groups in one '
+      'micro-batch; set loss_groups to a multiple of grad_accum (each micro-batch then '
+      'holds whole groups), or grad_accum=1, or sup_type=ce'
     )
   return grad_accum
 
@@ -526,6 +540,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool, str]] = {
   'train.weight_decay': (0.0, None, False, False, 'a weight decay'),
   'train.poly_power': (0.0, None, False, False, 'a schedule power'),
   'train.reference_batch_size': (1, None, False, False, 'a batch size'),
+  'train.loss_groups': (1, None, False, False, 'a group (GPU) count'),
   'train.steps': (1, None, False, False, 'a step count'),
   'train.epochs': (0.0, None, True, False, 'an epoch count'),
   'train.warmup_steps': (0, None, False, False, 'a step count'),

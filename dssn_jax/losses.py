@@ -92,6 +92,7 @@ def ohem_ce(
   *,
   ignore_index: int = IGNORE_INDEX,
   per_image: bool = False,
+  groups: int = 0,
 ) -> jax.Array:
   """Online hard example mining CE (TorchSemiSeg's ProbOhemCrossEntropy2d).
 
@@ -109,8 +110,11 @@ def ohem_ce(
     thresh: probability threshold.
     min_kept: the least number of pixels kept per group.
     ignore_index: the label of ignored pixels.
-    per_image: select per image (each image keeps `min_kept`), as the
-      reference did with one image per GPU; False selects over the batch.
+    per_image: select per image (each image keeps `min_kept`), the mean over
+      every kept pixel of the batch; False selects over the batch.
+    groups: > 0: `groups` blocks of `N / groups` consecutive images (one GPU's
+      batch each), each selecting over its own pixels with its own mean;
+      the result is the mean of the groups' means.
   Returns:
     float32 scalar.
   """
@@ -120,14 +124,20 @@ def ohem_ce(
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   safe = jnp.where(valid, labels, 0).astype(jnp.int32)
   true_prob = jnp.take_along_axis(probs, safe[..., None], axis=-1)[..., 0]
+  ce = cross_entropy_map(logits, labels)
+  if groups:
+    if n % groups:
+      raise ValueError(f'ohem_ce: groups={groups} does not divide the batch of {n}')
+    flat = lambda x: x.reshape(groups, -1)
+    keep = jax.vmap(lambda p, v: _ohem_keep(p, v, thresh, min_kept))(flat(true_prob), flat(valid))
+    return jnp.mean(jax.vmap(_masked_mean)(flat(ce), keep))
   if per_image:
     keep = jax.vmap(lambda p, v: _ohem_keep(p, v, thresh, min_kept))(
       true_prob.reshape(n, -1), valid.reshape(n, -1)
     )
   else:
     keep = _ohem_keep(true_prob.reshape(-1), valid.reshape(-1), thresh, min_kept)
-  keep = keep.reshape(labels.shape)
-  return _masked_mean(cross_entropy_map(logits, labels), keep)
+  return _masked_mean(ce, keep.reshape(labels.shape))
 
 
 def pseudo_label_ce(

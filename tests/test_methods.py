@@ -141,32 +141,81 @@ def check_against_torch(total, aux, grads, ref_total, ref_x, ref_s, ref_grads):
   )
 
 
-def check_strong_masks(prepared, n):
-  """The authors' masks: pairs (m, 2 - m) with m in {0, 2}; int(n / 2) pairs undropped."""
+def check_strong_masks(prepared, n, groups=1):
+  """The authors' masks: pairs (m, 2 - m) with m in {0, 2}; in each GPU's
+  batch of n / groups pairs, int(n / groups / 2) undropped."""
   m1, m2 = np.asarray(prepared['strong_masks'][:, 0]), np.asarray(prepared['strong_masks'][:, 1])
   np.testing.assert_array_equal(m1 + m2, 2.0)
   kept = np.all(m1 == 1.0, axis=1)
-  assert kept.sum() == n // 2 and np.all(np.isin(m1[~kept], (0.0, 2.0)))
+  np.testing.assert_array_equal(kept.reshape(groups, -1).sum(1), n // groups // 2)
+  assert np.all(np.isin(m1[~kept], (0.0, 2.0)))
   return np.concatenate([m1, m2])
 
 
-def test_unimatch_v2_matches_the_authors_iteration_in_torch():
+def skewed_batch(size, groups=4, n=8):
+  """`make_batch` whose GPU batches (`groups` quarters) have very different
+  valid-pixel counts: quarter q keeps the top (q + 1) / groups of its
+  unlabeled rows and the top (groups - q) / groups of its labeled rows, so
+  a global mean weights the quarters unlike the per-GPU means."""
+  batch = make_batch(n=n, size=size)
+  per = n // groups
+  for q in range(groups):
+    rows = slice(q * per, (q + 1) * per)
+    batch['u_ignore'][rows, size * (q + 1) // groups :] = 255
+    batch['y'][rows, size * (groups - q) // groups :] = 255
+  return batch
+
+
+def torch_per_gpu(net, ema, batch, masks, groups, **kwargs):
+  """`torch_unimatch_v2` on each of `groups` GPUs (consecutive blocks of the
+  batch and of the complementary masks), gradients averaged as DDP does.
+
+  Returns:
+    the per-GPU `(total, loss_x, [loss_s1, loss_s2])`, averaged.
+  """
+  n = batch['x'].shape[0]
+  per = n // groups
+  outs = []
+  for q in range(groups):
+    rows = slice(q * per, (q + 1) * per)
+    part = {k: np.ascontiguousarray(v[rows]) for k, v in batch.items()}
+    part_masks = np.concatenate([masks[:n][rows], masks[n:][rows]])
+    outs.append(torch_unimatch_v2(net, ema, part, part_masks, **kwargs))
+  for param in net.parameters():
+    if param.grad is not None:
+      param.grad /= groups
+  mean = lambda values: float(np.mean(values))
+  return (
+    mean([o[0] for o in outs]),
+    mean([o[1] for o in outs]),
+    [mean([o[2][k] for o in outs]) for k in range(2)],
+  )
+
+
+@pytest.mark.parametrize('groups', [1, 4])
+def test_unimatch_v2_matches_the_authors_iteration_in_torch(groups):
+  """One GPU (`loss_groups=1`, the whole batch) and the authors' 4 GPUs
+  (`loss_groups=4`: each GPU's means, its own flip(0) pairing and
+  undropped pairs, gradients averaged) on batches whose quarters have
+  different valid-pixel counts."""
   pytest.importorskip('torch')
   model = TinyTapped(C)
-  config = make_config('unimatch_v2', **{'loss.threshold': 0.4})  # some pixels pass at init
+  config = make_config(
+    'unimatch_v2', **{'loss.threshold': 0.4, 'train.loss_groups': groups}
+  )  # threshold: some pixels pass at init
   settings = config_lib.resolve(config)
   schedule = config_lib.resolve(config).schedule(80)
   state = state_for(model, optax.sgd(0.0))
-  batch = make_batch()
+  batch = skewed_batch(SIZE)
   rng = jax.random.key(7)
   ctx = common.Context(model, settings.method, schedule)
   prepared, _ = uv2.prepare(state, batch, rng, ctx)
-  masks = check_strong_masks(prepared, 8)
+  masks = check_strong_masks(prepared, 8, groups)
   (total, aux), grads = methods.value_and_grad(
     state, batch, rng, model=model, settings=settings.method, schedule=schedule
   )
   net, ema = torch_module(state.params), torch_module(state.teacher_params)
-  ref_total, ref_x, ref_s = torch_unimatch_v2(net, ema, batch, masks, thresh=0.4)
+  ref_total, ref_x, ref_s = torch_per_gpu(net, ema, batch, masks, groups, thresh=0.4)
   ref_grads = {
     name: {
       'kernel': layer.weight.grad.numpy().transpose(2, 3, 1, 0),
@@ -179,18 +228,26 @@ def test_unimatch_v2_matches_the_authors_iteration_in_torch():
     )
   }
   check_against_torch(total, aux, grads, ref_total, ref_x, ref_s, ref_grads)
+  if groups > 1:
+    # The global mean (loss_groups=1) is not the authors' update here: its
+    # L_x (no pairing, no masks: only the denominators differ) misses by far.
+    one = config_lib.resolve(make_config('unimatch_v2', **{'loss.threshold': 0.4}))
+    (_, aux1), _ = methods.value_and_grad(
+      state, batch, rng, model=model, settings=one.method, schedule=schedule
+    )
+    assert abs(float(aux1.metrics['loss_x']) - ref_x) > 1e-2 * abs(ref_x)
 
 
-def test_unimatch_v2_on_a_tiny_vit_matches_the_authors_iteration_in_torch():
-  """The same comparison on DINOv2 + DPT (`dinov2_tiny`, 2x2 patches): the
-  complementary masks multiply the four tapped token maps, and the gradient
-  reaches every encoder and head weight (converted back with the layout
-  that converts the torch weights)."""
+def test_unimatch_v2_on_a_tiny_vit_matches_the_authors_4_gpu_iteration_in_torch():
+  """The same comparison on DINOv2 + DPT (`dinov2_tiny`, 2x2 patches) as the
+  authors' 4 GPUs (`loss_groups=4`): the complementary masks multiply the
+  four tapped token maps, and the gradient reaches every encoder and head
+  weight (converted back with the layout that converts the torch weights)."""
   torch = pytest.importorskip('torch')
   from dssn_jax.models import create_model  # pylint: disable=g-import-not-at-top
   from dssn_jax.testing import torch_dinov2_reference as ref  # pylint: disable=g-import-not-at-top
 
-  size, taps = 28, (0, 1, 2, 3)
+  size, taps, groups = 28, (0, 1, 2, 3), 4
 
   def torch_dpt(seed):
     net = ref.DPT(C, 32, 4, 2, taps, 16, (8, 16, 32, 32))
@@ -201,25 +258,28 @@ def test_unimatch_v2_on_a_tiny_vit_matches_the_authors_iteration_in_torch():
 
   net, ema = torch_dpt(0), torch_dpt(1)
   model = create_model('dinov2_tiny', C)
-  config = make_config('unimatch_v2', **{'data.crop_size': size, 'loss.threshold': 0.6})
+  config = make_config(
+    'unimatch_v2',
+    **{'data.crop_size': size, 'loss.threshold': 0.6, 'train.loss_groups': groups},
+  )
   settings = config_lib.resolve(config)
   schedule = config_lib.resolve(config).schedule(80)
   params = to_ours(net.state_dict())
   state = ts.create_train_state(model, optax.sgd(0.0), None, size, variables={'params': params})
   state = state.replace(teacher_params=to_ours(ema.state_dict()))
-  batch = make_batch(size=size)
+  batch = skewed_batch(size)
   rng = jax.random.key(7)
   # Compiled: op by op, a ViT's forward and backward dispatch thousands of
   # small programs.
   ctx = common.Context(model, settings.method, schedule)
   prepared, _ = jax.jit(lambda st, b, r: uv2.prepare(st, b, r, ctx))(state, batch, rng)
-  masks = check_strong_masks(prepared, 8)
+  masks = check_strong_masks(prepared, 8, groups)
   (total, aux), grads = jax.jit(
     functools.partial(
       methods.value_and_grad, model=model, settings=settings.method, schedule=schedule
     )
   )(state, batch, rng)
-  ref_total, ref_x, ref_s = torch_unimatch_v2(net, ema, batch, masks, thresh=0.6)
+  ref_total, ref_x, ref_s = torch_per_gpu(net, ema, batch, masks, groups, thresh=0.6)
   ref_grads = to_ours(
     {
       k: torch.zeros_like(p) if p.grad is None else p.grad  # mask_token: unused

@@ -56,6 +56,9 @@ class Settings:
   ohem_thresh: float = knob('loss.ohem_thresh')
   ohem_min_kept: int = knob('loss.ohem_min_kept')
   ignore_index: int = knob('data.ignore_index')
+  # The reproduced recipe's GPU count: per-GPU reductions per group
+  # (`methods.common`); 1: over the global batch.
+  loss_groups: int = knob('train.loss_groups')
 
   @classmethod
   def from_config(cls, config, method: str):

@@ -11,10 +11,20 @@ Every method splits its iteration in two (see `dssn_jax.methods`):
   forwards and the weighted loss terms on one micro-batch (the whole batch
   when `grad_accum` is 1).
 
-A term is `numerator / denominator` with the denominator taken over the
-global batch (`prepared['den_*']`), so the micro-batches' totals, gradients
-and metrics add up to the full batch's exactly (for models without
-BatchNorm; BatchNorm models run one micro-batch).
+A term is `numerator / denominator` with the denominator counted in
+`prepare` over the global batch (`prepared['den_*']`), so the micro-batches'
+totals, gradients and metrics add up to the full batch's exactly (for models
+without BatchNorm; BatchNorm models run one micro-batch).
+
+Loss groups (`config.train.loss_groups` = G, the reproduced recipe's GPU
+count): the authors' loop normalizes each term on each GPU by that GPU's own
+count and DDP averages the GPUs' gradients. With G > 1 a denominator is a
+per-sample array holding the count of the sample's group (G consecutive
+blocks of B / G samples), a term is `sum_g num_g / den_g / G`, cutmix
+partners reversed within a group, complementary dropout's undropped pairs
+drawn per group and OHEM selects per group. Per-sample denominators split
+with the samples, so any micro-batching and any device layout give the same
+update. G = 1: one objective over the global batch (scalar denominators).
 
 Random masks come from the sample's global position (`fold_in(key, index)`),
 so the number of micro-batches changes none of them. `prepare` may return
@@ -146,62 +156,106 @@ def channel_dropout_masks(key, n: int, dim: int, rate: float = 0.5) -> jax.Array
   return keep.astype(jnp.float32) / (1.0 - rate)
 
 
-def complementary_masks(key, n: int, dim: int, kept_fraction: float = 0.5):
+def complementary_masks(key, n: int, dim: int, kept_fraction: float = 0.5, groups: int = 1):
   """UniMatch V2's complementary dropout for `n` pairs -> (m, 2 - m), each `(n, dim)`.
 
-  `m = 2 * Bernoulli(0.5)` per (pair, channel); `int(n * kept_fraction)` pairs,
-  chosen by a random permutation of the global pair indices, keep all
-  channels (both masks 1). The authors draw per GPU (their batch of 4 pairs
-  keeps 2); here the draw covers the global batch.
+  `m = 2 * Bernoulli(0.5)` per (pair, channel); in each of `groups` blocks
+  of `n / groups` consecutive pairs (one GPU's batch in the authors' loop),
+  `int(n / groups * kept_fraction)` pairs, chosen by a random permutation of
+  the block, keep all channels (both masks 1).
   """
   m = 2.0 * _per_sample(
     jax.random.fold_in(key, 0), n, lambda k: jax.random.bernoulli(k, 0.5, (dim,))
   )
   m = m.astype(jnp.float32)
-  num_kept = int(n * kept_fraction)
-  order = jax.random.permutation(jax.random.fold_in(key, 1), n)
-  kept = jnp.zeros((n,), bool).at[order[:num_kept]].set(True)
+  size = n // groups
+  num_kept = int(size * kept_fraction)
+
+  def kept_in(k):
+    order = jax.random.permutation(k, size)
+    return jnp.zeros((size,), bool).at[order[:num_kept]].set(True)
+
+  key = jax.random.fold_in(key, 1)
+  if groups == 1:
+    kept = kept_in(key)
+  else:
+    kept = jax.vmap(lambda g: kept_in(jax.random.fold_in(key, g)))(jnp.arange(groups))
+  kept = kept.reshape(n)
   m = jnp.where(kept[:, None], 1.0, m)
   return m, jnp.where(kept[:, None], 1.0, 2.0 - m)
 
 
 # ----------------------------------------------------------------------------
-# Loss terms with global denominators.
+# Loss terms with global or per-group denominators.
 
 
 def count(mask) -> jax.Array:
   return jnp.sum(jnp.asarray(mask).astype(jnp.float32))
 
 
-def ce_term(logits, labels, den, ignore_index: int) -> jax.Array:
-  """`sum(CE over labels != ignore) / den` (L_x with CE)."""
+def _per_sample_sums(values) -> jax.Array:
+  values = jnp.asarray(values).astype(jnp.float32)
+  return jnp.sum(values.reshape(values.shape[0], -1), axis=1)
+
+
+def denominator(mask, groups: int) -> jax.Array:
+  """The count of `mask` (`(B, ...)` bool) a term divides by.
+
+  `groups == 1`: the global count, a scalar. Otherwise per-sample `(B,)`:
+  each sample holds the count of its group (B / groups consecutive samples).
+  """
+  if groups == 1:
+    return count(mask)
+  per_group = _per_sample_sums(mask).reshape(groups, -1).sum(axis=1)
+  return jnp.repeat(per_group, mask.shape[0] // groups)
+
+
+def reduce(values, den, groups: int) -> jax.Array:
+  """`sum(values) / den` with a scalar `den`; with per-sample `den` (`denominator`),
+  `sum_i sum(values_i) / den_i / groups`: each group's mean, the groups
+  averaged (what DDP's gradient average of per-GPU means computes)."""
+  if jnp.ndim(den) == 0:
+    return count(values) / jnp.maximum(den, 1.0)
+  return jnp.sum(_per_sample_sums(values) / jnp.maximum(den, 1.0)) / groups
+
+
+def ce_term(logits, labels, den, ignore_index: int, groups: int = 1) -> jax.Array:
+  """`sum(CE over labels != ignore) / den` (L_x with CE), per group with `groups`."""
   valid = (labels != ignore_index).astype(jnp.float32)
+  return reduce(losses.cross_entropy_map(logits, labels) * valid, den, groups)
+
+
+def sup_term(logits, labels, den, settings, micro_batches: int = 1) -> jax.Array:
+  """L_x: CE over the labeled pixels, or OHEM CE.
+
+  OHEM with `loss_groups == 1` selects per image (`ohem_min_kept` each) and
+  averages over every kept pixel of the batch; with groups it selects over
+  each group's pixels (`ohem_min_kept` per group, the authors' per-GPU
+  value) and averages the groups' means. The micro-batch then holds
+  `loss_groups / micro_batches` whole groups (`gradients` lines them up).
+  """
+  groups = settings.loss_groups
+  if settings.sup_type != 'ohem':
+    return ce_term(logits, labels, den, settings.ignore_index, groups)
+  kwargs = dict(ignore_index=settings.ignore_index)
+  if groups == 1:
+    kwargs['per_image'] = True
+  else:
+    kwargs['groups'] = groups // micro_batches
+  out = losses.ohem_ce(logits, labels, settings.ohem_thresh, settings.ohem_min_kept, **kwargs)
+  return out / micro_batches if groups > 1 else out
+
+
+def pseudo_term(logits, labels, mask, valid, den, groups: int = 1) -> jax.Array:
+  """`sum(CE * (mask & valid)) / den` with `den` the count of valid pixels
+  (global, or per group)."""
   ce = losses.cross_entropy_map(logits, labels)
-  return jnp.sum(ce * valid) / jnp.maximum(den, 1.0)
-
-
-def sup_term(logits, labels, den, settings) -> jax.Array:
-  """L_x: CE over the labeled pixels, or OHEM CE (per image, `min_kept` each)."""
-  if settings.sup_type == 'ohem':
-    return losses.ohem_ce(
-      logits,
-      labels,
-      settings.ohem_thresh,
-      settings.ohem_min_kept,
-      ignore_index=settings.ignore_index,
-      per_image=True,
-    )
-  return ce_term(logits, labels, den, settings.ignore_index)
-
-
-def pseudo_term(logits, labels, mask, valid, den) -> jax.Array:
-  """`sum(CE * (mask & valid)) / den` with `den` the global count of valid pixels."""
-  ce = losses.cross_entropy_map(logits, labels)
-  return jnp.sum(ce * (mask & valid).astype(jnp.float32)) / jnp.maximum(den, 1.0)
+  return reduce(ce * (mask & valid).astype(jnp.float32), den, groups)
 
 
 def align_term(a, b, den) -> jax.Array:
-  """Dual-level alignment: `sum((z(a) - z(b))^2) / den`, den = global element count."""
+  """Dual-level alignment: `sum((z(a) - z(b))^2) / den`, den = global element
+  count (groups of equal size: the mean of the groups' means)."""
   d = losses.standardize(a) - losses.standardize(b)
   return jnp.sum(jnp.square(d)) / den
 
@@ -222,26 +276,36 @@ def compose(box, partner, base):
   return pseudo_labels.compose_cutmix(box, partner, base)
 
 
-def mixed_strong_images(batch, views: int, partner: str = 'batch'):
+def reversed_within(x, groups: int = 1):
+  """`x` reversed along the batch within each group of `B / groups`
+  consecutive samples (UniMatch V2's `flip(0)` of each GPU's batch)."""
+  if groups == 1:
+    return x[::-1]
+  shape = x.shape
+  return x.reshape((groups, shape[0] // groups) + shape[1:])[:, ::-1].reshape(shape)
+
+
+def mixed_strong_images(batch, views: int, partner: str = 'batch', groups: int = 1):
   """The cutmixed strong views, uint8 `(views * B, H, W, 3)` concatenated.
 
   `partner='batch'`: the mix-partner batch's strong view (`m_sk`, DSSN /
-  UniMatch); `'reversed'`: the same view of the batch reversed (UniMatch V2).
+  UniMatch); `'reversed'`: the same view of the batch reversed within each
+  group (UniMatch V2).
   """
   out = []
   for u_s, m_s, box in VIEW_KEYS[:views]:
-    other = batch[m_s] if partner == 'batch' else batch[u_s][::-1]
+    other = batch[m_s] if partner == 'batch' else reversed_within(batch[u_s], groups)
     out.append(compose(batch[box], other, batch[u_s]))
   return jnp.concatenate(out)
 
 
-def valid_pixels(batch, ignore_index: int, views: int, partner: str = 'batch'):
-  """Valid maps of the weak view and of each cutmixed strong view."""
+def valid_pixels(batch, ignore_index: int, views: int):
+  """Valid maps of the weak view and of each strong view cutmixed with the
+  mix-partner batch."""
   valid_w = batch['u_ignore'] != ignore_index
   valid = []
   for _, _, box in VIEW_KEYS[:views]:
-    other = batch['m_ignore'] if partner == 'batch' else batch['u_ignore'][::-1]
-    valid.append(compose(batch[box], other, batch['u_ignore']) != ignore_index)
+    valid.append(compose(batch[box], batch['m_ignore'], batch['u_ignore']) != ignore_index)
   return valid_w, valid
 
 
@@ -253,22 +317,27 @@ def normalized(images):
 # Micro-batching.
 
 
-def split_micro(tree, k: int):
+def split_micro(tree, k: int, block: int = 1):
   """Leading axis `B` -> `(k, B/k)` on every leaf (scalars are broadcast).
 
-  Micro-batch j holds samples j, j + k, j + 2k, ...: strided, so that with
-  the batch sharded on `data` each micro-batch still spans every device.
+  Micro-batch j holds blocks j, j + k, j + 2k, ... of `block` consecutive
+  samples: strided (`block=1`: samples j, j + k, ...), so that with the
+  batch sharded on `data` each micro-batch still spans every device;
+  `block` = a loss group's size keeps each group whole (OHEM per group).
   """
 
   def one(x):
     x = jnp.asarray(x)
     if x.ndim == 0:
       return jnp.broadcast_to(x, (k,))
-    if x.shape[0] % k:
+    if x.shape[0] % (k * block):
       raise ValueError(
         f'config.train.grad_accum={k} does not divide the batch axis of size {x.shape[0]}'
+        + (f' into blocks of {block}' if block > 1 else '')
       )
-    return jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1)
+    rest = x.shape[1:]
+    x = x.reshape((x.shape[0] // (k * block), k, block) + rest)
+    return jnp.swapaxes(x, 0, 1).reshape((k, -1) + rest)
 
   return jax.tree.map(one, tree)
 

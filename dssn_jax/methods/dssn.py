@@ -204,7 +204,7 @@ def strong_feature_masks(key, model, s, n: int):
       'comp_drop (complementary dropout of the strong views) needs a model with tapped '
       'features (model.feature_dim, the DINOv2/DPT family)'
     )
-  m, m2 = common.complementary_masks(key, n, dim, s.comp_drop_kept)
+  m, m2 = common.complementary_masks(key, n, dim, s.comp_drop_kept, s.loss_groups)
   return jnp.concatenate([m, m2])
 
 
@@ -216,15 +216,15 @@ def prepare_views(state, batch, rng, ctx):
   s, model = ctx.settings, ctx.model
   check(batch, s)
   f = flags(s)
-  views, n = f['views'], batch['u_w'].shape[0]
+  views, n, groups = f['views'], batch['u_w'].shape[0], s.loss_groups
   valid_w, valid_s = common.valid_pixels(batch, s.ignore_index, views)
   out = {
     'x': batch['x'],
     'y': batch['y'],
     'u_w': batch['u_w'],
     'valid_w': valid_w,
-    'den_x': common.count(batch['y'] != s.ignore_index),
-    'den_w': common.count(valid_w),
+    'den_x': common.denominator(batch['y'] != s.ignore_index, groups),
+    'den_w': common.denominator(valid_w, groups),
   }
   if f['strong_forward']:
     out['strong'] = jnp.stack(jnp.split(common.mixed_strong_images(batch, views), views), 1)
@@ -234,7 +234,7 @@ def prepare_views(state, batch, rng, ctx):
   if f['strong_terms']:
     for k in range(views):
       out[f'valid_s{k}'] = valid_s[k]
-      out[f'den_s{k}'] = common.count(valid_s[k])
+      out[f'den_s{k}'] = common.denominator(valid_s[k], groups)
   masks = fp_masks(jax.random.fold_in(rng, 1), model, s, n, f['perturb'])
   if masks is not None:
     out['fp_masks'] = jnp.moveaxis(masks, 0, 1)  # (n, perturb, D): sliceable by sample
@@ -306,6 +306,7 @@ def loss(params, state, mb, rng, ctx):
   """The weighted terms on one micro-batch `mb` of `prepare`'s output."""
   s = ctx.settings
   f = flags(s)
+  groups = s.loss_groups
   warm = state.step < ctx.schedule.warmup_steps
   terms, weighted = {}, []
   p_x, p_w, p_fp, bs = clean_forward(params, state, mb, rng, ctx)
@@ -317,17 +318,17 @@ def loss(params, state, mb, rng, ctx):
   valid_w = mb['valid_w']
   mask_w = common.mask_of(p_w, s)
   labels_w = jnp.argmax(p_w, axis=-1).astype(jnp.int32)
-  terms['mask_ratio'] = common.count(mask_w & valid_w) / jnp.maximum(mb['den_w'], 1.0)
+  terms['mask_ratio'] = common.reduce(mask_w & valid_w, mb['den_w'], groups)
 
   # 6. Loss terms.
   if s.sup > 0:
-    terms['loss_x'] = common.sup_term(p_x, mb['y'], mb['den_x'], s)
+    terms['loss_x'] = common.sup_term(p_x, mb['y'], mb['den_x'], s, ctx.micro_batches)
     weighted.append(s.sup * terms['loss_x'])
   if f['strong_terms']:
     strong_weight = jnp.where(warm, 0.0, s.strong)
     for k, suffix in enumerate(common.suffixes(f['views'])):
       labels, mask = strong_target(mb, p_w, k, s)
-      term = common.pseudo_term(p_s[k], labels, mask, mb[f'valid_s{k}'], mb[f'den_s{k}'])
+      term = common.pseudo_term(p_s[k], labels, mask, mb[f'valid_s{k}'], mb[f'den_s{k}'], groups)
       terms['loss_s' + suffix] = term
       weighted.append(strong_weight * term)
 
@@ -339,7 +340,7 @@ def loss(params, state, mb, rng, ctx):
 
   if s.fp > 0:
     for p, suffix in zip(p_fp, common.suffixes(len(p_fp))):
-      term = common.pseudo_term(p, labels_w, mask_w, valid_w, mb['den_w'])
+      term = common.pseudo_term(p, labels_w, mask_w, valid_w, mb['den_w'], groups)
       terms['loss_fp' + suffix] = term
       weighted.append(gated(s.fp) * term)
   if s.align_image > 0:

@@ -43,6 +43,14 @@ def _with_metrics(aux: common.LossAux, metrics) -> common.LossAux:
   return aux.replace(metrics={**aux.metrics, **metrics}) if metrics else aux
 
 
+def _micro_block(settings, batch) -> int:
+  """Samples kept together in a micro-batch: a whole loss group when OHEM
+  selects per group (`config_lib` checks that the groups split evenly), else 1."""
+  if settings.sup_type == 'ohem' and settings.loss_groups > 1:
+    return batch['x'].shape[0] // settings.loss_groups
+  return 1
+
+
 def objective(params, state, batch, rng, *, model, settings, schedule):
   """The whole batch's total loss as a function of `params` (one micro-batch).
 
@@ -79,7 +87,7 @@ def value_and_grad(state, batch, rng, *, model, settings, schedule, grad_accum: 
   prepared, teacher_bs = method.prepare(state, batch, rng, ctx)
   metrics = prepared.pop('metrics', None)
   grad_fn = jax.value_and_grad(lambda p, mb: method.loss(p, state, mb, rng, ctx), has_aux=True)
-  micro = common.split_micro(prepared, k)
+  micro = common.split_micro(prepared, k, _micro_block(settings, batch))
   first = jax.tree.map(lambda x: x[0], micro)
   shapes = jax.eval_shape(grad_fn, state.params, first)
   zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)

@@ -18,7 +18,8 @@ def prepare(state, batch, rng, ctx):
   del rng
   s = ctx.settings
   common.check_keys(batch, ('x', 'y'), s.method)
-  out = {'x': batch['x'], 'y': batch['y'], 'den_x': common.count(batch['y'] != s.ignore_index)}
+  den_x = common.denominator(batch['y'] != s.ignore_index, s.loss_groups)
+  out = {'x': batch['x'], 'y': batch['y'], 'den_x': den_x}
   return out, state.teacher_batch_stats
 
 
@@ -31,7 +32,7 @@ def loss(params, state, mb, rng, ctx):
   terms = {}
   total = jnp.float32(0.0)
   if s.sup > 0:
-    terms['loss_x'] = common.sup_term(logits, mb['y'], mb['den_x'], s)
+    terms['loss_x'] = common.sup_term(logits, mb['y'], mb['den_x'], s, ctx.micro_batches)
     total = s.sup * terms['loss_x']
   return total, common.LossAux(bs, state.teacher_batch_stats, terms)
 

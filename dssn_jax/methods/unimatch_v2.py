@@ -5,20 +5,23 @@ The iteration (docs/method.md "UniMatch V2", the authors' `unimatch_v2.py`):
 
 1. EMA teacher (eval mode, no gradient) on `u_w` -> confidence
    `conf = max softmax` and labels `argmax`;
-2. cutmix partner = the global batch reversed: `u_sk` takes `u_sk[::-1]`
-   inside `box_k`; labels, confidences and ignore maps take their `[::-1]`
+2. cutmix partner = the batch reversed within each loss group (the
+   authors' GPU batch: `config.train.loss_groups`): `u_sk` takes its
+   reversal inside `box_k`; labels, confidences and ignore maps take theirs
    inside the box (no mix-partner batch, no teacher call on a partner);
 3. student on x -> `P_x`; student on concat(u_s1, u_s2) with complementary
    dropout of its tapped features (pairs `m`, `2 - m` per image and
-   channel, `m = 2 Bernoulli(0.5)`; half of the pairs undropped) -> `P_s1, P_s2`;
-4. `L_x` = CE (or OHEM); `L_sk = sum(CE * (conf_k >= 0.95) * valid_k) / count(valid_k)`;
+   channel, `m = 2 Bernoulli(0.5)`; half of each group's pairs undropped)
+   -> `P_s1, P_s2`;
+4. `L_x` = CE (or OHEM); `L_sk = sum(CE * (conf_k >= 0.95) * valid_k) / count(valid_k)`,
+   each a mean within its loss group, the groups averaged;
 5. total `(L_x + (L_s1 + L_s2) / 2) / 2`: effective weights sup 0.5, strong 0.25;
 6. (train_step) AdamW step; EMA keep rate `min(1 - 1/(step + 1), 0.996)`.
 
-The reversal runs over the *global* batch (the authors reverse each GPU's
-batch of 4; the pairing differs, not its distribution). With
-`grad_accum > 1` the targets and the cutmixed images are composed over the
-global batch before it is split, so the pairs cross micro-batches freely.
+With `loss_groups=4` (the recipes') this is the authors' update on their 4
+GPUs; with 1, one objective over the global batch, reversed as a whole.
+With `grad_accum > 1` the targets and the cutmixed images are composed over
+the global batch before it is split, so the pairs cross micro-batches freely.
 """
 
 from __future__ import annotations
@@ -71,7 +74,8 @@ def prepare(state, batch, rng, ctx):
   """Steps 1-2 and the dropout masks, over the global batch (no gradient)."""
   s, model = ctx.settings, ctx.model
   check(batch, s)
-  n = batch['u_w'].shape[0]
+  n, groups = batch['u_w'].shape[0], s.loss_groups
+  flip = lambda x: common.reversed_within(x, groups)
 
   def one(mb):
     logits, _, _ = common.forward(
@@ -90,22 +94,22 @@ def prepare(state, batch, rng, ctx):
   out = {
     'x': batch['x'],
     'y': batch['y'],
-    'den_x': common.count(batch['y'] != s.ignore_index),
+    'den_x': common.denominator(batch['y'] != s.ignore_index, groups),
     # A global statistic, reported once (not summed over micro-batches).
     'metrics': {
       'mask_ratio': common.count((conf >= s.threshold) & valid_w)
       / jnp.maximum(common.count(valid_w), 1.0)
     },
   }
-  strong = common.mixed_strong_images(batch, 2, partner='reversed')
+  strong = common.mixed_strong_images(batch, 2, partner='reversed', groups=groups)
   out['strong'] = jnp.stack(jnp.split(strong, 2), 1)  # (n, 2, H, W, 3)
   for k, (_, _, box) in enumerate(common.VIEW_KEYS):
     b = batch[box]
-    valid_k = common.compose(b, ignore[::-1], ignore) != s.ignore_index
-    out[f'labels_s{k}'] = common.compose(b, labels[::-1], labels)
-    out[f'mask_s{k}'] = common.compose(b, conf[::-1], conf) >= s.threshold
+    valid_k = common.compose(b, flip(ignore), ignore) != s.ignore_index
+    out[f'labels_s{k}'] = common.compose(b, flip(labels), labels)
+    out[f'mask_s{k}'] = common.compose(b, flip(conf), conf) >= s.threshold
     out[f'valid_s{k}'] = valid_k
-    out[f'den_s{k}'] = common.count(valid_k)
+    out[f'den_s{k}'] = common.denominator(valid_k, groups)
   masks = dssn.strong_feature_masks(jax.random.fold_in(rng, 2), model, s, n)
   if masks is not None:
     out['strong_masks'] = jnp.stack(jnp.split(masks, 2), 1)  # (n, 2, D)
@@ -130,12 +134,17 @@ def loss(params, state, mb, rng, ctx):
   terms = {}
   weighted = []
   if s.sup > 0:
-    terms['loss_x'] = common.sup_term(p_x, mb['y'], mb['den_x'], s)
+    terms['loss_x'] = common.sup_term(p_x, mb['y'], mb['den_x'], s, ctx.micro_batches)
     weighted.append(s.sup * terms['loss_x'])
   if s.strong > 0:
     for k in range(2):
       term = common.pseudo_term(
-        p_s[k], mb[f'labels_s{k}'], mb[f'mask_s{k}'], mb[f'valid_s{k}'], mb[f'den_s{k}']
+        p_s[k],
+        mb[f'labels_s{k}'],
+        mb[f'mask_s{k}'],
+        mb[f'valid_s{k}'],
+        mb[f'den_s{k}'],
+        s.loss_groups,
       )
       terms[f'loss_s{k + 1}'] = term
       weighted.append(s.strong * term)
