@@ -18,9 +18,9 @@ ARG (`k=v,...`; a bare value sets `split`):
   method    dssn | unimatch | fixmatch | supervised | unimatch_v2
 
 Recipe, DINOv2: UniMatch V2's `configs/coco.yaml` (crop 518, 20 epochs,
-global batch 16 = 4 GPUs x 4, AdamW 5e-6 / head 40x, CE, encoder trained,
+global batch 16 = 4 GPUs x 4 (`loss_groups=4`), AdamW 5e-6 / head 40x, CE, encoder trained,
 whole-image evaluation resized to multiples of 14). ResNet: UniMatch's COCO
-recipe (crop 513, 30 epochs, global batch 8 = 8 GPUs x 1, lr 0.004 with the
+recipe (crop 513, 30 epochs, global batch 8 = 8 GPUs x 1 (`loss_groups=8`), lr 0.004 with the
 head at 10x, whole-image evaluation) with DSSN's losses, CPLG and teacher.
 
 Departures from the papers (docs/faithfulness.md):
@@ -45,6 +45,7 @@ def get_config(arg=None):
   c.data.num_classes = 81
   c.data.crop_size = 513
   c.data.batch_size = 8
+  c.train.loss_groups = 8  # UniMatch's 8 GPUs x 1
   c.data.workers = -1  # auto: from the host's cores (data.pipeline.auto_workers)
   c.data.strong_ops = 3
   c.data.eval_mode = 'original'

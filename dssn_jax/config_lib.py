@@ -297,12 +297,15 @@ def dinov2_recipe(
 ) -> ml_collections.ConfigDict:
   """A dataset config switched to UniMatch V2's DINOv2/DPT recipe.
 
-  `batch` is the global labeled batch (the authors' per-GPU batch x 4 GPUs);
+  `batch` is the global labeled batch (the authors' per-GPU batch x 4 GPUs,
+  `config.train.loss_groups=4`: their per-GPU update, also for `dssn`,
+  which has no published DINOv2 recipe and takes UniMatch V2's GPUs);
   `freeze_backbone` is their `lock_backbone` (`config.train.freeze_backbone`,
   read by the DINOv2 model's optimizer). Any method runs on it; `dssn` keeps
   its own losses, CPLG and warm-up.
   """
   apply_unimatch_v2_recipe(c)
+  c.train.loss_groups = 4  # the authors' 4 GPUs (every UniMatch V2 recipe)
   c.data.eval_resize_multiple = model_registry.family_of(backbone).patch
   c.model.backbone = backbone
   c.model.pretrained = f'pretrained/{backbone}.pth'

@@ -350,11 +350,17 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
     config, mesh, seed=config.seed, settings=settings, labeled_only_steps=None
   )
   schedule = settings.schedule(data.num_labeled if data.supervised else data.num_unlabeled)
+  groups = settings.method.loss_groups
   _log(
     f'{settings.method.method}: {data.num_labeled} labeled, {data.num_unlabeled} unlabeled; '
     f'{schedule.total_steps} steps ({schedule.steps_per_epoch}/epoch), '
     f'lr {schedule.lr:g} (head {schedule.head_lr:g}), {jax.device_count()} devices, '
-    f'{jax.process_count()} processes, {data.workers} input workers per host'
+    f'{jax.process_count()} processes, {data.workers} input workers per host; '
+    + (
+      f'loss groups {groups} x {config.data.batch_size // groups} (per-GPU means)'
+      if groups > 1
+      else 'loss groups 1 (one objective over the global batch)'
+    )
   )
 
   model = models.model_from_config(config)

@@ -222,3 +222,20 @@ def test_class_aware_mask_sees_composed_logits():
   composed = pseudo_labels.compose_cutmix(box, mixed, base)
   np.testing.assert_array_equal(pseudo_labels.class_aware_mask(composed), [[[True, False]]])
   np.testing.assert_array_equal(pseudo_labels.hard_labels(composed), [[[1, 0]]])
+
+
+def test_ohem_ce_per_group_is_the_mean_of_the_groups_means():
+  """`groups`: each GPU batch selects over its own pixels and takes its own
+  mean; the result averages the groups (DDP). Group 1 is image 1 alone;
+  group 2 is image 2 with all but one pixel ignored, so a pixel-weighted
+  mean over the batch would weight it 1/7."""
+  logits, labels = _ohem_inputs()
+  logits2 = jnp.concatenate([logits, logits], 0)
+  labels2 = jnp.concatenate([labels, jnp.full_like(labels, 255).at[0, 0, 0].set(0)], 0)
+  got = losses.ohem_ce(logits2, labels2, thresh=0.7, min_kept=2, groups=2)
+  want = (_mean_nll([0.1, 0.3, 0.6]) + _mean_nll([0.1])) / 2
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  pooled = losses.ohem_ce(logits2, labels2, thresh=0.7, min_kept=2, per_image=True)
+  np.testing.assert_allclose(pooled, _mean_nll([0.1, 0.3, 0.6, 0.1]), rtol=1e-5)
+  with pytest.raises(ValueError, match='groups=3 does not divide the batch of 2'):
+    losses.ohem_ce(logits2, labels2, groups=3)

@@ -606,6 +606,65 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent('''
 ''')
 
 
+_GROUPS_SCRIPT = textwrap.dedent('''
+    import json
+    import jax
+    from dssn_jax.testing import train_steps as t
+    from dssn_jax import models, parallel
+    assert jax.device_count() == 8, jax.devices()
+
+    def first_step(model, config, batch, devices, grad_accum=1):
+      config.train.grad_accum = grad_accum
+      mesh = parallel.make_mesh(jax.devices()[:devices])
+      m = t.run_steps(model, mesh, config, batch, 1, warmup_steps=0)['metrics'][0]
+      return {k: m[k] for k in ('loss', 'grad_norm', 'loss_x', 'loss_s1', 'loss_s2')}
+
+    out = {}
+    # UniMatch V2 on a tiny DINOv2 as the authors' 4 GPUs: devices x micro-batches.
+    config = t.make_config('unimatch_v2', threshold=0.3)
+    config.train.loss_groups = 4
+    model = models.create_model('dinov2_tiny', t.NUM_CLASSES)
+    batch = t.make_batch(28, batch=8, seed=5)
+    for devices, accum in ((1, 1), (1, 2), (1, 4), (8, 1), (8, 2)):
+      out[f'uv2 {devices} dev x {accum} micro'] = first_step(model, config, batch, devices, accum)
+    # DSSN on a tiny ResNet (sync BN), OHEM per group of 2 (Cityscapes-like).
+    config = t.make_config(pseudo_label='fixed', threshold=0.0, sup_type='ohem',
+                           ohem_min_kept=1200)
+    config.train.loss_groups = 4
+    model = models.create_model('resnet_tiny', t.NUM_CLASSES)
+    batch = t.make_batch(33, batch=8, seed=5)
+    for devices in (1, 8):
+      out[f'dssn {devices} dev'] = first_step(model, config, batch, devices)
+    print(json.dumps(out))
+''')
+
+
+@pytest.mark.slow
+def test_loss_groups_give_one_update_on_any_layout():
+  """`loss_groups=4` (the authors' 4 GPUs): UniMatch V2 on `dinov2_tiny` on
+  1 and 8 devices with 1, 2 and 4 micro-batches, DSSN with OHEM on
+  `resnet_tiny` on 1 and 8 devices: the same first-step loss, terms and
+  gradient norm (`numerics.NETWORK`: another summation order)."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  proc = subprocess.run(
+    [sys.executable, '-c', _GROUPS_SCRIPT],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+    check=False,
+  )
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  for family, ref in (('uv2', 'uv2 1 dev x 1 micro'), ('dssn', 'dssn 1 dev')):
+    want = out[ref]
+    assert want['loss_s1'] > 0 and want['loss_x'] > 0
+    for name, got in out.items():
+      if name.startswith(family):
+        for key in want:
+          numerics.assert_close(got[key], want[key], numerics.NETWORK, err_msg=f'{name} {key}')
+
+
 @pytest.mark.slow
 def test_one_vs_eight_devices():
   """Same step on 1 and 8 CPU devices: every metric within 1e-4 of its

@@ -151,9 +151,14 @@ class DeepLabV3Plus(nn.Module):
 
   def forward(self, x):
     c1, c4 = self.backbone(x)
+    return self.decode(c1, c4, x.shape[-2:])
+
+  def decode(self, c1, c4, size):
+    """The head on backbone features (DSSN's fp branches call it on
+    channel-dropped copies of `c1`, `c4`), logits resized to `size`."""
     a = F.interpolate(self.head(c4), c1.shape[-2:], mode='bilinear', align_corners=True)
     f = self.fuse(torch.cat([self.reduce(c1), a], 1))
-    return F.interpolate(self.classifier(f), x.shape[-2:], mode='bilinear', align_corners=True)
+    return F.interpolate(self.classifier(f), size, mode='bilinear', align_corners=True)
 
 
 def randomize(model: nn.Module, image_size: int = 65, seed: int = 0) -> nn.Module:

@@ -52,17 +52,20 @@ def to_host(tree):
 _INIT = {}
 
 
-def initial_state(model):
-  """One random init per model, shared (params do not depend on image size)."""
-  if model not in _INIT:
+def initial_state(model, size: int = 33):
+  """One random init per model, shared (params do not depend on image size;
+  `size`: an input side the model takes, e.g. a multiple of a ViT's patch)."""
+  if (model, size) not in _INIT:
     # rbg draws compile several times faster than threefry's.
-    _INIT[model] = ts.create_train_state(model, optax.sgd(0.1), jax.random.key(0, impl='rbg'), 33)
-  return _INIT[model]
+    _INIT[model, size] = ts.create_train_state(
+      model, optax.sgd(0.1), jax.random.key(0, impl='rbg'), size
+    )
+  return _INIT[model, size]
 
 
-def initial_variables(model):
-  """Host copies of `initial_state(model)`'s params and batch statistics."""
-  state = initial_state(model)
+def initial_variables(model, size: int = 33):
+  """Host copies of `initial_state(model, size)`'s params and batch statistics."""
+  state = initial_state(model, size)
   return to_host({'params': state.params, 'batch_stats': state.batch_stats})
 
 
@@ -76,7 +79,11 @@ def run_steps(model, mesh, config, batch, steps, warmup_steps=1, steps_per_epoch
   schedule = make_schedule(config, warmup_steps, steps_per_epoch)
   tx = optim.make_optimizer(schedule, config)
   state = ts.create_train_state(
-    model, tx, jax.random.key(0), batch['x'].shape[1], variables=initial_variables(model)
+    model,
+    tx,
+    jax.random.key(0),
+    batch['x'].shape[1],
+    variables=initial_variables(model, batch['x'].shape[1]),
   )
   step_fn = ts.make_train_step(
     model, tx, settings, schedule, mesh, ema_decay=config.train.ema_decay
