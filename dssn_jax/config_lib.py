@@ -175,6 +175,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss = ml_collections.ConfigDict()
   c.loss.sup_type = 'ce'  # ce | ohem
   c.loss.ohem_thresh = 0.7
+  # Pixels OHEM keeps at least: per group (one GPU's batch) with
+  # train.loss_groups > 1, per image with loss_groups = 1.
   c.loss.ohem_min_kept = 100000
   for name in LOSS_WEIGHTS:  # None: method preset
     c.loss[name] = config_dict.placeholder(float)

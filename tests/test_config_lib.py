@@ -144,6 +144,7 @@ def test_dinov2_configs_reproduce_the_authors_yaml():
     assert (c.train.weight_decay, c.train.poly_power, c.train.ema_decay) == (0.01, 0.9, 0.996)
     assert c.train.freeze_backbone is False, name  # the logged runs: lock_backbone False
     assert c.model.pretrained == 'pretrained/dinov2_base.pth'
+    assert c.train.loss_groups == 4, name  # their 4 GPUs
     s = method_settings(c)
     assert (s.sup, s.strong, s.threshold, s.comp_drop, s.mix_partner) == (
       0.5,
@@ -154,13 +155,34 @@ def test_dinov2_configs_reproduce_the_authors_yaml():
     )
     if name == 'cityscapes':
       assert (c.data.eval_mode, c.data.eval_window_edges) == ('sliding_window', 'shift')
-      assert (c.loss.ohem_thresh, c.loss.ohem_min_kept) == (0.7, 100000)  # 200000 per 2 images
+      assert (c.loss.ohem_thresh, c.loss.ohem_min_kept) == (0.7, 200000)  # per GPU batch
     else:
       assert (c.data.eval_mode, c.data.eval_resize_multiple) == ('original', 14)
   # The ResNet recipes keep their meaning.
   voc = load_config('pascal', 'split=92')
   assert (voc.data.crop_size, voc.train.optimizer, voc.data.eval_resize_multiple) == (513, 'sgd', 0)
   assert config_lib.resolve(voc).mix_partner == 'same'
+
+
+# The authors' GPU counts (their per-GPU batch x GPUs = the global batch).
+RESNET_GPUS = {
+  ('pascal', 'resnet101'): 4,  # DSSN: 4 x (2 + 2)
+  ('cityscapes', 'resnet101'): 8,  # DSSN: 8 x 1
+  ('cityscapes', 'resnet50'): 4,  # DSSN: 4 x 2
+  ('coco', 'resnet101'): 8,  # UniMatch: 8 x 1
+  ('ade20k', 'resnet101'): 4,  # VOC's recipe
+}
+
+
+def test_each_recipe_computes_its_authors_per_gpu_update():
+  for (name, backbone), gpus in RESNET_GPUS.items():
+    c = load_config(name, f'backbone={backbone}')
+    assert c.train.loss_groups == gpus, (name, backbone)
+    assert c.data.batch_size % gpus == 0
+    assert config_lib.resolve(c).method.loss_groups == gpus
+  # DSSN on DINOv2 (unpublished) takes UniMatch V2's 4 GPUs.
+  assert load_config('pascal', 'backbone=dinov2_small,method=dssn').train.loss_groups == 4
+  assert load_config('digits').train.loss_groups == 1  # one CPU, no published recipe
 
 
 def test_resume_changes_refuse_data_keys_but_not_the_scene_cache():

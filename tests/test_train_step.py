@@ -621,11 +621,11 @@ _GROUPS_SCRIPT = textwrap.dedent('''
 
     out = {}
     # UniMatch V2 on a tiny DINOv2 as the authors' 4 GPUs: devices x micro-batches.
-    config = t.make_config('unimatch_v2', threshold=0.3)
+    config = t.make_config('unimatch_v2', threshold=0.0)  # every pixel teaches
     config.train.loss_groups = 4
     model = models.create_model('dinov2_tiny', t.NUM_CLASSES)
     batch = t.make_batch(28, batch=8, seed=5)
-    for devices, accum in ((1, 1), (1, 2), (1, 4), (8, 1), (8, 2)):
+    for devices, accum in ((1, 1), (1, 2), (1, 4), (8, 1)):
       out[f'uv2 {devices} dev x {accum} micro'] = first_step(model, config, batch, devices, accum)
     # DSSN on a tiny ResNet (sync BN), OHEM per group of 2 (Cityscapes-like).
     config = t.make_config(pseudo_label='fixed', threshold=0.0, sup_type='ohem',
