@@ -160,6 +160,7 @@ def _base_values(config):
     ohem_thresh=config.loss.ohem_thresh,
     ohem_min_kept=config.loss.ohem_min_kept,
     ignore_index=config.data.ignore_index,
+    loss_groups=config.train.loss_groups,
   )
 
 

@@ -650,8 +650,10 @@ def test_shifted_sliding_windows_follow_unimatch_v2():
 
 def recorded_dropout_masks(model, variables, images, rng):
   """The channel masks the model's Dropout2d layers drew in one forward
-  (`perturb=2`, the `dropout` rng the DSSN step passes): c1's, then c4's,
-  each `(2 * N, C)` in {0, 2} (copy-major, as the model stacks them)."""
+  (`perturb=2`, the `dropout` rng the DSSN step passes), whatever order the
+  model stacks its copies in: `[c1's, c4's]`, each `(2, N, C)` in {0, 2},
+  mask k of input row i (a dropped row is matched to the row of `aux['c1']`
+  / `aux['c4']` it copies, exactly)."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
 
   from dssn_jax.models import layers  # pylint: disable=g-import-not-at-top
@@ -666,15 +668,25 @@ def recorded_dropout_masks(model, variables, images, rng):
       return out
 
     with nn.intercept_methods(interceptor):
-      model.apply(
+      (_, aux), _ = model.apply(
         variables, images, train=True, perturb=2, rngs={'dropout': rng}, mutable=['batch_stats']
       )
-    return records
+    return records, (aux['c1'], aux['c4'])
 
-  records = jax.device_get(jax.jit(forward)(variables, images, rng))
-  # out = x * mask: the mask where x != 0 (a plane that is 0 everywhere gets
-  # 0; its mask changes neither the value nor, behind a ReLU, the gradient).
-  return [np.where(x != 0, y / np.where(x != 0, x, 1), 0).max(axis=(1, 2)) for x, y in records]
+  records, features = jax.device_get(jax.jit(forward)(variables, images, rng))
+  out = []
+  for feats in features:
+    rows = [(x, y) for xs, ys in records if xs.shape[1:] == feats.shape[1:] for x, y in zip(xs, ys)]
+    masks, seen = np.zeros((2, feats.shape[0], feats.shape[-1])), np.zeros(feats.shape[0], int)
+    for x, y in rows:
+      (i,) = [i for i in range(feats.shape[0]) if np.array_equal(x, feats[i])]
+      # y = x * mask: the mask where x != 0 (a plane that is 0 everywhere gets
+      # 0; its mask changes neither the value nor, behind a ReLU, the gradient).
+      masks[seen[i], i] = np.where(x != 0, y / np.where(x != 0, x, 1), 0).max(axis=(0, 1))
+      seen[i] += 1
+    assert np.all(seen == 2)
+    out.append(masks)
+  return out
 
 
 def torch_dssn(net, ema, batch, masks, groups, w, high, scale):
@@ -784,8 +796,13 @@ def test_dssn_on_a_tiny_resnet_matches_the_authors_4_gpu_iteration_in_torch():
   )
   batch = skewed_batch(size)
   rng = jax.random.key(7)
-  images = common.normalized(np.concatenate([batch['x'], batch['u_w']]))
-  masks = recorded_dropout_masks(model, variables, images, jax.random.fold_in(rng, 0))
+  # The step's joint forward interleaves x and u_w; torch_dssn concatenates.
+  images = common.normalized(common.interleave(batch['x'], batch['u_w']))
+  order = np.asarray(common.interleave(np.arange(8), np.arange(8, 16)))
+  masks = [
+    np.concatenate([m[:, np.argsort(order)][k] for k in range(2)])
+    for m in recorded_dropout_masks(model, variables, images, jax.random.fold_in(rng, 0))
+  ]
   assert {float(v) for m in masks for v in np.unique(m)} <= {0.0, 2.0}
 
   def run(settings):
@@ -807,10 +824,14 @@ def test_dssn_on_a_tiny_resnet_matches_the_authors_4_gpu_iteration_in_torch():
       for k, v in net.state_dict().items()
     }
   )['params']
+  # Gradients to 3 x NETWORK of the largest: the backward adds BatchNorm's
+  # reductions again, and JAX sums the rows in the step's (interleaved)
+  # order, torch in concat(x, u_w)'s (measured: 1.2e-4, 5 of 216 elements
+  # of one kernel over 1e-4; the global mean moves L_x by 5e-3 of itself).
   scale_of = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(ref_grads))
   jax.tree.map(
     lambda g, r: np.testing.assert_allclose(
-      np.asarray(g), np.asarray(r), atol=numerics.NETWORK * scale_of, rtol=0
+      np.asarray(g), np.asarray(r), atol=3 * numerics.NETWORK * scale_of, rtol=0
     ),
     grads,
     ref_grads,

@@ -22,6 +22,7 @@ import pytest
 
 from dssn_jax import compilation, config_lib, losses, models, optim, parallel, pseudo_labels
 from dssn_jax import train_step as ts
+from dssn_jax.methods import common
 from dssn_jax.normalize import normalize
 from dssn_jax.testing import numerics
 from dssn_jax.testing.train_steps import (
@@ -255,8 +256,8 @@ METHOD_TERMS = {
 
 def test_strong_view_bn_stats_flag(model):
   """False: the student's running BN statistics are those of the clean
-  forward on concat(x, u_w) alone; True (reference): the strong-view forward
-  moves them on from there."""
+  forward on (x, u_w) alone (interleaved, as the step runs it); True
+  (reference): the strong-view forward moves them on from there."""
   batch = make_batch(33, batch=2)
   rng = jax.random.key(4)
   state = ts.create_train_state(
@@ -269,7 +270,7 @@ def test_strong_view_bn_stats_flag(model):
     model,
     state.params,
     state.batch_stats,
-    jnp.concatenate([normalize(batch['x']), normalize(batch['u_w'])]),
+    common.interleave(normalize(batch['x']), normalize(batch['u_w'])),
     train=True,
     perturb=settings.method.fp_branches,
     rng=jax.random.fold_in(rng, 0),

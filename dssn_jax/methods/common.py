@@ -285,8 +285,21 @@ def reversed_within(x, groups: int = 1):
   return x.reshape((groups, shape[0] // groups) + shape[1:])[:, ::-1].reshape(shape)
 
 
+def interleave(*arrays):
+  """`k` arrays `(B, ...)` -> one `(B * k, ...)`, sample-major (`a[0], b[0],
+  a[1], b[1], ...`): with the batch sharded on `data`, every row stays on its
+  device (a concatenation along the batch would move rows between devices)."""
+  return jnp.stack(arrays, 1).reshape((-1,) + arrays[0].shape[1:])
+
+
+def deinterleave(x, k: int) -> list:
+  """The inverse of `interleave`: `(B * k, ...)` -> `k` arrays `(B, ...)`."""
+  x = x.reshape((-1, k) + x.shape[1:])
+  return [x[:, i] for i in range(k)]
+
+
 def mixed_strong_images(batch, views: int, partner: str = 'batch', groups: int = 1):
-  """The cutmixed strong views, uint8 `(views * B, H, W, 3)` concatenated.
+  """The cutmixed strong views, uint8 `(B, views, H, W, 3)`.
 
   `partner='batch'`: the mix-partner batch's strong view (`m_sk`, DSSN /
   UniMatch); `'reversed'`: the same view of the batch reversed within each
@@ -296,7 +309,7 @@ def mixed_strong_images(batch, views: int, partner: str = 'batch', groups: int =
   for u_s, m_s, box in VIEW_KEYS[:views]:
     other = batch[m_s] if partner == 'batch' else reversed_within(batch[u_s], groups)
     out.append(compose(batch[box], other, batch[u_s]))
-  return jnp.concatenate(out)
+  return jnp.stack(out, 1)
 
 
 def valid_pixels(batch, ignore_index: int, views: int):

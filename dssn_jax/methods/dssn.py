@@ -149,9 +149,9 @@ def teacher_targets(state, batch, ctx):
     return view_targets(t_m, t_w, batch, s, views), new
 
   def one(mb):
-    both = common.normalized(jnp.concatenate([mb['m_w'], mb['u_w']]))
+    both = common.normalized(common.interleave(mb['m_w'], mb['u_w']))
     logits, _, _ = common.forward(model, state.teacher_params, stats, both, train=False)
-    t_m, t_w = jnp.split(logits, 2)
+    t_m, t_w = common.deinterleave(logits, 2)
     return view_targets(t_m, t_w, mb, s, views)
 
   def batched():
@@ -193,7 +193,7 @@ def fp_masks(key, model, s, n: int, perturb: int):
 
 
 def strong_feature_masks(key, model, s, n: int):
-  """UniMatch V2's complementary dropout on concat(u_s1, u_s2), `(2n, D)`, or None."""
+  """UniMatch V2's complementary dropout of (u_s1, u_s2), `(n, 2, D)`, or None."""
   if not s.comp_drop:
     return None
   if s.strong_views != 2:
@@ -205,7 +205,7 @@ def strong_feature_masks(key, model, s, n: int):
       'features (model.feature_dim, the DINOv2/DPT family)'
     )
   m, m2 = common.complementary_masks(key, n, dim, s.comp_drop_kept, s.loss_groups)
-  return jnp.concatenate([m, m2])
+  return jnp.stack([m, m2], 1)
 
 
 def prepare_views(state, batch, rng, ctx):
@@ -227,10 +227,10 @@ def prepare_views(state, batch, rng, ctx):
     'den_w': common.denominator(valid_w, groups),
   }
   if f['strong_forward']:
-    out['strong'] = jnp.stack(jnp.split(common.mixed_strong_images(batch, views), views), 1)
+    out['strong'] = common.mixed_strong_images(batch, views)  # (n, views, H, W, 3)
     masks = strong_feature_masks(jax.random.fold_in(rng, 2), model, s, n)
     if masks is not None:
-      out['strong_masks'] = jnp.stack(jnp.split(masks, 2), 1)
+      out['strong_masks'] = masks
   if f['strong_terms']:
     for k in range(views):
       out[f'valid_s{k}'] = valid_s[k]
@@ -261,8 +261,10 @@ def strong_target(mb, p_w, k: int, s):
 
 
 def clean_forward(params, state, mb, rng, ctx):
-  """Step 3: the student on concat(x, u_w) with `perturb` perturbed copies of
-  its features (or on x, then u_w: `labeled_bn='separate'`).
+  """Step 3: the student on (x, u_w) with `perturb` perturbed copies of its
+  features (or on x, then u_w: `labeled_bn='separate'`). The joint forward
+  interleaves x and u_w (`common.interleave`): the reference's concat(x,
+  u_w) up to the order of rows, which only BatchNorm's sums see.
 
   Returns:
     `(P_x, P_w (detached), [P_fp1, P_fp2], batch_stats)`.
@@ -271,35 +273,39 @@ def clean_forward(params, state, mb, rng, ctx):
   perturb = flags(s)['perturb']
   dropout_rng = jax.random.fold_in(rng, 0)
   x, u_w = common.normalized(mb['x']), common.normalized(mb['u_w'])
-  n_x = x.shape[0]
   perturb_masks = None
   if 'fp_masks' in mb:  # model takes masks: ones for the labeled rows
-    fp = jnp.moveaxis(mb['fp_masks'], 1, 0)
-    perturb_masks = fp
+    fp = mb['fp_masks']  # (n, perturb, D)
     if s.labeled_bn != 'separate':
-      perturb_masks = jnp.concatenate([jnp.ones((perturb, n_x) + fp.shape[2:]), fp], axis=1)
+      fp = common.interleave(jnp.ones_like(fp), fp)
+    perturb_masks = jnp.moveaxis(fp, 1, 0)
   kwargs = dict(train=True, perturb=perturb, rng=dropout_rng, perturb_masks=perturb_masks)
   if s.labeled_bn == 'separate':
     p_x, _, bs = common.forward(model, params, state.batch_stats, x, train=True)
     p_w, aux, bs = common.forward(model, params, bs, u_w, **kwargs)
     return p_x, jax.lax.stop_gradient(p_w), list(aux['perturbed']), bs
-  both = jnp.concatenate([x, u_w])
+  if x.shape[0] != u_w.shape[0]:
+    raise ValueError(
+      f"labeled_bn='joint' needs labeled and unlabeled batches of one size, got "
+      f'{x.shape[0]} and {u_w.shape[0]}'
+    )
+  both = common.interleave(x, u_w)
   logits, aux, bs = common.forward(model, params, state.batch_stats, both, **kwargs)
-  p_fp = [p[n_x:] for p in aux['perturbed']]
-  return logits[:n_x], jax.lax.stop_gradient(logits[n_x:]), p_fp, bs
+  p_x, p_w = common.deinterleave(logits, 2)
+  p_fp = [common.deinterleave(p, 2)[1] for p in aux['perturbed']]
+  return p_x, jax.lax.stop_gradient(p_w), p_fp, bs
 
 
 def strong_forward(params, mb, bs, ctx):
   """Step 4: the student on the cutmixed strong views -> `([P_s1, P_s2], batch_stats)`."""
   s, model = ctx.settings, ctx.model
   views = flags(s)['views']
-  strong = mb['strong']
-  images = common.normalized(jnp.concatenate([strong[:, k] for k in range(views)]))
+  images = common.normalized(common.interleave(*(mb['strong'][:, k] for k in range(views))))
   fmasks = None
   if 'strong_masks' in mb:
-    fmasks = jnp.concatenate([mb['strong_masks'][:, k] for k in range(2)])
+    fmasks = common.interleave(mb['strong_masks'][:, 0], mb['strong_masks'][:, 1])
   logits_s, _, bs_s = common.forward(model, params, bs, images, train=True, feature_masks=fmasks)
-  return jnp.split(logits_s, views), (bs_s if s.strong_view_bn_stats else bs)
+  return common.deinterleave(logits_s, views), (bs_s if s.strong_view_bn_stats else bs)
 
 
 def loss(params, state, mb, rng, ctx):

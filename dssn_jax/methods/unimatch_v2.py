@@ -101,8 +101,7 @@ def prepare(state, batch, rng, ctx):
       / jnp.maximum(common.count(valid_w), 1.0)
     },
   }
-  strong = common.mixed_strong_images(batch, 2, partner='reversed', groups=groups)
-  out['strong'] = jnp.stack(jnp.split(strong, 2), 1)  # (n, 2, H, W, 3)
+  out['strong'] = common.mixed_strong_images(batch, 2, partner='reversed', groups=groups)
   for k, (_, _, box) in enumerate(common.VIEW_KEYS):
     b = batch[box]
     valid_k = common.compose(b, flip(ignore), ignore) != s.ignore_index
@@ -112,7 +111,7 @@ def prepare(state, batch, rng, ctx):
     out[f'den_s{k}'] = common.denominator(valid_k, groups)
   masks = dssn.strong_feature_masks(jax.random.fold_in(rng, 2), model, s, n)
   if masks is not None:
-    out['strong_masks'] = jnp.stack(jnp.split(masks, 2), 1)  # (n, 2, D)
+    out['strong_masks'] = masks  # (n, 2, D)
   return out, state.teacher_batch_stats
 
 
@@ -123,14 +122,14 @@ def loss(params, state, mb, rng, ctx):
   p_x, _, bs = common.forward(
     model, params, state.batch_stats, common.normalized(mb['x']), train=True
   )
-  strong = common.normalized(jnp.concatenate([mb['strong'][:, 0], mb['strong'][:, 1]]))
+  strong = common.normalized(common.interleave(mb['strong'][:, 0], mb['strong'][:, 1]))
   fmasks = None
   if 'strong_masks' in mb:
-    fmasks = jnp.concatenate([mb['strong_masks'][:, 0], mb['strong_masks'][:, 1]])
+    fmasks = common.interleave(mb['strong_masks'][:, 0], mb['strong_masks'][:, 1])
   logits_s, _, bs_s = common.forward(model, params, bs, strong, train=True, feature_masks=fmasks)
   if s.strong_view_bn_stats:
     bs = bs_s
-  p_s = jnp.split(logits_s, 2)
+  p_s = common.deinterleave(logits_s, 2)
   terms = {}
   weighted = []
   if s.sup > 0:
