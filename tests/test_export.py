@@ -170,16 +170,21 @@ def test_models_the_authors_cannot_build_are_refused_in_one_line(trained):
   with pytest.raises(ConversionError, match='resnet_tiny is a test network') as e:
     torch_state.export_state(config, variables)
   assert '\n' not in str(e.value)
-  wide = config_lib.base_config()
-  wide.model.backbone, wide.model.width_multiplier, wide.data.num_classes = 'resnet50', 0.5, 21
-  shapes = registry.variable_shapes(create_model('resnet50', 21, width_multiplier=0.5), 'resnet50')
-  with pytest.raises(ConversionError, match=r'width_multiplier=0.5') as e:
-    torch_state.check_authors_model(wide, shapes)
+  named = config_lib.base_config()
+  named.model.backbone, named.data.num_classes = 'resnet50', 21
+  shapes = registry.variable_shapes(create_model('resnet50', 21), 'resnet50')
+  torch_state.check_authors_model(named, shapes)  # the authors' network: accepted
+  wide = named.copy_and_resolve_references()
+  wide.model.width_multiplier = 0.5
+  narrow = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[:-1] + (1,), s.dtype), shapes)
+  with pytest.raises(ConversionError, match=r'width_multiplier=0.5 \(the authors build') as e:
+    torch_state.check_authors_model(wide, narrow)
   assert '\n' not in str(e.value)
-  wide.model.width_multiplier = 1.0  # the named network: accepted
-  torch_state.check_authors_model(
-    wide, registry.variable_shapes(create_model('resnet50', 21), 'resnet50')
-  )
+  with pytest.raises(
+    ConversionError,
+    match=r'variables differ, e.g. batch_stats/backbone/bn1/mean \(1,\) vs \(128,\)',
+  ):
+    torch_state.check_authors_model(named, narrow)
   with pytest.raises(ConversionError, match='model exports to model, dssn'):
     torch_state.export_state(config, variables, layout='unimatch_v2', allow_test_models=True)
 
@@ -201,7 +206,7 @@ def test_unimatch_v2_export_loads_strictly_with_the_same_logits(dpt, tmp_path):
   tm = ref.DPT(21, t['dim'], t['depth'], t['heads'], t['taps'], t['features'], t['out_channels'])
   ema = {k[len('module.') :]: v for k, v in checkpoint['model_ema'].items()}
   tm.load_state_dict(ema, strict=True)
-  images = torch.randn(2, 3, 42, 56, generator=torch.Generator().manual_seed(0))
+  images = torch.randn(1, 3, 28, 42, generator=torch.Generator().manual_seed(0))
   with torch.no_grad():
     want = tm.eval()(images).permute(0, 2, 3, 1).numpy()
   got, _ = jax.jit(model.apply)(

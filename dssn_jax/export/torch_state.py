@@ -23,6 +23,7 @@ whose PyTorch renderings (`dssn_jax.testing.torch_reference`,
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -48,6 +49,13 @@ def layouts_for(backbone: str) -> tuple[str, ...]:
   return LAYOUTS[family.name]
 
 
+@functools.cache
+def _named_shapes(backbone: str, num_classes: int) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Variable shapes of the named network (its default options)."""
+  named = registry.create_model(backbone, num_classes)
+  return {p: tuple(v.shape) for p, v in flatten(registry.variable_shapes(named, backbone))}
+
+
 def check_authors_model(config, variables: Mapping[str, Any]) -> None:
   """Raises a one-line `ConversionError` unless the authors' code can build
   this model: a named (not test) backbone whose variables have exactly the
@@ -58,8 +66,7 @@ def check_authors_model(config, variables: Mapping[str, Any]) -> None:
     raise ConversionError(
       f"{backbone} is a test network: the authors' {family.title} has no such model"
     )
-  named = registry.create_model(backbone, int(config.data.num_classes))
-  want = {p: tuple(v.shape) for p, v in flatten(registry.variable_shapes(named, backbone))}
+  want = _named_shapes(backbone, int(config.data.num_classes))
   have = {p: tuple(np.shape(v)) for p, v in flatten(variables)}
   if want == have:
     return

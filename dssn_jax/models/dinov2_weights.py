@@ -20,6 +20,10 @@ The first three are encoder weights (what `config.model.pretrained` loads);
 `head/output_conv{1,2}`, `head.{projects,resize_layers}.{i}` ->
 `head/{projects,resize_layers}_{i}`. The stored 37x37 position grid is
 kept; the model resizes it at run time as the authors' does.
+
+`export_state_dict` runs the same names (`torch_key`, the Hugging Face
+table `_HF_NAMES` read the other way) and the inverse transposes (`python
+-m dssn_jax.export --to torch`), for `unimatch_v2`, `dinov2` and `hf_dinov2`.
 """
 
 from __future__ import annotations
@@ -256,8 +260,7 @@ def export_state_dict(variables: Mapping[str, Any], layout: str) -> dict[str, np
   if layout != 'unimatch_v2':
     params = params['backbone']
   hub = {
-    torch_key(path): _to_torch(path, np.asarray(leaf, np.float32))
-    for path, leaf in flatten(params)
+    torch_key(path): _to_torch(path, np.asarray(leaf, np.float32)) for path, leaf in flatten(params)
   }
   return _to_hf(hub) if layout == 'hf_dinov2' else hub
 

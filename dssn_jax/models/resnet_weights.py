@@ -16,6 +16,10 @@ Conv weights `(O, I, kh, kw)` become kernels `(kh, kw, I, O)`; BN `weight`,
 `batch_stats/mean`, `batch_stats/var`. `num_batches_tracked` and the ImageNet
 classifier `fc.*` are ignored; any other missing, unexpected or mis-shaped
 key is reported, all of them in one `ConversionError`.
+
+`export_state_dict` runs the same names (`torch_key`) and the inverse
+transposes the other way (`python -m dssn_jax.export --to torch`), for the
+`model` and `dssn` layouts.
 """
 
 from __future__ import annotations
