@@ -249,6 +249,13 @@ def test_dinov2_hugging_face_layout_round_trip(dpt, tmp_path):
   out = torch_state.save(state, str(tmp_path / 'model.safetensors'))  # no torch needed
   back = pretrained.from_torch(read_file(out), backbone='dinov2_tiny', layout='hf_dinov2')
   same_tree(back, {'params': encoder})
+  # A model folder, as `Dinov2Model.from_pretrained` reads it.
+  folder = torch_state.save(state, str(tmp_path / 'hf'), hf_backbone='dinov2_small')
+  with open(os.path.join(folder, 'config.json')) as f:
+    hf_config = json.load(f)
+  assert hf_config['model_type'] == 'dinov2' and hf_config['num_attention_heads'] == 6
+  assert (hf_config['hidden_size'], hf_config['num_hidden_layers']) == (384, 12)
+  assert read_file(os.path.join(folder, 'model.safetensors')).keys() == state.keys()
 
 
 # ---------------------------------------------------------------------------
@@ -351,7 +358,6 @@ def test_a_model_trained_by_main_py_leaves_by_the_command_line(tmp_path):
   overrides = [
     '--config.model.width_multiplier=1.0',
     '--config.train.steps=2',
-    '--config.train.warmup_epochs=None',
     '--config.data.crop_size=33',
     '--config.data.eval_crop_size=33',
     '--config.data.batch_size=2',
@@ -395,3 +401,52 @@ def test_a_model_trained_by_main_py_leaves_by_the_command_line(tmp_path):
     pretrained.from_torch(str(tmp_path / 'model.pth'), backbone='resnet_tiny', layout='model'),
     jax.device_get(variables['teacher']),
   )
+
+
+WRITE_ON_TWO_DEVICES = """
+import sys
+import jax
+import numpy as np
+from dssn_jax import checkpoint, config_lib
+mesh = jax.make_mesh((2,), ('data',))
+replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+tree = {'conv': {'kernel': np.arange(8.0, dtype=np.float32)}}
+state = {
+  'step': np.int32(3),
+  'params': jax.device_put(tree, replicated),
+  'batch_stats': {},
+  'teacher_params': jax.device_put(tree, split),
+  'teacher_batch_stats': {},
+}
+checkpoint.save_config(sys.argv[1], config_lib.base_config())
+saver = checkpoint.Checkpointer(sys.argv[1] + '/checkpoints')
+saver.save(3, state, jax.random.key(0), metrics={'miou_teacher': 1.0})
+saver.close()
+"""
+
+
+def test_a_checkpoint_written_on_two_devices_restores_on_one(tmp_path):
+  """What a pod wrote (here: 2 CPU devices, one array replicated, one split)
+  restores whole on this process's single device, as export reads it."""
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    XLA_FLAGS='--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0',
+  )
+  written = subprocess.run(
+    [sys.executable, '-c', WRITE_ON_TWO_DEVICES, str(tmp_path)],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    env=env,
+    timeout=300,
+  )
+  assert written.returncode == 0, written.stderr
+  assert len(jax.devices()) == 1
+  _, variables, step = ckpt_lib.restore_for_eval(str(tmp_path), 'latest')
+  assert step == 3
+  for which in ('student', 'teacher'):
+    kernel = variables[which]['params']['conv']['kernel']
+    np.testing.assert_array_equal(kernel, np.arange(8.0))
+    assert kernel.sharding.device_set == {jax.devices()[0]}

@@ -25,7 +25,9 @@ def _define_flags():
   cli.define_model_flags()
   flags.adopt_module_key_flags(cli)
   flags.DEFINE_enum('to', None, ['torch', 'stablehlo'], 'What to write.')
-  flags.DEFINE_string('out', None, 'The file to write (.pth / .safetensors, or any name).')
+  flags.DEFINE_string(
+    'out', None, 'The file to write (.pth, .safetensors; hf_dinov2: else a model folder).'
+  )
   flags.DEFINE_enum('model', 'teacher', list(evaluate.MODEL_NAMES), 'Which network.')
   flags.DEFINE_string(
     'layout',
@@ -76,7 +78,8 @@ def run(
       step=int(step or 0),
       allow_test_models=allow_test_models,
     )
-    return torch_state.save(obj, out)
+    hf = config.model.backbone if layout == 'hf_dinov2' else None
+    return torch_state.save(obj, out, hf_backbone=hf)
   if layout is not None:
     raise ConfigError('--layout is for --to torch')
   crop = int(config.data.eval_crop_size or config.data.crop_size)
@@ -109,7 +112,9 @@ def main(argv):
     licence=f.licence,
     allow_test_models=f.allow_test_models,
   )
-  print(f'wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB)', flush=True)
+  files = [path] if os.path.isfile(path) else [os.path.join(path, f) for f in os.listdir(path)]
+  size = sum(os.path.getsize(f) for f in files)
+  print(f'wrote {path} ({size / 1e6:.1f} MB)', flush=True)
 
 
 if __name__ == '__main__':

@@ -11,7 +11,7 @@ file written here converts back to the very same variables:
 | ResNet | `dssn` | the backbone's state dict | their `ResNet` (a `pretrained/resnet101.pth`) |
 | DINOv2 | `unimatch_v2` (default) | `{'model': student, 'model_ema': teacher}`, `module.` keys | UniMatch V2's DPT in DDP, as its `best.pth` |
 | DINOv2 | `dinov2` | the encoder's hub state dict | `DinoVisionTransformer` (`dinov2_vit*14_pretrain.pth`) |
-| DINOv2 | `hf_dinov2` | the encoder's Hugging Face state dict (`.pth`, or `.safetensors` without torch) | `transformers.Dinov2Model` |
+| DINOv2 | `hf_dinov2` | the encoder's Hugging Face state dict: a folder (`config.json`, `model.safetensors`), or one `.safetensors` / `.pth` file | `transformers.Dinov2Model.from_pretrained(folder)` |
 
 The authors' code builds only their networks: a test backbone
 (`resnet_tiny`, `dinov2_tiny`) or a model whose variables differ from the
@@ -24,6 +24,7 @@ whose PyTorch renderings (`dssn_jax.testing.torch_reference`,
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -140,9 +141,17 @@ def export_state(
   return {'model': _with_prefix(state)} if layout in CHECKPOINT_LAYOUTS else state
 
 
-def save(obj: Mapping[str, Any], path: str) -> str:
+def save(obj: Mapping[str, Any], path: str, hf_backbone: str | None = None) -> str:
   """Writes `export_state`'s result: `.safetensors` (a bare state dict, no
-  torch needed) or else `torch.save` of torch tensors."""
+  torch needed), `.pth`/`.pt` (`torch.save` of torch tensors), or, given
+  `hf_backbone` (the `hf_dinov2` layout), any other path as a Hugging Face
+  model folder: `config.json` and `model.safetensors`."""
+  if hf_backbone is not None and not path.endswith(('.safetensors', '.pth', '.pt')):
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, 'config.json'), 'w') as f:
+      json.dump(dinov2_weights.hf_config(hf_backbone), f, indent=2)
+    save(obj, os.path.join(path, 'model.safetensors'))
+    return path
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   if path.endswith('.safetensors'):
     if any(isinstance(v, Mapping) for v in obj.values()):

@@ -265,6 +265,28 @@ def export_state_dict(variables: Mapping[str, Any], layout: str) -> dict[str, np
   return _to_hf(hub) if layout == 'hf_dinov2' else hub
 
 
+def hf_config(backbone: str) -> dict[str, Any]:
+  """The `config.json` of a Hugging Face `Dinov2Model` with `backbone`'s
+  encoder (`Dinov2Model.from_pretrained` reads it beside `model.safetensors`)."""
+  spec = ENCODERS[backbone]
+  return {
+    'architectures': ['Dinov2Model'],
+    'model_type': 'dinov2',
+    'hidden_size': spec.dim,
+    'num_hidden_layers': spec.depth,
+    'num_attention_heads': spec.heads,
+    'mlp_ratio': 4,
+    'use_swiglu_ffn': spec.ffn == 'swiglu',
+    'hidden_act': 'gelu',
+    'qkv_bias': True,
+    'layerscale_value': 1.0,
+    'layer_norm_eps': 1e-6,
+    'image_size': 518,
+    'patch_size': 14,
+    'num_channels': 3,
+  }
+
+
 def detect(state: Mapping[str, Any]) -> str | None:
   """The DINOv2-family layout the keys look like, or None."""
   keys = set(state)
