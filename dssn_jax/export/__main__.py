@@ -1,4 +1,4 @@
-"""Command line: a trained model -> the authors' PyTorch layout or StableHLO.
+r"""Command line: a trained model -> the authors' PyTorch layout or StableHLO.
 
     python -m dssn_jax.export --workdir DIR --to torch --out model.pth \
         [--model teacher|student] [--checkpoint best|latest|STEP] [--layout L]
@@ -6,8 +6,9 @@
         [--sizes 512x512,...] [--platforms cpu,cuda,tpu] [--licence TEXT]
 
 `--weights FILE --config configs/X.py` exports converted weights instead
-of a workdir checkpoint. The checkpoint is restored on this host's devices
-(one CPU is enough). docs/export.md describes the layouts and the file.
+of a workdir checkpoint. The checkpoint is restored whole on this host's
+first device, whatever wrote it (one CPU is enough). docs/export.md
+describes the layouts and the file.
 """
 
 from __future__ import annotations
