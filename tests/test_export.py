@@ -319,6 +319,8 @@ def test_stablehlo_export_reloads_without_the_model_code(trained, tmp_path):
   assert segmenter.palette.shape == (11, 3)
   with pytest.raises(ValueError, match=r'takes images of 20x40 \(height x width\), got 20x33'):
     segmenter(images[:, :, :33])
+  with pytest.raises(ValueError, match='uint8 RGB in 0..255, got float32'):
+    segmenter((images / 255.0).astype(np.float32))
 
 
 def test_stablehlo_arguments_are_checked(tmp_path):

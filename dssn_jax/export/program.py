@@ -81,13 +81,15 @@ class Segmenter:
     batch = images[None] if single else images
     if batch.ndim != 4 or batch.shape[-1] != 3:
       raise ValueError(f'images must be (H, W, 3) or (B, H, W, 3) RGB, got shape {images.shape}')
+    if batch.dtype != np.uint8:
+      raise ValueError(f'images must be uint8 RGB in 0..255, got {batch.dtype}')
     size = tuple(batch.shape[1:3])
     if size not in self._fns:
       have = ', '.join(f'{h}x{w}' for h, w in self.sizes)
       raise ValueError(
         f'this export takes images of {have} (height x width), got {size[0]}x{size[1]}'
       )
-    masks = np.asarray(self._fns[size](self._weights, batch.astype(np.uint8)))
+    masks = np.asarray(self._fns[size](self._weights, batch))
     return masks[0] if single else masks
 
 
