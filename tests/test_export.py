@@ -30,7 +30,7 @@ from dssn_jax.normalize import IMAGENET_MEAN, IMAGENET_STD
 from dssn_jax.state_dicts import read_file
 from dssn_jax.testing import numerics, train_steps
 from dssn_jax.testing.configs import REPO, load_config, tiny
-from dssn_jax.testing.evaluation import run_module
+from dssn_jax.testing.evaluation import random_like, run_module, write_workdir
 
 try:
   import torch
@@ -62,38 +62,19 @@ def trained(tmp_path_factory):
   batch = train_steps.make_batch(33, supervised=True)
   state = train_steps.run_steps(model, mesh, config, batch, 2)['states'][-1]
   workdir = str(tmp_path_factory.mktemp('trained'))
-  ckpt_lib.save_config(workdir, config)
-  saver = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'))
-  fields = ('step', 'params', 'batch_stats', 'teacher_params', 'teacher_batch_stats')
-  saver.save(
-    2, {f: getattr(state, f) for f in fields}, jax.random.key(0), metrics={'miou_teacher': 1.0}
-  )
-  saver.close()
   variables = {
     'student': {'params': state.params, 'batch_stats': state.batch_stats},
     'teacher': {'params': state.teacher_params, 'batch_stats': state.teacher_batch_stats},
   }
+  write_workdir(workdir, config, variables['student'], variables['teacher'], step=2)
   return config, workdir, variables
 
 
 def random_variables(model, seed):
   """Random variables of `model` at a working scale, without compiling `init`."""
-  shapes = jax.eval_shape(
-    lambda: model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 3)), train=False)
-  )
-  rng = np.random.default_rng(seed)
-
-  def leaf(path, s):
-    name = jax.tree_util.keystr(path)
-    if 'kernel' in name:
-      value = rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1]))
-    elif 'scale' in name or 'gamma' in name:
-      value = rng.uniform(0.5, 1.5, s.shape)
-    else:
-      value = 0.1 * rng.normal(size=s.shape)
-    return np.asarray(value, np.float32)
-
-  return jax.tree_util.tree_map_with_path(leaf, shapes)
+  image = jnp.zeros((1, 28, 28, 3))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), image, train=False))
+  return jax.tree.map(np.asarray, random_like(shapes, seed))
 
 
 @pytest.fixture(scope='module')
