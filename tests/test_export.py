@@ -207,7 +207,7 @@ def test_dinov2_hub_layout_loads_strictly(dpt):
   state = torch_state.export_state(config, variables, layout='dinov2', allow_test_models=True)
   t = DINOV2_TINY
   encoder = ref.DINOv2(t['dim'], t['depth'], t['heads'])
-  encoder.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+  encoder.load_state_dict({k: torch.tensor(v) for k, v in state.items()}, strict=True)
   back = pretrained.from_torch(state, backbone='dinov2_tiny', layout='dinov2')
   same_tree(back, {'params': variables['teacher']['params']['backbone']})
 
