@@ -438,6 +438,10 @@ def resolve_step(checkpointer: Checkpointer, which: str | int) -> int:
 def restore_for_eval(workdir: str, which: str | int = 'best'):
   """Loads student and teacher variables of a workdir for evaluation.
 
+  Every array is restored whole onto this process's first device, whatever
+  the devices and hosts that wrote the checkpoint (a pod's checkpoint
+  evaluates, predicts and exports on one CPU host).
+
   Returns:
     `(config, {'student': {'params', 'batch_stats'}, 'teacher': {...}}, step)`
     with arrays on the default device.
@@ -452,7 +456,14 @@ def restore_for_eval(workdir: str, which: str | int = 'best'):
   ckpt = Checkpointer.__new__(Checkpointer)
   ckpt.manager, ckpt.directory, ckpt.data_items = manager, manager.directory, {}
   step = resolve_step(ckpt, which)
-  restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore()}))
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(
+    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+    manager.item_metadata(step)[STATE],
+  )
+  restored = manager.restore(
+    step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target)})
+  )
   ts = restored[STATE]['train_state']
   variables = {
     'student': {'params': ts['params'], 'batch_stats': ts['batch_stats']},

@@ -7,7 +7,8 @@ The layouts of every backbone family come from `dssn_jax.models.registry`
 (ResNet: `models.resnet_weights`; DINOv2: `models.dinov2_weights`); without
 `--layout` the layout is detected from the keys, and a file no family
 recognises fails with the layouts listed. The conversion itself is
-`dssn_jax.models.pretrained.from_torch`.
+`dssn_jax.models.pretrained.from_torch`; the way back, a trained model to
+these layouts, is `python -m dssn_jax.export --to torch`.
 """
 
 from __future__ import annotations

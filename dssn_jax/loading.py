@@ -24,6 +24,16 @@ from dssn_jax import state_dicts
 from dssn_jax.models import pretrained
 
 
+def choose_model(variables: Mapping[str, Any], which_model: str) -> Any:
+  """`variables[which_model]` (`teacher` or `student`); converted weights
+  holding one model give it whichever is asked."""
+  if which_model in variables:
+    return variables[which_model]
+  if len(variables) == 1:
+    return next(iter(variables.values()))
+  raise ValueError(f'--model {which_model!r} must be one of {", ".join(sorted(variables))}')
+
+
 def load_weights(path: str, config: ml_collections.ConfigDict) -> dict[str, Any]:
   """`{model name: {'params', 'batch_stats'}}` from `.npz` or a reference `.pth`.
 

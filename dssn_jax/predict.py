@@ -95,6 +95,43 @@ def overlay(
   return np.concatenate([image, blend], axis=1)
 
 
+def options_from_config(config) -> dict[str, Any]:
+  """The evaluation settings of `config` that prediction follows: the
+  window (`eval_crop_size` or `crop_size`), `resize_multiple` and
+  `shift_windows` (`Predictor`'s arguments)."""
+  return dict(
+    crop_size=int(config.data.eval_crop_size or config.data.crop_size),
+    resize_multiple=int(config.data.eval_resize_multiple),
+    shift_windows=config.data.eval_window_edges == 'shift',
+  )
+
+
+def needs_sliding(height: int, width: int, crop_size: int, resize_multiple: int = 0) -> bool:
+  """Whether an image of this size goes through sliding windows (taller or
+  wider than the crop, unless every image is resized whole)."""
+  if resize_multiple:
+    return False
+  return height > crop_size or width > crop_size
+
+
+def labels_fn(
+  model, crop_size: int, resize_multiple: int = 0, shift_windows: bool = False, *, sliding: bool
+):
+  """`(variables, uint8 images (B, H, W, 3)) -> int32 labels (B, H, W)`:
+  normalization, the evaluation resize, the forward (whole or in windows)
+  and the argmax at the input size; traceable, as `Predictor` and the
+  StableHLO export (`dssn_jax.export`) run it."""
+  return lambda variables, images: evaluate.predict_labels(
+    model,
+    variables,
+    images,
+    sliding=sliding,
+    window=crop_size,
+    resize_multiple=0 if sliding else resize_multiple,
+    shift_windows=shift_windows,
+  )
+
+
 class Predictor:
   """Class maps of single images of any size with one model.
 
@@ -121,31 +158,23 @@ class Predictor:
     self.resize_multiple = int(resize_multiple)
     evaluate.sliding_window_stride(self.crop_size)  # validates the size
     self._variables = jax.device_put(variables)
-    self._fn = jax.jit(
-      lambda v, x, sliding: evaluate.predict_labels(
-        model,
-        v,
-        x,
-        sliding=sliding,
-        window=self.crop_size,
-        resize_multiple=0 if sliding else self.resize_multiple,
-        shift_windows=shift_windows,
-      ),
-      static_argnums=(2,),
-    )
+    self._fns = {
+      sliding: jax.jit(
+        labels_fn(model, self.crop_size, self.resize_multiple, shift_windows, sliding=sliding)
+      )
+      for sliding in (False, True)
+    }
 
   def needs_sliding(self, height: int, width: int) -> bool:
-    if self.resize_multiple:
-      return False
-    return height > self.crop_size or width > self.crop_size
+    return needs_sliding(height, width, self.crop_size, self.resize_multiple)
 
   def __call__(self, image: np.ndarray) -> np.ndarray:
     """uint8 `(H, W, 3)` -> int32 class map `(H, W)`."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[-1] != 3:
       raise ValueError(f'image must be (H, W, 3), got shape {image.shape}')
-    sliding = self.needs_sliding(*image.shape[:2])
-    pred = self._fn(self._variables, image[None].astype(np.uint8), sliding)
+    fn = self._fns[self.needs_sliding(*image.shape[:2])]
+    pred = fn(self._variables, image[None].astype(np.uint8))
     return np.asarray(pred)[0]
 
 
@@ -190,18 +219,9 @@ def run(
   config, variables, _ = loading.load_for_eval(
     workdir=workdir, checkpoint=checkpoint, weights=weights, config=config
   )
-  chosen = variables.get(which_model)
-  if chosen is None:  # converted weights hold one model
-    chosen = next(iter(variables.values()))
-  crop = int(config.data.eval_crop_size or config.data.crop_size)
+  chosen = loading.choose_model(variables, which_model)
   palette = check_palette(datasets.palette(config), int(config.data.num_classes))
-  predictor = Predictor(
-    models.model_from_config(config),
-    chosen,
-    crop,
-    int(config.data.eval_resize_multiple),
-    config.data.eval_window_edges == 'shift',
-  )
+  predictor = Predictor(models.model_from_config(config), chosen, **options_from_config(config))
   return predict_files(predictor, paths, output, palette, alpha)
 
 

@@ -20,6 +20,10 @@ The first three are encoder weights (what `config.model.pretrained` loads);
 `head/output_conv{1,2}`, `head.{projects,resize_layers}.{i}` ->
 `head/{projects,resize_layers}_{i}`. The stored 37x37 position grid is
 kept; the model resizes it at run time as the authors' does.
+
+`export_state_dict` runs the same names (`torch_key`, the Hugging Face
+table `_HF_NAMES` read the other way) and the inverse transposes (`python
+-m dssn_jax.export --to torch`), for `unimatch_v2`, `dinov2` and `hf_dinov2`.
 """
 
 from __future__ import annotations
@@ -66,16 +70,32 @@ def torch_key(path: tuple[str, ...]) -> str:
   return '.'.join(parts)
 
 
+def _permutation(path: tuple[str, ...], ndim: int) -> tuple[int, ...] | None:
+  """How a torch tensor's axes become ours at `path` (None: as they are).
+
+  Dense `(out, in)` -> `(in, out)`; conv `(O, I, kh, kw)` -> `(kh, kw, I, O)`;
+  the DPT's transposed convs `(I, O, kh, kw)` -> `(kh, kw, I, O)`.
+  """
+  if path[-1] != 'kernel':
+    return None
+  if ndim == 2:
+    return (1, 0)
+  if ndim == 4:
+    transposed = any(m in ('resize_layers_0', 'resize_layers_1') for m in path)
+    return (2, 3, 0, 1) if transposed else (2, 3, 1, 0)
+  return None
+
+
 def _to_ours(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
   """A torch tensor (numpy) -> our layout of the leaf at `path`."""
-  if path[-1] != 'kernel':
-    return value
-  if value.ndim == 2:
-    return value.T
-  if value.ndim == 4:
-    transposed = any(m in ('resize_layers_0', 'resize_layers_1') for m in path)
-    return value.transpose(2, 3, 0, 1) if transposed else value.transpose(2, 3, 1, 0)
-  return value
+  perm = _permutation(path, value.ndim)
+  return value if perm is None else value.transpose(perm)
+
+
+def _to_torch(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+  """Our leaf at `path` -> the torch tensor's layout (`_to_ours` inverted)."""
+  perm = _permutation(path, value.ndim)
+  return value if perm is None else value.transpose(np.argsort(perm))
 
 
 def _from_timm(state: dict[str, Any], template: Mapping[str, Any]) -> dict[str, Any]:
@@ -91,21 +111,47 @@ def _from_timm(state: dict[str, Any], template: Mapping[str, Any]) -> dict[str, 
   return out
 
 
-_HF_RENAMES = (
-  (r'^embeddings\.cls_token$', 'cls_token'),
-  (r'^embeddings\.mask_token$', 'mask_token'),
-  (r'^embeddings\.position_embeddings$', 'pos_embed'),
-  (r'^embeddings\.patch_embeddings\.projection\.', 'patch_embed.proj.'),
-  (r'^encoder\.layer\.(\d+)\.attention\.output\.dense\.', r'blocks.\1.attn.proj.'),
-  (r'^encoder\.layer\.(\d+)\.layer_scale([12])\.lambda1$', r'blocks.\1.ls\2.gamma'),
-  (r'^encoder\.layer\.(\d+)\.mlp\.weights_in\.', r'blocks.\1.mlp.w12.'),
-  (r'^encoder\.layer\.(\d+)\.mlp\.weights_out\.', r'blocks.\1.mlp.w3.'),
-  (r'^encoder\.layer\.(\d+)\.(norm1|norm2|mlp\.fc1|mlp\.fc2)\.', r'blocks.\1.\2.'),
-  (r'^layernorm\.', 'norm.'),
+# Hugging Face name <-> hub name, read both ways: `{i}` is a block index; a
+# name ending in '.' is a prefix (the leaf follows), any other is whole.
+_HF_NAMES = (
+  ('embeddings.cls_token', 'cls_token'),
+  ('embeddings.mask_token', 'mask_token'),
+  ('embeddings.position_embeddings', 'pos_embed'),
+  ('embeddings.patch_embeddings.projection.', 'patch_embed.proj.'),
+  ('encoder.layer.{i}.attention.output.dense.', 'blocks.{i}.attn.proj.'),
+  ('encoder.layer.{i}.layer_scale1.lambda1', 'blocks.{i}.ls1.gamma'),
+  ('encoder.layer.{i}.layer_scale2.lambda1', 'blocks.{i}.ls2.gamma'),
+  ('encoder.layer.{i}.mlp.weights_in.', 'blocks.{i}.mlp.w12.'),
+  ('encoder.layer.{i}.mlp.weights_out.', 'blocks.{i}.mlp.w3.'),
+  ('encoder.layer.{i}.norm1.', 'blocks.{i}.norm1.'),
+  ('encoder.layer.{i}.norm2.', 'blocks.{i}.norm2.'),
+  ('encoder.layer.{i}.mlp.fc1.', 'blocks.{i}.mlp.fc1.'),
+  ('encoder.layer.{i}.mlp.fc2.', 'blocks.{i}.mlp.fc2.'),
+  ('layernorm.', 'norm.'),
 )
 _HF_QKV = re.compile(
   r'^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$'
 )
+_HUB_QKV = re.compile(r'^blocks\.(\d+)\.attn\.qkv\.(weight|bias)$')
+_QKV = ('query', 'key', 'value')
+
+
+def _name_rule(src: str, dst: str) -> tuple[re.Pattern, str]:
+  """One `_HF_NAMES` row as `(pattern, replacement)` from `src` to `dst` names."""
+  pattern = re.escape(src).replace(re.escape('{i}'), r'(\d+)')
+  return re.compile('^' + pattern + ('' if src.endswith('.') else '$')), dst.replace('{i}', r'\1')
+
+
+_HF_TO_HUB = tuple(_name_rule(hf, hub) for hf, hub in _HF_NAMES)
+_HUB_TO_HF = tuple(_name_rule(hub, hf) for hf, hub in _HF_NAMES)
+
+
+def _rename(key: str, rules: tuple[tuple[re.Pattern, str], ...]) -> str | None:
+  for pattern, repl in rules:
+    new, n = pattern.subn(repl, key)
+    if n:
+      return new
+  return None
 
 
 def _from_hf(state: dict[str, Any]) -> dict[str, Any]:
@@ -117,21 +163,28 @@ def _from_hf(state: dict[str, Any]) -> dict[str, Any]:
     if (g := _HF_QKV.match(key)) is not None:
       qkv.setdefault((g.group(1), g.group(3)), {})[g.group(2)] = value
       continue
-    for pattern, repl in _HF_RENAMES:
-      new, n = re.subn(pattern, repl, key)
-      if n:
-        out[new] = value
-        break
-    else:
-      out[key] = value  # left for the unexpected-key report
+    out[_rename(key, _HF_TO_HUB) or key] = value  # unknown: left for the unexpected-key report
   for (i, leaf), parts in qkv.items():
-    if set(parts) == {'query', 'key', 'value'}:
-      out[f'blocks.{i}.attn.qkv.{leaf}'] = np.concatenate(
-        [to_numpy(parts[p]) for p in ('query', 'key', 'value')]
-      )
+    if set(parts) == set(_QKV):
+      out[f'blocks.{i}.attn.qkv.{leaf}'] = np.concatenate([to_numpy(parts[p]) for p in _QKV])
     else:  # incomplete: report the pieces that are there
       for p, value in parts.items():
         out[f'encoder.layer.{i}.attention.attention.{p}.{leaf}'] = value
+  return out
+
+
+def _to_hf(hub: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Hub names -> Hugging Face `Dinov2Model` names; qkv split into q, k, v."""
+  out = {}
+  for key, value in hub.items():
+    if (g := _HUB_QKV.match(key)) is not None:
+      for p, part in zip(_QKV, np.split(value, 3)):
+        out[f'encoder.layer.{g.group(1)}.attention.attention.{p}.{g.group(2)}'] = part
+      continue
+    new = _rename(key, _HUB_TO_HF)
+    if new is None:
+      raise ConversionError(f'no Hugging Face name for {key}')
+    out[new] = value
   return out
 
 
@@ -189,6 +242,49 @@ def convert_state_dict(
   if error:
     raise error
   return out
+
+
+def export_state_dict(variables: Mapping[str, Any], layout: str) -> dict[str, np.ndarray]:
+  """Our params -> a state dict of `layout` (numpy float32), the inverse of
+  `convert_state_dict` through the same names (`torch_key`, `_HF_NAMES`).
+
+  Args:
+    variables: `{'params': ...}` of the whole segmenter.
+    layout: `unimatch_v2` (every key of the authors' DPT, without the
+      `module.` prefix), or the encoder alone as `dinov2` (hub) or
+      `hf_dinov2` (Hugging Face `Dinov2Model`, no prefix).
+  """
+  if layout not in ('unimatch_v2', 'dinov2', 'hf_dinov2'):
+    raise ValueError(f'layout={layout!r}: export writes unimatch_v2, dinov2 or hf_dinov2')
+  params = variables['params']
+  if layout != 'unimatch_v2':
+    params = params['backbone']
+  hub = {
+    torch_key(path): _to_torch(path, np.asarray(leaf, np.float32)) for path, leaf in flatten(params)
+  }
+  return _to_hf(hub) if layout == 'hf_dinov2' else hub
+
+
+def hf_config(backbone: str) -> dict[str, Any]:
+  """The `config.json` of a Hugging Face `Dinov2Model` with `backbone`'s
+  encoder (`Dinov2Model.from_pretrained` reads it beside `model.safetensors`)."""
+  spec = ENCODERS[backbone]
+  return {
+    'architectures': ['Dinov2Model'],
+    'model_type': 'dinov2',
+    'hidden_size': spec.dim,
+    'num_hidden_layers': spec.depth,
+    'num_attention_heads': spec.heads,
+    'mlp_ratio': 4,
+    'use_swiglu_ffn': spec.ffn == 'swiglu',
+    'hidden_act': 'gelu',
+    'qkv_bias': True,
+    'layerscale_value': 1.0,
+    'layer_norm_eps': 1e-6,
+    'image_size': 518,
+    'patch_size': 14,
+    'num_channels': 3,
+  }
 
 
 def detect(state: Mapping[str, Any]) -> str | None:

@@ -16,6 +16,10 @@ Conv weights `(O, I, kh, kw)` become kernels `(kh, kw, I, O)`; BN `weight`,
 `batch_stats/mean`, `batch_stats/var`. `num_batches_tracked` and the ImageNet
 classifier `fc.*` are ignored; any other missing, unexpected or mis-shaped
 key is reported, all of them in one `ConversionError`.
+
+`export_state_dict` runs the same names (`torch_key`) and the inverse
+transposes the other way (`python -m dssn_jax.export --to torch`), for the
+`model` and `dssn` layouts.
 """
 
 from __future__ import annotations
@@ -93,6 +97,25 @@ def torch_key(path: tuple[str, ...]) -> str:
   return f'{_module_key(path[:-1])}.{_LEAVES[path[-1]]}'
 
 
+# Conv weights: torch `(O, I, kh, kw)` -> our `(kh, kw, I, O)`; the inverse
+# permutation (`np.argsort`) takes them back.
+_CONV_TO_OURS = (2, 3, 1, 0)
+
+
+def to_ours(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+  """A torch tensor (numpy) -> our array for the leaf at `path`."""
+  if path[-1] == 'kernel' and value.ndim == 4:
+    return value.transpose(_CONV_TO_OURS)
+  return value
+
+
+def to_torch(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+  """Our array at `path` -> the torch tensor's layout (`to_ours` inverted)."""
+  if path[-1] == 'kernel' and value.ndim == 4:
+    return value.transpose(np.argsort(_CONV_TO_OURS))
+  return value
+
+
 def detect(state: Mapping[str, Any]) -> str | None:
   """The ResNet-family layout the keys look like, or None."""
   state = strip_module_prefix(dict(state))
@@ -138,9 +161,7 @@ def convert_state_dict(
         missing.append(f'{key} (for {collection}/{"/".join(path)}, shape {tuple(leaf.shape)})')
         continue
       used.add(key)
-      value = to_numpy(state[key])
-      if path[-1] == 'kernel':
-        value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value
+      value = to_ours(path, to_numpy(state[key]))
       if tuple(value.shape) != tuple(leaf.shape):
         misshaped.append(
           f'{key}: {tuple(to_numpy(state[key]).shape)} does not fit'
@@ -158,6 +179,39 @@ def convert_state_dict(
   error = mismatch_error(layout, missing, sorted(unexpected), misshaped)
   if error:
     raise error
+  return out
+
+
+def export_state_dict(
+  variables: Mapping[str, Any], layout: str, num_batches_tracked: int = 0
+) -> dict[str, np.ndarray]:
+  """Our variables -> a torch state dict of `layout` (numpy), the inverse of
+  `convert_state_dict` through the same names (`torch_key`).
+
+  Args:
+    variables: `{'params', 'batch_stats'}` of the whole DeepLabV3+.
+    layout: `model` (every key of the reference DeepLabV3+, without the
+      `module.` prefix) or `dssn` (the backbone alone, as the reference's
+      `resnet*.pth`).
+    num_batches_tracked: the value of every BN's `num_batches_tracked`
+      buffer (torch reads it only with `momentum=None`).
+
+  Returns:
+    torch key -> numpy array (float32; the `num_batches_tracked` int64).
+  """
+  if layout not in ('model', 'dssn'):
+    raise ValueError(f'layout={layout!r}: export writes model or dssn')
+  out: dict[str, np.ndarray] = {}
+  for collection in ('params', 'batch_stats'):
+    tree = variables.get(collection, {})
+    if layout == 'dssn':
+      tree = tree.get('backbone', {})
+    for path, leaf in flatten(tree):
+      out[torch_key(path)] = to_torch(path, np.asarray(leaf, np.float32))
+      if path[-1] == 'mean':  # one per BatchNorm
+        out[f'{_module_key(path[:-1])}.num_batches_tracked'] = np.asarray(
+          num_batches_tracked, np.int64
+        )
   return out
 
 

@@ -140,7 +140,8 @@ def digits_config(num_val=3):
 
 def random_like(shapes, seed):
   """Random variables of the given shapes without compiling `init`: kernels
-  scaled by fan-in, BN scales and variances near 1, the rest near 0."""
+  scaled by fan-in, BN scales and variances near 1, the rest near 0
+  (`params`, and `batch_stats` where the model has them)."""
   rng = np.random.default_rng(seed)
 
   def leaf(path, s):
@@ -154,16 +155,12 @@ def random_like(shapes, seed):
     return jnp.asarray(value, s.dtype)
 
   tree = jax.tree_util.tree_map_with_path(leaf, shapes)
-  return {'params': tree['params'], 'batch_stats': tree['batch_stats']}
+  return {k: tree[k] for k in ('params', 'batch_stats') if k in tree}
 
 
-def make_workdir(path, step=3):
-  """A workdir like training leaves: config.json and one checkpoint."""
-  config = digits_config()
-  model = models.model_from_config(config)
-  dummy = jnp.zeros((1, 32, 32, 3))
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, train=False))
-  student, teacher = random_like(shapes, 1), random_like(shapes, 2)
+def write_workdir(path, config, student, teacher, step):
+  """A workdir like training leaves: `config.json` and one checkpoint at
+  `step` holding the two models' variables."""
   state = {
     'step': jnp.int32(step),
     'params': student['params'],
@@ -175,6 +172,16 @@ def make_workdir(path, step=3):
   saver = ckpt_lib.Checkpointer(os.path.join(str(path), 'checkpoints'))
   saver.save(step, state, jax.random.key(0), metrics={'miou_teacher': 1.0})
   saver.close()
+
+
+def make_workdir(path, step=3):
+  """A workdir like training leaves, of random digits-config variables."""
+  config = digits_config()
+  model = models.model_from_config(config)
+  dummy = jnp.zeros((1, 32, 32, 3))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, train=False))
+  student, teacher = random_like(shapes, 1), random_like(shapes, 2)
+  write_workdir(path, config, student, teacher, step)
   return config, model, {'student': student, 'teacher': teacher}
 
 
