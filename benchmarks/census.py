@@ -304,7 +304,14 @@ def format_report(name: str, result: dict[str, Any]) -> str:
   rows = [head]
   for kind, c in result['collectives'].items():
     rows.append(
-      (kind, c['count'], c['arrays'], f'{c["mib"]:.3f}', c['sample_count'], f'{c["sample_mib"]:.3f}')
+      (
+        kind,
+        c['count'],
+        c['arrays'],
+        f'{c["mib"]:.3f}',
+        c['sample_count'],
+        f'{c["sample_mib"]:.3f}',
+      )
     )
   widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
   lines += ['  '.join(str(v).rjust(w) for v, w in zip(r, widths)) for r in rows]
@@ -312,8 +319,7 @@ def format_report(name: str, result: dict[str, Any]) -> str:
   mem = result['memory']
   if mem:
     lines.append(
-      'xla memory per device (MiB): '
-      + ', '.join(f'{k} {v / 2**20:.2f}' for k, v in mem.items())
+      'xla memory per device (MiB): ' + ', '.join(f'{k} {v / 2**20:.2f}' for k, v in mem.items())
     )
   groups = Counter(
     (s['kind'], ' '.join(s['shapes']), s['where'], s['op_name']) for s in result['sample']
