@@ -189,6 +189,16 @@ def test_dropout2d_drops_whole_channels():
   assert drop.apply({}, x, deterministic=True) is x
 
 
+def test_dropout2d_sample_major_copies_drop_what_the_concatenation_drops():
+  """`(n, k, H, W, C)` copies (sample-major, DeepLabV3+'s perturbed copies)
+  lose the same planes as their copy-major concatenation `(k * n, ...)`."""
+  x = jax.random.normal(jax.random.key(2), (3, 4, 5, 16))
+  drop, rngs = layers.Dropout2d(0.5), {'dropout': jax.random.key(3)}
+  want = drop.apply({}, jnp.concatenate([x, x]), rngs=rngs)  # copy-major
+  got = drop.apply({}, jnp.broadcast_to(x[:, None], (3, 2, 4, 5, 16)), rngs=rngs)
+  np.testing.assert_array_equal(got.swapaxes(0, 1).reshape(want.shape), want)
+
+
 def test_batchnorm_matches_torch_train_and_eval():
   """Normalization by the biased, running update by the unbiased variance."""
   torch = pytest.importorskip('torch', reason='the parity tests compare with PyTorch')
