@@ -222,3 +222,19 @@ def test_class_aware_mask_sees_composed_logits():
   composed = pseudo_labels.compose_cutmix(box, mixed, base)
   np.testing.assert_array_equal(pseudo_labels.class_aware_mask(composed), [[[True, False]]])
   np.testing.assert_array_equal(pseudo_labels.hard_labels(composed), [[[1, 0]]])
+
+
+def test_cross_entropy_one_hot_pick_equals_the_gather():
+  """The default one-hot pick (no gather, so no scatter in the gradient)
+  gives the gather's values and gradients, ignore labels included."""
+  rng = np.random.default_rng(4)
+  logits = jnp.asarray(rng.normal(size=(2, 3, 5, 4)).astype(np.float32) * 3)
+  labels = jnp.asarray(rng.choice([0, 1, 2, 3, 255], size=(2, 3, 5)))
+  for_pick = lambda pick: jax.value_and_grad(
+    lambda z: jnp.sum(losses.cross_entropy_map(z, labels, pick) * jnp.arange(5.0))
+  )(logits)
+  want, got = for_pick('gather'), for_pick('onehot')
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+  with pytest.raises(ValueError, match='pick'):
+    losses.cross_entropy_map(logits, labels, 'take')

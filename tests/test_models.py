@@ -269,6 +269,19 @@ def test_resize_matches_torch_align_corners(src, dst):
   numerics.assert_close(got, want, numerics.LAYER)
 
 
+def test_resize_matrix_form_equals_the_gather_form_to_rounding():
+  """The default interpolation matrices and the former gathers (`method=
+  'gather'`) agree to float32 rounding, values and gradients."""
+  x = jax.random.normal(jax.random.key(5), (2, 7, 9, 3))
+  w = jax.random.normal(jax.random.key(6), (2, 25, 33, 3))
+  for_method = lambda method: jax.value_and_grad(
+    lambda x: jnp.sum(layers.resize_bilinear(x, (25, 33), method) * w)
+  )(x)
+  (want, want_grad), (got, got_grad) = for_method('gather'), for_method('matrix')
+  numerics.assert_close(got, want, numerics.FEW_OPS)
+  numerics.assert_close(got_grad, want_grad, numerics.FEW_OPS)
+
+
 def relative_rms(got, want):
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
   return float(np.sqrt(np.mean((got - want) ** 2) / np.mean(want**2)))
