@@ -29,17 +29,28 @@ def _check(logits, labels, name: str) -> None:
     )
 
 
-def cross_entropy_map(logits: jax.Array, labels: jax.Array) -> jax.Array:
+def cross_entropy_map(logits: jax.Array, labels: jax.Array, pick: str = 'onehot') -> jax.Array:
   """Per-pixel cross-entropy, float32 `(N, H, W)`.
 
   Args:
     logits: `(N, H, W, C)`.
     labels: int `(N, H, W)`; values outside `[0, C)` (ignore) give a finite,
       meaningless value, so callers mask them out.
+    pick: how the label's logit is read: 'onehot' (default) selects it
+      with a one-hot mask and sums over classes, elementwise ops whose
+      gradient is a select; 'gather' (the former form) gathers it, whose
+      gradient is a scatter. Both give the same value (one logit plus exact
+      zeros).
   """
   logits = logits.astype(jnp.float32)
   safe = jnp.clip(labels, 0, logits.shape[-1] - 1).astype(jnp.int32)
-  picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+  if pick == 'gather':
+    picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+  elif pick == 'onehot':
+    hot = safe[..., None] == jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    picked = jnp.sum(jnp.where(hot, logits, 0.0), axis=-1)
+  else:
+    raise ValueError(f"cross_entropy_map pick {pick!r} must be 'onehot' or 'gather'")
   return jax.nn.logsumexp(logits, axis=-1) - picked
 
 

@@ -4,11 +4,14 @@ One mesh axis, `data`, spans every device of every host. Batches are sharded
 along their leading axis on `data`; the train state is replicated. Under
 `jax.jit` a plain BatchNorm then computes global batch statistics (sync-BN)
 and gradients come out as the global mean, with no collective written by
-hand.
+hand. A program traced under `tracing_mesh(mesh)` also lets layers see the
+mesh (`data_axis_size`): the train step's BatchNorm then gathers its
+per-device statistics in one collective (`models.layers.BatchNorm`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import jax
@@ -56,6 +59,24 @@ def shard_batch(local_batch: dict[str, Any], mesh: Mesh) -> dict[str, jax.Array]
 def replicate(tree: Any, mesh: Mesh) -> Any:
   """Places a host-identical pytree on every device of the mesh."""
   return jax.device_put(tree, replicated(mesh))
+
+
+@contextlib.contextmanager
+def tracing_mesh(mesh: Mesh):
+  """Context in which a traced program sees `mesh` (as an abstract mesh):
+  `data_axis_size()` and `jax.shard_map(mesh=None)` use it. Enter it inside
+  the jitted function, so that it holds while JAX traces."""
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    yield
+
+
+def data_axis_size() -> int:
+  """Devices on the `data` axis of the mesh being traced under
+  (`tracing_mesh`); 1 outside one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or AXIS not in mesh.axis_names:
+    return 1
+  return int(mesh.shape[AXIS])
 
 
 def check_batch_divisible(global_batch: int, mesh: Mesh, what: str) -> None:

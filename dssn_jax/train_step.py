@@ -31,7 +31,9 @@ this keeps the step independent of the device count.
 Data parallelism: `make_train_step` jits the step over a 1-D `data` mesh with
 the batch sharded and the state replicated; BatchNorm statistics and every
 loss reduction are then global, so the step computes the same numbers on 1
-device or many.
+device or many (to float32 rounding). It traces the step under
+`parallel.tracing_mesh`, so each BatchNorm gathers its per-device
+statistics in one collective (`models.layers.BatchNorm`).
 """
 
 from __future__ import annotations
@@ -199,7 +201,11 @@ def train_step(
   finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
   for value in aux.metrics.values():
     finite &= jnp.all(jnp.isfinite(value))
-  new_state = jax.lax.cond(finite, lambda: updated, lambda: state).replace(step=state.step + 1)
+  # A select per leaf, not a `lax.cond` over the whole state: XLA writes each
+  # selected leaf into the donated buffer instead of keeping a second copy
+  # of the state for the cond's result (benchmarks/census.py's memory line).
+  keep_new = lambda new, old: jnp.where(finite, new, old)
+  new_state = jax.tree.map(keep_new, updated, state).replace(step=state.step + 1)
   lr = optim.poly_schedule(schedule.lr, schedule.total_steps, poly_power)(state.step)
   metrics = {'loss': total, **aux.metrics, 'lr': lr, 'grad_norm': grad_norm}
   metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
@@ -250,8 +256,13 @@ def make_train_step(
       ema_decay=float(ema_decay),
       poly_power=float(poly_power),
     )
+
+    def step_on_mesh(state, batch, rng):
+      with parallel.tracing_mesh(mesh):  # layers see the mesh (BatchNorm's one collective)
+        return step(state, batch, rng)
+
     return jax.jit(
-      step, in_shardings=(rep, data, rep), out_shardings=(rep, rep), donate_argnums=(0,)
+      step_on_mesh, in_shardings=(rep, data, rep), out_shardings=(rep, rep), donate_argnums=(0,)
     )
 
   return _PhasedStep(settings, schedule, compile_for)

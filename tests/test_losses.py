@@ -239,3 +239,19 @@ def test_ohem_ce_per_group_is_the_mean_of_the_groups_means():
   np.testing.assert_allclose(pooled, _mean_nll([0.1, 0.3, 0.6, 0.1]), rtol=1e-5)
   with pytest.raises(ValueError, match='groups=3 does not divide the batch of 2'):
     losses.ohem_ce(logits2, labels2, groups=3)
+
+
+def test_cross_entropy_one_hot_pick_equals_the_gather():
+  """The default one-hot pick (no gather, so no scatter in the gradient)
+  gives the gather's values and gradients, ignore labels included."""
+  rng = np.random.default_rng(4)
+  logits = jnp.asarray(rng.normal(size=(2, 3, 5, 4)).astype(np.float32) * 3)
+  labels = jnp.asarray(rng.choice([0, 1, 2, 3, 255], size=(2, 3, 5)))
+  for_pick = lambda pick: jax.value_and_grad(
+    lambda z: jnp.sum(losses.cross_entropy_map(z, labels, pick) * jnp.arange(5.0))
+  )(logits)
+  want, got = for_pick('gather'), for_pick('onehot')
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+  with pytest.raises(ValueError, match='pick'):
+    losses.cross_entropy_map(logits, labels, 'take')

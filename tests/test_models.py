@@ -189,6 +189,16 @@ def test_dropout2d_drops_whole_channels():
   assert drop.apply({}, x, deterministic=True) is x
 
 
+def test_dropout2d_sample_major_copies_drop_what_the_concatenation_drops():
+  """`(n, k, H, W, C)` copies (sample-major, DeepLabV3+'s perturbed copies)
+  lose the same planes as their copy-major concatenation `(k * n, ...)`."""
+  x = jax.random.normal(jax.random.key(2), (3, 4, 5, 16))
+  drop, rngs = layers.Dropout2d(0.5), {'dropout': jax.random.key(3)}
+  want = drop.apply({}, jnp.concatenate([x, x]), rngs=rngs)  # copy-major
+  got = drop.apply({}, jnp.broadcast_to(x[:, None], (3, 2, 4, 5, 16)), rngs=rngs)
+  np.testing.assert_array_equal(got.swapaxes(0, 1).reshape(want.shape), want)
+
+
 def test_batchnorm_matches_torch_train_and_eval():
   """Normalization by the biased, running update by the unbiased variance."""
   torch = pytest.importorskip('torch', reason='the parity tests compare with PyTorch')
@@ -257,6 +267,19 @@ def test_resize_matches_torch_align_corners(src, dst):
   assert got.shape == (2, *dst, 3)
   # JAX vs torch: a 4-term weighted sum per output, a few eps of the scale.
   numerics.assert_close(got, want, numerics.LAYER)
+
+
+def test_resize_matrix_form_equals_the_gather_form_to_rounding():
+  """The default interpolation matrices and the former gathers (`method=
+  'gather'`) agree to float32 rounding, values and gradients."""
+  x = jax.random.normal(jax.random.key(5), (2, 7, 9, 3))
+  w = jax.random.normal(jax.random.key(6), (2, 25, 33, 3))
+  for_method = lambda method: jax.value_and_grad(
+    lambda x: jnp.sum(layers.resize_bilinear(x, (25, 33), method) * w)
+  )(x)
+  (want, want_grad), (got, got_grad) = for_method('gather'), for_method('matrix')
+  numerics.assert_close(got, want, numerics.FEW_OPS)
+  numerics.assert_close(got_grad, want_grad, numerics.FEW_OPS)
 
 
 def relative_rms(got, want):

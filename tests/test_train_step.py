@@ -578,7 +578,13 @@ def test_ablation_fixed_threshold_changes_only_pseudo_label_terms(ablation_setup
     np.testing.assert_array_equal(got[key], base[key], err_msg=key)
   for key in ('loss_s1', 'loss_s2', 'loss_fp1', 'loss_fp2'):
     assert float(got[key]) > float(base[key]), key
-  assert_tree_equal(aux.teacher_batch_stats, base_aux.teacher_batch_stats)
+  # The same teacher forward in two programs: the interpolation matrices'
+  # dot products may round a multiply-add differently in each (1 ulp).
+  for got_stat, want in zip(
+    jax.tree.leaves(to_host(aux.teacher_batch_stats)),
+    jax.tree.leaves(to_host(base_aux.teacher_batch_stats)),
+  ):
+    numerics.assert_close(got_stat, want, numerics.LAYER)
 
 
 _MULTI_DEVICE_SCRIPT = textwrap.dedent('''

@@ -171,15 +171,18 @@ class DeepLabV3Plus(nn.Module):
     norm = functools.partial(layers.BatchNorm, use_running_average=not train, dtype=self.dtype)
 
     head_norm = norm
+    copies = 1 + perturb
     if perturb and self.fp_bn == 'clean':
-      head_norm = functools.partial(norm, stats_rows=n)
+      head_norm = functools.partial(norm, stats_every=copies)
     feats = self.backbone(x, train=train)
     c1, c4 = feats[0], feats[-1]
     lo, hi = c1, c4
     if perturb:
+      # Sample-major: row `i * copies + k` is copy k of sample i (0 clean),
+      # so every copy stays on its sample's device (no rows move between
+      # devices, as a concatenation along the batch would make them).
       drop = layers.Dropout2d(self.dropout, name='dropout')
-      lo = jnp.concatenate([c1, drop(jnp.concatenate([c1] * perturb))])
-      hi = jnp.concatenate([c4, drop(jnp.concatenate([c4] * perturb))])
+      lo, hi = (_with_dropped_copies(f, drop, perturb) for f in (c1, c4))
 
     a = ASPP(self.aspp_features, self.atrous_rates, conv=conv, norm=head_norm, name='head')(hi)
     a = layers.resize_bilinear(a, lo.shape[1:3])
@@ -199,9 +202,21 @@ class DeepLabV3Plus(nn.Module):
     )(f)
     logits = layers.resize_bilinear(logits.astype(jnp.float32), (h, w))
 
-    copies = jnp.split(logits, 1 + perturb) if perturb else [logits]
-    aux = dict(perturbed=tuple(copies[1:]), c1=c1, c4=c4, features=f[:n])
-    return copies[0], aux
+    per_copy = logits.reshape(n, copies, *logits.shape[1:])
+    first = lambda a: a.reshape(n, copies, *a.shape[1:])[:, 0]
+    aux = dict(
+      perturbed=tuple(per_copy[:, k] for k in range(1, copies)), c1=c1, c4=c4, features=first(f)
+    )
+    return per_copy[:, 0], aux
+
+
+def _with_dropped_copies(x: jax.Array, drop: nn.Module, perturb: int) -> jax.Array:
+  """`(N, ...)` -> `(N * (1 + perturb), ...)`: each sample followed by
+  `perturb` channel-dropped copies of it (sample-major; `layers.Dropout2d`
+  drops the planes it drops on the copy-major concatenation)."""
+  dropped = drop(jnp.broadcast_to(x[:, None], (x.shape[0], perturb, *x.shape[1:])))
+  out = jnp.concatenate([x[:, None], dropped], axis=1)
+  return out.reshape(-1, *x.shape[1:])
 
 
 # Decoder widths: the reference's for the full models; scaled down with the
