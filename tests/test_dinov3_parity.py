@@ -1,0 +1,244 @@
+"""DINOv3 + DPT: numerical parity with Hugging Face `transformers`' `DINOv3ViTModel`.
+
+A randomly initialised `DINOv3ViTModel` (full width, 4 blocks, every block
+tapped) is converted through the `hf_dinov3` layout; the normed patch
+tokens of every tapped block and the logits of encoder + DPT head (the
+head: `torch_dinov2_reference.DPTHead`, UniMatch V2's, on the transformers
+features) must match ours within 1e-4 of their scale (max |value|): float32
+rounding through different kernels is a few 1e-6, a wrong op (RoPE layout,
+LayerNorm eps, a missing LayerScale) is off by 1e-2 or more
+(`test_rope_matches_transformers_and_a_swapped_layout_does_not`). The same weights renamed to Meta's
+hub keys (the names `dinov3/models/vision_transformer.py`,
+`dinov3/layers/*.py` of facebookresearch/dinov3 give their modules,
+buffers included) and to timm's (`timm/models/eva.py`'s
+`checkpoint_filter_fn`) must convert to the same variables.
+
+Sizes: 256x384 in the default suite and 512x512 (`slow`: about 20 s each
+on a 2-core CPU, over the suite's budget), one image each, for the MLP size
+`dinov3_small` and the SwiGLU size `dinov3_small_plus`.
+"""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch', reason='the parity tests compare with PyTorch')
+transformers = pytest.importorskip('transformers', reason='the reference is DINOv3ViTModel')
+from dssn_jax.models import create_model, dinov3, dinov3_weights, pretrained, registry  # noqa: E402
+from dssn_jax.models.dinov2_weights import fill_params  # noqa: E402
+from dssn_jax.state_dicts import ConversionError  # noqa: E402
+from dssn_jax.testing import torch_dinov2_reference as ref  # noqa: E402  (imports torch)
+
+REL_TOL = 1e-4
+DEPTH, TAPS = 4, (0, 1, 2, 3)  # reduced depth, full width
+PREFIX = 1 + dinov3.STORAGE_TOKENS
+
+
+def hf_model(backbone: str, seed: int = 0):
+  """A random `DINOv3ViTModel` of `backbone`'s width and FFN, `DEPTH` blocks."""
+  spec = dinov3.ENCODERS[backbone]
+  gated = spec.ffn != 'mlp'
+  config = transformers.DINOv3ViTConfig(
+    hidden_size=spec.dim,
+    num_hidden_layers=DEPTH,
+    num_attention_heads=spec.heads,
+    intermediate_size=dinov3.ffn_hidden(spec.dim, spec.ffn, spec.ffn_ratio),
+    hidden_act='silu' if gated else 'gelu',
+    use_gated_mlp=gated,
+    num_register_tokens=dinov3.STORAGE_TOKENS,
+    layer_norm_eps=1e-5,
+    rope_theta=100.0,
+    query_bias=spec.qkv_bias,
+    value_bias=spec.qkv_bias,
+    key_bias=False,
+    patch_size=16,
+    attn_implementation='eager',
+  )
+  model = transformers.DINOv3ViTModel(config)
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith('lambda1'):
+        p.copy_(0.5 + torch.rand(p.shape, generator=g))
+      elif 'norm' in name and name.endswith('weight'):
+        p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+      elif p.ndim == 1:
+        p.copy_(0.1 * torch.randn(p.shape, generator=g))
+      elif name.endswith(('cls_token', 'register_tokens', 'mask_token')):
+        p.copy_(0.5 * torch.randn(p.shape, generator=g))
+      else:
+        p.copy_(torch.randn(p.shape, generator=g) * (1.0 / p[0].numel()) ** 0.5)
+  return model.eval()
+
+
+def hub_state(hf: dict, swiglu: bool, seed: int = 1) -> dict:
+  """`hf`'s weights under Meta's hub keys, with its buffers (`rope_embed.periods`,
+  `attn.qkv.bias_mask`) and a random key third in the qkv bias (masked)."""
+  g = torch.Generator().manual_seed(seed)
+  hf = {k.replace('model.layer.', 'layer.'): v for k, v in hf.items()}
+  dim = hf['embeddings.cls_token'].shape[-1]
+  out = {
+    'cls_token': hf['embeddings.cls_token'],
+    'storage_tokens': hf['embeddings.register_tokens'],
+    'mask_token': hf['embeddings.mask_token'].reshape(1, dim),
+    'patch_embed.proj.weight': hf['embeddings.patch_embeddings.weight'],
+    'patch_embed.proj.bias': hf['embeddings.patch_embeddings.bias'],
+    'norm.weight': hf['norm.weight'],
+    'norm.bias': hf['norm.bias'],
+  }
+  mlp = {'w1': 'gate_proj', 'w2': 'up_proj', 'w3': 'down_proj'} if swiglu else {}
+  mlp = mlp or {'fc1': 'up_proj', 'fc2': 'down_proj'}
+  for i in range(DEPTH):
+    h, b = f'layer.{i}.', f'blocks.{i}.'
+    att = h + 'attention.'
+    out[b + 'attn.qkv.weight'] = torch.cat([hf[att + f'{p}_proj.weight'] for p in 'qkv'])
+    k_bias = torch.randn(dim, generator=g)  # masked out by bias_mask
+    out[b + 'attn.qkv.bias'] = torch.cat([hf[att + 'q_proj.bias'], k_bias, hf[att + 'v_proj.bias']])
+    out[b + 'attn.qkv.bias_mask'] = torch.cat([torch.ones(dim), torch.zeros(dim), torch.ones(dim)])
+    for leaf in ('weight', 'bias'):
+      out[b + f'attn.proj.{leaf}'] = hf[att + f'o_proj.{leaf}']
+      for norm in ('norm1', 'norm2'):
+        out[b + f'{norm}.{leaf}'] = hf[h + f'{norm}.{leaf}']
+      for ours, theirs in mlp.items():
+        out[b + f'mlp.{ours}.{leaf}'] = hf[h + f'mlp.{theirs}.{leaf}']
+    out[b + 'ls1.gamma'] = hf[h + 'layer_scale1.lambda1']
+    out[b + 'ls2.gamma'] = hf[h + 'layer_scale2.lambda1']
+  return out
+
+
+def timm_state(hub: dict, swiglu: bool) -> dict:
+  """Meta's hub keys -> timm `Eva`'s (`vit_*_patch16_dinov3_qkvb`)."""
+  out = {}
+  for key, value in hub.items():
+    if key.endswith(('.periods', '.bias_mask')) or key == 'mask_token':
+      continue
+    if key.endswith('attn.qkv.bias'):
+      q, _, v = value.chunk(3)
+      out[key.replace('qkv.bias', 'q_bias')] = q
+      out[key.replace('qkv.bias', 'v_bias')] = v
+      continue
+    key = key.replace('ls1.gamma', 'gamma_1').replace('ls2.gamma', 'gamma_2')
+    key = key.replace('storage_tokens', 'reg_token')
+    if swiglu:
+      key = key.replace('mlp.w1', 'mlp.fc1_g').replace('mlp.w2', 'mlp.fc1_x')
+      key = key.replace('mlp.w3', 'mlp.fc2')
+    out[key] = value
+  return out
+
+
+@functools.cache
+def pair(backbone: str, num_classes: int = 5):
+  """(transformers model, torch DPT head, our model, our variables)."""
+  spec = dinov3.ENCODERS[backbone]
+  size = dinov3.HEAD_SIZES[backbone]
+  hf = hf_model(backbone)
+  head = ref.randomize(ref.DPTHead(num_classes, spec.dim, size['features'], size['out_channels']))
+  model = create_model(backbone, num_classes, depth=DEPTH, taps=TAPS)
+  encoder = pretrained.from_torch(
+    hf.state_dict(), backbone=backbone, layout='hf_dinov3', depth=DEPTH, taps=TAPS
+  )
+  shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+  head_state = {f'head.{k}': v for k, v in head.state_dict().items()}
+  params = fill_params(head_state, {'head': shapes['params']['head']}, 'head')['params']
+  params['backbone'] = encoder['params']
+  return hf, head, model, {'params': params}
+
+
+@functools.cache
+def jitted(model):
+  return jax.jit(model.apply)
+
+
+def torch_forward(hf, head, x):
+  """Normed patch tokens of every block and the DPT logits `(N, H, W, C)`."""
+  rows, cols = x.shape[2] // 16, x.shape[3] // 16
+  with torch.no_grad():
+    out = hf(x, output_hidden_states=True)
+    hidden = out.hidden_states[1:]  # [0] is the embedding output
+    assert len(hidden) == DEPTH
+    feats = [hf.norm(hs)[:, PREFIX:] for hs in hidden]
+    logits = head(feats, rows, cols)
+    logits = torch.nn.functional.interpolate(
+      logits, (rows * 16, cols * 16), mode='bilinear', align_corners=True
+    )
+  return [f.numpy() for f in feats], logits.permute(0, 2, 3, 1).numpy()
+
+
+def errors(backbone, height, width, variables=None, seed=0):
+  """Relative errors `(per tapped block..., logits)` against transformers."""
+  hf, head, model, converted = pair(backbone)
+  x = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(seed))
+  feats, want = torch_forward(hf, head, x)
+  got, aux = jitted(model)(variables or converted, x.permute(0, 2, 3, 1).numpy())
+  assert got.shape == want.shape, (got.shape, want.shape)
+  rows, cols = height // 16, width // 16
+  pairs = [(np.asarray(a).reshape(1, rows * cols, -1), b) for a, b in zip(aux['features'], feats)]
+  pairs.append((np.asarray(got), want))
+  return [float(np.max(np.abs(a - b)) / np.max(np.abs(b))) for a, b in pairs]
+
+
+@pytest.mark.parametrize('backbone', ['dinov3_small', 'dinov3_small_plus'])
+def test_parity_with_transformers(backbone):
+  """Non-square 256x384 (16 x 24 patches): about 10 s per size on a 2-core CPU."""
+  errs = errors(backbone, 256, 384)
+  assert max(errs) <= REL_TOL, errs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('backbone', ['dinov3_small', 'dinov3_small_plus'])
+def test_parity_with_transformers_at_512(backbone):
+  """UniMatch V2's DINOv3 crop, 512x512 (1024 patch tokens): about 20 s per size."""
+  errs = errors(backbone, 512, 512)
+  assert max(errs) <= REL_TOL, errs
+
+
+def test_rope_matches_transformers_and_a_swapped_layout_does_not():
+  """Our sin/cos of a 12 x 20 grid against `DINOv3ViTRopePositionEmbedding`'s;
+  rows' and columns' angles swapped (a plausible layout slip) are far off."""
+  hf, _, _, _ = pair('dinov3_small')
+  x = torch.zeros(1, 3, 12 * 16, 20 * 16)
+  with torch.no_grad():
+    cos, sin = (t.numpy() for t in hf.rope_embeddings(x))
+  ours_sin, ours_cos = (np.asarray(t) for t in dinov3.rope_sincos(12, 20, 64))
+  np.testing.assert_allclose(ours_sin, sin, atol=1e-5)
+  np.testing.assert_allclose(ours_cos, cos, atol=1e-5)
+  q = 64 // 4
+  swapped = ours_sin[:, np.r_[q : 2 * q, 0:q, 3 * q : 4 * q, 2 * q : 3 * q]]
+  assert np.max(np.abs(swapped - sin)) > 0.1
+
+
+@pytest.mark.parametrize('backbone', ['dinov3_small', 'dinov3_small_plus'])
+def test_hub_and_timm_layouts_give_the_same_variables(backbone):
+  hf, _, _, converted = pair(backbone)
+  swiglu = dinov3.ENCODERS[backbone].ffn != 'mlp'
+  hub = hub_state(hf.state_dict(), swiglu)
+  hub['rope_embed.periods'] = torch.tensor(dinov3.rope_periods(64)).to(torch.bfloat16)
+  for layout, state in (('dinov3', hub), ('timm_dinov3', timm_state(hub, swiglu))):
+    assert dinov3_weights.detect(state) == layout
+    assert registry.detect_layout(state) == layout
+    got = pretrained.from_torch(state, backbone=backbone, layout=None, depth=DEPTH, taps=TAPS)
+    want = dict(converted['params']['backbone'])
+    if layout == 'timm_dinov3':  # timm has no mask_token: zeros, as Meta's init
+      assert not np.any(got['params']['mask_token'])
+      want['mask_token'] = got['params']['mask_token']
+    jax.tree.map(np.testing.assert_array_equal, got['params'], want)
+
+
+def test_hub_layout_checks_its_buffers():
+  hf, _, _, _ = pair('dinov3_small')
+  hub = hub_state(hf.state_dict(), False)
+  hub['rope_embed.periods'] = torch.tensor(dinov3.rope_periods(64) * 1.05)
+  hub['blocks.1.attn.qkv.bias_mask'] = torch.ones(3 * 384)
+  hub['blocks.2.attn.qkv.bias_mask'] = torch.full((3 * 384,), float('nan'))  # unfilled: known mask
+  del hub['blocks.3.ls2.gamma']
+  with pytest.raises(ConversionError) as e:
+    pretrained.from_torch(hub, backbone='dinov3_small', layout='dinov3', depth=DEPTH, taps=TAPS)
+  text = str(e.value)
+  assert 'rope_embed.periods' in text and 'blocks.1.attn.qkv.bias_mask' in text
+  assert 'blocks.2' not in text
+  hub['rope_embed.periods'] = torch.tensor(dinov3.rope_periods(64))
+  hub['blocks.1.attn.qkv.bias_mask'] = hub['blocks.0.attn.qkv.bias_mask']
+  with pytest.raises(ConversionError, match=r'1 missing key\(s\):\n    blocks.3.ls2.gamma'):
+    pretrained.from_torch(hub, backbone='dinov3_small', layout='dinov3', depth=DEPTH, taps=TAPS)
