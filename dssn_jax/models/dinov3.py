@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dssn_jax.errors import ConversionError, one_of
+from dssn_jax.errors import ConfigError, ConversionError, one_of
 from dssn_jax.models import dinov3_weights, dpt, layers, registry
 from dssn_jax.models.dinov2 import LayerScale, Mlp, PatchEmbed
 
@@ -432,6 +432,9 @@ def dinov3_dpt_from_config(config) -> dpt.DPTSegmenter:
   """`create_dinov3_dpt` from `config.model` (backbone, dtype, dropout,
   attention, rope_rescale) and `config.train` (remat, freeze_backbone)."""
   m = config.model
+  rescale = float(m.get('rope_rescale', 0.0))
+  if 0.0 < rescale < 1.0:
+    raise ConfigError(f'config.model.rope_rescale={rescale} must be 0 (off) or >= 1')
   return create_dinov3_dpt(
     m.backbone,
     config.data.num_classes,
@@ -440,7 +443,7 @@ def dinov3_dpt_from_config(config) -> dpt.DPTSegmenter:
     remat=config.train.remat,
     freeze_backbone=config.train.freeze_backbone,
     attention=one_of('model.attention', m.attention, ('xla', 'cudnn')),
-    rope_rescale=float(m.get('rope_rescale', 0.0)),
+    rope_rescale=rescale,
   )
 
 
