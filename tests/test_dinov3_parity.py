@@ -32,7 +32,7 @@ from dssn_jax.state_dicts import ConversionError  # noqa: E402
 from dssn_jax.testing import torch_dinov2_reference as ref  # noqa: E402  (imports torch)
 
 REL_TOL = 1e-4
-DEPTH, TAPS = 4, (0, 1, 2, 3)  # reduced depth, full width
+DEPTH, TAPS = 4, (0, 1, 2, 3)  # reduced depth, full width (dinov3_tiny: its own 4)
 PREFIX = 1 + dinov3.STORAGE_TOKENS
 
 
@@ -242,3 +242,26 @@ def test_hub_layout_checks_its_buffers():
   hub['blocks.1.attn.qkv.bias_mask'] = hub['blocks.0.attn.qkv.bias_mask']
   with pytest.raises(ConversionError, match=r'1 missing key\(s\):\n    blocks.3.ls2.gamma'):
     pretrained.from_torch(hub, backbone='dinov3_small', layout='dinov3', depth=DEPTH, taps=TAPS)
+
+
+def test_files_load_as_the_pretrained_encoder(tmp_path):
+  """A `DINOv3ViTModel` saved as `model.safetensors` (read without torch) and
+  the same weights as Meta's hub `.pth` both load with
+  `pretrained_layout='auto'` into `dinov3_tiny` (`config.model.pretrained`)."""
+  from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+
+  hf = hf_model('dinov3_tiny')
+  state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+  save_file(state, str(tmp_path / 'model.safetensors'))
+  hub = hub_state(state, swiglu=False)
+  hub['rope_embed.periods'] = torch.tensor(dinov3.rope_periods(16))
+  torch.save(hub, tmp_path / 'dinov3_tiny.pth')
+  model = create_model('dinov3_tiny', 3)
+  variables = registry.variable_shapes(model, 'dinov3_tiny')  # shapes suffice
+  want = pretrained.from_torch(state, backbone='dinov3_tiny', layout='hf_dinov3')['params']
+  for name in ('model.safetensors', 'dinov3_tiny.pth'):
+    got = pretrained.load_pretrained(
+      variables, str(tmp_path / name), layout='auto', backbone='dinov3_tiny'
+    )
+    jax.tree.map(np.testing.assert_array_equal, got['params']['backbone'], want)
+    assert set(got['params']) == {'backbone', 'head'}
