@@ -69,7 +69,9 @@ def tiny():
     block = variables['params'][f'blocks_{i}']
     block['attn']['qkv']['kernel'] = block['attn']['qkv']['kernel'] * 30.0
     block['ls1']['gamma'] = block['ls2']['gamma'] = jnp.ones(32)
-  apply = jax.jit(lambda v, x, train, rngs: encoder.apply(v, x, train, rngs=rngs)[-1], static_argnums=2)
+  apply = jax.jit(
+    lambda v, x, train, rngs: encoder.apply(v, x, train, rngs=rngs)[-1], static_argnums=2
+  )
   return encoder, apply, variables, x
 
 
@@ -116,7 +118,9 @@ def test_rope_rescale_scale_range():
   encoder = dinov3.create_encoder('dinov3_tiny', rope_rescale=2.0)
   scales = [
     float(
-      encoder.apply({}, True, rngs={'rope': jax.random.key(s)}, method=lambda m, t: m._rope_scale(t))
+      encoder.apply(
+        {}, True, rngs={'rope': jax.random.key(s)}, method=lambda m, t: m._rope_scale(t)
+      )
     )
     for s in range(20)
   ]

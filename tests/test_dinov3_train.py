@@ -18,7 +18,9 @@ CROP = 32  # two 16-pixel patches
 
 
 def recipe(method: str, **overrides):
-  config = configs.tiny(configs.load_config('pascal', f'split=92,backbone=dinov3_base,method={method}'))
+  config = configs.tiny(
+    configs.load_config('pascal', f'split=92,backbone=dinov3_base,method={method}')
+  )
   config.data.batch_size = 4
   config.data.num_classes = 3
   for key, value in overrides.items():
@@ -53,7 +55,9 @@ def first_step(config, model):
   params = jax.tree_util.tree_map_with_path(ones, state.params)
   state = state.replace(params=params, teacher_params=jax.tree.map(lambda p: p * 1.1, params))
   step = jax.jit(
-    lambda st, b, r: ts.train_step(st, b, r, model=model, tx=tx, settings=settings, schedule=schedule)
+    lambda st, b, r: ts.train_step(
+      st, b, r, model=model, tx=tx, settings=settings, schedule=schedule
+    )
   )
   batch = batches.synthetic_batch(4, CROP, 3, supervised=False, seed=0)
   new, metrics = jax.device_get(step(state, batch, jax.random.key(3)))
