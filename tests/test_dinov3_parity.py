@@ -30,47 +30,16 @@ from dssn_jax.models import create_model, dinov3, dinov3_weights, pretrained, re
 from dssn_jax.models.dinov2_weights import fill_params  # noqa: E402
 from dssn_jax.state_dicts import ConversionError  # noqa: E402
 from dssn_jax.testing import torch_dinov2_reference as ref  # noqa: E402  (imports torch)
+from dssn_jax.testing import torch_dinov3_reference as ref3  # noqa: E402
 
 REL_TOL = 1e-4
 DEPTH, TAPS = 4, (0, 1, 2, 3)  # reduced depth, full width (dinov3_tiny: its own 4)
-PREFIX = 1 + dinov3.STORAGE_TOKENS
 
 
 def hf_model(backbone: str, seed: int = 0):
-  """A random `DINOv3ViTModel` of `backbone`'s width and FFN, `DEPTH` blocks."""
-  spec = dinov3.ENCODERS[backbone]
-  gated = spec.ffn != 'mlp'
-  config = transformers.DINOv3ViTConfig(
-    hidden_size=spec.dim,
-    num_hidden_layers=DEPTH,
-    num_attention_heads=spec.heads,
-    intermediate_size=dinov3.ffn_hidden(spec.dim, spec.ffn, spec.ffn_ratio),
-    hidden_act='silu' if gated else 'gelu',
-    use_gated_mlp=gated,
-    num_register_tokens=dinov3.STORAGE_TOKENS,
-    layer_norm_eps=1e-5,
-    rope_theta=100.0,
-    query_bias=spec.qkv_bias,
-    value_bias=spec.qkv_bias,
-    key_bias=False,
-    patch_size=16,
-    attn_implementation='eager',
-  )
-  model = transformers.DINOv3ViTModel(config)
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith('lambda1'):
-        p.copy_(0.5 + torch.rand(p.shape, generator=g))
-      elif 'norm' in name and name.endswith('weight'):
-        p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-      elif p.ndim == 1:
-        p.copy_(0.1 * torch.randn(p.shape, generator=g))
-      elif name.endswith(('cls_token', 'register_tokens', 'mask_token')):
-        p.copy_(0.5 * torch.randn(p.shape, generator=g))
-      else:
-        p.copy_(torch.randn(p.shape, generator=g) * (1.0 / p[0].numel()) ** 0.5)
-  return model.eval()
+  """A random `DINOv3ViTModel` of `backbone`'s width and FFN, `DEPTH` blocks
+  (`dinov3_tiny`: its own 4)."""
+  return ref3.randomize(ref3.encoder(backbone, DEPTH), seed).eval()
 
 
 def hub_state(hf: dict, swiglu: bool, seed: int = 1) -> dict:
@@ -155,10 +124,7 @@ def torch_forward(hf, head, x):
   """Normed patch tokens of every block and the DPT logits `(N, H, W, C)`."""
   rows, cols = x.shape[2] // 16, x.shape[3] // 16
   with torch.no_grad():
-    out = hf(x, output_hidden_states=True)
-    hidden = out.hidden_states[1:]  # [0] is the embedding output
-    assert len(hidden) == DEPTH
-    feats = [hf.norm(hs)[:, PREFIX:] for hs in hidden]
+    feats = ref3.tapped(hf, x, TAPS)
     logits = head(feats, rows, cols)
     logits = torch.nn.functional.interpolate(
       logits, (rows * 16, cols * 16), mode='bilinear', align_corners=True

@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from dssn_jax import config_lib, optim
+from dssn_jax import config_lib, optim, train
 from dssn_jax import train_step as ts
 from dssn_jax.models import registry
-from dssn_jax.testing import batches, configs
+from dssn_jax.testing import batches, configs, fake_datasets
 
 CROP = 32  # two 16-pixel patches
 
@@ -102,3 +102,31 @@ def test_rope_rescale_config_checks():
   config = recipe('unimatch_v2', **{'model.rope_rescale': 0.5})
   with pytest.raises(config_lib.ConfigError, match='rope_rescale=0.5 must be 0'):
     registry.model_from_config(config)
+
+
+DATASETS = ('pascal', 'cityscapes', 'ade20k', 'coco')
+
+
+@pytest.mark.parametrize('name', DATASETS)
+@pytest.mark.parametrize('method', ['unimatch_v2', 'dssn'])
+def test_dinov3_recipes_validate_with_crops_of_whole_patches(name, method):
+  """Every dataset's DINOv3 recipe as shipped: UniMatch V2's with the crop at
+  the nearest multiple of 16 (518 -> 512, Cityscapes 798 -> 800), the
+  evaluation resize at 16, the weights' layout detected from their keys."""
+  config = configs.load_config(name, f'backbone=dinov3_base,method={method}')
+  config_lib.validate(config)
+  assert config.data.crop_size == (800 if name == 'cityscapes' else 512)
+  assert config.data.eval_resize_multiple == (0 if name == 'cityscapes' else 16)
+  assert config.model.pretrained_layout == 'auto' and config.train.optimizer == 'adamw'
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('method', ['unimatch_v2', 'dssn'])
+def test_pascal_dinov3_recipe_trains_and_evaluates(method, tmp_path):
+  """`main.py`'s path end to end on fake VOC data: two steps and an evaluation
+  at the original sizes (resized to multiples of 16)."""
+  config = configs.tiny(configs.load_config('pascal', f'backbone=dinov3_small,method={method}'))
+  root, splits = fake_datasets.make_pascal(str(tmp_path / 'data'), split=config.data.split, n_val=1)
+  config.data.root, config.data.splits_dir = root, splits
+  summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert summary['step'] == 2 and summary['miou_teacher'] is not None
