@@ -158,7 +158,8 @@ def test_7b_hub_state_dict_converts_by_shape():
     state[b + 'attn.qkv.weight'] = zeros(3 * dim, dim)
     state[b + 'attn.proj.weight'], state[b + 'attn.proj.bias'] = zeros(dim, dim), zeros(dim)
     for name, shape in (('w1', (hidden, dim)), ('w2', (hidden, dim)), ('w3', (dim, hidden))):
-      state[b + f'mlp.{name}.weight'], state[b + f'mlp.{name}.bias'] = zeros(*shape), zeros(shape[0])
+      state[b + f'mlp.{name}.weight'] = zeros(*shape)
+      state[b + f'mlp.{name}.bias'] = zeros(shape[0])
     for norm in ('norm1', 'norm2'):
       state[b + f'{norm}.weight'], state[b + f'{norm}.bias'] = zeros(dim), zeros(dim)
     state[b + 'ls1.gamma'], state[b + 'ls2.gamma'] = zeros(dim), zeros(dim)
