@@ -231,3 +231,29 @@ def test_files_load_as_the_pretrained_encoder(tmp_path):
     )
     jax.tree.map(np.testing.assert_array_equal, got['params']['backbone'], want)
     assert set(got['params']) == {'backbone', 'head'}
+
+
+def test_hf_names_resolve_through_a_laid_out_cache(tmp_path, monkeypatch):
+  """`hf:ORG/REPO` reads `model.safetensors` from huggingface_hub's cache
+  (laid out here as the hub lays it out: refs/main -> snapshots/REV), offline;
+  a name not in the cache is one line naming the repository and the cache."""
+  hub = pytest.importorskip('huggingface_hub')
+  from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(hub.constants, 'HF_HUB_OFFLINE', True)
+  monkeypatch.setattr(hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'hub'))
+  repo = tmp_path / 'hub' / 'models--facebook--dinov3-tiny-test'
+  rev = '0123456789abcdef0123456789abcdef01234567'
+  (repo / 'refs').mkdir(parents=True)
+  (repo / 'refs' / 'main').write_text(rev)
+  (repo / 'snapshots' / rev).mkdir(parents=True)
+  hf = hf_model('dinov3_tiny')
+  state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+  save_file(state, str(repo / 'snapshots' / rev / 'model.safetensors'))
+  got = pretrained.from_torch('hf:facebook/dinov3-tiny-test')  # layout and size from the keys
+  want = pretrained.from_torch(state, backbone='dinov3_tiny', layout='hf_dinov3')
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  with pytest.raises(FileNotFoundError, match='hf:facebook/absent: no model.safetensors of'):
+    pretrained.from_torch('hf:facebook/absent')
+  with pytest.raises(ValueError, match='hf:ORG/REPO'):
+    pretrained.from_torch('hf:dinov2-base')
