@@ -125,6 +125,9 @@ def torch_forward(hf, head, x):
   rows, cols = x.shape[2] // 16, x.shape[3] // 16
   with torch.no_grad():
     feats = ref3.tapped(hf, x, TAPS)
+    # The blocks called one by one give DINOv3ViTModel's own forward (normed, last block).
+    own = hf(x).last_hidden_state[:, ref3.PREFIX :]
+    torch.testing.assert_close(feats[-1], own, rtol=0, atol=0)
     logits = head(feats, rows, cols)
     logits = torch.nn.functional.interpolate(
       logits, (rows * 16, cols * 16), mode='bilinear', align_corners=True

@@ -66,10 +66,20 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def tapped(model: nn.Module, x: torch.Tensor, taps) -> list[torch.Tensor]:
-  """Meta's `get_intermediate_layers(x, n=taps, norm=True)`: the final norm
-  of each tapped block's output, class and storage tokens dropped."""
-  hidden = model(x, output_hidden_states=True).hidden_states[1:]  # [0]: the embeddings
-  return [model.norm(hidden[i])[:, PREFIX:] for i in taps]
+  """Meta's `get_intermediate_layers(x, n=taps, norm=True)` on a
+  `DINOv3ViTModel`: the final norm of each tapped block's output, class and
+  storage tokens dropped. The blocks are called one by one, as
+  `DINOv3ViTModel.forward` calls them (`output_hidden_states=True` would
+  give the same tensors through output-capturing hooks that double the
+  step's CPU time)."""
+  hidden = model.embeddings(x.to(model.embeddings.patch_embeddings.weight.dtype))
+  position = model.rope_embeddings(x)
+  out = []
+  for i, layer in enumerate(model.model.layer[: max(taps) + 1]):
+    hidden = layer(hidden, position_embeddings=position)
+    if i in taps:
+      out.append(model.norm(hidden)[:, PREFIX:])
+  return out
 
 
 class DPT(nn.Module):
