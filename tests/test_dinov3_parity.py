@@ -260,3 +260,17 @@ def test_hf_names_resolve_through_a_laid_out_cache(tmp_path, monkeypatch):
     pretrained.from_torch('hf:facebook/absent')
   with pytest.raises(ValueError, match='hf:ORG/REPO'):
     pretrained.from_torch('hf:dinov2-base')
+
+
+@pytest.mark.slow
+def test_step_speed_times_the_pytorch_unimatch_v2_step_on_dinov3(capsys):
+  """`benchmarks/step_speed.py --torch-only` on `dinov3_tiny`: the authors'
+  loop body around transformers' DINOv3ViTModel + the DPT head runs (about
+  30 s alone, most of it transformers' first model construction)."""
+  from benchmarks import step_speed  # pylint: disable=g-import-not-at-top
+
+  argv = ['--backbone', 'dinov3_tiny', '--crop', '32', '--batch', '2', '--num-classes', '4']
+  argv += ['--method', 'unimatch_v2', '--torch-only', '--torch-threads', '1']
+  (row,) = step_speed.main(argv + ['--steps', '2', '--warmup', '1'])
+  assert row['impl'] == 'torch' and np.isfinite(row['loss']) and row['loss'] > 0
+  assert 'backbone=dinov3_tiny' in capsys.readouterr().out.strip().splitlines()[-1]
