@@ -7,6 +7,7 @@ r"""Speed of one training iteration: compile time, step time, memory, FLOP/s.
     python benchmarks/step_speed.py --torch             # also the PyTorch step
     python benchmarks/step_speed.py --backbone dinov2_small --crop 98 --method unimatch_v2 --torch
     python benchmarks/step_speed.py --backbone dinov2_small --crop 126 --method supervised
+    python benchmarks/step_speed.py --backbone dinov3_small --crop 96 --method unimatch_v2 --torch
     python benchmarks/step_speed.py --backbone dinov2_base --crop 518 --batch 4 \
         --method unimatch --levers     # XLA memory of float32 / bf16 / remat / frozen
 
@@ -36,7 +37,7 @@ the docs/design.md layout. It reports
   rate's fraction of `--peak-tflops`.
 
 The backbones are those of `dssn_jax.models.registry` (ResNet + DeepLabV3+,
-DINOv2 + DPT). `--freeze-backbone` sets `config.train.freeze_backbone`
+DINOv2 + DPT, DINOv3 + DPT). `--freeze-backbone` sets `config.train.freeze_backbone`
 (no gradient, no optimizer state for the encoder). `--levers` only compiles
 (nothing runs: the sizes of interest do not run on a CPU) the step four
 times, float32, bfloat16, float32 with remat and float32 with a frozen
@@ -56,7 +57,8 @@ the JAX / PyTorch ratio. Two iterations have a PyTorch rendering
 `dssn_jax/testing/torch_reference.py`, the same loss terms,
 `torch.optim.SGD`, EMA teacher) and `unimatch_v2` on a DINOv2 (the DPT of
 `dssn_jax/testing/torch_dinov2_reference.py`, the authors' loop body,
-AdamW, their EMA ramp).
+AdamW, their EMA ramp) or on a DINOv3 (transformers' `DINOv3ViTModel`
+under the same DPT head, `dssn_jax/testing/torch_dinov3_reference.py`).
 
 The last line is machine-readable:
 
@@ -506,24 +508,25 @@ def prepare_torch(args: argparse.Namespace) -> Step:
   return step
 
 
-def prepare_torch_unimatch_v2(args: argparse.Namespace) -> Step:
-  """UniMatch V2's iteration in PyTorch on the DINOv2 + DPT of
-  `dssn_jax/testing/torch_dinov2_reference.py` (the authors' sizes for
-  `--backbone`): EMA teacher on `u_w`, cutmix with the batch reversed,
-  complementary dropout of the strong views' tapped features, threshold
-  0.95, AdamW (encoder 5e-6, head x40, weight decay 0.01), EMA keep rate
-  `min(1 - 1/(it + 1), 0.996)`. On the first CUDA device or the CPU."""
-  import torch  # pylint: disable=g-import-not-at-top
-  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
-
+def _torch_dpt(backbone: str, num_classes: int):
+  """`(module, tapped width)`: the PyTorch DPT of `backbone`'s family with
+  random weights: DINOv2 `torch_dinov2_reference.DPT` (the authors' sizes),
+  DINOv3 `torch_dinov3_reference.DPT` (transformers' `DINOv3ViTModel`, no
+  RoPE rescale, as `config.model.rope_rescale`'s default)."""
   from dssn_jax.models import dinov2, dpt  # pylint: disable=g-import-not-at-top
   from dssn_jax.testing import torch_dinov2_reference  # pylint: disable=g-import-not-at-top
 
-  env = _TorchEnv(args)
-  device, b, norm = env.device, env.batch, env.norm
-  enc, head = dinov2.ENCODERS[args.backbone], dpt.HEAD_SIZES[args.backbone]
+  if registry.family_of(backbone).name == 'dinov3':
+    from dssn_jax.models import dinov3  # pylint: disable=g-import-not-at-top
+    from dssn_jax.testing import torch_dinov3_reference  # pylint: disable=g-import-not-at-top
+
+    student = torch_dinov3_reference.DPT(backbone, num_classes)
+    torch_dinov3_reference.randomize(student.backbone)
+    torch_dinov2_reference.randomize(student.head)
+    return student, dinov3.ENCODERS[backbone].dim
+  enc, head = dinov2.ENCODERS[backbone], dpt.HEAD_SIZES[backbone]
   student = torch_dinov2_reference.DPT(
-    args.num_classes,
+    num_classes,
     enc.dim,
     enc.depth,
     enc.heads,
@@ -532,7 +535,24 @@ def prepare_torch_unimatch_v2(args: argparse.Namespace) -> Step:
     head['out_channels'],
     swiglu=enc.ffn == 'swiglu',
   )
-  student = torch_dinov2_reference.randomize(student).to(device).train()
+  return torch_dinov2_reference.randomize(student), enc.dim
+
+
+def prepare_torch_unimatch_v2(args: argparse.Namespace) -> Step:
+  """UniMatch V2's iteration in PyTorch on the DINOv2 + DPT of
+  `dssn_jax/testing/torch_dinov2_reference.py` or the DINOv3 + DPT of
+  `dssn_jax/testing/torch_dinov3_reference.py` (the sizes of
+  `--backbone`): EMA teacher on `u_w`, cutmix with the batch reversed,
+  complementary dropout of the strong views' tapped features, threshold
+  0.95, AdamW (encoder 5e-6, head x40, weight decay 0.01), EMA keep rate
+  `min(1 - 1/(it + 1), 0.996)`. On the first CUDA device or the CPU."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+
+  env = _TorchEnv(args)
+  device, b, norm = env.device, env.batch, env.norm
+  student, dim = _torch_dpt(args.backbone, args.num_classes)
+  student = student.to(device).train()
   teacher = copy.deepcopy(student).eval()
   for p in teacher.parameters():
     p.requires_grad_(False)
@@ -549,7 +569,7 @@ def prepare_torch_unimatch_v2(args: argparse.Namespace) -> Step:
   carry = {'it': 0}
 
   def comp_masks(n):  # the authors' pairs (m, 2 - m), half of the pairs undropped
-    m1 = torch.bernoulli(torch.full((n, enc.dim), 0.5, device=device)) * 2.0
+    m1 = torch.bernoulli(torch.full((n, dim), 0.5, device=device)) * 2.0
     kept = torch.randperm(n, device=device)[: int(n * 0.5)]
     m1[kept] = 1.0
     return torch.cat([m1, 2.0 - m1])
@@ -591,6 +611,7 @@ def prepare_torch_unimatch_v2(args: argparse.Namespace) -> Step:
 TORCH_STEPS = {
   ('dssn', 'resnet'): prepare_torch,
   ('unimatch_v2', 'dinov2'): prepare_torch_unimatch_v2,
+  ('unimatch_v2', 'dinov3'): prepare_torch_unimatch_v2,
 }
 
 

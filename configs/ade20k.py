@@ -13,12 +13,17 @@ With the official ADEChallengeData2016 annotations (0 = other, classes
 ARG (`k=v,...`; a bare value sets `split`):
   split     1_64 | 1_32 | 1_16 | 1_8 | 1_4 | 1_2 | all
   backbone  dinov2_small | dinov2_base (published 38.7 mIoU at 1/64) | dinov2_large |
+            dinov3_small | dinov3_small_plus | dinov3_base | dinov3_large |
+            dinov3_huge_plus | dinov3_7b |
             resnet101 | resnet50
   method    unimatch_v2 | dssn | unimatch | fixmatch | supervised
 
 Recipe: UniMatch V2's `configs/ade20k.yaml`: crop 518, 60 epochs, global
 batch 8 (4 GPUs x 2, `loss_groups=4`), AdamW lr 5e-6 with the head at 40x, weight decay 0.01,
 CE, threshold 0.95, whole-image evaluation resized to multiples of 14.
+DINOv3 (`dinov3_*`, new: no published number, no run here): the same recipe
+with the crop at the nearest multiple of 16, 512, and the evaluation resized
+to multiples of 16 (docs/backbones.md).
 
 Departures from the authors' code (docs/faithfulness.md):
   - encoder trained: the yaml says `lock_backbone: True`, but the logged runs

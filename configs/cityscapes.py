@@ -17,14 +17,19 @@ UniMatch V2 (DINOv2-B, published 83.6 mIoU at 1/16):
 ARG (`k=v,...`; a bare value sets `split`):
   split     1_16 | 1_8 | 1_4 | 1_2 (labeled fraction)
   backbone  resnet101 (published, 1 image x 8 GPUs) | resnet50 (2 x 4 GPUs) |
-            dinov2_small | dinov2_base | dinov2_large
+            dinov2_small | dinov2_base | dinov2_large | dinov3_small |
+            dinov3_small_plus | dinov3_base | dinov3_large | dinov3_huge_plus |
+            dinov3_7b
   method    dssn | unimatch | fixmatch | supervised | unimatch_v2
 
 Recipe, DINOv2 (UniMatch V2's `configs/cityscapes.yaml`): crop 798, 180
 epochs, global batch 8 (4 GPUs x 2, `loss_groups=4`), AdamW 5e-6 / head
-40x, OHEM (thresh 0.7, min_kept 200000 per GPU batch), threshold 0.95, encoder trained, sliding-window evaluation with 798
-windows. DSSN's Cityscapes specifics (threshold 0, 5 warm-up epochs) stay
-with `method=dssn`.
+40x, OHEM (thresh 0.7, min_kept 200000 per GPU batch), threshold 0.95,
+encoder trained, sliding-window evaluation with 798 windows. DINOv3
+(`dinov3_*`, new: no published number, no run here): the same recipe with
+the crop at the nearest multiple of 16, 800 (50 x 50 patches; 800-pixel
+windows; docs/backbones.md). DSSN's Cityscapes specifics (threshold 0, 5
+warm-up epochs) stay with `method=dssn`.
 
 Recipe, ResNet (DSSN's, differences from VOC): crop 801, 240 epochs,
 lr 0.005 with lr_multi 1, global batch 8 (`loss_groups`: 8 GPUs x 1 for

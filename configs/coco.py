@@ -14,7 +14,9 @@ UniMatch V2 (DINOv2-B, published 47.9 mIoU at 1/512):
 
 ARG (`k=v,...`; a bare value sets `split`):
   split     a folder name under splits_dir (UniMatch: 1_512 | 1_256 | 1_128 | 1_64 | 1_32)
-  backbone  resnet101 | resnet50 | dinov2_small | dinov2_base | dinov2_large
+  backbone  resnet101 | resnet50 | dinov2_small | dinov2_base | dinov2_large |
+            dinov3_small | dinov3_small_plus | dinov3_base | dinov3_large |
+            dinov3_huge_plus | dinov3_7b
   method    dssn | unimatch | fixmatch | supervised | unimatch_v2
 
 Recipe, DINOv2: UniMatch V2's `configs/coco.yaml` (crop 518, 20 epochs,
@@ -22,6 +24,9 @@ global batch 16 = 4 GPUs x 4 (`loss_groups=4`), AdamW 5e-6 / head 40x, CE, encod
 whole-image evaluation resized to multiples of 14). ResNet: UniMatch's COCO
 recipe (crop 513, 30 epochs, global batch 8 = 8 GPUs x 1 (`loss_groups=8`), lr 0.004 with the
 head at 10x, whole-image evaluation) with DSSN's losses, CPLG and teacher.
+DINOv3 (`dinov3_*`, new: no published number, no run here): the same recipe
+with the crop at the nearest multiple of 16, 512, and the evaluation resized
+to multiples of 16 (docs/backbones.md).
 
 Departures from the papers (docs/faithfulness.md):
   - DSSN publishes no COCO run: the ResNet recipe is UniMatch's;

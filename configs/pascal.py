@@ -20,7 +20,9 @@ exactly (`loss_groups=4`, docs/performance.md).
 
 ARG (`k=v,...`; a bare value sets `split`):
   split     92 | 183 | 366 | 732 | 1464 (classic) | 1_16 | 1_8 | 1_4 | 1_2 (blended)
-  backbone  resnet101 (published) | resnet50 | dinov2_small | dinov2_base | dinov2_large
+  backbone  resnet101 (published) | resnet50 | dinov2_small | dinov2_base | dinov2_large |
+            dinov3_small | dinov3_small_plus | dinov3_base | dinov3_large |
+            dinov3_huge_plus | dinov3_7b
   method    dssn | unimatch | fixmatch | supervised | unimatch_v2
 
 Recipe, ResNet (DSSN's `pascal.yaml`): crop 513, 100 epochs, global batch
@@ -32,6 +34,9 @@ docs/backbones.md). DINOv2 (UniMatch V2's `configs/pascal.yaml`,
 `config_lib.dinov2_recipe`): crop 518, 60 epochs, global batch 16 (4 GPUs x
 4, `loss_groups=4`), AdamW lr 5e-6 with the head at 40x, weight decay 0.01, CE, threshold
 0.95, encoder trained, whole-image evaluation resized to multiples of 14.
+DINOv3 (`dinov3_*`, new: no published number, no run here): the same recipe
+with the crop at the nearest multiple of 16, 512, and the evaluation resized
+to multiples of 16 (docs/backbones.md).
 
 Departures from the authors' code: none of this config's own; the
 framework's (each a flag with the code's behaviour as default) are in

@@ -62,11 +62,14 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   # resnet50 | resnet101 | resnet_tiny | dinov2_small | dinov2_base | dinov2_large
-  # | dinov2_giant | dinov2_tiny (dssn_jax.models.registry)
+  # | dinov2_giant | dinov2_tiny | dinov3_small | dinov3_small_plus | dinov3_base
+  # | dinov3_large | dinov3_large_plus | dinov3_huge_plus | dinov3_7b | dinov3_tiny
+  # (dssn_jax.models.registry)
   c.model.backbone = 'resnet101'
   c.model.pretrained = ''  # path of backbone weights (.pth / .npz); '' = random init
   # dssn | torchvision | timm | model (ResNet); dinov2 | timm_dinov2 | hf_dinov2
-  # | unimatch_v2 (DINOv2); auto: detected from the keys
+  # | unimatch_v2 (DINOv2); dinov3 | timm_dinov3 | hf_dinov3 (DINOv3); auto:
+  # detected from the keys
   c.model.pretrained_layout = 'dssn'
   c.model.deep_stem = True  # False: torchvision 7x7 stem
   c.model.output_stride = 16  # 16 or 8
@@ -76,6 +79,10 @@ def base_config() -> ml_collections.ConfigDict:
   # DINOv2 attention: xla (softmax(QK^T)V, the T x T probabilities kept for the
   # backward pass) | cudnn (GPU flash attention, bfloat16/float16 only)
   c.model.attention = 'xla'
+  # DINOv3 only: in training mode, scale the RoPE coordinates by a log-uniform
+  # draw in [1/r, r] per forward (Meta's pre-training `rescale_coords=2`),
+  # from the model's 'rope' rng. 0: off (the default: docs/backbones.md).
+  c.model.rope_rescale = 0.0
   # Decoder BN with perturbed copies: joint (reference: statistics over clean
   # and perturbed rows) | clean (statistics from the clean rows only).
   c.model.fp_bn = 'joint'
@@ -297,9 +304,12 @@ def dinov2_recipe(
   batch: int,
   freeze_backbone: bool = False,
 ) -> ml_collections.ConfigDict:
-  """A dataset config switched to UniMatch V2's DINOv2/DPT recipe.
+  """A dataset config switched to UniMatch V2's DINOv2/DPT recipe, for any ViT family.
 
-  `batch` is the global labeled batch (the authors' per-GPU batch x 4 GPUs,
+  `crop` is the authors' DINOv2 crop (518, 798): it becomes the nearest
+  multiple of the backbone's patch (DINOv2 14: unchanged; DINOv3 16: 512,
+  800), as does the evaluation resize multiple. `batch` is the global
+  labeled batch (the authors' per-GPU batch x 4 GPUs,
   `config.train.loss_groups=4`: their per-GPU update, also for `dssn`,
   which has no published DINOv2 recipe and takes UniMatch V2's GPUs);
   `freeze_backbone` is their `lock_backbone` (`config.train.freeze_backbone`,
@@ -308,10 +318,12 @@ def dinov2_recipe(
   """
   apply_unimatch_v2_recipe(c)
   c.train.loss_groups = 4  # the authors' 4 GPUs (every UniMatch V2 recipe)
-  c.data.eval_resize_multiple = model_registry.family_of(backbone).patch
+  patch = model_registry.family_of(backbone).patch
+  c.data.eval_resize_multiple = patch
   c.model.backbone = backbone
   c.model.pretrained = f'pretrained/{backbone}.pth'
-  c.data.crop_size = crop
+  c.model.pretrained_layout = 'auto'  # hub, timm or Hugging Face keys: told apart by name
+  c.data.crop_size = patch * max(1, round(crop / patch))
   c.data.batch_size = batch
   c.train.epochs = float(epochs)
   c.train.freeze_backbone = bool(freeze_backbone)
@@ -557,6 +569,7 @@ _RANGES: dict[str, tuple[float | None, float | None, bool, bool, str]] = {
   'train.nonfinite_max_skips': (1, None, False, False, 'a step count'),
   'train.prediction_grid': (0, None, False, False, 'a scene count'),
   'model.dropout': (0.0, 1.0, False, True, 'a dropout rate'),
+  'model.rope_rescale': (0.0, None, False, False, 'a RoPE rescale factor: 0 off, else >= 1'),
   'model.width_multiplier': (0.0, None, True, False, 'a width factor'),
   'model.fp_branches': (0, 2, False, False, 'a branch count'),
   'data.num_classes': (1, 255, False, False, 'a class count (255 is the ignore label)'),

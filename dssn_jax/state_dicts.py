@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from dssn_jax import hf_hub
 from dssn_jax.errors import ConversionError
 
 __all__ = [
@@ -93,6 +94,8 @@ def read_file(path: str | os.PathLike) -> Any:
   anything else with `torch.load(..., weights_only=True)` (a state dict or a
   whole checkpoint dict)."""
   path = os.fspath(path)
+  if hf_hub.is_name(path):  # hf:ORG/REPO: its model.safetensors in the Hugging Face cache
+    path = hf_hub.resolve(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f'no weights file {path}')
   if path.endswith('.safetensors'):

@@ -157,11 +157,16 @@ _dense_init = nn.initializers.truncated_normal(0.02)
 
 
 class LayerScale(nn.Module):
-  """`x * gamma`, gamma `(dim,)` initialized to 1 (the authors' init_values)."""
+  """`x * gamma`, gamma `(dim,)` initialized to `init_value` (UniMatch V2's
+  DINOv2: 1; DINOv3's `layerscale_init`: 1e-5)."""
+
+  init_value: float = 1.0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    gamma = self.param('gamma', nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    gamma = self.param(
+      'gamma', nn.initializers.constant(self.init_value), (x.shape[-1],), jnp.float32
+    )
     return x * gamma.astype(x.dtype)
 
 
@@ -265,6 +270,11 @@ class DinoVisionTransformer(nn.Module):
   remat: bool = False
   attention: str | None = None
 
+  @property
+  def patch(self) -> int:
+    """Side of a patch in pixels: inputs are multiples of it, the DPT's grid is 1/patch."""
+    return PATCH
+
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, ...]:
     """Normalized images `(N, H, W, 3)`, H and W multiples of 14 ->
@@ -303,17 +313,19 @@ class DinoVisionTransformer(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-  """14x14 stride-14 conv (`proj`, with bias) -> `(N, h*w, dim)` tokens, row-major."""
+  """`patch x patch` stride-`patch` conv (`proj`, with bias) -> `(N, h*w, dim)`
+  tokens, row-major (DINOv2: 14; DINOv3: 16)."""
 
   dim: int
   dtype: Any = jnp.float32
+  patch: int = PATCH
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     y = nn.Conv(
       self.dim,
-      (PATCH, PATCH),
-      strides=(PATCH, PATCH),
+      (self.patch, self.patch),
+      strides=(self.patch, self.patch),
       padding='VALID',
       dtype=self.dtype,
       param_dtype=jnp.float32,

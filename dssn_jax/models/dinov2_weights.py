@@ -221,7 +221,16 @@ def convert_state_dict(
     ConversionError: listing every missing, unexpected and mis-shaped key.
   """
   params = template['params']
-  state = to_hub_names(state, params, layout)
+  return fill_params(to_hub_names(state, params, layout), params, layout)
+
+
+def fill_params(state: Mapping[str, Any], params: Mapping[str, Any], layout: str) -> dict:
+  """`{'params': ...}` shaped like `params`, each leaf read from `state` (in
+  hub names) at `torch_key(path)` and laid out as ours (`_to_ours`).
+
+  Raises:
+    ConversionError: listing every missing, unexpected and mis-shaped key.
+  """
   used, missing, misshaped, out = set(), [], [], {}
   for path, leaf in flatten(params):
     key = torch_key(path)

@@ -1,10 +1,10 @@
 """The DPT head and the DINOv2 + DPT segmenter of UniMatch V2, channels-last.
 
     f1..f4 = encoder(x)                             # tapped tokens, (N, h*w, dim) each
-    l_i = layer{i}_rn(resize_layers_i(projects_i(f_i)))   # strides 14/4, 14/2, 14, 28
+    l_i = layer{i}_rn(resize_layers_i(projects_i(f_i)))   # strides p/4, p/2, p, 2p (p: patch)
     p4 = refinenet4(l4, size=l3);  p3 = refinenet3(p4, l3, size=l2)
     p2 = refinenet2(p3, l2, size=l1);  p1 = refinenet1(p2, l1)  # x2
-    logits = up(output_conv2(relu(output_conv1(p1))))  # to (14h, 14w)
+    logits = up(output_conv2(relu(output_conv1(p1))))  # to (p*h, p*w)
 
 As the authors' `model/semseg/dpt.py` and `model/util/blocks.py`
 (LiheYoung/UniMatch-V2) with `use_bn=False`: `projects_i` 1x1 convs with
@@ -182,7 +182,8 @@ class DPTSegmenter(nn.Module):
     feature_masks: jax.Array | None = None,
     perturb_masks: jax.Array | None = None,
   ):
-    """Segments normalized images `x` `(N, H, W, 3)`, H and W multiples of 14.
+    """Segments normalized images `x` `(N, H, W, 3)`, H and W multiples of the
+    backbone's patch `p` (`backbone.patch`: DINOv2 14, DINOv3 16).
 
     Args:
       x: normalized images, any float dtype.
@@ -203,13 +204,14 @@ class DPTSegmenter(nn.Module):
         be 0 or `k`.
 
     Returns:
-      `(logits, aux)`: float32 logits `(N, 14h, 14w, num_classes)` with
-      `h, w = H // 14, W // 14` (here `(N, H, W, C)`); `aux['perturbed']`,
+      `(logits, aux)`: float32 logits `(N, p*h, p*w, num_classes)` with
+      `h, w = H // p, W // p` (here `(N, H, W, C)`); `aux['perturbed']`,
       a tuple of the k perturbed float32 logit maps shaped like `logits`;
       `aux['features']`, the four clean tapped maps as float32
       `(N, h, w, dim)`.
     """
-    n, h, w = _patch_grid(x, perturb)
+    patch = self.backbone.patch
+    n, h, w = _patch_grid(x, perturb, patch)
     tokens = self.backbone(x, train=train)
     if self.freeze_backbone:
       tokens = jax.lax.stop_gradient(tokens)
@@ -219,7 +221,7 @@ class DPTSegmenter(nn.Module):
     main = _mask_features(maps, feature_masks)
     head_in = _with_perturbed_copies(main, maps, perturb_masks) if perturb else main
     logits = self.head(head_in).astype(jnp.float32)
-    logits = layers.resize_bilinear(logits, (PATCH * h, PATCH * w))
+    logits = layers.resize_bilinear(logits, (patch * h, patch * w))
     copies = jnp.split(logits, 1 + perturb) if perturb else [logits]
     return copies[0], dict(perturbed=tuple(copies[1:]), features=tuple(maps))
 
@@ -241,20 +243,20 @@ class DPTSegmenter(nn.Module):
     return perturb, None
 
 
-def _patch_grid(x: jax.Array, perturb: int) -> tuple[int, int, int]:
-  """`(N, H // 14, W // 14)` of images `x`, after checking their shape and `perturb`."""
+def _patch_grid(x: jax.Array, perturb: int, patch: int) -> tuple[int, int, int]:
+  """`(N, H // patch, W // patch)` of images `x`, after checking their shape and `perturb`."""
   if x.ndim != 4:
     raise ValueError(f'DPTSegmenter expects images (N, H, W, C), got shape {x.shape}')
   n, height, width = x.shape[:3]
-  if height % PATCH or width % PATCH:
+  if height % patch or width % patch:
     raise ValueError(
-      f'DINOv2 + DPT needs image sides that are multiples of {PATCH}; got images {x.shape}'
-      f' (resize to e.g. {PATCH * max(1, round(height / PATCH))}'
-      f'x{PATCH * max(1, round(width / PATCH))})'
+      f'DPT on a patch-{patch} ViT needs image sides that are multiples of {patch};'
+      f' got images {x.shape} (resize to e.g. {patch * max(1, round(height / patch))}'
+      f'x{patch * max(1, round(width / patch))})'
     )
   if perturb < 0:
     raise ValueError(f'perturb={perturb} must be >= 0')
-  return n, height // PATCH, width // PATCH
+  return n, height // patch, width // patch
 
 
 def _mask_features(maps: list[jax.Array], feature_masks: jax.Array | None) -> list[jax.Array]:
@@ -318,16 +320,41 @@ def create_dpt(
   """
   if backbone not in HEAD_SIZES:
     raise ValueError(f'unknown DINOv2 backbone {backbone!r}; known: {", ".join(HEAD_SIZES)}')
+  encoder = create_encoder(
+    backbone, depth=depth, taps=taps, ffn=ffn, dtype=dtype, remat=remat, attention=attention
+  )
+  return segmenter(
+    encoder,
+    HEAD_SIZES[backbone],
+    num_classes,
+    dtype=dtype,
+    dropout=dropout,
+    freeze_backbone=freeze_backbone,
+    features=features,
+    out_channels=out_channels,
+  )
+
+
+def segmenter(
+  encoder: nn.Module,
+  head_size: dict,
+  num_classes: int,
+  *,
+  dtype: Any = jnp.float32,
+  dropout: float = 0.5,
+  freeze_backbone: bool = False,
+  features: int | None = None,
+  out_channels: Sequence[int] | None = None,
+) -> DPTSegmenter:
+  """`encoder` + a DPT head of `head_size` (`{'features', 'out_channels'}`),
+  `features` / `out_channels` replacing its widths when given."""
   if int(num_classes) < 1:
     raise ValueError(f'num_classes={num_classes} must be positive')
-  size = dict(HEAD_SIZES[backbone])
+  size = dict(head_size)
   if features is not None:
     size['features'] = int(features)
   if out_channels is not None:
     size['out_channels'] = tuple(int(c) for c in out_channels)
-  encoder = create_encoder(
-    backbone, depth=depth, taps=taps, ffn=ffn, dtype=dtype, remat=remat, attention=attention
-  )
   head = DPTHead(int(num_classes), size['features'], tuple(size['out_channels']), dtype, name=None)
   return DPTSegmenter(encoder, head, float(dropout), bool(freeze_backbone))
 

@@ -4,7 +4,7 @@ A `Family` says how to build its segmenter from a backbone name or a
 config, which weight layouts it imports and how to recognise them from the
 keys, and how `--summary` titles it. Each family registers itself at the
 bottom of its segmenter's module (ResNet + DeepLabV3+ in `deeplabv3plus`,
-DINOv2 + DPT in `dpt`); `create_model`, `model_from_config`,
+DINOv2 + DPT in `dpt`, DINOv3 + DPT in `dinov3`); `create_model`, `model_from_config`,
 `python -m dssn_jax.models --summary`, `python -m dssn_jax.convert` and
 `benchmarks/step_speed.py` take their choices from here. A new family is
 one module calling `register(Family(...))` (named in `config.imports` if it
@@ -49,7 +49,7 @@ class Family:
   """A backbone family and its segmentation model.
 
   Attributes:
-    name: short name ('resnet', 'dinov2').
+    name: short name ('resnet', 'dinov2', 'dinov3').
     title: the segmenter's name in `--summary` ('DeepLabV3+', 'DINOv2 + DPT').
     backbones: the names `create_model` accepts.
     test_backbones: those among `backbones` that exist only for tests.
@@ -87,7 +87,11 @@ class Family:
 FAMILIES: Registry[Family] = Registry(
   'backbone family',
   'family',
-  builtins={'resnet': 'dssn_jax.models.deeplabv3plus', 'dinov2': 'dssn_jax.models.dpt'},
+  builtins={
+    'resnet': 'dssn_jax.models.deeplabv3plus',
+    'dinov2': 'dssn_jax.models.dpt',
+    'dinov3': 'dssn_jax.models.dinov3',
+  },
 )
 
 

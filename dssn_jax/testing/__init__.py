@@ -19,4 +19,7 @@ training nor the evaluation code.
 - `torch_dinov2_reference`: a plain-PyTorch DINOv2 + DPT (UniMatch V2's
   model; needs `torch`), the target of the DINOv2 parity tests and of
   `benchmarks/step_speed.py --method unimatch_v2 --torch`.
+- `torch_dinov3_reference`: transformers' `DINOv3ViTModel` under that DPT
+  head (needs `torch` and `transformers`), the target of the DINOv3 parity
+  tests and the PyTorch side of the same benchmark on a `dinov3_*` backbone.
 """

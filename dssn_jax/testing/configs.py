@@ -17,6 +17,7 @@ import ml_collections
 
 from dssn_jax import config_lib
 from dssn_jax.data import pipeline
+from dssn_jax.models import registry as model_registry
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -32,11 +33,13 @@ def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def tiny(config: ml_collections.ConfigDict, steps: int = 2) -> ml_collections.ConfigDict:
-  """The tiny override every config must accept: `resnet_tiny`, or for a
-  `dinov2_*` config `dinov2_tiny` at a crop of 28 (two 14-pixel patches)."""
-  dinov2 = config.model.backbone.startswith('dinov2')
-  config.model.backbone = 'dinov2_tiny' if dinov2 else 'resnet_tiny'
-  crop = 28 if dinov2 else 33
+  """The tiny override every config must accept: `resnet_tiny`, or for a ViT
+  config its family's test backbone (`dinov2_tiny`, `dinov3_tiny`) at a crop
+  of two patches (28, 32)."""
+  family = model_registry.family_of(config.model.backbone)
+  vit = family.patch is not None
+  config.model.backbone = family.test_backbones[0] if vit else 'resnet_tiny'
+  crop = 2 * family.patch if vit else 33
   config.model.pretrained = ''
   config.data.crop_size = crop
   config.data.batch_size = 2
