@@ -29,20 +29,6 @@ def recipe(method: str, **overrides):
   return config
 
 
-class RopeKeyed:
-  """`model` whose every `apply` gets `rngs['rope'] = key`: one key for the
-  whole step, as every micro-batch and device must share it."""
-
-  def __init__(self, model, key):
-    self._model, self._key = model, key
-
-  def apply(self, variables, *args, rngs=None, **kwargs):
-    return self._model.apply(variables, *args, rngs={**(rngs or {}), 'rope': self._key}, **kwargs)
-
-  def __getattr__(self, name):
-    return getattr(self._model, name)
-
-
 def first_step(config, model):
   """`(state before, state after, metrics)` of one compiled step from a fixed
   init whose LayerScale is 1 (not 1e-5), so that the blocks, and RoPE in
@@ -82,15 +68,15 @@ def test_dssn_recipe_step_runs_on_dinov3_tiny():
 def test_unimatch_v2_grad_accum_with_the_rope_rescale_gives_the_full_batch_step():
   """UniMatch V2 (the recipe's step on dinov3_tiny), rope_rescale 2: 2
   micro-batches of 2 against one batch of 4 give the same first-step loss,
-  terms and gradient norm (float32 sums in another order). The 'rope' key
-  is the same for every forward of the step (`RopeKeyed`). Two compiles,
-  about 25 s each on a 2-core CPU."""
+  terms and gradient norm (float32 sums in another order): the methods
+  derive the 'rope' key from the step key (`methods.common.rope_key`), the
+  same for every micro-batch. Two compiles, about 25 s each on a 2-core CPU."""
   out = {}
   for k in (1, 2):
     config = recipe(
       'unimatch_v2', **{'loss.threshold': 0.0, 'train.grad_accum': k, 'model.rope_rescale': 2.0}
     )
-    model = RopeKeyed(registry.model_from_config(config), jax.random.key(11))
+    model = registry.model_from_config(config)
     assert model.backbone.rope_rescale == 2.0
     before, after, out[k] = first_step(config, model)
     check_step(before, after, out[k])

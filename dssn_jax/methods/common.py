@@ -88,6 +88,14 @@ class Context:
     return map_micro(fn, tree, self.micro_batches)
 
 
+def rope_key(rng):
+  """The `'rope'` rng of a step's training-mode forwards (DINOv3's RoPE
+  coordinate rescale, `config.model.rope_rescale`): one per step, derived
+  from the step key every micro-batch and device gets, so all of them draw
+  the same scale and gradient accumulation stays exact."""
+  return jax.random.fold_in(rng, 0x726F7065)  # 'rope'
+
+
 def forward(
   model,
   params,
@@ -99,13 +107,18 @@ def forward(
   rng=None,
   feature_masks=None,
   perturb_masks=None,
+  rope_rng=None,
 ):
   """One model call -> (logits, aux, batch_stats after the call).
 
   `feature_masks` `(N, D)` / `perturb_masks` `(k, N, D)` are passed only when
-  given (models without `feature_dim` do not take them).
+  given (models without `feature_dim` do not take them). `rope_rng`
+  (`rope_key`) is the `'rope'` stream of a training-mode call; models
+  without a training-mode rescale ignore it.
   """
   rngs = {'dropout': rng} if perturb and rng is not None else {}
+  if train and rope_rng is not None:
+    rngs['rope'] = rope_rng
   kwargs = {}
   if feature_masks is not None:
     kwargs['feature_masks'] = feature_masks
@@ -171,9 +184,8 @@ def complementary_masks(key, n: int, dim: int, kept_fraction: float = 0.5, group
   size = n // groups
   num_kept = int(size * kept_fraction)
 
-  def kept_in(k):
-    order = jax.random.permutation(k, size)
-    return jnp.zeros((size,), bool).at[order[:num_kept]].set(True)
+  def kept_in(k):  # order[:num_kept], as each position's rank (no scatter)
+    return jnp.argsort(jax.random.permutation(k, size)) < num_kept
 
   key = jax.random.fold_in(key, 1)
   if groups == 1:

@@ -128,7 +128,7 @@ def check(batch, s) -> None:
     raise ValueError(f'loss.fp={s.fp} needs fp_branches >= 1')
 
 
-def teacher_targets(state, batch, ctx):
+def teacher_targets(state, batch, rng, ctx):
   """EMA teacher on (m_w, u_w) -> per-view targets (`view_targets`) and its
   batch_stats after.
 
@@ -144,8 +144,9 @@ def teacher_targets(state, batch, ctx):
 
   def sequential():
     m_w, u_w = common.normalized(batch['m_w']), common.normalized(batch['u_w'])
-    t_m, _, new = common.forward(model, state.teacher_params, stats, m_w, train=True)
-    t_w, _, new = common.forward(model, state.teacher_params, new, u_w, train=True)
+    kw = dict(train=True, rope_rng=common.rope_key(rng))
+    t_m, _, new = common.forward(model, state.teacher_params, stats, m_w, **kw)
+    t_w, _, new = common.forward(model, state.teacher_params, new, u_w, **kw)
     return view_targets(t_m, t_w, batch, s, views), new
 
   def one(mb):
@@ -246,7 +247,7 @@ def prepare(state, batch, rng, ctx):
   out = prepare_views(state, batch, rng, ctx)
   teacher_bs = state.teacher_batch_stats
   if flags(ctx.settings)['strong_terms']:
-    targets, teacher_bs = teacher_targets(state, batch, ctx)
+    targets, teacher_bs = teacher_targets(state, batch, rng, ctx)
     out.update(jax.lax.stop_gradient(targets))
   return out, teacher_bs
 
@@ -279,9 +280,12 @@ def clean_forward(params, state, mb, rng, ctx):
     if s.labeled_bn != 'separate':
       fp = common.interleave(jnp.ones_like(fp), fp)
     perturb_masks = jnp.moveaxis(fp, 1, 0)
-  kwargs = dict(train=True, perturb=perturb, rng=dropout_rng, perturb_masks=perturb_masks)
+  rope_rng = common.rope_key(rng)
+  kwargs = dict(
+    train=True, perturb=perturb, rng=dropout_rng, perturb_masks=perturb_masks, rope_rng=rope_rng
+  )
   if s.labeled_bn == 'separate':
-    p_x, _, bs = common.forward(model, params, state.batch_stats, x, train=True)
+    p_x, _, bs = common.forward(model, params, state.batch_stats, x, train=True, rope_rng=rope_rng)
     p_w, aux, bs = common.forward(model, params, bs, u_w, **kwargs)
     return p_x, jax.lax.stop_gradient(p_w), list(aux['perturbed']), bs
   if x.shape[0] != u_w.shape[0]:
@@ -296,7 +300,7 @@ def clean_forward(params, state, mb, rng, ctx):
   return p_x, jax.lax.stop_gradient(p_w), p_fp, bs
 
 
-def strong_forward(params, mb, bs, ctx):
+def strong_forward(params, mb, bs, rng, ctx):
   """Step 4: the student on the cutmixed strong views -> `([P_s1, P_s2], batch_stats)`."""
   s, model = ctx.settings, ctx.model
   views = flags(s)['views']
@@ -304,7 +308,9 @@ def strong_forward(params, mb, bs, ctx):
   fmasks = None
   if 'strong_masks' in mb:
     fmasks = common.interleave(mb['strong_masks'][:, 0], mb['strong_masks'][:, 1])
-  logits_s, _, bs_s = common.forward(model, params, bs, images, train=True, feature_masks=fmasks)
+  logits_s, _, bs_s = common.forward(
+    model, params, bs, images, train=True, feature_masks=fmasks, rope_rng=common.rope_key(rng)
+  )
   return common.deinterleave(logits_s, views), (bs_s if s.strong_view_bn_stats else bs)
 
 
@@ -318,7 +324,7 @@ def loss(params, state, mb, rng, ctx):
   p_x, p_w, p_fp, bs = clean_forward(params, state, mb, rng, ctx)
   p_s = []
   if f['strong_forward']:
-    p_s, bs = strong_forward(params, mb, bs, ctx)
+    p_s, bs = strong_forward(params, mb, bs, rng, ctx)
 
   # 5. fp targets from the detached clean weak-view prediction.
   valid_w = mb['valid_w']

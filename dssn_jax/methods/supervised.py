@@ -24,10 +24,10 @@ def prepare(state, batch, rng, ctx):
 
 
 def loss(params, state, mb, rng, ctx):
-  del rng
   s = ctx.settings
+  images = common.normalized(mb['x'])
   logits, _, bs = common.forward(
-    ctx.model, params, state.batch_stats, common.normalized(mb['x']), train=True
+    ctx.model, params, state.batch_stats, images, train=True, rope_rng=common.rope_key(rng)
   )
   terms = {}
   total = jnp.float32(0.0)

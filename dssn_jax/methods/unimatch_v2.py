@@ -117,16 +117,18 @@ def prepare(state, batch, rng, ctx):
 
 def loss(params, state, mb, rng, ctx):
   """Steps 3-5 on one micro-batch."""
-  del rng
   s, model = ctx.settings, ctx.model
+  rope_rng = common.rope_key(rng)
   p_x, _, bs = common.forward(
-    model, params, state.batch_stats, common.normalized(mb['x']), train=True
+    model, params, state.batch_stats, common.normalized(mb['x']), train=True, rope_rng=rope_rng
   )
   strong = common.normalized(common.interleave(mb['strong'][:, 0], mb['strong'][:, 1]))
   fmasks = None
   if 'strong_masks' in mb:
     fmasks = common.interleave(mb['strong_masks'][:, 0], mb['strong_masks'][:, 1])
-  logits_s, _, bs_s = common.forward(model, params, bs, strong, train=True, feature_masks=fmasks)
+  logits_s, _, bs_s = common.forward(
+    model, params, bs, strong, train=True, feature_masks=fmasks, rope_rng=rope_rng
+  )
   if s.strong_view_bn_stats:
     bs = bs_s
   p_s = common.deinterleave(logits_s, 2)
