@@ -253,7 +253,9 @@ def memory(compiled) -> dict[str, int] | None:
   return out
 
 
-def compile_step(method: str, backbone: str, crop: int, batch: int, num_classes: int):
+def compile_step(
+  method: str, backbone: str, crop: int, batch: int, num_classes: int, loss_groups: int = 1
+):
   """The compiled training step of `method` over every device (abstract
   inputs) and its abstract state.
 
@@ -276,6 +278,8 @@ def compile_step(method: str, backbone: str, crop: int, batch: int, num_classes:
   config.data.crop_size = crop
   global_batch = batch * jax.device_count()
   config.data.batch_size = global_batch
+  # 0: one group per device (UniMatch V2's pairing then stays on its device).
+  config.train.loss_groups = loss_groups or jax.device_count()
   config.train.steps = 100_000
   settings = config_lib.resolve(config)
   schedule = settings.schedule(1000 * global_batch)
@@ -349,6 +353,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--crop', type=int, default=None, help='square crop (default: per method)')
   p.add_argument('--batch', type=int, default=1, help='labeled (and unlabeled) images per device')
   p.add_argument('--num-classes', type=int, default=21)
+  p.add_argument(
+    '--loss-groups',
+    type=int,
+    default=1,
+    help='config.train.loss_groups (0: one per device); 1 pairs UniMatch V2 across the batch',
+  )
   p.add_argument('--hlo-dir', default=None, help='also write each compiled program here')
   p.add_argument('--json', action='store_true', help='one census_json line per method')
   args = p.parse_args(argv)
@@ -385,7 +395,9 @@ def main(argv=None) -> dict[str, dict[str, Any]]:
   for method in args.methods:
     backbone, crop = DEFAULTS[method]
     crop = args.crop or crop
-    compiled, state = compile_step(method, backbone, crop, args.batch, args.num_classes)
+    compiled, state = compile_step(
+      method, backbone, crop, args.batch, args.num_classes, args.loss_groups
+    )
     text = compiled.as_text()
     if args.hlo_dir:
       os.makedirs(args.hlo_dir, exist_ok=True)

@@ -23,6 +23,10 @@ from dssn_jax.testing import configs
 # its width, decides what crosses devices).
 CLEAN = {
   'supervised': ['--crop', '33', '--batch', '1'],
+  'dssn': ['--crop', '33', '--batch', '1'],
+  # One loss group per device: UniMatch V2's flip(0) pairs stay on it (with
+  # groups spanning devices the pairing itself must cross them).
+  'unimatch_v2': ['--crop', '28', '--batch', '2', '--loss-groups', '0'],
 }
 DEVICES = 4
 
