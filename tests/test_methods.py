@@ -676,7 +676,12 @@ def recorded_dropout_masks(model, variables, images, rng):
   records, features = jax.device_get(jax.jit(forward)(variables, images, rng))
   out = []
   for feats in features:
-    rows = [(x, y) for xs, ys in records if xs.shape[1:] == feats.shape[1:] for x, y in zip(xs, ys)]
+    rows = [  # (sample, copy, ...) or (copy * sample, ...): every dropped row
+      (x, y)
+      for xs, ys in records
+      if xs.shape[-3:] == feats.shape[1:]
+      for x, y in zip(xs.reshape((-1,) + feats.shape[1:]), ys.reshape((-1,) + feats.shape[1:]))
+    ]
     masks, seen = np.zeros((2, feats.shape[0], feats.shape[-1])), np.zeros(feats.shape[0], int)
     for x, y in rows:
       (i,) = [i for i in range(feats.shape[0]) if np.array_equal(x, feats[i])]

@@ -35,7 +35,8 @@ def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
 def tiny(config: ml_collections.ConfigDict, steps: int = 2) -> ml_collections.ConfigDict:
   """The tiny override every config must accept: `resnet_tiny`, or for a ViT
   config its family's test backbone (`dinov2_tiny`, `dinov3_tiny`) at a crop
-  of two patches (28, 32)."""
+  of two patches (28, 32), a global batch of 2 (a recipe's loss groups
+  become 2 of one sample each, still per group)."""
   family = model_registry.family_of(config.model.backbone)
   vit = family.patch is not None
   config.model.backbone = family.test_backbones[0] if vit else 'resnet_tiny'
@@ -43,6 +44,7 @@ def tiny(config: ml_collections.ConfigDict, steps: int = 2) -> ml_collections.Co
   config.model.pretrained = ''
   config.data.crop_size = crop
   config.data.batch_size = 2
+  config.train.loss_groups = min(config.train.loss_groups, 2)
   config.data.workers = 0
   config.data.eval_crop_size = crop
   config.data.digits.num_unlabeled = 16
