@@ -15,9 +15,11 @@ Writes `DIR/accelerator_check.json` and `DIR/accelerator_check.md` with:
    analysis, MFU against the device's peak (`PEAK_TFLOPS`, or
    `--peak-tflops`), XLA's memory estimate and the process's peak device
    memory so far (GPU/TPU); out-of-memory is reported as such;
-3. the same for the DINOv2 backbones (`--dinov2-backbones`: by default every
-   one of the model registry's DINOv2 family, small to giant), at crop
-   `--dinov2-crop` (518), in the first of `--dtypes`;
+3. the same for the ViT backbones (`--dinov2-backbones`: by default every
+   one of the model registry's DINOv2 family, small to giant; any DINOv3
+   backbone by name, e.g. `dinov3_small,dinov3_base`), at crop
+   `--dinov2-crop` (518) rounded to a multiple of each backbone's patch
+   (DINOv3: 512), in the first of `--dtypes`;
 4. evaluation images/s at VOC sizes (`--eval-sizes`), with the compile time
    per shape (`dssn_jax.evaluate.Evaluator`, exact protocol, one model);
 5. the input pipeline's CPU cost per step on this host (generated VOC-like
@@ -530,7 +532,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument(
     '--dinov2-backbones',
     default='',
-    help="comma-separated dinov2_* backbones ('': every one the registry offers; 'none': skip)",
+    help="comma-separated dinov2_* / dinov3_* backbones ('': every DINOv2 one; 'none': skip)",
   )
   p.add_argument('--eval-sizes', default='375x500,500x375,500x500')
   p.add_argument('--eval-images', type=int, default=6, help='per device')
@@ -557,8 +559,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   else:
     args.dinov2_backbones = args.dinov2_backbones.split(',')
     for name in args.dinov2_backbones:
-      if name not in registry.backbone_names() or registry.family_of(name).name != 'dinov2':
-        p.error(f'--dinov2-backbones: {name!r} is not a DINOv2 backbone of dssn_jax.models')
+      if name not in registry.backbone_names() or registry.family_of(name).patch is None:
+        p.error(f'--dinov2-backbones: {name!r} is not a ViT backbone of dssn_jax.models')
+  # --dinov2-crop rounded to each backbone's patch, as the recipes do (DINOv3: 518 -> 512).
+  patches = {name: registry.family_of(name).patch for name in args.dinov2_backbones}
+  args.dinov2_crops = {n: p * max(1, round(args.dinov2_crop / p)) for n, p in patches.items()}
   args.peaks = parse_peak(args.peak_tflops)
   return args
 
@@ -642,7 +647,8 @@ def main(argv=None) -> dict[str, Any]:
   else:
     report['dinov2'] = []
     for name in names:
-      report['dinov2'] += train_steps(args, name, args.dinov2_crop, [first], budget, args.peaks)
+      crop = args.dinov2_crops[name]
+      report['dinov2'] += train_steps(args, name, crop, [first], budget, args.peaks)
   report['elapsed_s'] = budget.elapsed()
 
   with open(os.path.join(args.out, 'accelerator_check.json'), 'w') as f:

@@ -82,6 +82,10 @@ def test_dinov2_backbones_come_from_the_model_registry():
   assert check.parse_args(['--out', 'x', '--dinov2-backbones', 'none']).dinov2_backbones == []
   tiny = check.parse_args(['--out', 'x', '--dinov2-backbones', 'dinov2_tiny'])
   assert tiny.dinov2_backbones == ['dinov2_tiny']
+  v3 = check.parse_args(['--out', 'x', '--dinov2-backbones', 'dinov3_small,dinov3_base'])
+  assert v3.dinov2_backbones == ['dinov3_small', 'dinov3_base']  # DINOv3 by name
+  assert v3.dinov2_crops == {'dinov3_small': 512, 'dinov3_base': 512}  # 518 to patch 16
+  assert check.parse_args(['--out', 'x']).dinov2_crops['dinov2_base'] == 518
   for bad in ('resnet50', 'dinov2_huge'):
     with pytest.raises(SystemExit):
       check.parse_args(['--out', 'x', '--dinov2-backbones', bad])
