@@ -14,8 +14,7 @@ buffers included) and to timm's (`timm/models/eva.py`'s
 `checkpoint_filter_fn`) must convert to the same variables.
 
 Sizes: 256x384 and 512x512, one image each, for the MLP size
-`dinov3_small` and the SwiGLU size `dinov3_small_plus`; the SwiGLU size at
-512x512 (about 20 s on a 2-core CPU) runs with the slow tests.
+`dinov3_small` and the SwiGLU size `dinov3_small_plus`.
 """
 
 import functools
@@ -155,13 +154,9 @@ def test_parity_with_transformers(backbone):
   assert max(errs) <= REL_TOL, errs
 
 
-@pytest.mark.parametrize(
-  'backbone', ['dinov3_small', pytest.param('dinov3_small_plus', marks=pytest.mark.slow)]
-)
+@pytest.mark.parametrize('backbone', ['dinov3_small', 'dinov3_small_plus'])
 def test_parity_with_transformers_at_512(backbone):
-  """UniMatch V2's DINOv3 crop, 512x512 (1024 patch tokens): about 20 s per
-  size; the MLP size in the default suite, the SwiGLU one with the slow tests
-  (both at 256x384 above)."""
+  """UniMatch V2's DINOv3 crop, 512x512 (1024 patch tokens): about 20 s per size."""
   errs = errors(backbone, 512, 512)
   assert max(errs) <= REL_TOL, errs
 
