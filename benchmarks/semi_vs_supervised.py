@@ -10,8 +10,10 @@ r"""Does the unlabeled data help? DSSN vs supervised on DigitScenes, same labels
 Both methods train `configs/digits.py` on the same labeled scenes, for the
 same number of steps, from the same seed; `supervised` sees only the labeled
 scenes. Prints a table (labeled count, method, best and last student and
-teacher mIoU, wall time), writes a PNG of validation mIoU against steps, and
-ends with one machine-readable line:
+teacher mIoU, wall time), writes a PNG of validation mIoU against steps
+(`--out/miou.png`) and the first seed's validation scenes as predicted by
+the final supervised and DSSN models side by side (`--out/predictions.png`),
+and ends with one machine-readable line:
 
     semi_vs_supervised: labeled=N supervised=X dssn=Y gain=Z
 
@@ -36,6 +38,7 @@ import shutil
 import sys
 import time
 
+import numpy as np
 from absl import logging
 
 from dssn_jax import xla_flags
@@ -143,7 +146,14 @@ def run(name: str, method: str, overrides: dict, seed: int, args) -> dict:
   evals = read_evals(workdir)
   summary = train.summarize(evals)
   return dict(
-    name=name, method=method, labeled=args.labeled, seed=seed, wall=wall, evals=evals, **summary
+    name=name,
+    method=method,
+    labeled=args.labeled,
+    seed=seed,
+    wall=wall,
+    evals=evals,
+    workdir=workdir,
+    **summary,
   )
 
 
@@ -247,6 +257,41 @@ def plot(rows: list[dict], path: str) -> None:
   print(f'plot: {path}')
 
 
+def compare_predictions(rows: list[dict], path: str) -> None:
+  """`path`: the first seed's validation scenes as image | ground truth |
+  supervised | DSSN teacher, from each run's `predictions.npz` (written by
+  the training loop with `predictions.png`), drawn by `dssn_jax.visualize`."""
+  from dssn_jax import visualize  # pylint: disable=g-import-not-at-top
+  from dssn_jax.data import datasets  # pylint: disable=g-import-not-at-top
+
+  seed = rows[0]['seed']
+  by = {r['name']: r for r in rows if r['seed'] == seed}
+  files = {name: os.path.join(by[name]['workdir'], 'predictions.npz') for name in by}
+  missing = [f for f in files.values() if not os.path.exists(f)]
+  if missing:
+    print(f'predictions: not drawn, no {", ".join(missing)} (config.train.prediction_grid=0?)')
+    return
+  arrays = {name: np.load(f) for name, f in files.items()}
+  sup, dssn = arrays['supervised'], arrays['dssn']
+  columns = {'supervised': list(sup['student']), 'dssn (teacher)': list(dssn['teacher'])}
+  for name in by:  # ablations, if any
+    if name not in ('supervised', 'dssn'):
+      columns[f'{name} (teacher)'] = list(arrays[name]['teacher'])
+  config = load_digits_config('dssn', rows[0]['labeled'])
+  grid = visualize.prediction_grid(
+    list(dssn['images']),
+    list(dssn['labels']),
+    columns,
+    datasets.palette(config),
+    datasets.class_names(config),
+    ignore_index=int(config.data.ignore_index),
+  )
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'wb') as f:
+    f.write(visualize.png_bytes(grid))
+  print(f'predictions: {path} (seed {seed}, final models)')
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument(
@@ -295,6 +340,7 @@ def main(argv=None) -> None:
   print()
   print_table(rows, aggregated)
   plot(rows, args.plot or os.path.join(args.out, 'miou.png'))
+  compare_predictions(rows, os.path.join(args.out, 'predictions.png'))
   by = {(r['name'], r['seed']): r for r in rows}
   gains = [by['dssn', s]['best_teacher'] - by['supervised', s]['best'] for s in args.seeds]
   sup = mean_std([by['supervised', s]['best'] for s in args.seeds])[0]

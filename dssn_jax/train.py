@@ -18,6 +18,8 @@ every `eval_every` steps, and writes
                         first `config.train.prediction_grid` validation
                         scenes (`dssn_jax.visualize`; also in TensorBoard
                         at every evaluation)
+    DIR/predictions.npz the same scenes as arrays: `images` uint8 (N, H, W, 3),
+                        `labels`, `teacher`, `student` int32 (N, H, W)
     DIR/checkpoints/    orbax checkpoints (a damaged one is moved to
                         DIR/checkpoints_damaged/ on resume)
 
@@ -452,14 +454,20 @@ def _run_eval(run: _Run, step: int) -> dict[str, Any]:
   return record
 
 
-def _prediction_grid(run: _Run) -> np.ndarray:
-  """The current models' class maps of the first `config.train.prediction_grid`
-  validation scenes of this host (`visualize.prediction_grid`)."""
-  config = run.config
+def _predictions(run: _Run) -> tuple[list, list, dict[str, list]]:
+  """`(images, labels, {'teacher'|'student': class maps})` of the current
+  models on the first `config.train.prediction_grid` validation scenes of
+  this host."""
   images, labels, preds = run.evaluator.predict(
-    _eval_models(config, run.state), int(config.train.prediction_grid)
+    _eval_models(run.config, run.state), int(run.config.train.prediction_grid)
   )
-  preds = {k: preds[k] for k in ('teacher', 'student') if k in preds}
+  return images, labels, {k: preds[k] for k in ('teacher', 'student') if k in preds}
+
+
+def _prediction_grid(run: _Run, predictions=None) -> np.ndarray:
+  """The grid of `_predictions(run)` (`visualize.prediction_grid`)."""
+  config = run.config
+  images, labels, preds = predictions or _predictions(run)
   return visualize.prediction_grid(
     images,
     labels,
@@ -475,8 +483,17 @@ def _write_prediction_grid(run: _Run, workdir: str, step: int) -> None:
   last evaluation when it was of this step)."""
   if jax.process_index() != 0 or run.config.train.prediction_grid <= 0:
     return
-  grid = run.grid[1] if run.grid is not None and run.grid[0] == step else _prediction_grid(run)
+  images, labels, preds = predictions = _predictions(run)
+  grid = run.grid[1] if run.grid is not None and run.grid[0] == step else None
+  if grid is None:
+    grid = _prediction_grid(run, predictions)
   (epath.Path(workdir) / 'predictions.png').write_bytes(visualize.png_bytes(grid))
+  # The same scenes and class maps as arrays, for side-by-side pictures of
+  # several runs (benchmarks/semi_vs_supervised.py).
+  arrays = {'images': np.stack(images), 'labels': np.stack(labels).astype(np.int32)}
+  arrays.update({k: np.stack(v).astype(np.int32) for k, v in preds.items()})
+  with (epath.Path(workdir) / 'predictions.npz').open('wb') as f:
+    np.savez_compressed(f, **arrays)
 
 
 def _train_loop(run: _Run, bar, clock: RunClock) -> tuple[int, bool]:

@@ -6,8 +6,10 @@ stub that returns known evaluations, so what is asserted is the seed loop,
 the mean +- std arithmetic, the per-seed gains and the machine-readable line.
 """
 
+import os
 import re
 
+import numpy as np
 import pytest
 
 from benchmarks import semi_vs_supervised as bench
@@ -28,9 +30,22 @@ BEST = {
 }
 
 
+def fake_predictions(workdir, seed):
+  """A `predictions.npz` as the training loop writes it: 2 scenes of 6x6."""
+  rng = np.random.default_rng(seed)
+  maps = lambda: rng.integers(0, 11, (2, 6, 6)).astype(np.int32)
+  os.makedirs(workdir, exist_ok=True)
+  images = rng.integers(0, 256, (2, 6, 6, 3)).astype(np.uint8)
+  arrays = dict(images=images, labels=maps(), teacher=maps(), student=maps())
+  np.savez_compressed(os.path.join(workdir, 'predictions.npz'), **arrays)
+
+
 def fake_run(name, method, overrides, seed, args):
   del overrides
   best = BEST[name, seed]
+  workdir = os.path.join(getattr(args, 'out', ''), f'seed{seed}', name)
+  if hasattr(args, 'out'):
+    fake_predictions(workdir, seed)
   evals = [
     dict(step=100, miou=best - 5, miou_teacher=best - 4),
     dict(step=200, miou=best, miou_teacher=best),
@@ -42,6 +57,7 @@ def fake_run(name, method, overrides, seed, args):
     seed=seed,
     wall=1.0,
     evals=evals,
+    workdir=workdir,
     best=best,
     miou=best,
     best_teacher=best,
@@ -83,6 +99,11 @@ def test_main_reports_means_over_seeds(seeds, tmp_path, monkeypatch, capsys):
   assert float(dssn) == pytest.approx(want_dssn)
   assert float(gain) == pytest.approx(want_dssn - want_sup)
   assert (out / 'miou.png').stat().st_size > 0
+  # The first seed's scenes: image | ground truth | supervised | dssn (teacher).
+  from PIL import Image
+
+  grid = Image.open(out / 'predictions.png')
+  assert grid.size[0] == 4 + 4 * (96 + 4) and grid.size[1] > 2 * 96
   if len(ids) > 1:
     assert lines[-2] == (
       'per-seed gains: seed0=6.00 seed1=5.00 seed2=7.00 (mean 6.00 +- 1.00, min 5.00)'
