@@ -17,6 +17,8 @@ ARG (`k=v,...`; a bare value sets `split`):
             dinov3_huge_plus | dinov3_7b |
             resnet101 | resnet50
   method    unimatch_v2 | dssn | unimatch | fixmatch | supervised
+  precision fp32 (the authors' float32) | bf16 (accelerator preset: bfloat16 compute,
+            float32 parameters, norms, softmax and losses; docs/performance.md)
 
 Recipe: UniMatch V2's `configs/ade20k.yaml`: crop 518, 60 epochs, global
 batch 8 (4 GPUs x 2, `loss_groups=4`), AdamW lr 5e-6 with the head at 40x, weight decay 0.01,
@@ -38,7 +40,9 @@ from dssn_jax.data import ade20k
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, split='1_64', backbone='dinov2_base', method='unimatch_v2')
+  args = config_lib.parse_arg(
+    arg, split='1_64', backbone='dinov2_base', method='unimatch_v2', precision='fp32'
+  )
   if args['split'] not in ade20k.SPLITS:
     raise config_lib.ConfigError(
       f'ade20k split {args["split"]!r} is not one of {", ".join(ade20k.SPLITS)}'
@@ -62,4 +66,4 @@ def get_config(arg=None):
   c.train.checkpoint_every = 2000
   if config_lib.is_vit(args['backbone']):
     config_lib.dinov2_recipe(c, args['backbone'], crop=518, epochs=60, batch=8)
-  return c
+  return config_lib.apply_precision(c, args['precision'])

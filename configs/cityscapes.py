@@ -21,6 +21,8 @@ ARG (`k=v,...`; a bare value sets `split`):
             dinov3_small_plus | dinov3_base | dinov3_large | dinov3_huge_plus |
             dinov3_7b
   method    dssn | unimatch | fixmatch | supervised | unimatch_v2
+  precision fp32 (the authors' float32) | bf16 (accelerator preset: bfloat16 compute,
+            float32 parameters, norms, softmax and losses; docs/performance.md)
 
 Recipe, DINOv2 (UniMatch V2's `configs/cityscapes.yaml`): crop 798, 180
 epochs, global batch 8 (4 GPUs x 2, `loss_groups=4`), AdamW 5e-6 / head
@@ -52,7 +54,9 @@ SPLITS = ('1_16', '1_8', '1_4', '1_2')
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, split='1_16', backbone='resnet101', method='dssn')
+  args = config_lib.parse_arg(
+    arg, split='1_16', backbone='resnet101', method='dssn', precision='fp32'
+  )
   if args['split'] not in SPLITS:
     raise config_lib.ConfigError(
       f'cityscapes split {args["split"]!r} is not one of {", ".join(SPLITS)}'
@@ -89,4 +93,4 @@ def get_config(arg=None):
     config_lib.dinov2_recipe(c, args['backbone'], crop=798, epochs=180, batch=8)
     c.data.eval_resize_multiple = 0  # sliding windows of 798 = 57 x 14
     c.loss.ohem_min_kept = 200000  # per GPU batch of 2 (loss_groups=4)
-  return c
+  return config_lib.apply_precision(c, args['precision'])

@@ -18,6 +18,8 @@ ARG (`k=v,...`; a bare value sets `split`):
             dinov3_small | dinov3_small_plus | dinov3_base | dinov3_large |
             dinov3_huge_plus | dinov3_7b
   method    dssn | unimatch | fixmatch | supervised | unimatch_v2
+  precision fp32 (the authors' float32) | bf16 (accelerator preset: bfloat16 compute,
+            float32 parameters, norms, softmax and losses; docs/performance.md)
 
 Recipe, DINOv2: UniMatch V2's `configs/coco.yaml` (crop 518, 20 epochs,
 global batch 16 = 4 GPUs x 4 (`loss_groups=4`), AdamW 5e-6 / head 40x, CE, encoder trained,
@@ -38,7 +40,9 @@ from dssn_jax import config_lib
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, split='1_512', backbone='resnet101', method='dssn')
+  args = config_lib.parse_arg(
+    arg, split='1_512', backbone='resnet101', method='dssn', precision='fp32'
+  )
   c = config_lib.base_config()
   c.method = args['method']
   c.model.backbone = args['backbone']
@@ -61,4 +65,4 @@ def get_config(arg=None):
   c.train.checkpoint_every = 2000
   if config_lib.is_vit(args['backbone']):
     config_lib.dinov2_recipe(c, args['backbone'], crop=518, epochs=20, batch=16)
-  return c
+  return config_lib.apply_precision(c, args['precision'])

@@ -12,6 +12,8 @@ ARG (`k=v,...`; a bare value sets `method`):
   method    dssn | unimatch | fixmatch | supervised | unimatch_v2 (on this ResNet
             model without its complementary dropout: add --config.model.comp_drop=False)
   labeled   number of labeled scenes (default 100)
+  precision fp32 (the authors' float32) | bf16 (accelerator preset: bfloat16 compute,
+            float32 parameters, norms, softmax and losses; docs/performance.md)
 
 The DSSN recipe with the spec's constants (CPLG 0.92/0.96, loss weights,
 channel dropout 0.5, cutmix p 0.5, random strong ops), except what a
@@ -42,7 +44,7 @@ from dssn_jax import config_lib, methods
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, method='dssn', labeled=100)
+  args = config_lib.parse_arg(arg, method='dssn', labeled=100, precision='fp32')
   c = config_lib.base_config()
   c.method = args['method']
   c.model.backbone = 'resnet_tiny'
@@ -87,4 +89,4 @@ def get_config(arg=None):
     c.baseline.miou, c.baseline.std, c.baseline.seeds, c.baseline.steps = 20.47, 3.30, 3, 3000
     c.baseline.what = 'supervised on the same 100 labeled scenes'
     c.baseline.command = 'python benchmarks/semi_vs_supervised.py --seeds 0,1,2'
-  return c
+  return config_lib.apply_precision(c, args['precision'])

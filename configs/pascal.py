@@ -24,6 +24,8 @@ ARG (`k=v,...`; a bare value sets `split`):
             dinov3_small | dinov3_small_plus | dinov3_base | dinov3_large |
             dinov3_huge_plus | dinov3_7b
   method    dssn | unimatch | fixmatch | supervised | unimatch_v2
+  precision fp32 (the authors' float32) | bf16 (accelerator preset: bfloat16 compute,
+            float32 parameters, norms, softmax and losses; docs/performance.md)
 
 Recipe, ResNet (DSSN's `pascal.yaml`): crop 513, 100 epochs, global batch
 8 labeled + 8 unlabeled (4 GPUs x 2, `loss_groups=4`), SGD lr 0.002 with the head at 10x, CE,
@@ -49,7 +51,9 @@ SPLITS = ('92', '183', '366', '732', '1464', '1_16', '1_8', '1_4', '1_2')
 
 
 def get_config(arg=None):
-  args = config_lib.parse_arg(arg, split='92', backbone='resnet101', method='dssn')
+  args = config_lib.parse_arg(
+    arg, split='92', backbone='resnet101', method='dssn', precision='fp32'
+  )
   if args['split'] not in SPLITS:
     raise config_lib.ConfigError(
       f'pascal split {args["split"]!r} is not one of {", ".join(SPLITS)}'
@@ -77,4 +81,4 @@ def get_config(arg=None):
   c.train.checkpoint_every = 1000
   if config_lib.is_vit(args['backbone']):
     config_lib.dinov2_recipe(c, args['backbone'], crop=518, epochs=60, batch=16)
-  return c
+  return config_lib.apply_precision(c, args['precision'])

@@ -76,8 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.width_multiplier = 1.0  # scales every backbone and head width
   c.model.dtype = 'float32'  # compute dtype; params and BN statistics stay float32
   c.model.dropout = 0.5  # Dropout2d rate of the feature-perturbation branches
-  # DINOv2 attention: xla (softmax(QK^T)V, the T x T probabilities kept for the
-  # backward pass) | cudnn (GPU flash attention, bfloat16/float16 only)
+  # ViT attention (dssn_jax.models.attention): xla (softmax(QK^T)V, the T x T
+  # probabilities kept for the backward pass) | cudnn (GPU flash attention,
+  # bfloat16/float16 only) | chunked (blocks of queries, recomputed in the
+  # backward pass) | auto (cudnn on GPUs in bf16, chunked on TPUs, else xla)
   c.model.attention = 'xla'
   # DINOv3 only: in training mode, scale the RoPE coordinates by a log-uniform
   # draw in [1/r, r] per forward (Meta's pre-training `rescale_coords=2`),
@@ -327,6 +329,31 @@ def dinov2_recipe(
   c.data.batch_size = batch
   c.train.epochs = float(epochs)
   c.train.freeze_backbone = bool(freeze_backbone)
+  return c
+
+
+# The `precision=` argument every config takes (`apply_precision`).
+PRECISIONS = ('fp32', 'bf16')
+
+
+def apply_precision(c: ml_collections.ConfigDict, precision: str) -> ml_collections.ConfigDict:
+  """The `precision=` config argument of every config.
+
+  'fp32' (default): the authors' float32 everywhere, XLA's plain attention.
+  'bf16': the accelerator preset: `model.dtype='bfloat16'` (convolutions,
+  matmuls and activations in bfloat16; parameters, optimizer state,
+  BatchNorm / LayerNorm statistics, softmax, the residual stream of the
+  ViTs and every loss stay float32) and `model.attention='auto'` (cuDNN
+  flash attention on NVIDIA GPUs, query-chunked attention on TPUs:
+  `dssn_jax.models.attention`). What it trades: docs/performance.md.
+  """
+  if precision not in PRECISIONS:
+    raise ConfigError(
+      f'config argument precision={precision!r} is not one of {", ".join(PRECISIONS)}'
+    )
+  if precision == 'bf16':
+    c.model.dtype = 'bfloat16'
+    c.model.attention = 'auto'
   return c
 
 

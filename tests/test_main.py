@@ -8,9 +8,11 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from dssn_jax import config_lib, train
+from dssn_jax import config_lib, train, visualize
 from dssn_jax.testing import fake_datasets
 from dssn_jax.testing.configs import REPO, load_config, read_metrics, tiny
 
@@ -25,38 +27,44 @@ def test_configs_are_listed():
   assert {'digits', 'pascal', 'cityscapes', 'coco'} <= set(CONFIGS)
 
 
-# Each DINOv2 step compiles for a minute on a 2-core CPU: ade20k's own
+# Each ViT step compiles for most of a minute on a 2-core CPU: ade20k's own
 # config (unimatch_v2 on DINOv2, whole-image evaluation) runs above, and one
-# variant here (dssn, sliding-window evaluation); the others are slow.
-_DEFAULT_DINOV2 = {('cityscapes', 'dssn')}
-DINOV2_ARGS = [
-  (name, f'backbone=dinov2_small,method={method}')
+# variant here, DSSN on DINOv3 (sliding-window evaluation, patch 16); DSSN
+# on DINOv2 runs the same DPT code with the other encoder. The others are slow.
+_DEFAULT_VITS = {('cityscapes', 'dinov3_small', 'dssn')}
+VIT_ARGS = [
+  (name, f'backbone={backbone},method={method}')
+  for backbone in ('dinov2_small', 'dinov3_small')
   for name in ('pascal', 'cityscapes', 'ade20k', 'coco')
   for method in ('unimatch_v2', 'dssn')
 ]
-DINOV2_VARIANTS = [
+VIT_VARIANTS = [
   pytest.param(
-    name, arg, marks=() if (name, arg.split('method=')[1]) in _DEFAULT_DINOV2 else pytest.mark.slow
+    name,
+    arg,
+    marks=()
+    if (name, arg.split(',')[0].split('=')[1], arg.split('method=')[1]) in _DEFAULT_VITS
+    else pytest.mark.slow,
   )
-  for name, arg in DINOV2_ARGS
+  for name, arg in VIT_ARGS
 ] + [  # ADE20K's ResNet recipe (UniMatch V1's); its data path runs above
   pytest.param('ade20k', 'backbone=resnet101,method=dssn', marks=pytest.mark.slow)
 ]
 
 
-@pytest.mark.parametrize(
-  'name,arg', [(n, None) for n in CONFIGS] + DINOV2_ARGS, ids=lambda v: str(v)
-)
+@pytest.mark.parametrize('name,arg', [(n, None) for n in CONFIGS] + VIT_ARGS, ids=lambda v: str(v))
 def test_every_config_passes_validation_as_shipped(name, arg):
   """What `main.py` checks before compiling accepts every config as written
-  (auto worker count, method-default mix partner, DINOv2 backbones and crops)."""
+  (auto worker count, method-default mix partner, DINOv2 and DINOv3 backbones and crops)."""
   config_lib.validate(load_config(name, arg))
 
 
 @pytest.mark.parametrize(
-  'name,arg', [(n, None) for n in CONFIGS] + DINOV2_VARIANTS, ids=lambda v: str(v)
+  'name,arg', [(n, None) for n in CONFIGS] + VIT_VARIANTS, ids=lambda v: str(v)
 )
-def test_every_config_trains_two_steps(name, arg, tmp_path):
+def test_every_config_trains_two_steps(name, arg, tmp_path, capsys):
+  """Two steps, an evaluation, the prediction grid and the final report of
+  every config (tiny override)."""
   config = tiny(load_config(name, arg))
   warm = config.train.warmup_terms == 'supervised'
   if warm:  # one warm-up step, then the full step (compiled in the background meanwhile)
@@ -91,6 +99,29 @@ def test_every_config_trains_two_steps(name, arg, tmp_path):
   assert timing['steps'] == 2 and all(timing[k] >= 0 for k in phases)
   assert sum(timing[k] for k in phases) == pytest.approx(timing['total_s'], rel=0.05)
   assert summary['time'] == timing
+  check_predictions_and_report(config, workdir, capsys.readouterr().out.splitlines())
+
+
+def check_predictions_and_report(config, workdir, lines):
+  """DIR/predictions.png (image | ground truth | teacher | student, one row
+  per validation scene), the same class maps in DIR/predictions.npz, and the
+  per-class IoU lines after `final:`."""
+  rows = min(config.train.prediction_grid, 4 if config.data.name == 'digits' else 1)
+  with Image.open(os.path.join(workdir, 'predictions.png')) as im:
+    width, height = im.size
+    assert im.mode == 'RGB'
+  cell, pad = 96, visualize._PAD
+  assert width == pad + 4 * (cell + pad)
+  assert rows * (cell + pad) < height < rows * (cell + pad) + 100  # titles, legend
+  with np.load(os.path.join(workdir, 'predictions.npz')) as arrays:
+    assert arrays['images'].dtype == np.uint8 and len(arrays['images']) == rows
+    assert arrays['teacher'].shape == arrays['student'].shape == arrays['labels'].shape
+  final = next(i for i, line in enumerate(lines) if line.startswith('final: '))
+  assert lines[final + 1].startswith('iou teacher (step 2, best teacher): ')
+  assert lines[final + 2].startswith('iou student (step 2, best teacher): ')
+  if config.data.name == 'digits':
+    assert 'background=' in lines[final + 1] and 'digit_9=' in lines[final + 1]
+    assert lines[final + 3].startswith('compare: ')
 
 
 def _sigterm_when(workdir, step):

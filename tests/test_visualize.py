@@ -1,14 +1,11 @@
-"""The prediction grid (dssn_jax/visualize.py), the per-class IoU lines and
-what a run writes of them: DIR/predictions.png and the lines after `final:`."""
-
-import os
+"""The prediction grid (dssn_jax/visualize.py) and the per-class IoU lines
+(what a run writes of them, DIR/predictions.png and the lines after
+`final:`, is checked by every config's two-step run in test_main.py)."""
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from dssn_jax import train, visualize
-from dssn_jax.testing.configs import load_config, tiny
 
 PALETTE = np.array(
   [[0, 0, 0], [200, 30, 30], [30, 200, 30], [30, 30, 200], [200, 200, 30]], np.uint8
@@ -117,24 +114,5 @@ def test_per_class_lines_of_many_classes_name_the_ends():
   assert 'class_5=' not in line and line.endswith('class_149=149.0')
 
 
-def test_a_run_writes_predictions_png_and_per_class_lines(tmp_path, capsys, monkeypatch):
-  """Without TensorBoard the end of the run predicts the grid itself."""
-  monkeypatch.setattr(train, '_summary_writer_class', lambda: None)
-  config = tiny(load_config('digits'))
-  config.train.warmup_steps = 1
-  config.train.prediction_grid = 3
-  workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(config, workdir)
-  with Image.open(os.path.join(workdir, 'predictions.png')) as im:
-    width, height = im.size
-    assert im.mode == 'RGB'
-  cell, pad = 96, visualize._PAD
-  assert width == pad + 4 * (cell + pad)  # image | ground truth | teacher | student
-  # 3 rows, a title line above them, at most a few legend lines below.
-  assert 3 * (cell + pad) < height < 3 * (cell + pad) + 80
-  lines = capsys.readouterr().out.splitlines()
-  final = next(i for i, line in enumerate(lines) if line.startswith('final: '))
-  assert lines[final + 1].startswith('iou teacher (step 2, best teacher): background=')
-  assert lines[final + 2].startswith('iou student (step 2, best teacher): background=')
-  assert 'digit_9=' in lines[final + 1]
-  assert lines[final + 3].startswith('compare: ')
+# A run writing DIR/predictions.png and the per-class lines: every config's
+# two-step run in test_main.py checks both.

@@ -52,6 +52,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dssn_jax.models import attention as attention_lib
+
 PATCH = 14
 POS_GRID = 37  # DINOv2 is trained at 518 = 37 * 14
 INTERPOLATE_OFFSET = 0.1
@@ -185,9 +187,7 @@ class Attention(nn.Module):
     )
     qkv = dense(3 * dim, 'qkv')(x).reshape(n, t, 3, self.heads, dim // self.heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    out = jax.nn.dot_product_attention(
-      q, k, v, scale=(dim // self.heads) ** -0.5, implementation=self.implementation
-    )
+    out = attention_lib.attend(q, k, v, (dim // self.heads) ** -0.5, self.implementation or 'xla')
     return dense(dim, 'proj')(out.reshape(n, t, dim))
 
 
@@ -254,10 +254,8 @@ class DinoVisionTransformer(nn.Module):
     dtype: compute dtype; params, LayerNorm statistics, softmax and the
       residual stream are float32.
     remat: rematerialize each block in the backward pass (`nn.remat`).
-    attention: `jax.nn.dot_product_attention`'s `implementation`: None or
-      'xla' (plain XLA; jax 0.10 picks it for None too), 'cudnn' (flash
-      attention on NVIDIA GPUs, bfloat16 / float16 only: the T x T
-      probabilities are never stored).
+    attention: 'xla' (None too), 'cudnn' or 'chunked'
+      (`dssn_jax.models.attention`; `auto` is resolved before).
   """
 
   dim: int

@@ -58,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dssn_jax.errors import ConfigError, ConversionError, one_of
+from dssn_jax.models import attention as attention_lib
 from dssn_jax.models import dinov3_weights, dpt, layers, registry
 from dssn_jax.models.dinov2 import LayerScale, Mlp, PatchEmbed
 
@@ -211,9 +212,7 @@ class RopeAttention(nn.Module):
     qkv = QKV(self.qkv_bias, self.dtype, name='qkv')(x).reshape(n, t, 3, self.heads, -1)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
-    out = jax.nn.dot_product_attention(
-      q, k, v, scale=(dim // self.heads) ** -0.5, implementation=self.implementation
-    )
+    out = attention_lib.attend(q, k, v, (dim // self.heads) ** -0.5, self.implementation or 'xla')
     proj = nn.Dense(
       dim, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=_dense_init, name='proj'
     )
@@ -273,8 +272,8 @@ class DinoV3VisionTransformer(nn.Module):
     dtype: compute dtype; params, LayerNorm statistics, RoPE, softmax and the
       residual stream are float32.
     remat: rematerialize each block in the backward pass (`nn.remat`).
-    attention: `jax.nn.dot_product_attention`'s `implementation` (None /
-      'xla', or 'cudnn' on NVIDIA GPUs in bfloat16 / float16).
+    attention: 'xla' (None too), 'cudnn' or 'chunked'
+      (`dssn_jax.models.attention`; `auto` is resolved before).
     rope_rescale: in training mode (`train=True`), multiply the RoPE
       coordinates by `exp(u)`, `u ~ U(-log r, log r)`, one draw per call from
       the `'rope'` rng; 0 or 1: off (evaluation mode never rescales).
@@ -400,7 +399,7 @@ def create_dinov3_dpt(
     freeze_backbone: no gradient through the encoder.
     depth, taps, ffn, ffn_ratio: a reduced encoder (tests); None keeps the named one.
     features, out_channels: head widths; None keeps the named ones.
-    attention: `jax.nn.dot_product_attention` implementation (None: XLA's choice).
+    attention: 'xla' (None too) | 'cudnn' | 'chunked' (`dssn_jax.models.attention`).
     rope_rescale: training-mode RoPE coordinate rescale (0: off).
   """
   if backbone not in HEAD_SIZES:
@@ -442,7 +441,7 @@ def dinov3_dpt_from_config(config) -> dpt.DPTSegmenter:
     dropout=m.dropout,
     remat=config.train.remat,
     freeze_backbone=config.train.freeze_backbone,
-    attention=one_of('model.attention', m.attention, ('xla', 'cudnn')),
+    attention=attention_lib.resolve(m.attention, layers.parse_dtype(m.dtype)),
     rope_rescale=rescale,
   )
 

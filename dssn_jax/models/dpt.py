@@ -36,7 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dssn_jax.errors import one_of
+from dssn_jax.models import attention as attention_lib
 from dssn_jax.models import dinov2_weights, layers, registry
 from dssn_jax.models.deeplabv3plus import torch_default_kernel_init
 from dssn_jax.models.dinov2 import ENCODERS, PATCH, create_encoder
@@ -316,7 +316,7 @@ def create_dpt(
     ffn: 'mlp' | 'swiglu' instead of the named encoder's (tests: a narrow
       SwiGLU encoder); None keeps it.
     features, out_channels: head widths; None keeps the named ones.
-    attention: `jax.nn.dot_product_attention` implementation (None: XLA's choice).
+    attention: 'xla' (None too) | 'cudnn' | 'chunked' (`dssn_jax.models.attention`).
   """
   if backbone not in HEAD_SIZES:
     raise ValueError(f'unknown DINOv2 backbone {backbone!r}; known: {", ".join(HEAD_SIZES)}')
@@ -370,7 +370,7 @@ def dpt_from_config(config) -> DPTSegmenter:
     dropout=m.dropout,
     remat=config.train.remat,
     freeze_backbone=config.train.freeze_backbone,
-    attention=one_of('model.attention', m.attention, ('xla', 'cudnn')),
+    attention=attention_lib.resolve(m.attention, layers.parse_dtype(m.dtype)),
   )
 
 
