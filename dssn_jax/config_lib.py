@@ -135,8 +135,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_crop_size = config_dict.placeholder(int)  # None: crop_size
   # Evaluation shape buckets: 0 = every image at its own shape (reference);
   # N = pad each side to a multiple of N (zeros / ignore): few programs,
-  # slightly different predictions near the padding (docs/performance.md).
-  c.data.eval_pad_to = 0
+  # slightly different predictions near the padding (docs/performance.md);
+  # -1 = auto: 0 on a CPU, 64 on GPUs and TPUs (evaluate.resolve_pad_to).
+  c.data.eval_pad_to = -1
   # Source-specific settings (read only by that source).
   c.data.folder = ml_collections.ConfigDict(
     dict(
@@ -258,8 +259,9 @@ def base_config() -> ml_collections.ConfigDict:
   # background thread from the start of training; numbers are unchanged.
   c.train.eval_precompile = True
   c.train.eval_precompile_threads = 0  # compiler threads; 0: 1 on CPU, cores/4 (<= 8) else
-  # With `warmup_terms='supervised'`, compile the full step in a background
-  # thread while the warm-up steps run; numbers are unchanged.
+  # Compile each later phase's step in a background thread from the start:
+  # the full step while a supervised warm-up runs, DSSN's running-BN teacher
+  # (teacher_bn='reference') while the first epoch runs; numbers are unchanged.
   c.train.step_precompile = True
   # JAX's persistent compilation cache ('' = off unless JAX_COMPILATION_CACHE_DIR
   # is set); a restarted run loads its compiled programs from here.

@@ -30,12 +30,13 @@ compiles every shape of the set ahead of time in a background thread (the
 training loop starts it, so the compiler runs on host CPUs while the
 accelerator trains), and the persistent compilation cache
 (`dssn_jax.compilation`) lets later processes load the programs from disk.
-Neither changes a number. `config.data.eval_pad_to = N` (opt-in; 0, exact
-shapes, is the reference protocol) pads every image at the bottom and right
-to a multiple of N with zeros and the labels with ignore, which bounds the
-number of programs (VOC at N=64: at most 64 shapes) but changes the
-predictions near the padding: docs/performance.md gives the measured mIoU
-difference. Each host evaluates its own records on its local
+Neither changes a number. `config.data.eval_pad_to = N` pads every image at
+the bottom and right to a multiple of N with zeros and the labels with
+ignore, which bounds the number of programs (VOC at N=64: at most 64
+shapes) but changes the predictions near the padding: docs/performance.md
+gives the measured mIoU difference. The default, -1, is 0 (exact shapes,
+the reference protocol) on a CPU and 64 on GPUs and TPUs (`resolve_pad_to`);
+`eval_pad_to=0` restores the exact protocol there. Each host evaluates its own records on its local
 devices, one image per device (images of equal shape are grouped so all
 local devices work); confusion matrices accumulate on device and are summed
 over hosts once at the end.
@@ -270,6 +271,25 @@ def predict_labels(
   return jnp.argmax(scores, axis=-1).astype(jnp.int32)
 
 
+# `config.data.eval_pad_to=-1` (the default): exact shapes on a CPU, buckets
+# of this many pixels on an accelerator (VOC: at most 64 shapes, 13 of them
+# in its validation set, for 12% more pixels; docs/performance.md).
+ACCELERATOR_PAD_TO = 64
+
+
+def resolve_pad_to(pad_to: int, platform: str | None = None) -> int:
+  """`config.data.eval_pad_to` as a bucket size: -1 (auto) is 0 (exact
+  shapes, the reference protocol) on a CPU backend and `ACCELERATOR_PAD_TO`
+  on GPUs and TPUs, where compiling a program per image shape costs more
+  than evaluating; N >= 0 as given."""
+  pad_to = int(pad_to)
+  if pad_to < -1:
+    raise ValueError(f'config.data.eval_pad_to={pad_to} must be -1 (auto), 0 (exact shapes) or N')
+  if pad_to == -1:
+    return 0 if (platform or jax.default_backend()) == 'cpu' else ACCELERATOR_PAD_TO
+  return pad_to
+
+
 def pad_to_multiple(image: np.ndarray, label: np.ndarray, multiple: int, ignore_index: int):
   """Pads `image` (zeros) and `label` (`ignore_index`) at the bottom and right
   so that both sides are multiples of `multiple` (the shape buckets)."""
@@ -358,8 +378,8 @@ class Evaluator:
     mesh: the training mesh; this host's devices of it run the evaluation
       (default: all local devices).
     mode: overrides `config.data.eval_mode`.
-    pad_to: overrides `config.data.eval_pad_to` (0: exact shapes; N: pad
-      every image to multiples of N).
+    pad_to: overrides `config.data.eval_pad_to` (-1: auto, `resolve_pad_to`;
+      0: exact shapes; N: pad every image to multiples of N).
     records: validation records `{'image': uint8 (H, W, 3), 'label': int
       (H, W), 'id': str}` of this host: a sequence, or a callable returning
       a fresh iterable per evaluation. Default:
@@ -396,9 +416,7 @@ class Evaluator:
       )
     if self.window < 2:
       raise ValueError(f'evaluation crop size {self.window} must be at least 2')
-    self.pad_to = int(config.data.eval_pad_to if pad_to is None else pad_to)
-    if self.pad_to < 0:
-      raise ValueError(f'config.data.eval_pad_to={self.pad_to} must be >= 0 (0: exact shapes)')
+    self.pad_to = resolve_pad_to(config.data.eval_pad_to if pad_to is None else pad_to)
     self._records = records
     self._compiled: dict[tuple[int, int], Any] = {}  # (H, W) -> AOT-compiled step
     self._precompile_thread: threading.Thread | None = None

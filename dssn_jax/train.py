@@ -364,6 +364,12 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
       else 'loss groups 1 (one objective over the global batch)'
     )
   )
+  pad_to = evaluate.resolve_pad_to(config.data.eval_pad_to)
+  if pad_to:
+    _log(
+      f'evaluation: images padded to multiples of {pad_to} (eval_pad_to={config.data.eval_pad_to};'
+      ' --config.data.eval_pad_to=0 for the exact protocol)'
+    )
 
   model = models.model_from_config(config)
   tx = optim.make_optimizer(schedule, config)
@@ -380,10 +386,9 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
     ema_decay=config.train.ema_decay,
     poly_power=config.train.poly_power,
   )
-  if config.train.step_precompile and start < data.labeled_only_steps < schedule.total_steps:
-    step_fn.precompile(
-      state, data.batch_spec(), jax.random.fold_in(train_rng, 0), step=data.labeled_only_steps
-    )
+  if config.train.step_precompile:
+    for step in later_phases(start, data.labeled_only_steps, schedule):
+      step_fn.precompile(state, data.batch_spec(), jax.random.fold_in(train_rng, 0), step=step)
   evaluator = evaluate.Evaluator(model, config, mesh)
   if config.train.eval_precompile:
     evaluator.precompile(
@@ -735,6 +740,17 @@ def _train_record(
     'input_wait_s': input_wait,
     'input_wait_frac': input_wait / max(elapsed, 1e-9),
   }
+
+
+def later_phases(start: int, labeled_only_steps: int, schedule) -> list[int]:
+  """First steps of the phases after `start` whose programs compile in the
+  background (`train.step_precompile`): the full step after a supervised
+  warm-up, and the running-BN teacher after the first epoch (DSSN's
+  `teacher_bn='reference'`; a phase that is not one is compiled once, as
+  `make_train_step` dedups by program). Steps of labeled-only batches are
+  left out: `batch_spec` is the full batch's."""
+  bounds = {labeled_only_steps, schedule.steps_per_epoch}
+  return sorted(b for b in bounds if start < b < schedule.total_steps and b >= labeled_only_steps)
 
 
 def _precompile_threads(config: ml_collections.ConfigDict) -> int:

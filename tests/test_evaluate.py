@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dssn_jax import evaluate, loading, state_dicts
+from dssn_jax import config_lib, evaluate, loading, state_dicts
 from dssn_jax.compilation import CompileCounter
 from dssn_jax.data import datasets
 from dssn_jax.testing.evaluation import (
@@ -412,5 +412,16 @@ def test_pad_to_buckets_shapes_and_ignores_the_padding():
   )
   assert image.shape == (4, 8, 3) and image[3:].sum() == 0 and image[:, 5:].sum() == 0
   assert (label[3:] == 255).all() and (label[:, 5:] == 255).all() and (label[:3, :5] == 0).all()
-  with pytest.raises(ValueError, match='eval_pad_to'):
-    evaluate.Evaluator(model, toy_config(), records=records, pad_to=-1)
+  with pytest.raises(ValueError, match='eval_pad_to=-2'):
+    evaluate.Evaluator(model, toy_config(), records=records, pad_to=-2)
+
+
+def test_the_default_pads_on_accelerators_only():
+  """`eval_pad_to=-1` (the default): exact shapes on a CPU (the reference
+  protocol, what every test here evaluates), buckets of 64 on GPUs and TPUs."""
+  assert config_lib.base_config().data.eval_pad_to == -1
+  assert evaluate.resolve_pad_to(-1, 'cpu') == 0
+  assert evaluate.resolve_pad_to(-1, 'gpu') == evaluate.resolve_pad_to(-1, 'tpu') == 64
+  assert evaluate.resolve_pad_to(0, 'gpu') == 0 and evaluate.resolve_pad_to(32, 'cpu') == 32
+  ev = evaluate.Evaluator(TinySeg(), toy_config(), records=[], class_names=NAMES3)
+  assert ev.pad_to == (0 if jax.default_backend() == 'cpu' else 64)

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ import numpy as np
 import optax
 import pytest
 
-from dssn_jax import compilation, config_lib, losses, models, optim, parallel, pseudo_labels
+from dssn_jax import compilation, config_lib, losses, models, optim, parallel, pseudo_labels, train
 from dssn_jax import train_step as ts
 from dssn_jax.methods import common
 from dssn_jax.normalize import normalize
@@ -700,3 +701,17 @@ def test_one_vs_eight_devices():
   # optimizer leaf. Absolute, not relative to a leaf's scale: a gradient that
   # cancels to a small value keeps the rounding of its ~10^5 terms' scale.
   assert result['worst'] <= 1.0, result['worst']
+
+
+def test_later_phases_compile_in_the_background_from_the_start():
+  """`train.step_precompile`: the full step after a supervised warm-up and
+  the running-BN teacher after the first epoch (`teacher_bn='reference'`)
+  start compiling when the run starts; a resumed run past a boundary skips it."""
+  schedule = types.SimpleNamespace(steps_per_epoch=100, total_steps=1000)
+  assert train.later_phases(0, 0, schedule) == [100]  # reference teacher BN
+  assert train.later_phases(0, 20, schedule) == [20, 100]  # + supervised warm-up
+  assert train.later_phases(0, 300, schedule) == [300]  # epoch 1 ends inside the warm-up
+  assert train.later_phases(150, 20, schedule) == []  # resumed after both
+  assert (
+    train.later_phases(0, 0, types.SimpleNamespace(steps_per_epoch=1000, total_steps=1000)) == []
+  )
