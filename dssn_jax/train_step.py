@@ -136,6 +136,11 @@ def objective(
   )
 
 
+# The batch's label maps (`y`, `u_ignore`, `m_ignore`): uint8 from the input
+# pipeline, widened to int32 in the step.
+LABEL_KEYS = ('y', 'u_ignore', 'm_ignore')
+
+
 def train_step(
   state: TrainState,
   batch: dict[str, jax.Array],
@@ -152,8 +157,8 @@ def train_step(
 
   Args:
     state: the train state.
-    batch: the train batch of docs/design.md (uint8 images, int32 labels and
-      ignore maps, bool cutmix boxes; `supervised` needs only x, y).
+    batch: the train batch of docs/design.md (uint8 images, uint8 or int32
+      labels and ignore maps, bool cutmix boxes; `supervised` needs only x, y).
     rng: this step's key (the loop passes `fold_in(base, step)`); dropout
       keys derive from it.
     model: the segmentation model.
@@ -172,6 +177,9 @@ def train_step(
     or the gradient norm was not finite: the step then left the variables
     unchanged and only advanced `step`).
   """
+  # Label maps travel as uint8 (a quarter of int32's bytes from host to
+  # device); the methods index and compare them as int32.
+  batch = {k: v.astype(jnp.int32) if k in LABEL_KEYS else v for k, v in batch.items()}
   (total, aux), grads = methods.value_and_grad(
     state,
     batch,

@@ -14,7 +14,7 @@ from dssn_jax.testing import fake_datasets as fd
 from dssn_jax.testing.configs import train_data
 
 # key -> (dtype, rank) of a semi-supervised batch's arrays.
-IMAGE, LABEL, BOX = (np.uint8, 3), (np.int32, 2), (np.bool_, 2)
+IMAGE, LABEL, BOX = (np.uint8, 3), (np.uint8, 2), (np.bool_, 2)  # labels: uint8 to the device
 SEMI_KEYS = {
   **dict.fromkeys(('x', 'u_w', 'u_s1', 'u_s2', 'm_w', 'm_s1', 'm_s2'), IMAGE),
   **dict.fromkeys(('y', 'u_ignore', 'm_ignore'), LABEL),
@@ -61,7 +61,7 @@ def test_global_batch_on_a_mesh(voc):
   batch = next(data)
   assert set(batch) == set(SEMI_KEYS)
   assert isinstance(batch['x'], jax.Array) and batch['x'].shape == (2, 40, 40, 3)
-  assert batch['y'].dtype == np.int32 and batch['box1'].dtype == np.bool_
+  assert batch['y'].dtype == np.uint8 and batch['box1'].dtype == np.bool_
   data.close()
 
 

@@ -715,3 +715,23 @@ def test_later_phases_compile_in_the_background_from_the_start():
   assert (
     train.later_phases(0, 0, types.SimpleNamespace(steps_per_epoch=1000, total_steps=1000)) == []
   )
+
+
+def test_uint8_labels_give_the_int32_step():
+  """The pipeline sends label maps as uint8; the step widens them, so its
+  metrics equal those of the same batch with int32 labels."""
+  config = make_config()
+  config.method = 'supervised'
+  settings = config_lib.resolve(config)
+  schedule = make_schedule(config, warmup_steps=0)
+  model = models.create_model('resnet_tiny', NUM_CLASSES)
+  tx = optax.sgd(0.1)
+  state = ts.create_train_state(model, tx, jax.random.key(0, impl='rbg'), 17)
+  batch = make_batch(17, batch=2, supervised=True)
+  step = jax.jit(
+    lambda st, b: ts.train_step(
+      st, b, jax.random.key(1), model=model, tx=tx, settings=settings, schedule=schedule
+    )[1]
+  )
+  small = {**batch, 'y': np.asarray(batch['y'], np.uint8)}
+  assert jax.device_get(step(state, small)) == jax.device_get(step(state, batch))

@@ -32,7 +32,7 @@ records of those steps hold the labeled views alone: the unlabeled and
 partner views are not rendered, and every later record is the same as
 without the skip (each record depends only on its position).
 
-Batches (design.md "Train batch"): uint8 images, int32 `y`/`*_ignore`, bool
+Batches (design.md "Train batch"): uint8 images, uint8 `y`/`*_ignore`, bool
 boxes, leading axis sharded on `data`. `TrainData.local_batch()` gives the
 host-local numpy batch with the record ids (`x_id`, `u_id`, `m_id`) too.
 
@@ -157,11 +157,11 @@ def _merge(elements: tuple[dict[str, Any], ...]) -> dict[str, Any]:
   return out
 
 
-_INT32_KEYS = ('y', 'u_ignore', 'm_ignore')  # label maps, int32 on the device
+_LABEL_KEYS = ('y', 'u_ignore', 'm_ignore')  # uint8 label maps (the step widens them)
 
 
 def _batch_dtype(key: str, value) -> np.dtype:
-  return np.dtype(np.int32) if key in _INT32_KEYS else np.asarray(value).dtype
+  return np.dtype(np.uint8) if key in _LABEL_KEYS else np.asarray(value).dtype
 
 
 def available_cores() -> int:
@@ -443,9 +443,9 @@ class TrainData:
   def local_batch(self) -> dict[str, np.ndarray]:
     """This host's next batch as numpy arrays, with the record ids."""
     batch = next(self._iterator)
-    for key in _INT32_KEYS:
-      if key in batch:
-        batch[key] = batch[key].astype(np.int32)
+    for key in _LABEL_KEYS:  # uint8 already (class ids < 255, ignore 255)
+      if key in batch and batch[key].dtype != np.uint8:
+        batch[key] = batch[key].astype(np.uint8)
     return batch
 
   def __next__(self):
