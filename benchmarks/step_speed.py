@@ -39,9 +39,11 @@ the docs/design.md layout. It reports
 The backbones are those of `dssn_jax.models.registry` (ResNet + DeepLabV3+,
 DINOv2 + DPT, DINOv3 + DPT). `--freeze-backbone` sets `config.train.freeze_backbone`
 (no gradient, no optimizer state for the encoder). `--levers` only compiles
-(nothing runs: the sizes of interest do not run on a CPU) the step four
-times, float32, bfloat16, float32 with remat and float32 with a frozen
-backbone, and prints XLA's memory estimate of each; `--compile-only` does
+(nothing runs: the sizes of interest do not run on a CPU) the step five
+times, float32, bfloat16, float32 with remat, float32 with a frozen
+backbone and bfloat16 with the query-chunked attention (`--attention
+chunked`, the TPU side of `precision=bf16`), and prints XLA's memory
+estimate of each; `--compile-only` does
 that for the one configuration given.
 
 `--compare-remat` runs the step without and with `config.train.remat`, each
@@ -92,7 +94,7 @@ import jax
 
 from dssn_jax import config_lib, methods, models, optim, parallel
 from dssn_jax import train_step as ts_lib
-from dssn_jax.models import registry
+from dssn_jax.models import attention, registry
 from dssn_jax.models.resnet import BACKBONES
 from dssn_jax.normalize import IMAGENET_MEAN, IMAGENET_STD
 from dssn_jax.testing import batches
@@ -115,6 +117,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     help='labeled images per device; the unlabeled batch is the same',
   )
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  p.add_argument(
+    '--attention',
+    default='xla',
+    choices=attention.IMPLEMENTATIONS,
+    help='ViT attention (config.model.attention; auto: the device\'s choice)',
+  )
   p.add_argument('--method', default='dssn', choices=METHODS)
   p.add_argument(
     '--grad-accum',
@@ -142,7 +150,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument(
     '--levers',
     action='store_true',
-    help='compile only: float32, bfloat16, remat, frozen backbone (memory of each)',
+    help='compile only: float32, bfloat16, remat, frozen backbone, bf16 + chunked attention',
   )
   p.add_argument('--torch', action='store_true', help='also time the PyTorch step')
   p.add_argument('--torch-only', action='store_true', help='time only the PyTorch step')
@@ -190,6 +198,7 @@ def make_config(args: argparse.Namespace, remat: bool):
     config_lib.apply_unimatch_v2_recipe(config)
   config.model.backbone = args.backbone
   config.model.dtype = args.dtype
+  config.model.attention = args.attention
   config.data.num_classes = args.num_classes
   config.data.crop_size = args.crop
   config.train.remat = bool(remat)
@@ -260,6 +269,7 @@ def _base_info(
     crop=args.crop,
     batch=args.batch,
     dtype=args.dtype,
+    attention=args.attention,
     method=args.method,
     remat=bool(remat),
     frozen=bool(args.freeze_backbone),
@@ -636,6 +646,7 @@ def format_table(rows: list[dict[str, Any]], peak_tflops: float | None) -> str:
     'remat',
     'frozen',
     'dtype',
+    'attention',
     'batch',
     'compile_s',
     'median_s',
@@ -660,6 +671,7 @@ def format_table(rows: list[dict[str, Any]], peak_tflops: float | None) -> str:
         'yes' if r['remat'] else 'no',
         'yes' if r.get('frozen') else 'no',
         r['dtype'],
+        r.get('attention', 'xla'),
         f'{r["batch"]}x{r["devices"]}',
         _fmt(r['compile_s'], digits=1),
         _fmt(r['median_s'], digits=3),
@@ -741,6 +753,8 @@ LEVERS = (
   ('bfloat16', dict(dtype='bfloat16', remat=False, freeze_backbone=False)),
   ('remat', dict(dtype='float32', remat=True, freeze_backbone=False)),
   ('frozen', dict(dtype='float32', remat=False, freeze_backbone=True)),
+  # The TPU side of `precision=bf16` (on a CPU `auto` is XLA's attention).
+  ('bf16 chunked', dict(dtype='bfloat16', remat=False, freeze_backbone=False, attention='chunked')),
 )
 
 

@@ -110,7 +110,8 @@ def test_table_percent_of_peak_and_missing_values():
   )
   table = step_speed.format_table([row], peak_tflops=4.0)
   cells = table.splitlines()[1].split()
-  assert cells[:5] == ['jax', 'yes', 'no', 'bfloat16', '4x2']  # impl, remat, frozen, dtype, batch
+  # impl, remat, frozen, dtype, attention, batch
+  assert cells[:6] == ['jax', 'yes', 'no', 'bfloat16', 'xla', '4x2']
   assert cells[-1] == '25.0'  # 1 TFLOP/s of a 4 TFLOP/s peak
   assert 'n/a' in cells  # no device memory statistics
   assert '3.00' in cells and '0.50' in cells and '500.0' in cells  # GiB, GiB, GFLOP
@@ -161,7 +162,7 @@ def test_levers_build_each_setting(monkeypatch, capsys):
   built = []
 
   def fake_prepare(args, remat):
-    built.append((args.dtype, remat, args.freeze_backbone))
+    built.append((args.dtype, remat, args.freeze_backbone, args.attention))
     info = step_speed._base_info(args, 'jax', remat, 1, 'cpu:fake')
     info.update(compile_s=1.0, xla_bytes=2**30 * (1 + len(built)), xla_temp_bytes=2**29)
     return step_speed.Step(None, info)
@@ -170,13 +171,14 @@ def test_levers_build_each_setting(monkeypatch, capsys):
   rows = step_speed.main(['--backbone', 'dinov2_tiny', '--method', 'supervised', '--levers'])
   out = capsys.readouterr().out
   expected = [
-    ('float32', False, False),
-    ('bfloat16', False, False),
-    ('float32', True, False),
-    ('float32', False, True),
+    ('float32', False, False, 'xla'),
+    ('bfloat16', False, False, 'xla'),
+    ('float32', True, False, 'xla'),
+    ('float32', False, True, 'xla'),
+    ('bfloat16', False, False, 'chunked'),
   ]
   assert built == expected
-  assert [(r['dtype'], r['remat'], r['frozen']) for r in rows] == expected
+  assert [(r['dtype'], r['remat'], r['frozen'], r['attention']) for r in rows] == expected
   assert all(r['median_s'] is None for r in rows)
-  assert out.count('step_speed_mem: backbone=dinov2_tiny') == 4
+  assert out.count('step_speed_mem: backbone=dinov2_tiny') == 5
   assert 'xla_mem_gib=2.000' in out and 'xla_mem_gib=5.000' in out
