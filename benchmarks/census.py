@@ -3,6 +3,7 @@ r"""What the compiled training step moves between devices: a census of its HLO.
     python -m benchmarks.census                       # 8 simulated CPU devices, every method
     python -m benchmarks.census --devices 4 --methods supervised --crop 33
     python -m benchmarks.census --methods dssn --hlo-dir /tmp/hlo   # also write the HLO
+    python -m benchmarks.census --processes 2        # two hosts x 4 devices (jax.distributed)
 
 Compiles each method's full training step (`train_step.make_train_step`,
 the program `main.py` runs; DSSN's first-epoch program) over `--devices`
@@ -31,6 +32,12 @@ The devices are simulated CPU devices (`--xla_force_host_platform_device_count`,
 set here before JAX starts a backend), so the program is XLA:CPU's; the
 SPMD partitioning that decides which collectives exist is the same on GPU
 and TPU, though each backend's later passes may combine or split them.
+
+`--processes N` rehearses N hosts on this machine, as
+`launch/local_multihost.sh` does for training: N processes of
+`--devices / N` simulated devices each, joined by `jax.distributed` on
+127.0.0.1 (gloo), each compiling the step over the global mesh; process 0
+reports (its program is every process's: SPMD).
 
 The last line of each method is machine-readable (`census: method=...`);
 `--json` prints one `census_json: {...}` line per method instead of the
@@ -360,6 +367,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     help='config.train.loss_groups (0: one per device); 1 pairs UniMatch V2 across the batch',
   )
   p.add_argument('--hlo-dir', default=None, help='also write each compiled program here')
+  p.add_argument(
+    '--processes', type=int, default=1, help='rehearsed hosts (jax.distributed on 127.0.0.1)'
+  )
+  # Set by the parent of a --processes run, per child.
+  p.add_argument('--process-id', type=int, default=None, help=argparse.SUPPRESS)
+  p.add_argument('--coordinator', default=None, help=argparse.SUPPRESS)
   p.add_argument('--json', action='store_true', help='one census_json line per method')
   args = p.parse_args(argv)
   args.methods = [m for m in args.methods.split(',') if m]
@@ -368,7 +381,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error(f'--methods: no census for {unknown}; known: {", ".join(DEFAULTS)}')
   if args.devices < 1 or args.batch < 1:
     p.error('--devices and --batch must be positive')
+  if args.processes < 1 or args.devices % args.processes:
+    p.error(f'--processes={args.processes} must be positive and divide --devices={args.devices}')
   return args
+
+
+def run_processes(args: argparse.Namespace, argv: list[str]) -> None:
+  """Starts `args.processes` children of this command on 127.0.0.1, each
+  with its process id, and prints process 0's output (the others' on error)."""
+  import socket  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  with socket.socket() as sock:
+    sock.bind(('127.0.0.1', 0))
+    port = sock.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  children = [
+    subprocess.Popen(
+      [sys.executable, '-m', 'benchmarks.census', *argv]
+      + ['--process-id', str(i), '--coordinator', f'127.0.0.1:{port}'],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(args.processes)
+  ]
+  outputs = [child.communicate()[0] for child in children]
+  failed = [i for i, child in enumerate(children) if child.returncode]
+  print(outputs[0], end='', flush=True)
+  if failed:
+    for i in failed[failed[0] == 0 :]:
+      print(f'--- process {i}:\n{outputs[i]}', file=sys.stderr)
+    raise SystemExit(f'census: process {failed[0]} of {args.processes} failed')
 
 
 def simulate_devices(count: int) -> None:
@@ -383,10 +429,19 @@ def simulate_devices(count: int) -> None:
 
 
 def main(argv=None) -> dict[str, dict[str, Any]]:
+  argv = list(sys.argv[1:] if argv is None else argv)
   args = parse_args(argv)
-  simulate_devices(args.devices)
+  if args.processes > 1 and args.process_id is None:
+    run_processes(args, argv)
+    return {}
+  simulate_devices(args.devices // args.processes)
   import jax  # pylint: disable=g-import-not-at-top
 
+  if args.processes > 1:
+    from dssn_jax import distributed  # pylint: disable=g-import-not-at-top
+
+    distributed.initialize(args.coordinator, args.processes, args.process_id)
+  report = jax.process_index() == 0
   if jax.device_count() != args.devices:
     raise SystemExit(
       f'census: JAX already runs {jax.device_count()} devices; run it in a fresh process'
@@ -406,6 +461,9 @@ def main(argv=None) -> dict[str, dict[str, Any]]:
     result = census(text, state_keys({'params': state.params, 'stats': state.batch_stats}))
     result.update(devices=args.devices, memory=memory(compiled), backbone=backbone, crop=crop)
     results[method] = result
+    result.update(processes=args.processes)
+    if not report:
+      continue
     if args.json:
       print(JSON_PREFIX + json.dumps(dict(result, method=method)), flush=True)
       continue
@@ -413,7 +471,9 @@ def main(argv=None) -> dict[str, dict[str, Any]]:
     title = (
       f'{method} on {backbone}, crop {crop}, {n}'
       + ('' if method == 'supervised' else f'+{n}')
-      + f' images on {args.devices} devices (jax {jax.__version__})'
+      + f' images on {args.devices} devices'
+      + (f' of {args.processes} processes' if args.processes > 1 else '')
+      + f' (jax {jax.__version__})'
     )
     print(format_report(title, result))
     print(machine_line(method, result), flush=True)

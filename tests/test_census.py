@@ -107,6 +107,20 @@ def test_compiled_step_moves_only_gradients_and_statistics(method):
   assert result['collectives']['all-reduce']['count'] > 0  # the gradients do cross
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('method', sorted(CLEAN))
+def test_two_hosts_compile_the_same_clean_step(method):
+  """The two-host rehearsal (`--processes 2`: 2 processes x 2 devices joined
+  by jax.distributed): the same census, no scatter, nothing sample-carrying."""
+  argv = ['-m', 'benchmarks.census', '--devices', str(DEVICES), '--processes', '2']
+  out = _run(argv + ['--methods', method, '--json'] + CLEAN[method], timeout=900)
+  (line,) = [ln for ln in out.splitlines() if ln.startswith(census.JSON_PREFIX)]
+  result = json.loads(line[len(census.JSON_PREFIX) :])
+  assert result['processes'] == 2 and result['devices'] == DEVICES
+  assert result['ops']['scatter'] == 0, result['ops']
+  assert result['sample'] == [], json.dumps(result['sample'], indent=1)
+
+
 _BATCHNORM_SCRIPT = textwrap.dedent("""
   import json
   import jax, jax.numpy as jnp, numpy as np
