@@ -107,6 +107,7 @@ def test_step_arguments_are_what_step_speed_builds():
   )
 
 
+@pytest.mark.slow
 def test_check_measures_a_tiny_step_evaluation_and_input(tmp_path):
   """The default suite's run of the check: one float32 DSSN step of
   `resnet_tiny`, an evaluation and the input section (no training run, no

@@ -94,7 +94,12 @@ def test_census_counts_and_flags_sample_carrying_operands():
   assert moving['where'] == 'dssn_jax/models/m.py:7' and moving['op_name'] == 'jit(f)/split'
 
 
-@pytest.mark.parametrize('method', sorted(CLEAN))
+# The supervised step is DSSN's labeled branch (its census is a subset of
+# DSSN's): with the slow tests.
+@pytest.mark.parametrize(
+  'method',
+  [pytest.param(m, marks=pytest.mark.slow) if m == 'supervised' else m for m in sorted(CLEAN)],
+)
 def test_compiled_step_moves_only_gradients_and_statistics(method):
   """No scatter and no sample-carrying collective in `method`'s step on
   4 simulated devices."""

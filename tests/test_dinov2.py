@@ -216,6 +216,7 @@ def test_freeze_backbone_no_gradient_no_optimizer_state():
   assert all(not np.any(u) for u in jax.tree.leaves(updates['backbone']))
 
 
+@pytest.mark.slow
 def test_supervised_train_step_runs():
   """The shared train step on a model without batch_stats."""
   config = config_lib.base_config()

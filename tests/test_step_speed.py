@@ -40,6 +40,7 @@ def test_synthetic_batch_matches_design():
   assert set(supervised) == {'x', 'y'}
 
 
+@pytest.mark.slow
 def test_jax_run_prints_table_and_machine_line(capsys):
   rows = step_speed.main(TINY + ['--method', 'supervised', '--steps', '2', '--warmup', '1'])
   out = capsys.readouterr().out.strip().splitlines()

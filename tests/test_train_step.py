@@ -175,6 +175,33 @@ def test_teacher_moves_only_by_ema(model, dssn65):
   assert_ema(s2.teacher_batch_stats, stats, s2.batch_stats, numerics.NETWORK)
 
 
+def test_reference_teacher_bn_and_supervised_warmup_are_phases():
+  """DSSN's programs by step (`Settings.for_step`, what `make_train_step`
+  compiles per phase): the reference teacher BatchNorm uses batch statistics
+  in the first epoch and running ones after; a supervised warm-up's steps
+  run the supervised iteration. (Each program compiled and run: the slow
+  tests below.)"""
+  config = make_config()
+  method = config_lib.resolve(config).method
+  schedule = types.SimpleNamespace(steps_per_epoch=5, warmup_steps=2)
+  assert method.teacher_bn == 'reference' and method.phased
+  assert [method.for_step(t, schedule).teacher_bn for t in (0, 4, 5, 9)] == [
+    'batch',
+    'batch',
+    'running',
+    'running',
+  ]
+  config.train.warmup_terms = 'supervised'
+  method = config_lib.resolve(config).method
+  assert [method.for_step(t, schedule).method for t in (0, 1, 2)] == [
+    'supervised',
+    'supervised',
+    'dssn',
+  ]
+  assert method.labeled_only_steps(schedule) == 2
+
+
+@pytest.mark.slow
 def test_reference_teacher_bn_switches_to_running_after_the_first_epoch(model, mesh):
   """`teacher_bn='reference'`: after epoch 0 the teacher's forwards no longer
   touch its statistics; they change by the EMA alone (the reference's eval())."""
@@ -323,6 +350,7 @@ def test_warmup_terms(model, warmup_terms):
   assert float(total) == pytest.approx(expected, rel=numerics.LAYER)
 
 
+@pytest.mark.slow
 def test_supervised_warmup_runs_the_supervised_program(model, mesh):
   """`warmup_terms='supervised'`: the warm-up steps compile and run the
   supervised iteration on x, y alone (teacher = student); the next step's
@@ -426,7 +454,15 @@ def test_warmup_terms_rejects_unknown():
     config_lib.resolve(config)
 
 
-@pytest.mark.parametrize('method', sorted(METHOD_TERMS))
+# The supervised step is the others' labeled branch, and runs in the grad-accum,
+# warm-up and uint8 tests: slow here.
+@pytest.mark.parametrize(
+  'method',
+  [
+    pytest.param(m, marks=pytest.mark.slow) if m == 'supervised' else m
+    for m in sorted(METHOD_TERMS)
+  ],
+)
 def test_other_methods_step_65(model, mesh, method):
   config = make_config(method)
   config.data.crop_size = 65
