@@ -13,7 +13,8 @@ scenes. Prints a table (labeled count, method, best and last student and
 teacher mIoU, wall time), writes a PNG of validation mIoU against steps
 (`--out/miou.png`) and the first seed's validation scenes as predicted by
 the final supervised and DSSN models side by side (`--out/predictions.png`),
-and ends with one machine-readable line:
+the per-class IoU of both (mean over the seeds, each run at its best
+evaluation), and ends with one machine-readable line:
 
     semi_vs_supervised: labeled=N supervised=X dssn=Y gain=Z
 
@@ -257,6 +258,36 @@ def plot(rows: list[dict], path: str) -> None:
   print(f'plot: {path}')
 
 
+def best_per_class(row: dict) -> dict[str, float]:
+  """Per-class IoU of a run at its best evaluation: supervised's student,
+  DSSN's (and an ablation's) teacher, as the summary's mIoU."""
+  key = 'miou' if row['method'] == 'supervised' else 'miou_teacher'
+  evals = [e for e in row['evals'] if e.get(key) is not None]
+  best = max(evals, key=lambda e: e[key])
+  return best.get('iou_per_class' if key == 'miou' else 'iou_per_class_teacher') or {}
+
+
+def per_class_table(rows: list[dict]) -> str:
+  """Per-class IoU, mean over the seeds, supervised beside DSSN (which
+  digits the unlabeled scenes helped), and the supervised means as the
+  tuple `configs/digits.py` stores for its report (`baseline.iou_per_class`)."""
+  mean = {}
+  for name in ('supervised', 'dssn'):
+    runs = [best_per_class(r) for r in rows if r['name'] == name]
+    classes = list(runs[0]) if runs and runs[0] else []
+    mean[name] = {c: sum(run[c] for run in runs) / len(runs) for c in classes}
+  if not mean['supervised'] or not mean['dssn']:
+    return ''
+  lines = [f'{"class":<12} {"supervised":>10} {"dssn":>6} {"gain":>6}   (IoU %, mean over seeds)']
+  for c, sup in mean['supervised'].items():
+    dssn = mean['dssn'].get(c)
+    gain = '' if dssn is None else f'{dssn - sup:+6.1f}'
+    lines.append(f'{c:<12} {sup:10.1f} {"" if dssn is None else f"{dssn:6.1f}"} {gain}')
+  values = ', '.join(f'{v:.1f}' for v in mean['supervised'].values())
+  lines.append(f'semi_vs_supervised_per_class: supervised=({values})')
+  return '\n'.join(lines)
+
+
 def compare_predictions(rows: list[dict], path: str) -> None:
   """`path`: the first seed's validation scenes as image | ground truth |
   supervised | DSSN teacher, from each run's `predictions.npz` (written by
@@ -341,6 +372,9 @@ def main(argv=None) -> None:
   print_table(rows, aggregated)
   plot(rows, args.plot or os.path.join(args.out, 'miou.png'))
   compare_predictions(rows, os.path.join(args.out, 'predictions.png'))
+  table = per_class_table(rows)
+  if table:
+    print(table)
   by = {(r['name'], r['seed']): r for r in rows}
   gains = [by['dssn', s]['best_teacher'] - by['supervised', s]['best'] for s in args.seeds]
   sup = mean_std([by['supervised', s]['best'] for s in args.seeds])[0]

@@ -276,6 +276,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.baseline.steps = 0  # the schedule it was measured at
   c.baseline.what = ''  # e.g. 'supervised, same labels'
   c.baseline.command = ''  # reproduces it
+  # Its per-class IoU (percent, in class order), printed beside the run's.
+  c.baseline.iou_per_class = ()
   return c
 
 

@@ -617,7 +617,7 @@ def _report(config, workdir: str, history, clock: RunClock, step: int, start: in
         for k in ('miou', 'best', 'miou_teacher', 'best_teacher')
       )
     )
-    for line in per_class_lines(history):
+    for line in per_class_lines(history) + baseline_per_class_lines(config, history):
       _log(line)
     line = baseline_line(config, summary)
     if line:
@@ -658,6 +658,23 @@ def per_class_lines(history: list[dict[str, Any]]) -> list[str]:
     text = ' '.join('..' if v is None else f'{k}={v:.1f}' for k, v in pairs)
     lines.append(f'{head}): {text}')
   return lines
+
+
+def baseline_per_class_lines(config: ml_collections.ConfigDict, history) -> list[str]:
+  """`config.baseline.iou_per_class` as one more per-class line, in the
+  classes' order (the names of the run's evaluations), when it has one
+  value per class: `iou supervised (baseline, mean of 3 seeds): ...`."""
+  values = tuple(config.baseline.iou_per_class or ())
+  names = next(
+    (list(r['iou_per_class_teacher']) for r in history if r.get('iou_per_class_teacher')), []
+  )
+  if not values or len(values) != len(names) or len(names) > _PER_CLASS_ALL:
+    return []
+  b = config.baseline
+  what = b.what.split(' on ')[0] if b.what else 'baseline'
+  seeds = f', mean of {b.seeds} seeds' if b.seeds else ''
+  text = ' '.join(f'{str(n).replace(" ", "_")}={v:.1f}' for n, v in zip(names, values))
+  return [f'iou {what} (baseline{seeds}): {text}']
 
 
 def baseline_line(config: ml_collections.ConfigDict, summary: dict[str, Any]) -> str:

@@ -121,7 +121,9 @@ def check_predictions_and_report(config, workdir, lines):
   assert lines[final + 2].startswith('iou student (step 2, best teacher): ')
   if config.data.name == 'digits':
     assert 'background=' in lines[final + 1] and 'digit_9=' in lines[final + 1]
-    assert lines[final + 3].startswith('compare: ')
+    # The stored baseline's per-class line (configs/digits.py), then `compare:`.
+    assert lines[final + 3].startswith('iou supervised (baseline, mean of ')
+    assert lines[final + 4].startswith('compare: ')
 
 
 def _sigterm_when(workdir, step):

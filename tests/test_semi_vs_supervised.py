@@ -46,9 +46,16 @@ def fake_run(name, method, overrides, seed, args):
   workdir = os.path.join(getattr(args, 'out', ''), f'seed{seed}', name)
   if hasattr(args, 'out'):
     fake_predictions(workdir, seed)
+  per_class = {'background': 90.0, 'digit_0': best}
   evals = [
     dict(step=100, miou=best - 5, miou_teacher=best - 4),
-    dict(step=200, miou=best, miou_teacher=best),
+    dict(
+      step=200,
+      miou=best,
+      miou_teacher=best,
+      iou_per_class=per_class,
+      iou_per_class_teacher=per_class,
+    ),
   ]
   return dict(
     name=name,
@@ -104,6 +111,10 @@ def test_main_reports_means_over_seeds(seeds, tmp_path, monkeypatch, capsys):
 
   grid = Image.open(out / 'predictions.png')
   assert grid.size[0] == 4 + 4 * (96 + 4) and grid.size[1] > 2 * 96
+  # Per-class IoU at each run's best evaluation, supervised beside DSSN.
+  assert any(line.startswith('digit_0') and f'{want_sup:.1f}' in line for line in lines)
+  per_class = next(ln for ln in lines if ln.startswith('semi_vs_supervised_per_class: '))
+  assert per_class == f'semi_vs_supervised_per_class: supervised=(90.0, {want_sup:.1f})'
   if len(ids) > 1:
     assert lines[-2] == (
       'per-seed gains: seed0=6.00 seed1=5.00 seed2=7.00 (mean 6.00 +- 1.00, min 5.00)'

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dssn_jax import train, visualize
+from dssn_jax.testing.configs import load_config
 
 PALETTE = np.array(
   [[0, 0, 0], [200, 30, 30], [30, 200, 30], [30, 30, 200], [200, 200, 30]], np.uint8
@@ -116,3 +117,19 @@ def test_per_class_lines_of_many_classes_name_the_ends():
 
 # A run writing DIR/predictions.png and the per-class lines: every config's
 # two-step run in test_main.py checks both.
+
+
+def test_the_baseline_per_class_line_follows_the_run_s_classes():
+  """`config.baseline.iou_per_class` printed beside the run's lines, named
+  by the run's classes; nothing when the counts differ or none is stored."""
+  config = load_config('digits')
+  config.baseline.iou_per_class = (90.0, 3.25)
+  config.baseline.what, config.baseline.seeds = 'supervised on the same scenes', 3
+  history = [_record(1, 10.0, 9.0, {'background': 80.0, 'digit 0': 1.0})]
+  assert train.baseline_per_class_lines(config, history) == [
+    'iou supervised (baseline, mean of 3 seeds): background=90.0 digit_0=3.2'
+  ]
+  config.baseline.iou_per_class = (90.0,)
+  assert train.baseline_per_class_lines(config, history) == []
+  config.baseline.iou_per_class = ()
+  assert train.baseline_per_class_lines(config, history) == []
