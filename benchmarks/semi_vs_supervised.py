@@ -288,6 +288,20 @@ def per_class_table(rows: list[dict]) -> str:
   return '\n'.join(lines)
 
 
+def predictions_from_checkpoint(workdir: str) -> None:
+  """`workdir/predictions.npz` from its newest checkpoint, as the training
+  loop writes it at the end of a run (`Evaluator.predict` on the first
+  `train.prediction_grid` validation scenes)."""
+  from dssn_jax import checkpoint, evaluate, models  # pylint: disable=g-import-not-at-top
+
+  config, variables, _ = checkpoint.restore_for_eval(workdir, 'latest')
+  evaluator = evaluate.Evaluator(models.model_from_config(config), config)
+  images, labels, preds = evaluator.predict(variables, int(config.train.prediction_grid))
+  arrays = {'images': np.stack(images), 'labels': np.stack(labels).astype(np.int32)}
+  arrays.update({k: np.stack(v).astype(np.int32) for k, v in preds.items()})
+  np.savez_compressed(os.path.join(workdir, 'predictions.npz'), **arrays)
+
+
 def compare_predictions(rows: list[dict], path: str) -> None:
   """`path`: the first seed's validation scenes as image | ground truth |
   supervised | DSSN teacher, from each run's `predictions.npz` (written by
@@ -298,6 +312,9 @@ def compare_predictions(rows: list[dict], path: str) -> None:
   seed = rows[0]['seed']
   by = {r['name']: r for r in rows if r['seed'] == seed}
   files = {name: os.path.join(by[name]['workdir'], 'predictions.npz') for name in by}
+  for name, f in files.items():  # runs from before the loop wrote the file
+    if not os.path.exists(f) and os.path.isdir(os.path.join(by[name]['workdir'], 'checkpoints')):
+      predictions_from_checkpoint(by[name]['workdir'])
   missing = [f for f in files.values() if not os.path.exists(f)]
   if missing:
     print(f'predictions: not drawn, no {", ".join(missing)} (config.train.prediction_grid=0?)')
