@@ -112,13 +112,14 @@ def check_predictions_and_report(config, workdir, lines):
     assert im.mode == 'RGB'
   cell, pad = 96, visualize._PAD
   assert width == pad + 4 * (cell + pad)
-  assert rows * (cell + pad) < height < rows * (cell + pad) + 100  # titles, legend
+  assert rows * (cell + pad) < height < rows * (cell + pad) + 300  # titles, legend lines
   with np.load(os.path.join(workdir, 'predictions.npz')) as arrays:
     assert arrays['images'].dtype == np.uint8 and len(arrays['images']) == rows
     assert arrays['teacher'].shape == arrays['student'].shape == arrays['labels'].shape
   final = next(i for i, line in enumerate(lines) if line.startswith('final: '))
-  assert lines[final + 1].startswith('iou teacher (step 2, best teacher): ')
-  assert lines[final + 2].startswith('iou student (step 2, best teacher): ')
+  # (Over 20 classes the header names the lowest and highest few.)
+  assert lines[final + 1].startswith('iou teacher (step 2, best teacher')
+  assert lines[final + 2].startswith('iou student (step 2, best teacher')
   if config.data.name == 'digits':
     assert 'background=' in lines[final + 1] and 'digit_9=' in lines[final + 1]
     # The stored baseline's per-class line (configs/digits.py), then `compare:`.
