@@ -78,3 +78,21 @@ def _original_xla_flags(monkeypatch):
     monkeypatch.delenv('XLA_FLAGS', raising=False)
   else:
     monkeypatch.setenv('XLA_FLAGS', _XLA_FLAGS)
+
+
+# The files whose tests compile the largest programs (a minute each on a
+# 2-core CPU) run first: pytest-xdist's workers then share the many short
+# tests at the end instead of one worker finishing a long test alone.
+_HEAVY_FIRST = (
+  'test_main.py',
+  'test_dinov3_train.py',
+  'test_census.py',
+  'test_mixed_precision.py',
+  'test_dinov2_parity.py',
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = {name: i for i, name in enumerate(_HEAVY_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable
