@@ -5,6 +5,7 @@ r"""Speed of one training iteration: compile time, step time, memory, FLOP/s.
         --dtype bfloat16 --peak-tflops 989        # H100 SXM dense bf16 peak
     python benchmarks/step_speed.py --compare-remat     # with and without remat
     python benchmarks/step_speed.py --torch             # also the PyTorch step
+    python benchmarks/step_speed.py --against ../old_checkout --rounds 2   # this code vs another
     python benchmarks/step_speed.py --backbone dinov2_small --crop 98 --method unimatch_v2 --torch
     python benchmarks/step_speed.py --backbone dinov2_small --crop 126 --method supervised
     python benchmarks/step_speed.py --backbone dinov3_small --crop 96 --method unimatch_v2 --torch
@@ -51,6 +52,10 @@ in its own process so the device's peak memory belongs to one program. (On
 XLA:CPU remat saves nothing: the CPU compiler drops the optimization
 barriers and common-subexpression elimination merges the recomputation back
 into the forward pass; compare on a GPU or TPU.)
+`--against CHECKOUT` times the same step from another checkout of dssn_jax
+(say a `git worktree` of the commit before a change): `--rounds` processes
+per checkout, alternating this one and that one, so that both see the
+machine's load of the same minutes; one table row per process.
 `--torch` also times the same iteration written in plain PyTorch, float32
 or bf16 autocast, on the CPU or the first CUDA device, one JAX step and one
 PyTorch step in turn (so both see the same background load), and prints
@@ -104,6 +109,7 @@ from dssn_jax.train import initial_variables
 
 METHODS = methods.names()  # the method registry
 JSON_PREFIX = 'step_speed_json: '
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -160,8 +166,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     default=0,
     help='torch CPU threads (0: every CPU this process may use)',
   )
+  p.add_argument(
+    '--against',
+    default=None,
+    metavar='CHECKOUT',
+    help='also time the same step from another checkout of dssn_jax (a git worktree), '
+    'alternating processes with this one',
+  )
+  p.add_argument('--rounds', type=int, default=2, help='--against: processes per checkout')
   p.add_argument('--json', action='store_true', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  if args.against and not os.path.isfile(os.path.join(args.against, 'benchmarks', 'step_speed.py')):
+    p.error(f'--against {args.against!r}: no benchmarks/step_speed.py there')
+  if args.against and (args.compare_remat or args.torch or args.torch_only or args.rounds < 1):
+    p.error('--against times one setting per checkout: leave out --compare-remat and --torch')
   for name in ('crop', 'batch', 'steps', 'num_classes'):
     if getattr(args, name) < 1:
       p.error(f'--{name.replace("_", "-")}={getattr(args, name)} must be positive')
@@ -699,12 +717,19 @@ def machine_line(r: dict[str, Any]) -> str:
   )
 
 
-def _child(args: argparse.Namespace, remat: bool) -> dict[str, Any]:
-  """Runs one jax measurement in a fresh process and returns its row."""
+def _child(args: argparse.Namespace, remat: bool, checkout: str | None = None) -> dict[str, Any]:
+  """Runs one jax measurement in a fresh process and returns its row;
+  `checkout`: with that checkout's step_speed.py and dssn_jax."""
+  script = os.path.abspath(__file__)
+  env = None
+  if checkout:
+    script = os.path.join(os.path.abspath(checkout), 'benchmarks', 'step_speed.py')
+    path = os.pathsep.join([os.path.abspath(checkout), os.environ.get('PYTHONPATH', '')])
+    env = dict(os.environ, PYTHONPATH=path.rstrip(os.pathsep))
   argv = (
     [
       sys.executable,
-      os.path.abspath(__file__),
+      script,
       '--json',
       '--backbone',
       args.backbone,
@@ -725,8 +750,9 @@ def _child(args: argparse.Namespace, remat: bool) -> dict[str, Any]:
     ]
     + (['--remat'] if remat else [])
     + (['--freeze-backbone'] if args.freeze_backbone else [])
+    + (['--attention', args.attention] if args.attention != 'xla' else [])
   )
-  proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+  proc = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
   rows = [
     json.loads(line[len(JSON_PREFIX) :])
     for line in proc.stdout.splitlines()
@@ -792,7 +818,13 @@ def main(argv=None) -> list[dict[str, Any]]:
     return rows
   load_before = os.getloadavg()
   rows, steps = [], []
-  if args.compare_remat and not args.torch_only:
+  if args.against:  # one process per checkout and round, alternating
+    for r in range(args.rounds):
+      for checkout in (None, args.against):
+        row = _child(args, args.remat, checkout)
+        row['impl'] = f'jax {os.path.basename(os.path.abspath(checkout or _REPO))} #{r + 1}'
+        rows.append(row)
+  elif args.compare_remat and not args.torch_only:
     rows += [_child(args, False), _child(args, True)]
   elif not args.torch_only:
     steps.append(prepare_jax(args, args.remat))

@@ -183,3 +183,27 @@ def test_levers_build_each_setting(monkeypatch, capsys):
   assert all(r['median_s'] is None for r in rows)
   assert out.count('step_speed_mem: backbone=dinov2_tiny') == 5
   assert 'xla_mem_gib=2.000' in out and 'xla_mem_gib=5.000' in out
+
+
+def test_against_alternates_the_two_checkouts(monkeypatch, capsys, tmp_path):
+  """`--against`: one child process per checkout and round, this checkout
+  first, each row named by its checkout (the children are stubbed here)."""
+  other = tmp_path / 'old'
+  (other / 'benchmarks').mkdir(parents=True)
+  (other / 'benchmarks' / 'step_speed.py').write_text('')
+  calls = []
+
+  def fake_child(args, remat, checkout=None):
+    calls.append(checkout)
+    info = step_speed._base_info(args, 'jax', remat, 1, 'cpu:fake')
+    info.update(compile_s=1.0, median_s=0.5, min_s=0.4, cpu_s=0.5, images_per_s=8.0)
+    return dict(info, flops_per_s=None, loss=1.0)
+
+  monkeypatch.setattr(step_speed, '_child', fake_child)
+  rows = step_speed.main(TINY + ['--against', str(other), '--rounds', '2'])
+  assert calls == [None, str(other), None, str(other)]
+  assert [r['impl'].split()[-1] for r in rows] == ['#1', '#1', '#2', '#2']
+  assert rows[1]['impl'].startswith('jax old ')
+  with pytest.raises(SystemExit):
+    step_speed.main(TINY + ['--against', str(tmp_path / 'nowhere')])
+  capsys.readouterr()
