@@ -386,7 +386,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
     ema_decay=config.train.ema_decay,
     poly_power=config.train.poly_power,
   )
-  if config.train.step_precompile:
+  if config.train.step_precompile and settings.method.phased:
     for step in later_phases(start, data.labeled_only_steps, schedule):
       step_fn.precompile(state, data.batch_spec(), jax.random.fold_in(train_rng, 0), step=step)
   evaluator = evaluate.Evaluator(model, config, mesh)
