@@ -24,6 +24,10 @@ NUM_CLASSES = 4
 STEPS = 3
 # Code generation without LLVM optimizations: same HLO, same numbers, faster compile.
 COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}
+# Two compiles of the DSSN step (a minute and more on a 2-core CPU): with the
+# slow tests. Every run's suite keeps the model-level bfloat16 forward
+# (test_models.py) and the preset's configs (test_attention.py).
+pytestmark = pytest.mark.slow
 
 
 def fixed_batch(batch=2, seed=0):

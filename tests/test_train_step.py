@@ -282,6 +282,7 @@ METHOD_TERMS = {
 }
 
 
+@pytest.mark.slow
 def test_strong_view_bn_stats_flag(model):
   """False: the student's running BN statistics are those of the clean
   forward on (x, u_w) alone (interleaved, as the step runs it); True
@@ -454,12 +455,13 @@ def test_warmup_terms_rejects_unknown():
     config_lib.resolve(config)
 
 
-# The supervised step is the others' labeled branch, and runs in the grad-accum,
-# warm-up and uint8 tests: slow here.
+# The supervised step is the others' labeled branch (it runs in the
+# grad-accum tests) and FixMatch is UniMatch without its second strong view
+# and feature perturbation: both slow here.
 @pytest.mark.parametrize(
   'method',
   [
-    pytest.param(m, marks=pytest.mark.slow) if m == 'supervised' else m
+    pytest.param(m, marks=pytest.mark.slow) if m in ('supervised', 'fixmatch') else m
     for m in sorted(METHOD_TERMS)
   ],
 )
@@ -753,21 +755,25 @@ def test_later_phases_compile_in_the_background_from_the_start():
   )
 
 
-def test_uint8_labels_give_the_int32_step():
-  """The pipeline sends label maps as uint8; the step widens them, so its
-  metrics equal those of the same batch with int32 labels."""
+def test_uint8_labels_are_widened_at_the_step_s_entry():
+  """The pipeline sends label maps as uint8; the step widens them to int32
+  before any method reads them (traced only: the jaxpr's first ops), so it
+  computes what the int32 batch computes."""
   config = make_config()
   config.method = 'supervised'
   settings = config_lib.resolve(config)
   schedule = make_schedule(config, warmup_steps=0)
   model = models.create_model('resnet_tiny', NUM_CLASSES)
   tx = optax.sgd(0.1)
-  state = ts.create_train_state(model, tx, jax.random.key(0, impl='rbg'), 17)
+  state = jax.eval_shape(lambda: ts.create_train_state(model, tx, jax.random.key(0), 17))
   batch = make_batch(17, batch=2, supervised=True)
-  step = jax.jit(
-    lambda st, b: ts.train_step(
-      st, b, jax.random.key(1), model=model, tx=tx, settings=settings, schedule=schedule
-    )[1]
-  )
   small = {**batch, 'y': np.asarray(batch['y'], np.uint8)}
-  assert jax.device_get(step(state, small)) == jax.device_get(step(state, batch))
+  step = lambda st, b: ts.train_step(
+    st, b, jax.random.key(1), model=model, tx=tx, settings=settings, schedule=schedule
+  )
+  jaxpr = jax.make_jaxpr(step)(state, small)
+  y = jaxpr.jaxpr.invars[-1]  # the batch's last leaf: 'y' (sorted keys x, y)
+  assert y.aval.dtype == jnp.uint8
+  (first,) = [e for e in jaxpr.jaxpr.eqns if y in e.invars][:1]
+  assert first.primitive.name == 'convert_element_type' and first.outvars[0].aval.dtype == jnp.int32
+  assert jax.eval_shape(step, state, small) == jax.eval_shape(step, state, batch)
