@@ -516,6 +516,8 @@ def _train_loop(run: _Run, bar, clock: RunClock) -> tuple[int, bool]:
       data.close()
       run.writer.close()
 
+  sizer = _WorkerSizer(data)
+  compiled = False  # a compile in the current log window
   step = run.start
   with _Preemption() as preemption:
     while step < schedule.total_steps:
@@ -531,6 +533,7 @@ def _train_loop(run: _Run, bar, clock: RunClock) -> tuple[int, bool]:
       if compiles:  # the one sync outside log steps: compile time, for the breakdown
         jax.block_until_ready(metrics)
         clock.lap('compile')
+        compiled = True
       step += 1
       window.pending.append(metrics)
       bar.update(1)
@@ -546,6 +549,9 @@ def _train_loop(run: _Run, bar, clock: RunClock) -> tuple[int, bool]:
         except NonFiniteError:
           shutdown()
           raise
+        clock.lap('steps')
+        sizer.observe(step, clock.seconds['steps'], compiled)
+        compiled = False
       clock.lap('steps')
       eval_record = _run_eval(run, step) if eval_now else None
       clock.lap('eval')
@@ -570,6 +576,36 @@ def _save(run: _Run, step: int, eval_record: dict[str, Any] | None) -> None:
     metrics = {ckpt_lib.BEST_METRIC: float(eval_record['miou_teacher'])}
   run.checkpointer.save(step, run.state, run.train_rng, metrics=metrics)
   run.writer.flush()
+
+
+class _WorkerSizer:
+  """`data.workers=-1`: the run starts with the workers for a step of
+  `data.workers_step_s`; at the end of the first log window that runs the
+  last phase's step without compiling, it sizes them for the measured step
+  time (the loop's `steps` seconds per step: device time, not input waits)
+  and, if the count differs, restarts the pipeline at its position with it
+  (the same batches: `pipeline.PositionedIterator`). Once per process."""
+
+  def __init__(self, data):
+    self.data = data
+    self.done = data.workers_for_step(1.0) is None  # a count set by the config
+    self.mark: tuple[int, float] | None = None
+
+  def observe(self, step: int, steps_seconds: float, compiled: bool) -> None:
+    if self.done:
+      return
+    if compiled or step <= self.data.labeled_only_steps or self.mark is None:
+      self.mark = (step, steps_seconds)
+      return
+    step_s = (steps_seconds - self.mark[1]) / max(step - self.mark[0], 1)
+    self.done = True
+    workers = self.data.workers_for_step(step_s)
+    if workers != self.data.workers:
+      _log(
+        f'input workers per host: {self.data.workers} -> {workers} '
+        f'for the measured {1000 * step_s:.0f} ms step'
+      )
+      self.data.resize_workers(workers)
 
 
 class _LogWindow:

@@ -182,6 +182,21 @@ def test_worker_processes_match_in_process_and_resume(voc):
     data.close()
   for got, want in zip(first + rest + again, reference + reference[2:]):
     _assert_same(got, want)
+  assert state == {'train': {'position': 2}}  # the same whatever the worker count
+  # The position written with 2 workers restores in-process, and a run's
+  # worker count can change between batches: the same batches either way.
+  config.data.workers = 0
+  data = train_data(config, seed=2, process_index=0, process_count=1)
+  try:
+    data.set_state(state)
+    after = _batches(data, 1)
+    data.resize_workers(1)
+    after += _batches(data, 1)
+    assert data.workers == 1 and data.get_state() == {'train': {'position': 4}}
+  finally:
+    data.close()
+  for got, want in zip(after, reference[2:]):
+    _assert_same(got, want)
 
 
 def test_bad_train_configs(voc):

@@ -777,3 +777,37 @@ def test_uint8_labels_are_widened_at_the_step_s_entry():
   (first,) = [e for e in jaxpr.jaxpr.eqns if y in e.invars][:1]
   assert first.primitive.name == 'convert_element_type' and first.outvars[0].aval.dtype == jnp.int32
   assert jax.eval_shape(step, state, small) == jax.eval_shape(step, state, batch)
+
+
+def test_input_workers_follow_the_measured_step_time():
+  """`data.workers=-1`: the first log window of the last phase that compiled
+  nothing sizes the input workers for its measured step time, once."""
+
+  class Data:
+    def __init__(self, auto=True):
+      self.labeled_only_steps, self.workers, self.resized, self.auto = 10, 1, [], auto
+
+    def workers_for_step(self, step_s):
+      if not self.auto:  # `data.workers=N` in the config
+        return None
+      return 4 if step_s < 0.05 else 1
+
+    def resize_workers(self, n):
+      self.resized.append(n)
+      self.workers = n
+
+  data = Data()
+  sizer = train._WorkerSizer(data)
+  sizer.observe(5, 10.0, compiled=True)  # warm-up, compiling
+  sizer.observe(10, 10.5, compiled=False)  # still the warm-up: a mark
+  sizer.observe(20, 20.0, compiled=True)  # the full step compiled: a new mark
+  assert data.resized == []
+  sizer.observe(30, 20.3, compiled=False)  # 0.03 s a step: 4 workers
+  assert data.resized == [4] and data.workers == 4
+  sizer.observe(40, 30.0, compiled=False)  # once only
+  assert data.resized == [4]
+  fixed = Data(auto=False)
+  sizer = train._WorkerSizer(fixed)
+  for step in (20, 30, 40):
+    sizer.observe(step, 0.1 * step, compiled=False)
+  assert fixed.resized == []

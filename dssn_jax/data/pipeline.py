@@ -210,14 +210,20 @@ def input_cpu_s_per_step(
 
 
 def auto_workers(
-  config: ml_collections.ConfigDict, local_batch: int, cores: int, unlabeled: bool = True
+  config: ml_collections.ConfigDict,
+  local_batch: int,
+  cores: int,
+  unlabeled: bool = True,
+  step_s: float | None = None,
 ) -> int:
   """Worker processes for `config.data.workers = -1`: enough to feed a step of
-  `config.data.workers_step_s` seconds, at most `cores - 1` (the main
-  process needs one), at least 1. A run that still waits for input shows it
-  in metrics.jsonl (`input_wait_frac`)."""
+  `step_s` seconds (default `config.data.workers_step_s`: the guess a run
+  starts with, until it has measured its step), at most `cores - 1` (the
+  main process needs one), at least 1. A run that still waits for input
+  shows it in metrics.jsonl (`input_wait_frac`)."""
   cost = input_cpu_s_per_step(config, local_batch, unlabeled)
-  need = math.ceil(cost / float(config.data.workers_step_s))
+  step_s = float(config.data.workers_step_s if step_s is None else step_s)
+  need = math.ceil(cost / max(step_s, 1e-3))
   return max(1, min(cores - 1, need))
 
 
@@ -370,8 +376,9 @@ class TrainData:
     # Host p of n takes chunks p, p + n, ...: its slice of every global batch.
     ds = ds.batch(self.local_batch_size, drop_remainder=True)
     ds = ds[process_index::process_count]
-    self._dataset = self._read_ahead(ds, config, num_threads)
-    self._iterator = iter(self._dataset)
+    self._batches, self._config, self._num_threads = ds, config, num_threads
+    self._workers = int(config.data.workers)  # -1: auto (`_read_ahead`)
+    self._iterator = PositionedIterator(self._from_position)
 
   def _streams(self, config, seed: int, mix_partner: str) -> tuple[list, int]:
     """The record streams (labeled views, then the unlabeled ones unless
@@ -415,10 +422,33 @@ class TrainData:
       )
     return streams, epoch
 
+  def _from_position(self, position: int):
+    """An iterator over this host's batches from batch `position` on."""
+    return iter(self._read_ahead(self._batches[position:], self._config, self._num_threads))
+
+  def workers_for_step(self, step_s: float) -> int | None:
+    """The worker count `data.workers=-1` gives a step of `step_s` seconds
+    (`auto_workers`); None when the config sets the count itself."""
+    if int(self._config.data.workers) != -1:
+      return None
+    return auto_workers(
+      self._config,
+      self.local_batch_size,
+      available_cores(),
+      unlabeled=not self.supervised,
+      step_s=step_s,
+    )
+
+  def resize_workers(self, workers: int) -> None:
+    """Continues from the current batch with `workers` worker processes
+    (the same batches: each depends only on its position)."""
+    self._workers = int(workers)
+    self._iterator.restart()
+
   def _read_ahead(self, ds, config, num_threads: int | None):
     """`ds` read ahead by threads, and by worker processes (`self.workers`)."""
     data = config.data
-    workers = int(data.workers)
+    workers = self._workers
     if workers == -1:
       workers = auto_workers(
         config, self.local_batch_size, available_cores(), unlabeled=not self.supervised
@@ -496,9 +526,60 @@ class TrainData:
 
   def close(self) -> None:
     """Stops the worker processes."""
-    close = getattr(self._iterator, 'close', None)
+    self._iterator.close()
+
+
+class PositionedIterator(grain.DatasetIterator):
+  """A host's batch stream whose checkpointed state is its position (batches
+  taken so far), not grain's per-worker state: every batch is a function of
+  its position, so a run resumes with any number of input workers, and the
+  count can change within a run (`restart`).
+
+  Args:
+    build: `position -> iterator` over the batches from `position` on.
+  """
+
+  def __init__(self, build):
+    super().__init__()
+    self._build = build
+    self._position = 0
+    self._inner = build(0)
+
+  def __next__(self):
+    batch = next(self._inner)
+    if self._position is not None:
+      self._position += 1
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    if self._position is None:  # restored from grain's own state (below)
+      return self._inner.get_state()
+    return {'position': self._position}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    if 'position' not in state:
+      # A checkpoint of an earlier dssn_jax: grain's state, which restores
+      # only with the worker count that wrote it.
+      self._inner.set_state(state)
+      self._position = None
+      return
+    self._position = int(state['position'])
+    self.restart()
+
+  def restart(self) -> None:
+    """Rebuilds the pipeline at the current position (new workers)."""
+    if self._position is None:
+      raise ValueError('the input position of this run is grain state: it cannot restart')
+    self._close_inner()
+    self._inner = self._build(self._position)
+
+  def _close_inner(self) -> None:
+    close = getattr(self._inner, 'close', None)
     if close is not None:
       close()
+
+  def close(self) -> None:
+    self._close_inner()
 
 
 # ----------------------------------------------------------------------------
