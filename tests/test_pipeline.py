@@ -255,3 +255,24 @@ def test_auto_workers_feed_the_target_step_within_the_cores():
   config.data.workers = -2
   with pytest.raises(ValueError, match='config.data.workers=-2'):
     pipeline._check_train_config(config)
+
+
+def test_a_checkpoint_of_grain_state_still_restores(voc):
+  """Checkpoints written before the position state hold grain's iterator
+  state: it restores (with the worker count that wrote it) and is kept."""
+  config = _config(voc)
+  data = train_data(config, seed=3, process_index=0, process_count=1)
+  try:
+    _batches(data, 2)
+    old = {'train': data._iterator._inner.get_state()}  # what such a checkpoint holds
+    want = _batches(data, 1)
+  finally:
+    data.close()
+  assert 'position' not in old['train']
+  data = train_data(config, seed=3, process_index=0, process_count=1)
+  try:
+    data.set_state(old)
+    _assert_same(_batches(data, 1)[0], want[0])
+    assert 'position' not in data.get_state()['train']
+  finally:
+    data.close()
