@@ -292,14 +292,14 @@ def predictions_from_checkpoint(workdir: str) -> None:
   """`workdir/predictions.npz` from its newest checkpoint, as the training
   loop writes it at the end of a run (`Evaluator.predict` on the first
   `train.prediction_grid` validation scenes)."""
-  from dssn_jax import checkpoint, evaluate, models  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from dssn_jax import checkpoint, evaluate, models, visualize
 
   config, variables, _ = checkpoint.restore_for_eval(workdir, 'latest')
   evaluator = evaluate.Evaluator(models.model_from_config(config), config)
-  images, labels, preds = evaluator.predict(variables, int(config.train.prediction_grid))
-  arrays = {'images': np.stack(images), 'labels': np.stack(labels).astype(np.int32)}
-  arrays.update({k: np.stack(v).astype(np.int32) for k, v in preds.items()})
-  np.savez_compressed(os.path.join(workdir, 'predictions.npz'), **arrays)
+  predictions = evaluator.predict(variables, int(config.train.prediction_grid))
+  with open(os.path.join(workdir, 'predictions.npz'), 'wb') as f:
+    f.write(visualize.predictions_npz(*predictions))
 
 
 def compare_predictions(rows: list[dict], path: str) -> None:

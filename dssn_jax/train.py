@@ -332,7 +332,8 @@ class _Run:
   writer: Any
   history: list
   start: int
-  grid: tuple[int, np.ndarray] | None = None  # (step, prediction grid) of the last evaluation
+  # (step, (images, labels, class maps), grid) of the last evaluation's prediction grid
+  grid: tuple[int, tuple, np.ndarray] | None = None
 
 
 def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
@@ -450,8 +451,9 @@ def _run_eval(run: _Run, step: int) -> dict[str, Any]:
   run.writer.write(record)
   run.history.append(record)
   if run.writer.takes_images and run.config.train.prediction_grid > 0:
-    run.grid = step, _prediction_grid(run)
-    run.writer.image('eval/predictions', run.grid[1], step)
+    predictions = _predictions(run)
+    run.grid = step, predictions, _prediction_grid(run, predictions)
+    run.writer.image('eval/predictions', run.grid[2], step)
   _log(
     f'step {step}: mIoU student {_format_percent(record["miou"])} '
     f'teacher {_format_percent(record["miou_teacher"])}'
@@ -469,10 +471,10 @@ def _predictions(run: _Run) -> tuple[list, list, dict[str, list]]:
   return images, labels, {k: preds[k] for k in ('teacher', 'student') if k in preds}
 
 
-def _prediction_grid(run: _Run, predictions=None) -> np.ndarray:
+def _prediction_grid(run: _Run, predictions) -> np.ndarray:
   """The grid of `_predictions(run)` (`visualize.prediction_grid`)."""
   config = run.config
-  images, labels, preds = predictions or _predictions(run)
+  images, labels, preds = predictions
   return visualize.prediction_grid(
     images,
     labels,
@@ -488,17 +490,13 @@ def _write_prediction_grid(run: _Run, workdir: str, step: int) -> None:
   last evaluation when it was of this step)."""
   if jax.process_index() != 0 or run.config.train.prediction_grid <= 0:
     return
-  images, labels, preds = predictions = _predictions(run)
-  grid = run.grid[1] if run.grid is not None and run.grid[0] == step else None
-  if grid is None:
+  if run.grid is not None and run.grid[0] == step:
+    _, predictions, grid = run.grid
+  else:
+    predictions = _predictions(run)
     grid = _prediction_grid(run, predictions)
   (epath.Path(workdir) / 'predictions.png').write_bytes(visualize.png_bytes(grid))
-  # The same scenes and class maps as arrays, for side-by-side pictures of
-  # several runs (benchmarks/semi_vs_supervised.py).
-  arrays = {'images': np.stack(images), 'labels': np.stack(labels).astype(np.int32)}
-  arrays.update({k: np.stack(v).astype(np.int32) for k, v in preds.items()})
-  with (epath.Path(workdir) / 'predictions.npz').open('wb') as f:
-    np.savez_compressed(f, **arrays)
+  (epath.Path(workdir) / 'predictions.npz').write_bytes(visualize.predictions_npz(*predictions))
 
 
 def _train_loop(run: _Run, bar, clock: RunClock) -> tuple[int, bool]:

@@ -147,6 +147,19 @@ def prediction_grid(
   return np.asarray(canvas)
 
 
+def predictions_npz(
+  images: Sequence[np.ndarray], labels: Sequence[np.ndarray], predictions: Mapping[str, Sequence]
+) -> bytes:
+  """The grid's inputs as `.npz` bytes: `images` uint8 `(N, H, W, 3)`,
+  `labels` and one int32 `(N, H, W)` array per model (`DIR/predictions.npz`,
+  which benchmarks/semi_vs_supervised.py draws side by side across runs)."""
+  arrays = {'images': np.stack(images), 'labels': np.stack(labels).astype(np.int32)}
+  arrays.update({k: np.stack(v).astype(np.int32) for k, v in predictions.items()})
+  buf = io.BytesIO()
+  np.savez_compressed(buf, **arrays)
+  return buf.getvalue()
+
+
 def png_bytes(grid: np.ndarray) -> bytes:
   """The grid as PNG bytes (optimized)."""
   buf = io.BytesIO()
