@@ -712,7 +712,8 @@ def baseline_per_class_lines(config: ml_collections.ConfigDict, history) -> list
 
 
 def baseline_line(config: ml_collections.ConfigDict, summary: dict[str, Any]) -> str:
-  """One line: the teacher's best mIoU next to `config.baseline`, if set."""
+  """One line: the teacher's best mIoU next to `config.baseline`, if set,
+  and how many points above (or below) it the teacher ended."""
   b = config.baseline
   if b.miou is None or summary.get('best_teacher') is None:
     return ''
@@ -720,9 +721,10 @@ def baseline_line(config: ml_collections.ConfigDict, summary: dict[str, Any]) ->
   where = f'mean of {b.seeds} seeds, {b.steps} steps' if b.seeds else f'{b.steps} steps'
   if int(config.train.steps or 0) != int(b.steps):
     where += f', not this run\'s {config.train.steps}'
+  gain = summary['best_teacher'] - b.miou
   return (
     f'compare: best_teacher={_format_percent(summary["best_teacher"])} with {b.what} '
-    f'{b.miou:.2f}{spread} ({where}: {b.command})'
+    f'{b.miou:.2f}{spread}: {gain:+.2f} points ({where}: {b.command})'
   )
 
 

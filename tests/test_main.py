@@ -207,7 +207,9 @@ def test_baseline_line_names_the_baseline_and_its_schedule():
   config.baseline.steps, config.baseline.what = int(config.train.steps), 'supervised'
   config.baseline.command = 'python benchmarks/semi_vs_supervised.py --seeds 0,1,2'
   line = train.baseline_line(config, {'best_teacher': 27.125})
-  assert line.startswith('compare: best_teacher=27.12 with supervised 20.00 +- 1.50 (mean of 3')
+  assert line.startswith(
+    'compare: best_teacher=27.12 with supervised 20.00 +- 1.50: +7.12 points (mean of 3'
+  )
   assert 'not this run' not in line and line.endswith('--seeds 0,1,2)')
   config.train.steps = 7
   assert "not this run's 7" in train.baseline_line(config, {'best_teacher': 27.0})
