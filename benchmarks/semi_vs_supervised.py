@@ -101,13 +101,15 @@ def read_evals(workdir: str) -> list[dict]:
 
 
 def check_reused(workdir: str, config) -> None:
-  """A finished run is reused only if it trained this very config."""
+  """A finished run is reused only if it trained this very config
+  (`baseline.*` aside: what a run is compared with, not what it trains)."""
   # JAX loads only after main() has set JAX_PLATFORMS and the XLA flags.
   from dssn_jax import config_lib  # pylint: disable=g-import-not-at-top
 
   with open(os.path.join(workdir, 'config.json')) as f:
     saved = json.load(f)
   refused, allowed = config_lib.resume_changes(saved, json.loads(config.to_json_best_effort()))
+  allowed = [line for line in allowed if not line.startswith('config.baseline.')]
   if refused or allowed:
     sys.exit(
       f'{workdir} holds a finished run of another config (pass --fresh to retrain, '

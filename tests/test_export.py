@@ -106,7 +106,8 @@ def test_resnet_export_loads_strictly_with_the_same_logits(trained, tmp_path):
   checkpoint = torch.load(out, weights_only=True)
   assert set(checkpoint) == {'model'} and all(k.startswith('module.') for k in checkpoint['model'])
   assert checkpoint['model']['module.backbone.bn1.num_batches_tracked'].item() == 2
-  tm = torch_reference.DeepLabV3Plus(11, **RESNET_TINY)
+  dilate = (False, config.model.output_stride == 8, True)  # the digits config: stride 8
+  tm = torch_reference.DeepLabV3Plus(11, **RESNET_TINY, dilate=dilate)
   ddp_keys = {'module.' + k for k in tm.state_dict()}
   assert set(checkpoint['model']) == ddp_keys  # num_batches_tracked included
   tm.load_state_dict({k[len('module.') :]: v for k, v in checkpoint['model'].items()}, strict=True)

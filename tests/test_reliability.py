@@ -34,7 +34,7 @@ def test_every_config_validates():
     ('loss.strong', -1.0, 'config.loss.strong=-1.0 must be >= 0'),
     ('loss.threshold', 1.5, 'config.loss.threshold=1.5 must be in [0.0, 1.0]'),
     ('train.ema_decay', 1.0, 'config.train.ema_decay=1.0 must be in [0.0, 1.0)'),
-    ('data.crop_size', 8, 'config.data.crop_size=8 must be an integer >= 16'),
+    ('data.crop_size', 4, 'config.data.crop_size=4 must be an integer >= 8'),
     ('train.lr', float('nan'), 'config.train.lr=nan must be > 0'),
     ('train.nonfinite', 'ignore', "config.train.nonfinite='ignore' must be one of stop, skip"),
     ('model.backbone', 'resnet18', "config.model.backbone='resnet18' must be one of"),

@@ -133,7 +133,9 @@ def test_a_finished_run_is_reused_only_for_the_same_config(tmp_path):
   config = bench.load_digits_config('dssn', None)
   (tmp_path / 'config.json').write_text(config.to_json_best_effort())
   bench.check_reused(str(tmp_path), config)  # same config: reused
-  config.model.output_stride = 8
+  config.baseline.miou = 99.0
+  bench.check_reused(str(tmp_path), config)  # another stored baseline: still reused
+  config.model.output_stride = 16
   config.train.steps = 10
   with pytest.raises(SystemExit, match=r'--fresh[\s\S]*output_stride[\s\S]*train\.steps'):
     bench.check_reused(str(tmp_path), config)
