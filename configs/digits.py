@@ -38,8 +38,11 @@ from-scratch model on a laptop CPU needs (measurements: docs/digits.md):
   - an independently shuffled cutmix partner: what every measurement used;
   - 3,500 steps, evaluated every 500: what the README's 12 minutes hold
     (the supervised model plateaus by 2,500; DSSN's teacher keeps rising).
-The last lines of a run print the supervised baseline this config was
-measured against (`config.baseline`: its mIoU and its per-class IoU).
+After the 3,500 steps the supervised iteration continues from the warm-up's
+state (step 1,000) on the same labeled batches to step 3,500, in
+DIR/supervised (`train.supervised_branch`, about 2 minutes): the last lines
+compare the teacher with it, and with the supervised baseline of the seed
+study (`config.baseline`: its mIoU and its per-class IoU).
 """
 
 from dssn_jax import config_lib, methods
@@ -83,6 +86,9 @@ def get_config(arg=None):
   c.model.fp_bn = 'clean'
   c.train.teacher_bn = 'running'
   c.train.ema_decay = 0.99
+  # Supervised from the warm-up's end on the same labeled batches: the live
+  # baseline of the last lines and of DIR/predictions.png's supervised column.
+  c.train.supervised_branch = methods.get(c.method).unlabeled
   c.train.log_every = 50
   c.train.eval_every = 500
   c.train.checkpoint_every = 500

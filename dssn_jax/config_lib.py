@@ -249,6 +249,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2
   c.train.eval_student = True
   c.train.prediction_grid = 8  # validation scenes in DIR/predictions.png and TensorBoard; 0: off
+  # A live, paired baseline (semi-supervised methods): after the run, the
+  # supervised iteration trains on the run's own labeled batches from the
+  # state where its labeled-only steps end (DSSN's supervised warm-up; step 0
+  # otherwise) to the same last step, in DIR/supervised/; the last lines
+  # compare the teacher with it. Costs the supervised steps after that point.
+  c.train.supervised_branch = False
   # A step whose loss or gradient is not finite applies no update. 'stop':
   # the run ends with an error (the newest checkpoint is the last good
   # state); 'skip': training goes on, failing after `nonfinite_max_skips`
@@ -697,6 +703,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     problems.append(
       f'config.data.scale_range={tuple(config.data.scale_range)!r} must be (low, high) '
       'with 0 < low <= high'
+    )
+  if (
+    config.train.get('supervised_branch')
+    and config.method in methods_lib.names()
+    and not methods_lib.get(config.method).unlabeled
+  ):
+    problems.append(
+      f'config.train.supervised_branch=True needs a semi-supervised method; '
+      f'config.method={config.method!r} is the supervised baseline itself'
     )
   if config.train.steps is None and config.train.epochs is None:
     problems.append(

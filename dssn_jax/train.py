@@ -22,6 +22,11 @@ every `eval_every` steps, and writes
                         `labels`, `teacher`, `student` int32 (N, H, W)
     DIR/checkpoints/    orbax checkpoints (a damaged one is moved to
                         DIR/checkpoints_damaged/ on resume)
+    DIR/supervised/     with `train.supervised_branch`: the live baseline,
+                        the supervised iteration on the run's own labeled
+                        batches from where its labeled-only steps end (its
+                        metrics.jsonl, events, checkpoints); trained after
+                        the run, resumable like it
 
 Only process 0 prints and writes logs; every process takes part in the
 train step, evaluation and checkpointing.
@@ -48,6 +53,7 @@ from dssn_jax import compilation, config_lib, evaluate, models, optim, parallel,
 from dssn_jax import train_step as ts_lib
 from dssn_jax.cli import UserError
 from dssn_jax.data import datasets, pipeline
+from dssn_jax.methods import supervised
 from dssn_jax.models import pretrained
 
 
@@ -247,10 +253,11 @@ class RunClock:
   device arrays), `steps` (the rest of the
   loop: dispatching and waiting for steps, fetching metrics, logging),
   `eval` and `checkpoint` (saving; orbax writes in the background and the
-  next save or the end waits for it). Written to `DIR/timing.json`.
+  next save or the end waits for it), `branch` (all of the supervised
+  branch, `train.supervised_branch`). Written to `DIR/timing.json`.
   """
 
-  PHASES = ('setup', 'compile', 'input', 'transfer', 'steps', 'eval', 'checkpoint')
+  PHASES = ('setup', 'compile', 'input', 'transfer', 'steps', 'eval', 'checkpoint', 'branch')
 
   def __init__(self):
     self.seconds = dict.fromkeys(self.PHASES, 0.0)
@@ -276,10 +283,11 @@ class RunClock:
 
   @staticmethod
   def line(t: dict[str, float]) -> str:
+    branch = f' + supervised branch {t["branch_s"]:.0f}' if t.get('branch_s') else ''
     return (
       f'time: {t["total_s"]:.0f} s = setup {t["setup_s"]:.0f} + compile {t["compile_s"]:.0f} '
       f'+ input {t["input_s"]:.0f} + transfer {t["transfer_s"]:.0f} + steps {t["steps_s"]:.0f} + eval {t["eval_s"]:.0f} '
-      f'+ checkpoints {t["checkpoint_s"]:.0f} ({t["steps"]} steps, {t["steps_per_s"]:.2f} '
+      f'+ checkpoints {t["checkpoint_s"]:.0f}{branch} ({t["steps"]} steps, {t["steps_per_s"]:.2f} '
       'steps/s after the first)'
     )
 
@@ -332,6 +340,12 @@ class _Run:
   writer: Any
   history: list
   start: int
+  workdir: str
+  model: Any
+  tx: Any
+  # The step whose state starts the supervised branch (`train.supervised_branch`).
+  branch_from: int | None = None
+  name: str = ''  # in the evaluation log lines: '' (the run) | 'supervised'
   # (step, (images, labels, class maps), grid) of the last evaluation's prediction grid
   grid: tuple[int, tuple, np.ndarray] | None = None
 
@@ -398,19 +412,32 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
     )
   kept_lines, history = _rewind_metrics(workdir, start)
   writer = MetricWriter(workdir, kept_lines)
+  branch_from = None
+  if config.train.supervised_branch:
+    branch_from = data.labeled_only_steps
+    if branch_from >= schedule.total_steps:
+      _log(
+        f'no supervised branch: the first {branch_from} steps are labeled-only, '
+        f'the run has {schedule.total_steps}'
+      )
+      branch_from = None
   return _Run(
-    config,
-    settings,
-    schedule,
-    data,
-    state,
-    train_rng,
-    checkpointer,
-    step_fn,
-    evaluator,
-    writer,
-    history,
-    start,
+    config=config,
+    settings=settings,
+    schedule=schedule,
+    data=data,
+    state=state,
+    train_rng=train_rng,
+    checkpointer=checkpointer,
+    step_fn=step_fn,
+    evaluator=evaluator,
+    writer=writer,
+    history=history,
+    start=start,
+    workdir=workdir,
+    model=model,
+    tx=tx,
+    branch_from=branch_from,
   )
 
 
@@ -434,15 +461,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step, preempted = _train_loop(run, bar, clock)
   clock.lap('steps')
   bar.close()
+  branch = None
+  if not preempted and run.branch_from is not None:
+    branch, preempted = _train_branch(run)
+    clock.lap('branch')
   if not preempted:
-    _write_prediction_grid(run, workdir, step)
+    _write_prediction_grid(run, workdir, step, branch)
     clock.lap('eval')
   run.evaluator.close()
   run.checkpointer.close()  # waits for the last save
   clock.lap('checkpoint')
   run.data.close()
   run.writer.close()
-  return _report(config, workdir, run.history, clock, step, run.start, preempted)
+  return _report(
+    config,
+    workdir,
+    run.history,
+    clock,
+    step,
+    run.start,
+    preempted,
+    branch and branch.history,
+    run.branch_from,
+  )
 
 
 def _run_eval(run: _Run, step: int) -> dict[str, Any]:
@@ -454,10 +495,13 @@ def _run_eval(run: _Run, step: int) -> dict[str, Any]:
     predictions = _predictions(run)
     run.grid = step, predictions, _prediction_grid(run, predictions)
     run.writer.image('eval/predictions', run.grid[2], step)
-  _log(
-    f'step {step}: mIoU student {_format_percent(record["miou"])} '
-    f'teacher {_format_percent(record["miou_teacher"])}'
-  )
+  if run.name:  # a model without a teacher of its own: the teacher holds it
+    _log(f'{run.name} step {step}: mIoU {_format_percent(record["miou_teacher"])}')
+  else:
+    _log(
+      f'step {step}: mIoU student {_format_percent(record["miou"])} '
+      f'teacher {_format_percent(record["miou_teacher"])}'
+    )
   return record
 
 
@@ -485,12 +529,17 @@ def _prediction_grid(run: _Run, predictions) -> np.ndarray:
   )
 
 
-def _write_prediction_grid(run: _Run, workdir: str, step: int) -> None:
+def _write_prediction_grid(run: _Run, workdir: str, step: int, branch: _Run | None) -> None:
   """DIR/predictions.png of the final models (process 0; the grid of the
-  last evaluation when it was of this step)."""
+  last evaluation when it was of this step), with the supervised branch's
+  final model in a column `supervised` before the teacher's when there is one."""
   if jax.process_index() != 0 or run.config.train.prediction_grid <= 0:
     return
-  if run.grid is not None and run.grid[0] == step:
+  if branch is not None:
+    images, labels, preds = _predictions(run)
+    predictions = (images, labels, {'supervised': _predictions(branch)[2]['teacher'], **preds})
+    grid = _prediction_grid(run, predictions)
+  elif run.grid is not None and run.grid[0] == step:
     _, predictions, grid = run.grid
   else:
     predictions = _predictions(run)
@@ -503,7 +552,8 @@ def _train_loop(run: _Run, bar, clock: RunClock) -> tuple[int, bool]:
   """Steps until the schedule ends or SIGTERM; logs, evaluates and saves on
   their steps. Returns `(last step, preempted)`."""
   config, schedule, data, step_fn = run.config, run.schedule, run.data, run.step_fn
-  window = _LogWindow(config.data.batch_size * (1 if data.supervised else 2))
+  labeled_only = data.supervised or data.labeled_only_steps >= schedule.total_steps
+  window = _LogWindow(config.data.batch_size * (1 if labeled_only else 2))
   guard = _NonFiniteGuard(config)
 
   def shutdown():  # before an error leaves the loop: finish the checkpoint in flight
@@ -519,6 +569,10 @@ def _train_loop(run: _Run, bar, clock: RunClock) -> tuple[int, bool]:
   step = run.start
   with _Preemption() as preemption:
     while step < schedule.total_steps:
+      if step == run.branch_from:
+        clock.lap('steps')
+        _save_branch_start(run, step)
+        clock.lap('checkpoint')
       clock.lap('steps')
       local = data.local_batch()
       window.input_wait += clock.lap('input')
@@ -564,6 +618,125 @@ def _train_loop(run: _Run, bar, clock: RunClock) -> tuple[int, bool]:
         _log(f'SIGTERM: saved step {step}, exiting')
         return step, True
   return step, False
+
+
+def _branch_data(run: _Run, position: int):
+  """The run's labeled batches alone, from batch `position` on: a stream of
+  the run's data whose every step is labeled-only (the same `x`, `y`)."""
+  data = pipeline.TrainData(
+    run.config,
+    run.data.mesh,
+    seed=run.config.seed,
+    settings=run.settings,
+    labeled_only_steps=run.schedule.total_steps,
+  )
+  data.set_state({'train': {'position': position}})
+  return data
+
+
+def _branch_checkpointer(run: _Run, data):
+  return ckpt_lib.Checkpointer(
+    str(epath.Path(run.workdir) / BRANCH_DIR / 'checkpoints'),
+    keep=run.config.train.keep_checkpoints,
+    data_items=data.checkpoint_items(),
+  )
+
+
+def _save_branch_start(run: _Run, step: int) -> None:
+  """The supervised branch's first checkpoint: the run's state at `step`
+  (where its labeled-only steps end), unless the branch has one already."""
+  data = _branch_data(run, step)
+  try:
+    checkpointer = _branch_checkpointer(run, data)
+    try:
+      if checkpointer.latest_step() is None:
+        checkpointer.save(step, run.state, run.train_rng)
+    finally:
+      checkpointer.close()  # waits for the write: the next step donates the state
+  finally:
+    data.close()
+
+
+def _train_branch(run: _Run) -> tuple[_Run | None, bool]:
+  """Trains the supervised branch (`train.supervised_branch`) in
+  DIR/supervised from its newest checkpoint to the run's last step: the
+  supervised iteration with the run's optimizer, schedule and labeled
+  batches, no EMA teacher (its teacher tracks the student, as the
+  `supervised` method's does). Its history starts with the run's
+  evaluations up to the branch point (the same model until then).
+
+  Returns:
+    `(the branch's _Run, preempted)`, or `(None, False)` when the branch
+    has no checkpoint (the run passed the branch point without the flag).
+  """
+  config = run.config.copy_and_resolve_references()
+  config.train.eval_student = False  # the teacher is the student
+  workdir = str(epath.Path(run.workdir) / BRANCH_DIR)
+  settings = dataclasses.replace(
+    run.settings, method=supervised.of(run.settings.method), ema_schedule='student'
+  )
+  data = _branch_data(run, 0)  # the checkpoint holds the position
+  checkpointer = _branch_checkpointer(run, data)
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.state
+  )
+  restored = checkpointer.restore_newest(abstract)
+  if restored is None:
+    _log(
+      f'no supervised branch: {checkpointer.directory} holds no checkpoint (the run '
+      f'passed step {run.branch_from} without train.supervised_branch)'
+    )
+    checkpointer.close()
+    data.close()
+    return None, False
+  state, train_rng, start = restored
+  kept_lines, history = _rewind_metrics(workdir, start)
+  writer = MetricWriter(workdir, kept_lines)
+  if not kept_lines:  # a new branch: the run's evaluations of the shared steps
+    for record in run.history:
+      if record['step'] <= run.branch_from:
+        writer.write(record)
+        history.append(record)
+  step_fn = ts_lib.make_train_step(
+    run.model,
+    run.tx,
+    settings,
+    run.schedule,
+    run.data.mesh,
+    ema_decay=config.train.ema_decay,
+    poly_power=config.train.poly_power,
+  )
+  branch = dataclasses.replace(
+    run,
+    config=config,
+    settings=settings,
+    data=data,
+    state=state,
+    train_rng=train_rng,
+    checkpointer=checkpointer,
+    step_fn=step_fn,
+    writer=writer,
+    history=history,
+    start=start,
+    workdir=workdir,
+    branch_from=None,
+    name='supervised',
+    grid=None,
+  )
+  _log(f'supervised branch: steps {start}..{run.schedule.total_steps} in {workdir}')
+  bar = tqdm(
+    total=run.schedule.total_steps,
+    initial=start,
+    dynamic_ncols=True,
+    disable=jax.process_index() != 0,
+    desc='supervised',
+  )
+  _, preempted = _train_loop(branch, bar, RunClock())
+  bar.close()
+  checkpointer.close()
+  data.close()
+  writer.close()
+  return branch, preempted
 
 
 def _save(run: _Run, step: int, eval_record: dict[str, Any] | None) -> None:
@@ -635,14 +808,28 @@ class _LogWindow:
     guard.check(bad_lines, checkpointer)
 
 
-def _report(config, workdir: str, history, clock: RunClock, step: int, start: int, preempted: bool):
-  """The run's summary dict and its last lines: `final:` (mIoU), `compare:`
-  (the config's measured baseline) and `time:` (also DIR/timing.json)."""
+def _report(
+  config,
+  workdir: str,
+  history,
+  clock: RunClock,
+  step: int,
+  start: int,
+  preempted: bool,
+  branch_history=None,
+  branch_from: int | None = None,
+):
+  """The run's summary dict and its last lines: `final:` (mIoU), per-class
+  IoU, `compare:` (the supervised branch, then the config's measured
+  baseline) and `time:` (also DIR/timing.json). With a supervised branch
+  the summary holds `supervised`, the branch's best mIoU."""
   timing = clock.summary(step - start)
   if jax.process_index() == 0:
     (epath.Path(workdir) / 'timing.json').write_text(json.dumps(timing, indent=1) + '\n')
   summary = summarize(history)
   summary.update(step=step, preempted=preempted)
+  if branch_history:
+    summary['supervised'] = summarize(branch_history)['best_teacher']
   if not preempted:
     _log(
       'final: '
@@ -651,39 +838,51 @@ def _report(config, workdir: str, history, clock: RunClock, step: int, start: in
         for k in ('miou', 'best', 'miou_teacher', 'best_teacher')
       )
     )
-    for line in per_class_lines(history) + baseline_per_class_lines(config, history):
+    lines = per_class_lines(history)
+    if branch_history:
+      lines += per_class_lines(branch_history, models=(('supervised', 'iou_per_class_teacher'),))
+    for line in lines + baseline_per_class_lines(config, history):
       _log(line)
-    line = baseline_line(config, summary)
-    if line:
-      _log(line)
+    lines = (branch_line(summary, branch_history, branch_from), baseline_line(config, summary))
+    for line in lines:
+      if line:
+        _log(line)
   _log(RunClock.line(timing))
   summary['time'] = timing
   return summary
 
+
+# The supervised branch's directory inside the run's (`train.supervised_branch`).
+BRANCH_DIR = 'supervised'
 
 # More classes than this: the per-class lines name the lowest and highest few.
 _PER_CLASS_ALL = 20
 _PER_CLASS_ENDS = 5
 
 
-def per_class_lines(history: list[dict[str, Any]]) -> list[str]:
+def per_class_lines(
+  history: list[dict[str, Any]],
+  models=(('teacher', 'iou_per_class_teacher'), ('student', 'iou_per_class')),
+) -> list[str]:
   """Per-class IoU (percent) of the teacher and the student at the evaluation
   with the best teacher mIoU (the first of equals), one line per model:
   `iou teacher (step N, best teacher): background=95.1 digit_0=40.2 ...`
-  (spaces in names as `_`). Over 20 classes: the 5 lowest and 5 highest."""
+  (spaces in names as `_`). Over 20 classes: the 5 lowest and 5 highest.
+  `models`: `(name, record key)` of the lines (the supervised branch: its
+  teacher, named `supervised`)."""
   evals = [r for r in history if r.get('miou_teacher') is not None]
   if not evals:
     return []
   best = max(evals, key=lambda r: r['miou_teacher'])
-  models = [('teacher', best.get('iou_per_class_teacher'))]
-  if best.get('miou') is not None:  # student evaluated (else its key holds the teacher's)
-    models.append(('student', best.get('iou_per_class')))
   lines = []
-  for name, ious in models:
+  for name, key in models:
+    if key == 'iou_per_class' and best.get('miou') is None:
+      continue  # student not evaluated (its key holds the teacher's)
+    ious = best.get(key)
     if not ious:
       continue
     pairs = [(str(k).replace(' ', '_'), v) for k, v in ious.items()]
-    head = f'iou {name} (step {best["step"]}, best teacher'
+    head = f'iou {name} (step {best["step"]}, best {models[0][0]}'
     if len(pairs) > _PER_CLASS_ALL:
       ranked = sorted(pairs, key=lambda p: p[1])
       ends = _PER_CLASS_ENDS
@@ -709,6 +908,22 @@ def baseline_per_class_lines(config: ml_collections.ConfigDict, history) -> list
   seeds = f', mean of {b.seeds} seeds' if b.seeds else ''
   text = ' '.join(f'{str(n).replace(" ", "_")}={v:.1f}' for n, v in zip(names, values))
   return [f'iou {what} (baseline{seeds}): {text}']
+
+
+def branch_line(summary: dict[str, Any], branch_history, branch_from: int | None) -> str:
+  """One line: the teacher's best mIoU next to the supervised branch's best
+  (the live baseline), and how many points above (or below) it."""
+  if not branch_history or summary.get('best_teacher') is None:
+    return ''
+  evals = [r for r in branch_history if r.get('miou_teacher') is not None]
+  best = max(evals, key=lambda r: r['miou_teacher'])
+  gain = summary['best_teacher'] - best['miou_teacher']
+  return (
+    f'compare: best_teacher={_format_percent(summary["best_teacher"])} with supervised on '
+    f'the same labeled batches {_format_percent(best["miou_teacher"])}: {gain:+.2f} points '
+    f'(live: the supervised iteration from the run\'s step-{branch_from} state, '
+    f'its best at step {best["step"]}; DIR/{BRANCH_DIR})'
+  )
 
 
 def baseline_line(config: ml_collections.ConfigDict, summary: dict[str, Any]) -> str:

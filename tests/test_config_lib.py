@@ -85,6 +85,17 @@ def test_bad_values_are_named(key, value, message):
     method_settings(c)
 
 
+def test_supervised_branch_needs_a_semi_supervised_method():
+  c = load_config('digits', None)
+  assert c.train.supervised_branch  # a DSSN run's live baseline
+  config_lib.validate(c)
+  c = load_config('digits', 'supervised')
+  assert not c.train.supervised_branch
+  c.train.supervised_branch = True
+  with pytest.raises(config_lib.ConfigError, match="supervised_branch=True.*method='supervised'"):
+    config_lib.validate(c)
+
+
 def test_epochs_resolve_to_steps_and_warmup():
   c = config_lib.base_config()
   c.train.epochs = 2.5

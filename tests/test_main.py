@@ -100,31 +100,61 @@ def test_every_config_trains_two_steps(name, arg, tmp_path, capsys):
   assert sum(timing[k] for k in phases) == pytest.approx(timing['total_s'], rel=0.05)
   assert summary['time'] == timing
   check_predictions_and_report(config, workdir, capsys.readouterr().out.splitlines())
+  if config.train.supervised_branch:
+    check_supervised_branch(workdir, train_lines, branch_from=1)
+    assert summary['supervised'] is not None
+
+
+def check_supervised_branch(workdir, run_train, branch_from):
+  """DIR/supervised: labeled-only steps after `branch_from` whose first
+  one starts from the run's state on the run's labeled batch (the same
+  `loss_x` as the run's step), and the run's evaluations up to the branch
+  point, then its own."""
+  branch = read_metrics(os.path.join(workdir, train.BRANCH_DIR))
+  steps = [r['step'] for r in run_train]
+  b_train = [r for r in branch if r['split'] == 'train']
+  assert [r['step'] for r in b_train] == [s for s in steps if s > branch_from]
+  assert not any('loss_s1' in r for r in b_train)
+  first = next(r for r in run_train if r['step'] == branch_from + 1)
+  assert b_train[0]['loss_x'] == pytest.approx(first['loss_x'], rel=1e-6)
+  run_evals = [r for r in read_metrics(workdir) if r['split'] == 'eval']
+  b_evals = [r for r in branch if r['split'] == 'eval']
+  shared = [r for r in run_evals if r['step'] <= branch_from]
+  assert b_evals[: len(shared)] == shared
+  assert b_evals[-1]['step'] == steps[-1]
 
 
 def check_predictions_and_report(config, workdir, lines):
-  """DIR/predictions.png (image | ground truth | teacher | student, one row
-  per validation scene), the same class maps in DIR/predictions.npz, and the
-  per-class IoU lines after `final:`."""
+  """DIR/predictions.png (image | ground truth | [supervised |] teacher |
+  student, one row per validation scene), the same class maps in
+  DIR/predictions.npz, and the per-class IoU lines after `final:`; with a
+  supervised branch (digits) its column, its per-class line and the live
+  `compare:` line before the stored baseline's."""
   rows = min(config.train.prediction_grid, 4 if config.data.name == 'digits' else 1)
+  branch = bool(config.train.supervised_branch)
   with Image.open(os.path.join(workdir, 'predictions.png')) as im:
     width, height = im.size
     assert im.mode == 'RGB'
   cell, pad = 96, visualize._PAD
-  assert width == pad + 4 * (cell + pad)
+  assert width == pad + (5 if branch else 4) * (cell + pad)
   assert rows * (cell + pad) < height < rows * (cell + pad) + 300  # titles, legend lines
   with np.load(os.path.join(workdir, 'predictions.npz')) as arrays:
     assert arrays['images'].dtype == np.uint8 and len(arrays['images']) == rows
     assert arrays['teacher'].shape == arrays['student'].shape == arrays['labels'].shape
+    assert ('supervised' in arrays) == branch
   final = next(i for i, line in enumerate(lines) if line.startswith('final: '))
   # (Over 20 classes the header names the lowest and highest few.)
   assert lines[final + 1].startswith('iou teacher (step 2, best teacher')
   assert lines[final + 2].startswith('iou student (step 2, best teacher')
   if config.data.name == 'digits':
     assert 'background=' in lines[final + 1] and 'digit_9=' in lines[final + 1]
-    # The stored baseline's per-class line (configs/digits.py), then `compare:`.
-    assert lines[final + 3].startswith('iou supervised (baseline, mean of ')
-    assert lines[final + 4].startswith('compare: ')
+    # The branch's per-class line, the stored baseline's (configs/digits.py),
+    # then `compare:` with each.
+    assert lines[final + 3].startswith('iou supervised (step ')
+    assert lines[final + 4].startswith('iou supervised (baseline, mean of ')
+    assert lines[final + 5].startswith('compare: ') and '(live: ' in lines[final + 5]
+    assert lines[final + 6].startswith('compare: ') and 'mean of 6 seeds' in lines[final + 6]
+    assert os.path.exists(os.path.join(workdir, 'supervised', 'metrics.jsonl'))
 
 
 def _sigterm_when(workdir, step):
@@ -170,6 +200,38 @@ def test_stop_and_resume_matches_uninterrupted_run(tmp_path):
   ea = [r for r in read_metrics(straight) if r['split'] == 'eval']
   eb = [r for r in read_metrics(resumed) if r['split'] == 'eval']
   assert ea[-1]['miou_teacher'] == pytest.approx(eb[-1]['miou_teacher'], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_stop_in_the_supervised_branch_and_resume(tmp_path):
+  """SIGTERM while the supervised branch trains: the rerun finds the run's
+  steps done and finishes the branch from its checkpoint, as if unbroken."""
+  steps, branch_from = 8, 2
+
+  def config():
+    c = tiny(load_config('digits'), steps)
+    c.train.warmup_steps = branch_from
+    return c
+
+  straight = str(tmp_path / 'straight')
+  a = train.train_and_evaluate(config(), straight)
+  resumed = str(tmp_path / 'resumed')
+  _sigterm_when(os.path.join(resumed, train.BRANCH_DIR), branch_from + 1)
+  first = train.train_and_evaluate(config(), resumed)
+  assert first['preempted'] and first['step'] == steps
+  second = train.train_and_evaluate(config(), resumed)
+  assert not second['preempted'] and second['supervised'] == pytest.approx(a['supervised'])
+
+  run_train = [r for r in read_metrics(resumed) if r['split'] == 'train']
+  assert [r['step'] for r in run_train] == list(range(1, steps + 1))
+  check_supervised_branch(resumed, run_train, branch_from)
+  ra = read_metrics(os.path.join(straight, train.BRANCH_DIR))
+  rb = read_metrics(os.path.join(resumed, train.BRANCH_DIR))
+  assert [r['step'] for r in ra] == [r['step'] for r in rb]
+  for x, y in zip(ra, rb):
+    for key in ('loss', 'loss_x', 'miou_teacher'):
+      if key in x:
+        assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-7), (x['step'], key)
 
 
 @pytest.mark.parametrize(

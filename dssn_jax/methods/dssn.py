@@ -94,8 +94,7 @@ class Settings(base.Settings):
       mode = 'batch' if step < schedule.steps_per_epoch else 'running'
       out = dataclasses.replace(out, teacher_bn=mode)
     if self.warmup_terms == 'supervised' and step < schedule.warmup_steps:
-      shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(base.Settings)}
-      return supervised.Settings(**{**shared, 'method': 'supervised'})
+      return supervised.of(self)
     return out
 
   def labeled_only_steps(self, schedule) -> int:

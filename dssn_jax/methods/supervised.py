@@ -14,6 +14,14 @@ class Settings(base.Settings):
   """Only `L_x`: the base knobs (weight `loss.sup`, default 1)."""
 
 
+def of(settings: base.Settings) -> Settings:
+  """The supervised iteration with the knobs every method shares taken from
+  `settings` (another method's): DSSN's supervised warm-up steps and the
+  supervised branch of `train.supervised_branch`."""
+  shared = {f.name: getattr(settings, f.name) for f in dataclasses.fields(base.Settings)}
+  return Settings(**{**shared, 'method': 'supervised'})
+
+
 def prepare(state, batch, rng, ctx):
   del rng
   s = ctx.settings
