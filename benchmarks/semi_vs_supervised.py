@@ -16,14 +16,21 @@ the final supervised and DSSN models side by side (`--out/predictions.png`),
 the per-class IoU of both (mean over the seeds, each run at its best
 evaluation), and ends with one machine-readable line:
 
-    semi_vs_supervised: labeled=N supervised=X dssn=Y gain=Z
+    semi_vs_supervised: labeled=N supervised=X dssn=Y gain=Z paired=P paired_gain=Q
 
 where X is supervised's best student mIoU, Y is DSSN's best teacher mIoU and
-Z = Y - X, in points. With several `--seeds` every variant trains once per
-seed (the seed sets initialization and augmentation; the scenes and the
-labeled subset stay fixed by `data.digits.data_seed`), the table adds mean
-and sample std rows, the plot shows the mean curve with the min-max band,
-and X, Y, Z are means over the seeds (a `per-seed gains:` line precedes).
+Z = Y - X, in points. P is the DSSN run's own live baseline
+(`train.supervised_branch`, on in configs/digits.py): the supervised
+iteration continued from the DSSN run's warm-up state on the same labeled
+batches, in DIR/supervised; it is the row `supervised (paired)`, a column
+of the per-class table and of the pictures, and Q = Y - P (a paired
+difference: the two models share everything up to the warm-up's end).
+With several `--seeds` every variant trains once per seed (the seed sets
+initialization and augmentation; the scenes and the labeled subset stay
+fixed by `data.digits.data_seed`), the table adds mean and sample std
+rows, the plot shows the mean curve with the min-max band, and X, Y, Z, P,
+Q are means over the seeds (`per-seed gains:` and `paired gains:` lines
+precede). A DSSN run's wall time includes its branch.
 Runs live in `--out/<name>` (one seed) or `--out/seed<S>/<name>`; a finished
 run found there is reused if it trained the same config (else the benchmark
 stops naming the keys that differ; pass --fresh to retrain).
@@ -46,13 +53,23 @@ from dssn_jax import xla_flags
 from dssn_jax.testing import configs
 
 # name -> (method, config overrides): DSSN with one term switched off.
+# (Without the supervised branch: it would repeat the `dssn` run's, the same
+# warm-up state and labeled batches.)
+_NO_BRANCH = {'train.supervised_branch': False}
 ABLATIONS = {
-  'dssn -strong': ('dssn', {'loss.strong': 0.0}),
-  'dssn -fp': ('dssn', {'loss.fp': 0.0, 'loss.align_feature': 0.0}),
-  'dssn -align_image': ('dssn', {'loss.align_image': 0.0}),
-  'dssn -align_feature': ('dssn', {'loss.align_feature': 0.0}),
-  'dssn fixed 0.95': ('dssn', {'loss.pseudo_label': 'fixed', 'loss.threshold': 0.95}),
+  'dssn -strong': ('dssn', {'loss.strong': 0.0, **_NO_BRANCH}),
+  'dssn -fp': ('dssn', {'loss.fp': 0.0, 'loss.align_feature': 0.0, **_NO_BRANCH}),
+  'dssn -align_image': ('dssn', {'loss.align_image': 0.0, **_NO_BRANCH}),
+  'dssn -align_feature': ('dssn', {'loss.align_feature': 0.0, **_NO_BRANCH}),
+  'dssn fixed 0.95': (
+    'dssn',
+    {'loss.pseudo_label': 'fixed', 'loss.threshold': 0.95, **_NO_BRANCH},
+  ),
 }
+
+# The row of a DSSN run's live baseline (`train.supervised_branch`): the
+# supervised iteration from the run's warm-up state on its labeled batches.
+PAIRED = 'supervised (paired)'
 
 
 def load_digits_config(method: str, labeled: int):
@@ -160,6 +177,37 @@ def run(name: str, method: str, overrides: dict, seed: int, args) -> dict:
   )
 
 
+def with_paired(rows: list[dict]) -> list[dict]:
+  """`rows` with a `supervised (paired)` row after each `dssn` run that
+  trained its supervised branch (`DIR/supervised/metrics.jsonl`): the same
+  seed and labeled batches, its model's mIoU under the teacher keys (the
+  branch's teacher is its student), its wall time the branch's."""
+  from dssn_jax import train  # pylint: disable=g-import-not-at-top
+
+  out = []
+  for row in rows:
+    out.append(row)
+    branch = os.path.join(row['workdir'], train.BRANCH_DIR)
+    evals = read_evals(branch)
+    if row['name'] != 'dssn' or not evals:
+      continue
+    timing = os.path.join(row['workdir'], 'timing.json')
+    wall = 0.0
+    if os.path.exists(timing):
+      with open(timing) as f:
+        wall = json.load(f).get('branch_s', 0.0)
+    summary = train.summarize(evals)
+    out.append(dict(row, name=PAIRED, method='supervised', wall=wall, evals=evals, workdir=branch))
+    out[-1].update(summary, miou=None, best=None)
+  return out
+
+
+def model_key(row: dict) -> str:
+  """The eval key of a row's model: supervised's student, DSSN's (an
+  ablation's, the paired branch's) teacher."""
+  return 'miou' if row['name'] == 'supervised' else 'miou_teacher'
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
   """Mean and sample standard deviation (0 for a single value)."""
   mean = sum(values) / len(values)
@@ -234,8 +282,8 @@ def plot(rows: list[dict], path: str) -> None:
   seeds = list(dict.fromkeys(r['seed'] for r in rows))
   for name in dict.fromkeys(r['name'] for r in rows):
     group = [r for r in rows if r['name'] == name]
-    key = 'miou' if group[0]['method'] == 'supervised' else 'miou_teacher'
-    label = name + (' (student)' if key == 'miou' else ' (teacher)')
+    key = model_key(group[0])
+    label = name if name == PAIRED else name + (' (student)' if key == 'miou' else ' (teacher)')
     # Steps every seed evaluated at; the curve is their mean.
     steps = sorted(set.intersection(*({e['step'] for e in r['evals']} for r in group)))
     curves = [[{e['step']: e[key] for e in r['evals']}[t] for t in steps] for r in group]
@@ -261,30 +309,38 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def best_per_class(row: dict) -> dict[str, float]:
-  """Per-class IoU of a run at its best evaluation: supervised's student,
-  DSSN's (and an ablation's) teacher, as the summary's mIoU."""
-  key = 'miou' if row['method'] == 'supervised' else 'miou_teacher'
+  """Per-class IoU of a run at its best evaluation, of its model
+  (`model_key`), as the summary's mIoU."""
+  key = model_key(row)
   evals = [e for e in row['evals'] if e.get(key) is not None]
   best = max(evals, key=lambda e: e[key])
   return best.get('iou_per_class' if key == 'miou' else 'iou_per_class_teacher') or {}
 
 
 def per_class_table(rows: list[dict]) -> str:
-  """Per-class IoU, mean over the seeds, supervised beside DSSN (which
-  digits the unlabeled scenes helped), and the supervised means as the
-  tuple `configs/digits.py` stores for its report (`baseline.iou_per_class`)."""
+  """Per-class IoU, mean over the seeds, supervised (and the paired
+  supervised branch, if every seed has one) beside DSSN (which digits the
+  unlabeled scenes helped), and the supervised means as the tuple
+  `configs/digits.py` stores for its report (`baseline.iou_per_class`)."""
   mean = {}
-  for name in ('supervised', 'dssn'):
+  for name in ('supervised', PAIRED, 'dssn'):
     runs = [best_per_class(r) for r in rows if r['name'] == name]
     classes = list(runs[0]) if runs and runs[0] else []
     mean[name] = {c: sum(run[c] for run in runs) / len(runs) for c in classes}
   if not mean['supervised'] or not mean['dssn']:
     return ''
-  lines = [f'{"class":<12} {"supervised":>10} {"dssn":>6} {"gain":>6}   (IoU %, mean over seeds)']
+  paired = sum(r['name'] == PAIRED for r in rows) == sum(r['name'] == 'dssn' for r in rows)
+  head = f'{"class":<12} {"supervised":>10} {"dssn":>6} {"gain":>6}'
+  if paired:
+    head += f' {"paired":>6} {"gain":>6}'
+  lines = [head + '   (IoU %, mean over seeds; paired: the supervised branch)']
   for c, sup in mean['supervised'].items():
     dssn = mean['dssn'].get(c)
     gain = '' if dssn is None else f'{dssn - sup:+6.1f}'
-    lines.append(f'{c:<12} {sup:10.1f} {"" if dssn is None else f"{dssn:6.1f}"} {gain}')
+    line = f'{c:<12} {sup:10.1f} {"" if dssn is None else f"{dssn:6.1f}"} {gain}'
+    if paired and dssn is not None and c in mean[PAIRED]:
+      line += f' {mean[PAIRED][c]:6.1f} {dssn - mean[PAIRED][c]:+6.1f}'
+    lines.append(line)
   values = ', '.join(f'{v:.1f}' for v in mean['supervised'].values())
   lines.append(f'semi_vs_supervised_per_class: supervised=({values})')
   return '\n'.join(lines)
@@ -306,13 +362,15 @@ def predictions_from_checkpoint(workdir: str) -> None:
 
 def compare_predictions(rows: list[dict], path: str) -> None:
   """`path`: the first seed's validation scenes as image | ground truth |
-  supervised | DSSN teacher, from each run's `predictions.npz` (written by
-  the training loop with `predictions.png`), drawn by `dssn_jax.visualize`."""
+  supervised | [supervised (paired) |] DSSN teacher, from each run's
+  `predictions.npz` (written by the training loop with `predictions.png`;
+  the paired branch's column is in the DSSN run's), drawn by
+  `dssn_jax.visualize`."""
   from dssn_jax import visualize  # pylint: disable=g-import-not-at-top
   from dssn_jax.data import datasets  # pylint: disable=g-import-not-at-top
 
   seed = rows[0]['seed']
-  by = {r['name']: r for r in rows if r['seed'] == seed}
+  by = {r['name']: r for r in rows if r['seed'] == seed and r['name'] != PAIRED}
   files = {name: os.path.join(by[name]['workdir'], 'predictions.npz') for name in by}
   for name, f in files.items():  # runs from before the loop wrote the file
     if not os.path.exists(f) and os.path.isdir(os.path.join(by[name]['workdir'], 'checkpoints')):
@@ -323,7 +381,10 @@ def compare_predictions(rows: list[dict], path: str) -> None:
     return
   arrays = {name: np.load(f) for name, f in files.items()}
   sup, dssn = arrays['supervised'], arrays['dssn']
-  columns = {'supervised': list(sup['student']), 'dssn (teacher)': list(dssn['teacher'])}
+  columns = {'supervised': list(sup['student'])}
+  if 'supervised' in dssn.files:
+    columns[PAIRED] = list(dssn['supervised'])
+  columns['dssn (teacher)'] = list(dssn['teacher'])
   for name in by:  # ablations, if any
     if name not in ('supervised', 'dssn'):
       columns[f'{name} (teacher)'] = list(arrays[name]['teacher'])
@@ -386,6 +447,7 @@ def main(argv=None) -> None:
   if args.ablate:
     variants += [(name, method, ov) for name, (method, ov) in ABLATIONS.items()]
   rows = [run(name, method, ov, seed, args) for seed in args.seeds for name, method, ov in variants]
+  rows = with_paired(rows)
   aggregated = aggregate(rows) if len(args.seeds) > 1 else None
   print()
   print_table(rows, aggregated)
@@ -398,16 +460,36 @@ def main(argv=None) -> None:
   gains = [by['dssn', s]['best_teacher'] - by['supervised', s]['best'] for s in args.seeds]
   sup = mean_std([by['supervised', s]['best'] for s in args.seeds])[0]
   dssn = mean_std([by['dssn', s]['best_teacher'] for s in args.seeds])[0]
+  paired = None
+  if all((PAIRED, s) in by for s in args.seeds):
+    paired = [by[PAIRED, s]['best_teacher'] for s in args.seeds]
   if len(args.seeds) > 1:
-    mean, std = mean_std(gains)
-    print(
-      'per-seed gains: '
-      + ' '.join(f'seed{s}={g:.2f}' for s, g in zip(args.seeds, gains))
-      + f' (mean {mean:.2f} +- {std:.2f}, min {min(gains):.2f})'
-    )
-  print(
+    print(gains_line('per-seed gains', args.seeds, gains))
+    if paired:
+      print(
+        gains_line(
+          'paired gains',
+          args.seeds,
+          [by['dssn', s]['best_teacher'] - p for s, p in zip(args.seeds, paired)],
+        )
+      )
+  line = (
     f'semi_vs_supervised: labeled={args.labeled} supervised={sup:.2f} '
     f'dssn={dssn:.2f} gain={dssn - sup:.2f}'
+  )
+  if paired:
+    mean_paired = mean_std(paired)[0]
+    line += f' paired={mean_paired:.2f} paired_gain={dssn - mean_paired:.2f}'
+  print(line)
+
+
+def gains_line(what: str, seeds: list[int], gains: list[float]) -> str:
+  """`what: seed0=G ... (mean M +- S, min G)`."""
+  mean, std = mean_std(gains)
+  return (
+    f'{what}: '
+    + ' '.join(f'seed{s}={g:.2f}' for s, g in zip(seeds, gains))
+    + f' (mean {mean:.2f} +- {std:.2f}, min {min(gains):.2f})'
   )
 
 

@@ -2,10 +2,12 @@
 
 The training itself is `train.train_and_evaluate` on `configs/digits.py`,
 covered by test_main.py and test_digits.py; here `run` is replaced by a
-stub that returns known evaluations, so what is asserted is the seed loop,
-the mean +- std arithmetic, the per-seed gains and the machine-readable line.
+stub that returns known evaluations (and, for DSSN, a supervised branch's
+metrics), so what is asserted is the seed loop, the mean +- std
+arithmetic, the per-seed and paired gains and the machine-readable line.
 """
 
+import json
 import os
 import re
 
@@ -16,7 +18,7 @@ from benchmarks import semi_vs_supervised as bench
 
 LINE = re.compile(
   r'^semi_vs_supervised: labeled=(\d+) supervised=([0-9.]+) '
-  r'dssn=([0-9.]+) gain=(-?[0-9.]+)$'
+  r'dssn=([0-9.]+) gain=(-?[0-9.]+)(?: paired=([0-9.]+) paired_gain=(-?[0-9.]+))?$'
 )
 
 # (name, seed) -> best mIoU: supervised's student, DSSN's teacher.
@@ -28,16 +30,39 @@ BEST = {
   ('dssn', 1): 27.0,
   ('dssn', 2): 31.0,
 }
+# seed -> best mIoU of the DSSN run's supervised branch (DIR/supervised).
+PAIRED_BEST = {0: 21.0, 1: 24.0, 2: 23.0}
 
 
-def fake_predictions(workdir, seed):
-  """A `predictions.npz` as the training loop writes it: 2 scenes of 6x6."""
+def fake_predictions(workdir, seed, branch=False):
+  """A `predictions.npz` as the training loop writes it: 2 scenes of 6x6
+  (with the supervised branch's column if `branch`)."""
   rng = np.random.default_rng(seed)
   maps = lambda: rng.integers(0, 11, (2, 6, 6)).astype(np.int32)
   os.makedirs(workdir, exist_ok=True)
   images = rng.integers(0, 256, (2, 6, 6, 3)).astype(np.uint8)
   arrays = dict(images=images, labels=maps(), teacher=maps(), student=maps())
+  if branch:
+    arrays['supervised'] = maps()
   np.savez_compressed(os.path.join(workdir, 'predictions.npz'), **arrays)
+
+
+def fake_branch(workdir, seed):
+  """DIR/supervised/metrics.jsonl as the supervised branch writes it: its
+  model under the teacher keys, no student."""
+  os.makedirs(os.path.join(workdir, 'supervised'))
+  best = PAIRED_BEST[seed]
+  records = [
+    dict(step=100, split='eval', miou_teacher=best - 3),
+    dict(
+      step=200,
+      split='eval',
+      miou_teacher=best,
+      iou_per_class_teacher={'background': 89.0, 'digit_0': best},
+    ),
+  ]
+  with open(os.path.join(workdir, 'supervised', 'metrics.jsonl'), 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in records)
 
 
 def fake_run(name, method, overrides, seed, args):
@@ -45,7 +70,10 @@ def fake_run(name, method, overrides, seed, args):
   best = BEST[name, seed]
   workdir = os.path.join(getattr(args, 'out', ''), f'seed{seed}', name)
   if hasattr(args, 'out'):
-    fake_predictions(workdir, seed)
+    branch = name == 'dssn' and getattr(args, 'paired', False)
+    fake_predictions(workdir, seed, branch=branch)
+    if branch:
+      fake_branch(workdir, seed)
   per_class = {'background': 90.0, 'digit_0': best}
   evals = [
     dict(step=100, miou=best - 5, miou_teacher=best - 4),
@@ -91,13 +119,18 @@ def test_aggregate_one_row_per_variant():
   assert agg[1]['best_teacher_std'] == pytest.approx(((4 + 1 + 9) / 2) ** 0.5)
 
 
+@pytest.mark.parametrize('paired', [False, True], ids=['stored', 'paired'])
 @pytest.mark.parametrize('seeds', ['0', '0,1,2'])
-def test_main_reports_means_over_seeds(seeds, tmp_path, monkeypatch, capsys):
-  monkeypatch.setattr(bench, 'run', fake_run)
+def test_main_reports_means_over_seeds(seeds, paired, tmp_path, monkeypatch, capsys):
+  def run(name, method, overrides, seed, args):
+    args.paired = paired
+    return fake_run(name, method, overrides, seed, args)
+
+  monkeypatch.setattr(bench, 'run', run)
   out = tmp_path / 'out'
   bench.main(['--labeled', '7', '--seeds', seeds, '--out', str(out)])
   lines = capsys.readouterr().out.strip().splitlines()
-  labeled, sup, dssn, gain = LINE.match(lines[-1]).groups()
+  labeled, sup, dssn, gain, paired_mean, paired_gain = LINE.match(lines[-1]).groups()
   ids = [int(s) for s in seeds.split(',')]
   want_sup = sum(BEST['supervised', s] for s in ids) / len(ids)
   want_dssn = sum(BEST['dssn', s] for s in ids) / len(ids)
@@ -105,19 +138,39 @@ def test_main_reports_means_over_seeds(seeds, tmp_path, monkeypatch, capsys):
   assert float(sup) == pytest.approx(want_sup)
   assert float(dssn) == pytest.approx(want_dssn)
   assert float(gain) == pytest.approx(want_dssn - want_sup)
+  assert (paired_mean is not None) == paired
+  if paired:
+    want_paired = sum(PAIRED_BEST[s] for s in ids) / len(ids)
+    assert float(paired_mean) == pytest.approx(want_paired, abs=0.005)  # printed to 2 places
+    assert float(paired_gain) == pytest.approx(want_dssn - want_paired, abs=0.005)
+    # Its rows: one per seed, and with several seeds the mean +- std row.
+    rows = [line for line in lines if line.split()[2:4] == ['supervised', '(paired)']]
+    assert len(rows) == len(ids) + (len(ids) > 1)
   assert (out / 'miou.png').stat().st_size > 0
-  # The first seed's scenes: image | ground truth | supervised | dssn (teacher).
+  # The first seed's scenes: image | ground truth | supervised | [paired |]
+  # dssn (teacher).
   from PIL import Image
 
   grid = Image.open(out / 'predictions.png')
-  assert grid.size[0] == 4 + 4 * (96 + 4) and grid.size[1] > 2 * 96
+  columns = 5 if paired else 4
+  assert grid.size[0] == 4 + columns * (96 + 4) and grid.size[1] > 2 * 96
   # Per-class IoU at each run's best evaluation, supervised beside DSSN.
   assert any(line.startswith('digit_0') and f'{want_sup:.1f}' in line for line in lines)
   per_class = next(ln for ln in lines if ln.startswith('semi_vs_supervised_per_class: '))
   assert per_class == f'semi_vs_supervised_per_class: supervised=(90.0, {want_sup:.1f})'
+  if paired:  # the branch's per-class IoU and DSSN's gain over it
+    assert any(
+      line.startswith('digit_0')
+      and line.endswith(f'{want_paired:6.1f} {want_dssn - want_paired:+6.1f}')
+      for line in lines
+    )
   if len(ids) > 1:
-    assert lines[-2] == (
+    assert lines[-2 - paired] == (
       'per-seed gains: seed0=6.00 seed1=5.00 seed2=7.00 (mean 6.00 +- 1.00, min 5.00)'
+    )
+  if len(ids) > 1 and paired:
+    assert lines[-2] == (
+      'paired gains: seed0=5.00 seed1=3.00 seed2=8.00 (mean 5.33 +- 2.52, min 3.00)'
     )
     assert any('+-' in line and 'dssn' in line for line in lines)
 
