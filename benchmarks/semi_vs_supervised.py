@@ -137,7 +137,7 @@ def check_reused(workdir: str, config) -> None:
 def run(name: str, method: str, overrides: dict, seed: int, args) -> dict:
   """Trains one variant for one seed (or reuses a finished run); summarizes it."""
   # JAX loads only after main() has set JAX_PLATFORMS and the XLA flags.
-  from dssn_jax import train  # pylint: disable=g-import-not-at-top
+  from dssn_jax import checkpoint, train  # pylint: disable=g-import-not-at-top
 
   config = load_digits_config(method, args.labeled)
   config.seed = seed
@@ -157,7 +157,13 @@ def run(name: str, method: str, overrides: dict, seed: int, args) -> dict:
   else:
     print(f'--- {name}: training in {workdir}', flush=True)
     start = time.perf_counter()
-    summary = train.train_and_evaluate(config, workdir)
+    # One run per workdir, as main.py: another benchmark on the same --out
+    # is refused (checkpoint.WorkdirInUse) rather than mixed into this run.
+    try:
+      with checkpoint.WorkdirLock(workdir):
+        summary = train.train_and_evaluate(config, workdir)
+    except checkpoint.WorkdirInUse as e:
+      sys.exit(str(e))
     if summary['preempted']:
       sys.exit(f'{name} was stopped by SIGTERM; run again to resume')
     wall = time.perf_counter() - start

@@ -7,6 +7,7 @@ metrics), so what is asserted is the seed loop, the mean +- std
 arithmetic, the per-seed and paired gains and the machine-readable line.
 """
 
+import argparse
 import json
 import os
 import re
@@ -211,3 +212,18 @@ def test_set_overrides_reach_every_variant(tmp_path, monkeypatch, capsys):
   with pytest.raises(SystemExit):
     bench.main(argv[:-1] + ['model.output_strid=8'])
   assert "no key 'model.output_strid'" in capsys.readouterr().err
+
+
+def test_a_run_in_use_is_refused_not_mixed(tmp_path):
+  """Another benchmark training the same run (its lock held by a live
+  process): this one stops, naming it, before it trains or writes."""
+  from dssn_jax import checkpoint
+
+  args = argparse.Namespace(
+    labeled=None, steps=0, evals=6, set={}, out=str(tmp_path), fresh=False, seeds=[0]
+  )
+  workdir = tmp_path / 'supervised'
+  with checkpoint.WorkdirLock(str(workdir)):  # held by this (live) process
+    with pytest.raises(SystemExit, match='is in use by process'):
+      bench.run('supervised', 'supervised', {}, 0, args)
+  assert sorted(os.listdir(workdir)) == []
