@@ -36,8 +36,9 @@ from-scratch model on a laptop CPU needs (measurements: docs/digits.md):
   - `tail=0.8`, `data_seed=0`, 0-2 clutter items: every digit occurs among
     the 100 labeled scenes;
   - an independently shuffled cutmix partner: what every measurement used;
-  - 3,500 steps, evaluated every 500: what the README's 12 minutes hold
-    (the supervised model plateaus by 2,500; DSSN's teacher keeps rising).
+  - 3,500 steps, evaluated every 500 (the supervised model plateaus by
+    2,500; DSSN's teacher keeps rising): with the supervised branch below,
+    the README command takes about 10 minutes on 2 cores, install included.
 After the 3,500 steps the supervised iteration continues from the warm-up's
 state (step 1,000) on the same labeled batches to step 3,500, in
 DIR/supervised (`train.supervised_branch`, about 2 minutes): the last lines
