@@ -704,14 +704,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
       f'config.data.scale_range={tuple(config.data.scale_range)!r} must be (low, high) '
       'with 0 < low <= high'
     )
-  if (
-    config.train.get('supervised_branch')
-    and config.method in methods_lib.names()
-    and not methods_lib.get(config.method).unlabeled
-  ):
+  method = methods_lib.get(config.method) if config.method in methods_lib.names() else None
+  if config.train.get('supervised_branch') and method and not method.unlabeled:
     problems.append(
-      f'config.train.supervised_branch=True needs a semi-supervised method; '
-      f'config.method={config.method!r} is the supervised baseline itself'
+      f'config.train.supervised_branch=True needs a semi-supervised method, not config.method={config.method!r}'
     )
   if config.train.steps is None and config.train.epochs is None:
     problems.append(

@@ -392,15 +392,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
     config, model, tx, mesh, data, workdir
   )
   start = int(jax.device_get(state.step))
-  step_fn = ts_lib.make_train_step(
-    model,
-    tx,
-    settings,
-    schedule,
-    mesh,
-    ema_decay=config.train.ema_decay,
-    poly_power=config.train.poly_power,
-  )
+  step_fn = _make_step(config, model, tx, settings, schedule, mesh)
   if config.train.step_precompile and settings.method.phased:
     for step in later_phases(start, data.labeled_only_steps, schedule):
       step_fn.precompile(state, data.batch_spec(), jax.random.fold_in(train_rng, 0), step=step)
@@ -412,15 +404,6 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
     )
   kept_lines, history = _rewind_metrics(workdir, start)
   writer = MetricWriter(workdir, kept_lines)
-  branch_from = None
-  if config.train.supervised_branch:
-    branch_from = data.labeled_only_steps
-    if branch_from >= schedule.total_steps:
-      _log(
-        f'no supervised branch: the first {branch_from} steps are labeled-only, '
-        f'the run has {schedule.total_steps}'
-      )
-      branch_from = None
   return _Run(
     config=config,
     settings=settings,
@@ -437,8 +420,37 @@ def _setup(config: ml_collections.ConfigDict, workdir: str) -> _Run:
     workdir=workdir,
     model=model,
     tx=tx,
-    branch_from=branch_from,
+    branch_from=_branch_from(config, data, schedule),
   )
+
+
+def _make_step(config, model, tx, settings, schedule, mesh):
+  """The run's compiled train step (`train_step.make_train_step`)."""
+  return ts_lib.make_train_step(
+    model,
+    tx,
+    settings,
+    schedule,
+    mesh,
+    ema_decay=config.train.ema_decay,
+    poly_power=config.train.poly_power,
+  )
+
+
+def _branch_from(config, data, schedule) -> int | None:
+  """The step whose state starts the supervised branch: where the run's
+  labeled-only steps end; None without `train.supervised_branch`, or when
+  the whole run is labeled-only."""
+  if not config.train.supervised_branch:
+    return None
+  step = data.labeled_only_steps
+  if step >= schedule.total_steps:
+    _log(
+      f'no supervised branch: the first {step} steps are labeled-only, '
+      f'the run has {schedule.total_steps}'
+    )
+    return None
+  return step
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -697,15 +709,7 @@ def _train_branch(run: _Run) -> tuple[_Run | None, bool]:
       if record['step'] <= run.branch_from:
         writer.write(record)
         history.append(record)
-  step_fn = ts_lib.make_train_step(
-    run.model,
-    run.tx,
-    settings,
-    run.schedule,
-    run.data.mesh,
-    ema_decay=config.train.ema_decay,
-    poly_power=config.train.poly_power,
-  )
+  step_fn = _make_step(config, run.model, run.tx, settings, run.schedule, run.data.mesh)
   branch = dataclasses.replace(
     run,
     config=config,
