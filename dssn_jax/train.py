@@ -547,14 +547,17 @@ def _write_prediction_grid(run: _Run, workdir: str, step: int, branch: _Run | No
   final model in a column `supervised` before the teacher's when there is one."""
   if jax.process_index() != 0 or run.config.train.prediction_grid <= 0:
     return
+
+  def final(r: _Run):  # the predictions of the last evaluation, if of this step
+    return r.grid[1] if r.grid is not None and r.grid[0] == step else _predictions(r)
+
+  predictions = final(run)
   if branch is not None:
-    images, labels, preds = _predictions(run)
-    predictions = (images, labels, {'supervised': _predictions(branch)[2]['teacher'], **preds})
-    grid = _prediction_grid(run, predictions)
-  elif run.grid is not None and run.grid[0] == step:
-    _, predictions, grid = run.grid
+    images, labels, preds = predictions
+    predictions = (images, labels, {'supervised': final(branch)[2]['teacher'], **preds})
+  if branch is None and run.grid is not None and run.grid[0] == step:
+    grid = run.grid[2]
   else:
-    predictions = _predictions(run)
     grid = _prediction_grid(run, predictions)
   (epath.Path(workdir) / 'predictions.png').write_bytes(visualize.png_bytes(grid))
   (epath.Path(workdir) / 'predictions.npz').write_bytes(visualize.predictions_npz(*predictions))
